@@ -1,0 +1,34 @@
+//! Schema migrations: the SQL files under `migrations/{postgres,sqlite}/`, compiled into the
+//! binary and applied in order, each in its own transaction, recorded in `herald_migrations`.
+
+/// One migration: its number, name and SQL.
+pub struct Migration {
+    pub version: i64,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+pub const POSTGRES: &[Migration] = &[Migration {
+    version: 1,
+    name: "jobs",
+    sql: include_str!("../../migrations/postgres/0001_jobs.sql"),
+}];
+
+pub const SQLITE: &[Migration] = &[Migration {
+    version: 1,
+    name: "jobs",
+    sql: include_str!("../../migrations/sqlite/0001_jobs.sql"),
+}];
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn versions_increase_and_backends_match() {
+        for set in [super::POSTGRES, super::SQLITE] {
+            assert!(set.windows(2).all(|w| w[0].version < w[1].version));
+        }
+        let pg: Vec<_> = super::POSTGRES.iter().map(|m| (m.version, m.name)).collect();
+        let lite: Vec<_> = super::SQLITE.iter().map(|m| (m.version, m.name)).collect();
+        assert_eq!(pg, lite, "every migration exists for both backends");
+    }
+}

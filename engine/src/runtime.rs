@@ -1,0 +1,736 @@
+//! The running engine: producers claim, job tasks run handlers, the completer writes results in
+//! batches, the heartbeat renews leases, the elector picks the process that runs maintenance.
+//!
+//! ```text
+//!   wake-ups ──▶ producer (one per queue) ──claim──▶ job tasks ──Completion──▶ completer ──▶ store
+//!                     ▲    slots freed                  │                         (batched)
+//!                     └─────────────────────────────────┘
+//!   heartbeat: renews the leases of this process's in-flight jobs
+//!   elector ──leader?──▶ rescuer (expired leases), pruner (archive retention)
+//! ```
+//!
+//! Architecture invariant: no service exits on a database error. Each one logs, waits with
+//! backoff and tries again, so losing the database (a PostgreSQL restart) pauses work and
+//! never kills a worker.
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures_util::FutureExt;
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::task::{AbortHandle, JoinHandle};
+use tokio::time::Instant;
+use tracing::{debug, error, info, info_span, warn, Instrument};
+
+use crate::clock::Clock;
+use crate::config::{EngineConfig, QueueConfig};
+use crate::handler::{JobContext, JobError, Registry};
+use crate::model::{chrono_duration, AttemptError, Completion, Job, JobId, Outcome};
+use crate::store::{trim_errors, Store};
+
+/// The name of the maintenance leadership.
+pub const MAINTENANCE_LEADER: &str = "maintenance";
+
+struct InFlight {
+    attempt: i32,
+    abort: AbortHandle,
+}
+
+enum CompleterMsg {
+    Done(Completion),
+    /// Everything sent before this is written (or given up on) when the sender fires.
+    Flush(oneshot::Sender<()>),
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    registry: Registry,
+    config: EngineConfig,
+    clock: Arc<dyn Clock>,
+    in_flight: Mutex<HashMap<JobId, InFlight>>,
+    completions: mpsc::UnboundedSender<CompleterMsg>,
+    is_leader: AtomicBool,
+}
+
+impl Inner {
+    fn now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
+
+    fn lease_until(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        now + chrono_duration(self.config.lease)
+    }
+
+    fn claims(&self) -> Vec<(JobId, i32)> {
+        let in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        in_flight.iter().map(|(id, f)| (*id, f.attempt)).collect()
+    }
+}
+
+/// What a shutdown did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ShutdownReport {
+    /// Jobs still running at the timeout, stopped and handed back (attempt not counted).
+    pub released: usize,
+}
+
+/// A running engine. Dropping it without [`Engine::shutdown`] aborts everything at once, as a
+/// crash would (running jobs are then rescued after their lease).
+pub struct Engine {
+    inner: Arc<Inner>,
+    stop_claiming: watch::Sender<bool>,
+    stop_services: watch::Sender<bool>,
+    producers: Vec<JoinHandle<()>>,
+    services: Vec<JoinHandle<()>>,
+    completer: Option<JoinHandle<()>>,
+}
+
+impl Engine {
+    /// Starts producers for the configured queues and the background services.
+    pub fn start(
+        store: Arc<dyn Store>,
+        registry: Registry,
+        config: EngineConfig,
+        clock: Arc<dyn Clock>,
+    ) -> Engine {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let inner = Arc::new(Inner {
+            store,
+            registry,
+            config,
+            clock,
+            in_flight: Mutex::new(HashMap::new()),
+            completions: tx,
+            is_leader: AtomicBool::new(false),
+        });
+        let (stop_claiming, claiming_rx) = watch::channel(false);
+        let (stop_services, services_rx) = watch::channel(false);
+        let producers = inner
+            .config
+            .queues
+            .iter()
+            .map(|(name, q)| {
+                let producer = Producer::new(inner.clone(), name.clone(), *q);
+                let span = info_span!("producer", queue = %name);
+                tokio::spawn(producer.run(claiming_rx.clone()).instrument(span))
+            })
+            .collect();
+        let completer = Some(tokio::spawn(run_completer(inner.clone(), rx)));
+        let mut services = vec![
+            tokio::spawn(run_heartbeat(inner.clone(), services_rx.clone())),
+            tokio::spawn({
+                let store = inner.store.clone();
+                let stop = services_rx.clone();
+                async move {
+                    if let Err(e) = store.listen(stop).await {
+                        error!(error = %e, "wake-up listener stopped");
+                    }
+                }
+            }),
+        ];
+        if inner.config.maintenance {
+            services.push(tokio::spawn(run_elector(inner.clone(), services_rx.clone())));
+            services.push(tokio::spawn(run_rescuer(inner.clone(), services_rx.clone())));
+            services.push(tokio::spawn(run_pruner(inner.clone(), services_rx)));
+        }
+        info!(worker = %inner.config.worker_id, queues = ?inner.config.queues.keys().collect::<Vec<_>>(), "engine started");
+        Engine {
+            inner,
+            stop_claiming,
+            stop_services,
+            producers,
+            services,
+            completer,
+        }
+    }
+
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    pub fn worker_id(&self) -> &str {
+        &self.inner.config.worker_id
+    }
+
+    /// Whether this process holds the maintenance leadership now.
+    pub fn is_leader(&self) -> bool {
+        self.inner.is_leader.load(Ordering::Relaxed)
+    }
+
+    /// Jobs running in this process now.
+    pub fn in_flight(&self) -> usize {
+        self.inner
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    /// Graceful shutdown: stop claiming; let in-flight jobs finish for up to
+    /// `shutdown_timeout`; stop and release the rest at once (their attempt is not counted);
+    /// write every completion; give up leadership.
+    pub async fn shutdown(mut self) -> ShutdownReport {
+        let _ = self.stop_claiming.send(true);
+        for p in self.producers.drain(..) {
+            let _ = p.await;
+        }
+        let deadline = Instant::now() + self.inner.config.shutdown_timeout;
+        while self.in_flight() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Whatever is still in the map never sent its completion: stop it and hand it back.
+        let left: Vec<(JobId, i32)> = {
+            let mut in_flight = self.inner.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            in_flight
+                .drain()
+                .map(|(id, f)| {
+                    f.abort.abort();
+                    (id, f.attempt)
+                })
+                .collect()
+        };
+        let report = ShutdownReport {
+            released: left.len(),
+        };
+        if !left.is_empty() {
+            warn!(jobs = left.len(), "shutdown timeout: releasing jobs still running");
+            let mut tries = 0;
+            loop {
+                match self.inner.store.release(&left, self.inner.now()).await {
+                    Ok(_) => break,
+                    Err(e) if tries < 5 => {
+                        tries += 1;
+                        warn!(error = %e, "release failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(e) => {
+                        error!(error = %e, "release failed; the rescuer will hand these jobs back after their lease");
+                        break;
+                    }
+                }
+            }
+        }
+        let (ack, done) = oneshot::channel();
+        if self.inner.completions.send(CompleterMsg::Flush(ack)).is_ok() {
+            let _ = tokio::time::timeout(self.inner.config.shutdown_timeout, done).await;
+        }
+        if self.is_leader() {
+            if let Err(e) = self
+                .inner
+                .store
+                .resign(MAINTENANCE_LEADER, &self.inner.config.worker_id)
+                .await
+            {
+                warn!(error = %e, "could not resign leadership; it lapses after its TTL");
+            }
+        }
+        let _ = self.stop_services.send(true);
+        for s in self.services.drain(..) {
+            let _ = s.await;
+        }
+        if let Some(c) = self.completer.take() {
+            c.abort();
+        }
+        info!(released = report.released, "engine stopped");
+        report
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        for h in self.producers.iter().chain(&self.services) {
+            h.abort();
+        }
+        if let Some(c) = &self.completer {
+            c.abort();
+        }
+        let in_flight = self.inner.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        for f in in_flight.values() {
+            f.abort.abort();
+        }
+    }
+}
+
+/// Free and used slots of one queue in this process.
+struct Slots {
+    running: AtomicUsize,
+    freed: Notify,
+}
+
+struct Producer {
+    inner: Arc<Inner>,
+    queue: String,
+    concurrency: usize,
+    slots: Arc<Slots>,
+}
+
+impl Producer {
+    fn new(inner: Arc<Inner>, queue: String, config: QueueConfig) -> Self {
+        Producer {
+            inner,
+            queue,
+            concurrency: config.concurrency,
+            slots: Arc::new(Slots {
+                running: AtomicUsize::new(0),
+                freed: Notify::new(),
+            }),
+        }
+    }
+
+    async fn run(self, mut stop: watch::Receiver<bool>) {
+        let cfg = &self.inner.config;
+        let store = self.inner.store.clone();
+        let signal = store.wakeups().signal(&self.queue);
+        let batch = cfg.claim_batch.min(self.concurrency).max(1);
+        let threshold = cfg.claim_threshold.unwrap_or(batch / 2).clamp(1, batch);
+        // Work may be waiting: true at start, on a wake-up or poll, and after a full claim.
+        let mut more = true;
+        let mut refresh_due = true;
+        let mut next_due: Option<DateTime<Utc>> = None;
+        let mut next_poll = Instant::now() + cfg.poll_interval;
+        let mut last_claim = Instant::now() - cfg.fetch_cooldown;
+        let mut failures: u32 = 0;
+        while !*stop.borrow() {
+            let step: Result<(), crate::error::StoreError> = async {
+                if refresh_due {
+                    next_due = store.next_due(&self.queue).await?;
+                    refresh_due = false;
+                }
+                let now = self.inner.now();
+                if next_due.is_some_and(|d| d <= now) {
+                    let promoted = store.promote(&self.queue, now).await?;
+                    debug!(promoted, "promoted due jobs");
+                    next_due = store.next_due(&self.queue).await?;
+                    more = true;
+                }
+                let free = self
+                    .concurrency
+                    .saturating_sub(self.slots.running.load(Ordering::Acquire));
+                let ready = free >= threshold
+                    || (free > 0 && last_claim.elapsed() >= cfg.fetch_cooldown);
+                if more && ready {
+                    let limit = free.min(batch);
+                    last_claim = Instant::now();
+                    let jobs = store
+                        .claim(
+                            &self.queue,
+                            &cfg.worker_id,
+                            limit,
+                            now,
+                            self.inner.lease_until(now),
+                        )
+                        .await?;
+                    more = jobs.len() == limit;
+                    self.spawn_all(jobs);
+                }
+                Ok(())
+            }
+            .await;
+            match step {
+                Ok(()) => failures = 0,
+                Err(e) => {
+                    failures += 1;
+                    let wait = Duration::from_millis(100 * 2u64.pow(failures.min(6)))
+                        .min(Duration::from_secs(5));
+                    warn!(error = %e, retry_in = ?wait, "producer: database error");
+                    refresh_due = true;
+                    more = true;
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = stop.changed() => {}
+                    }
+                    continue;
+                }
+            }
+            let free = self
+                .concurrency
+                .saturating_sub(self.slots.running.load(Ordering::Acquire));
+            let due_in = next_due.map(|d| {
+                (d - self.inner.now())
+                    .to_std()
+                    .unwrap_or(Duration::ZERO)
+                    .min(cfg.poll_interval)
+            });
+            let cooldown_at = last_claim + cfg.fetch_cooldown;
+            tokio::select! {
+                _ = stop.changed() => {}
+                _ = signal.notify.notified() => {
+                    more = true;
+                    if let Some(at) = signal.take_next_due() {
+                        next_due = Some(next_due.map_or(at, |d| d.min(at)));
+                    }
+                }
+                // A slot freed while work may be waiting: check whether enough are free.
+                _ = self.slots.freed.notified(), if more && free < threshold => {}
+                _ = tokio::time::sleep_until(cooldown_at), if more && free > 0 && free < threshold => {}
+                _ = tokio::time::sleep(due_in.unwrap_or(Duration::ZERO)), if due_in.is_some() => {}
+                _ = tokio::time::sleep_until(next_poll) => {
+                    more = true;
+                    refresh_due = true;
+                    next_poll = Instant::now() + cfg.poll_interval;
+                }
+            }
+        }
+        debug!("producer stopped");
+    }
+
+    fn spawn_all(&self, jobs: Vec<Job>) {
+        if jobs.is_empty() {
+            return;
+        }
+        self.slots.running.fetch_add(jobs.len(), Ordering::AcqRel);
+        // Held while spawning, so a job that finishes at once still finds itself in the map.
+        let mut in_flight = self.inner.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        for job in jobs {
+            let (id, attempt) = (job.id, job.attempt);
+            let inner = self.inner.clone();
+            let slots = self.slots.clone();
+            let span = info_span!("job", id, kind = %job.kind, attempt);
+            let handle = tokio::spawn(
+                async move {
+                    let completion = execute(&inner, job).await;
+                    let _ = inner.completions.send(CompleterMsg::Done(completion));
+                    inner
+                        .in_flight
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&id);
+                    slots.running.fetch_sub(1, Ordering::AcqRel);
+                    slots.freed.notify_one();
+                }
+                .instrument(span),
+            );
+            in_flight.insert(
+                id,
+                InFlight {
+                    attempt,
+                    abort: handle.abort_handle(),
+                },
+            );
+        }
+    }
+}
+
+/// Runs one attempt and decides what becomes of the job.
+async fn execute(inner: &Inner, job: Job) -> Completion {
+    let (id, attempt, max_attempts) = (job.id, job.attempt, job.max_attempts);
+    let mut errors = job.errors.clone();
+    let registered = inner.registry.get(&job.kind).cloned();
+    let result = match &registered {
+        None => Err(JobError::Discard(format!(
+            "no handler registered for kind {:?}",
+            job.kind
+        ))),
+        Some(r) => {
+            let ctx = JobContext { job: Arc::new(job) };
+            let run = AssertUnwindSafe(r.handler.run(&ctx)).catch_unwind();
+            match tokio::time::timeout(r.policy.timeout, run).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(panic)) => Err(JobError::retry(format!(
+                    "handler panicked: {}",
+                    panic_message(&panic)
+                ))),
+                Err(_) => Err(JobError::retry(format!(
+                    "handler timed out after {:?}",
+                    r.policy.timeout
+                ))),
+            }
+        }
+    };
+    let now = inner.now();
+    let mut note = |message: String| {
+        errors.push(AttemptError {
+            at: now,
+            attempt,
+            message,
+        });
+        trim_errors(&mut errors);
+    };
+    let outcome = match result {
+        Ok(()) => {
+            return Completion {
+                id,
+                attempt,
+                outcome: Outcome::Completed,
+                errors: None,
+                finished_at: now,
+            }
+        }
+        Err(JobError::Snooze(d)) => {
+            return Completion {
+                id,
+                attempt,
+                outcome: Outcome::Snooze {
+                    run_at: now + chrono_duration(d),
+                },
+                errors: None,
+                finished_at: now,
+            }
+        }
+        Err(JobError::Retry { error, after }) => {
+            note(error.clone());
+            if attempt >= max_attempts {
+                Outcome::Discard {
+                    reason: format!("attempts exhausted ({attempt}/{max_attempts}): {error}"),
+                }
+            } else {
+                let delay = after.unwrap_or_else(|| {
+                    registered
+                        .as_ref()
+                        .map(|r| r.policy.backoff.delay(attempt))
+                        .unwrap_or_default()
+                });
+                Outcome::Retry {
+                    run_at: now + chrono_duration(delay),
+                    error,
+                }
+            }
+        }
+        Err(JobError::Discard(reason)) => {
+            note(format!("discarded: {reason}"));
+            Outcome::Discard { reason }
+        }
+        Err(JobError::Cancel(reason)) => {
+            note(format!("cancelled: {reason}"));
+            Outcome::Cancel { reason }
+        }
+    };
+    match &outcome {
+        Outcome::Discard { reason } => warn!(reason, "job discarded"),
+        Outcome::Retry { error, run_at } => debug!(error, %run_at, "job will retry"),
+        _ => {}
+    }
+    Completion {
+        id,
+        attempt,
+        outcome,
+        errors: Some(errors),
+        finished_at: now,
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_owned()
+    }
+}
+
+/// Writes completions in batches: whatever arrived while the previous batch was being written
+/// goes in the next one, so batches grow with load and latency stays low when idle. A failed write
+/// is retried (never dropped): the jobs stay `running` meanwhile, their leases renewed.
+async fn run_completer(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<CompleterMsg>) {
+    let max = inner.config.completion_batch;
+    let mut batch: Vec<Completion> = Vec::new();
+    let mut acks: Vec<oneshot::Sender<()>> = Vec::new();
+    let mut failures: u32 = 0;
+    loop {
+        if batch.is_empty() && acks.is_empty() {
+            match rx.recv().await {
+                Some(CompleterMsg::Done(c)) => batch.push(c),
+                Some(CompleterMsg::Flush(ack)) => acks.push(ack),
+                None => return,
+            }
+        }
+        while batch.len() < max {
+            match rx.try_recv() {
+                Ok(CompleterMsg::Done(c)) => batch.push(c),
+                Ok(CompleterMsg::Flush(ack)) => {
+                    acks.push(ack);
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        if !batch.is_empty() {
+            match inner.store.complete(&batch).await {
+                Ok(_) => {
+                    failures = 0;
+                    batch.clear();
+                }
+                Err(e) => {
+                    failures += 1;
+                    let wait = Duration::from_millis(50 * 2u64.pow(failures.min(6)))
+                        .min(Duration::from_secs(3));
+                    warn!(error = %e, jobs = batch.len(), retry_in = ?wait, "completer: write failed");
+                    tokio::time::sleep(wait).await;
+                    continue;
+                }
+            }
+        }
+        for ack in acks.drain(..) {
+            let _ = ack.send(());
+        }
+    }
+}
+
+async fn run_heartbeat(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(inner.config.heartbeat_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        let claims = inner.claims();
+        if claims.is_empty() {
+            continue;
+        }
+        let until = inner.lease_until(inner.now());
+        if let Err(e) = inner.store.heartbeat(&claims, until).await {
+            warn!(error = %e, jobs = claims.len(), "heartbeat failed");
+        }
+    }
+}
+
+async fn run_elector(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(inner.config.leader_renew_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        let now = inner.now();
+        let until = now + chrono_duration(inner.config.leader_ttl);
+        let leading = match inner
+            .store
+            .try_lead(MAINTENANCE_LEADER, &inner.config.worker_id, now, until)
+            .await
+        {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(error = %e, "leader election failed");
+                false
+            }
+        };
+        let was = inner.is_leader.swap(leading, Ordering::AcqRel);
+        if leading != was {
+            info!(leading, "maintenance leadership changed");
+        }
+    }
+}
+
+/// Leader only: hands back the jobs of workers that stopped renewing their leases.
+async fn run_rescuer(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(inner.config.rescue_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        if !inner.is_leader.load(Ordering::Acquire) {
+            continue;
+        }
+        match rescue_once(&*inner.store, inner.now()).await {
+            Ok(r) if r.retried + r.discarded > 0 => {
+                info!(retried = r.retried, discarded = r.discarded, "rescued jobs with expired leases")
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "rescuer failed"),
+        }
+    }
+}
+
+/// One pass of the rescuer: every running job whose lease expired before `now` is handed back
+/// (`available` at once, the lost attempt counted) or, if that was its last attempt, discarded.
+pub async fn rescue_once(
+    store: &dyn Store,
+    now: DateTime<Utc>,
+) -> crate::error::Result<crate::store::RescueReport> {
+    let mut report = crate::store::RescueReport::default();
+    loop {
+        let expired = store.expired(now, 1000).await?;
+        if expired.is_empty() {
+            return Ok(report);
+        }
+        let full = expired.len() == 1000;
+        let completions: Vec<Completion> = expired
+            .into_iter()
+            .map(|job| {
+                let message = format!(
+                    "lease expired: worker {} stopped renewing it (crashed or cut off)",
+                    job.attempted_by.as_deref().unwrap_or("?")
+                );
+                let mut errors = job.errors;
+                errors.push(AttemptError {
+                    at: now,
+                    attempt: job.attempt,
+                    message: message.clone(),
+                });
+                trim_errors(&mut errors);
+                let outcome = if job.attempt >= job.max_attempts {
+                    report.discarded += 1;
+                    Outcome::Discard {
+                        reason: format!("attempts exhausted: {message}"),
+                    }
+                } else {
+                    report.retried += 1;
+                    Outcome::Retry {
+                        run_at: now,
+                        error: message,
+                    }
+                };
+                Completion {
+                    id: job.id,
+                    attempt: job.attempt,
+                    outcome,
+                    errors: Some(errors),
+                    finished_at: now,
+                }
+            })
+            .collect();
+        store.complete(&completions).await?;
+        if !full {
+            return Ok(report);
+        }
+    }
+}
+
+/// Leader only: deletes archived jobs past their retention.
+async fn run_pruner(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(inner.config.prune_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        if !inner.is_leader.load(Ordering::Acquire) {
+            continue;
+        }
+        let now = inner.now();
+        let completed_before = now - chrono_duration(inner.config.completed_retention);
+        let others_before = now - chrono_duration(inner.config.failed_retention);
+        let mut total = 0;
+        loop {
+            match inner
+                .store
+                .prune(completed_before, others_before, inner.config.prune_batch)
+                .await
+            {
+                Ok(n) => {
+                    total += n;
+                    if n < inner.config.prune_batch as u64 || *stop.borrow() {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "pruner failed");
+                    break;
+                }
+            }
+        }
+        if total > 0 {
+            info!(deleted = total, "pruned archived jobs");
+        }
+    }
+}

@@ -1,0 +1,310 @@
+//! The store interface and its two backends.
+//!
+//! Architecture invariant: the runtime and the maintenance services talk to the database only
+//! through [`Store`]; nothing above this module knows which backend it runs on. Both backends pass
+//! the same conformance suite (`engine/tests/conformance.rs`).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use crate::error::{Result, StoreError};
+use crate::model::{Completion, Enqueued, Job, JobFilter, JobId, NewJob, QueueStat};
+use crate::wakeup::Wakeups;
+
+pub mod postgres;
+pub mod sqlite;
+
+pub use postgres::{PgStore, PgStoreConfig};
+pub use sqlite::{SqliteStore, SqliteStoreConfig};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Postgres => "postgres",
+            Backend::Sqlite => "sqlite",
+        }
+    }
+
+    /// Which backend a database URL names.
+    pub fn of_url(url: &str) -> Result<Backend> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Backend::Postgres)
+        } else if url.starts_with("sqlite:") {
+            Ok(Backend::Sqlite)
+        } else {
+            Err(StoreError::UnsupportedUrl(url.to_owned()))
+        }
+    }
+}
+
+/// What the rescuer did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RescueReport {
+    /// Handed back to `available` (the lost attempt counted).
+    pub retried: u64,
+    /// Discarded because the lost attempt was their last.
+    pub discarded: u64,
+}
+
+/// Where jobs live. Implemented by [`PgStore`] and [`SqliteStore`].
+///
+/// All times are passed in by the caller (from the engine's clock), never read from the
+/// database, so both backends behave the same and tests control time.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    fn backend(&self) -> Backend;
+
+    /// The in-process wake-up hub this store pokes on every enqueue (and, on PostgreSQL, on
+    /// NOTIFYs from other processes once [`Store::listen`] runs).
+    fn wakeups(&self) -> &Wakeups;
+
+    /// Applies pending migrations. Safe to call from several processes at once.
+    async fn migrate(&self) -> Result<()>;
+
+    /// Enqueues one job. A job whose unique key is held by an unfinished job is not inserted: the
+    /// existing job's id comes back with `inserted: false`.
+    async fn enqueue(&self, job: &NewJob, now: DateTime<Utc>) -> Result<Enqueued> {
+        let mut out = self.enqueue_many(std::slice::from_ref(job), now).await?;
+        out.pop()
+            .ok_or_else(|| StoreError::Corrupt("enqueue returned no row".into()))
+    }
+
+    /// Enqueues many jobs in one transaction: all of them or none. One result per input, in order.
+    /// Every job is validated before anything is written.
+    async fn enqueue_many(&self, jobs: &[NewJob], now: DateTime<Utc>) -> Result<Vec<Enqueued>>;
+
+    /// Claims up to `limit` available jobs of `queue` for `worker`, in (priority, run_at, id)
+    /// order, skipping jobs whose ordering key is held by an earlier unfinished job. Each claimed
+    /// job becomes `running`, its attempt is incremented and its lease runs until `lease_until`.
+    async fn claim(
+        &self,
+        queue: &str,
+        worker: &str,
+        limit: usize,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> Result<Vec<Job>>;
+
+    /// Records finished attempts. A completion whose (id, attempt) is no longer a running claim
+    /// (the job was rescued, released or finalised meanwhile) changes nothing. Returns the number
+    /// of jobs changed.
+    async fn complete(&self, completions: &[Completion]) -> Result<u64>;
+
+    /// Extends the leases of these running claims (id, attempt).
+    async fn heartbeat(&self, claims: &[(JobId, i32)], lease_until: DateTime<Utc>) -> Result<u64>;
+
+    /// Gives running claims back without counting the attempt (graceful shutdown).
+    async fn release(&self, claims: &[(JobId, i32)], now: DateTime<Utc>) -> Result<u64>;
+
+    /// Makes `scheduled` and `retryable` jobs of `queue` whose run_at has come `available`.
+    async fn promote(&self, queue: &str, now: DateTime<Utc>) -> Result<u64>;
+
+    /// The earliest run_at of the scheduled and retryable jobs of `queue`.
+    async fn next_due(&self, queue: &str) -> Result<Option<DateTime<Utc>>>;
+
+    /// Running jobs whose lease expired before `now`, oldest first, at most `limit`.
+    async fn expired(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<Job>>;
+
+    /// Deletes final jobs: completed ones finalised before `completed_before`, discarded and
+    /// cancelled ones finalised before `others_before`; at most `limit` rows per call.
+    async fn prune(
+        &self,
+        completed_before: DateTime<Utc>,
+        others_before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<u64>;
+
+    /// Takes or renews the leadership `name` for `leader` until `until`. True if `leader` holds it.
+    async fn try_lead(
+        &self,
+        name: &str,
+        leader: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<bool>;
+
+    /// Gives up the leadership (so another process takes over at once, not after the TTL).
+    async fn resign(&self, name: &str, leader: &str) -> Result<()>;
+
+    /// One job, unfinished or final.
+    async fn get_job(&self, id: JobId) -> Result<Option<Job>>;
+
+    /// Jobs matching `filter`, by ascending id.
+    async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>>;
+
+    /// Operator: runs a discarded, cancelled, scheduled or retryable job again now. A discarded or
+    /// cancelled job gets a fresh set of attempts. Running and completed jobs are left alone
+    /// (returns None); so is a final job whose unique key another unfinished job holds now.
+    async fn retry_job(&self, id: JobId, now: DateTime<Utc>) -> Result<Option<Job>>;
+
+    /// Operator: cancels a job that is not running and not final. Returns the job if cancelled.
+    async fn cancel_job(&self, id: JobId, now: DateTime<Utc>, reason: &str) -> Result<Option<Job>>;
+
+    /// Jobs per queue and state.
+    async fn stats(&self) -> Result<Vec<QueueStat>>;
+
+    /// Starts forwarding other processes' wake-ups into [`Store::wakeups`] until `shutdown`;
+    /// reconnects on its own. A no-op on backends without cross-process notifications.
+    async fn listen(&self, shutdown: tokio::sync::watch::Receiver<bool>) -> Result<()>;
+}
+
+/// Connection settings common to both backends.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// Connections in the pool (PostgreSQL). SQLite uses one writer connection.
+    pub max_connections: u32,
+    /// How long to wait for a connection before an operation fails.
+    pub acquire_timeout: Duration,
+    /// PostgreSQL schema holding Herald's tables (created if missing). Lets several Herald
+    /// deployments, or parallel tests, share one database.
+    pub schema: Option<String>,
+    /// SQLite `synchronous` pragma: FULL survives power loss, NORMAL only process crashes.
+    pub sqlite_synchronous_full: bool,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        ConnectOptions {
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(10),
+            schema: None,
+            sqlite_synchronous_full: true,
+        }
+    }
+}
+
+/// Opens the store a database URL names (`postgres://…` or `sqlite:…`) and applies migrations.
+pub async fn connect(url: &str, options: &ConnectOptions) -> Result<Arc<dyn Store>> {
+    let store: Arc<dyn Store> = match Backend::of_url(url)? {
+        Backend::Postgres => Arc::new(
+            PgStore::connect(&PgStoreConfig {
+                url: url.to_owned(),
+                max_connections: options.max_connections,
+                acquire_timeout: options.acquire_timeout,
+                schema: options.schema.clone(),
+            })
+            .await?,
+        ),
+        Backend::Sqlite => Arc::new(
+            SqliteStore::connect(&SqliteStoreConfig {
+                url: url.to_owned(),
+                acquire_timeout: options.acquire_timeout,
+                synchronous_full: options.sqlite_synchronous_full,
+            })
+            .await?,
+        ),
+    };
+    store.migrate().await?;
+    Ok(store)
+}
+
+/// Trims an error list to the most recent [`crate::model::MAX_ERRORS_KEPT`].
+pub(crate) fn trim_errors(errors: &mut Vec<crate::model::AttemptError>) {
+    let keep = crate::model::MAX_ERRORS_KEPT;
+    if errors.len() > keep {
+        errors.drain(..errors.len() - keep);
+    }
+}
+
+/// A row an `INSERT … ON CONFLICT DO NOTHING RETURNING id, workspace_id, unique_key` gave back.
+pub(crate) struct Inserted {
+    pub id: JobId,
+    pub workspace_id: uuid::Uuid,
+    pub unique_key: Option<String>,
+}
+
+/// Matches what a bulk insert returned to its inputs (`pending`, indexes into `jobs`), filling
+/// `result`. Returns the inputs with a unique key that got no row: an unfinished job holds it.
+///
+/// Ids are drawn in row order, so the sorted ids of the rows without a unique key belong to
+/// those inputs in input order. Within one call, a second input with the same unique key as an
+/// earlier one gets the earlier one's id with `inserted: false`.
+pub(crate) fn match_inserted(
+    jobs: &[NewJob],
+    pending: &[usize],
+    returned: Vec<Inserted>,
+    result: &mut [Option<Enqueued>],
+    seen: &mut std::collections::HashSet<(uuid::Uuid, String)>,
+) -> Result<Vec<usize>> {
+    let mut plain_ids = Vec::new();
+    let mut by_key = std::collections::HashMap::new();
+    for row in returned {
+        match row.unique_key {
+            None => plain_ids.push(row.id),
+            Some(key) => {
+                by_key.insert((row.workspace_id, key), row.id);
+            }
+        }
+    }
+    plain_ids.sort_unstable();
+    let mut plain = plain_ids.into_iter();
+    let mut missing = Vec::new();
+    for &i in pending {
+        let job = &jobs[i];
+        match &job.unique_key {
+            None => {
+                let id = plain
+                    .next()
+                    .ok_or_else(|| StoreError::Corrupt("bulk insert returned too few ids".into()))?;
+                result[i] = Some(Enqueued { id, inserted: true });
+            }
+            Some(key) => {
+                let k = (job.workspace_id, key.clone());
+                let first = !seen.contains(&k);
+                match by_key.get(&k) {
+                    Some(&id) => {
+                        result[i] = Some(Enqueued {
+                            id,
+                            inserted: first,
+                        });
+                        seen.insert(k);
+                    }
+                    None => missing.push(i),
+                }
+            }
+        }
+    }
+    Ok(missing)
+}
+
+/// Gives the inputs in `missing` the id of the unfinished job holding their unique key. Returns
+/// those whose holder is gone (it finished meanwhile): they must be inserted again.
+pub(crate) fn match_holders(
+    jobs: &[NewJob],
+    missing: Vec<usize>,
+    holders: &std::collections::HashMap<(uuid::Uuid, String), JobId>,
+    result: &mut [Option<Enqueued>],
+) -> Vec<usize> {
+    let mut again = Vec::new();
+    for i in missing {
+        let job = &jobs[i];
+        let key = (job.workspace_id, job.unique_key.clone().unwrap_or_default());
+        match holders.get(&key) {
+            Some(&id) => result[i] = Some(Enqueued { id, inserted: false }),
+            None => again.push(i),
+        }
+    }
+    again
+}
+
+/// Unwraps the per-input results once every input has one.
+pub(crate) fn finish_enqueue(result: Vec<Option<Enqueued>>, pending: &[usize]) -> Result<Vec<Enqueued>> {
+    if !pending.is_empty() {
+        return Err(StoreError::Corrupt(
+            "unique key kept changing hands during enqueue".into(),
+        ));
+    }
+    result
+        .into_iter()
+        .map(|r| r.ok_or_else(|| StoreError::Corrupt("enqueue lost a row".into())))
+        .collect()
+}

@@ -1,0 +1,936 @@
+//! The PostgreSQL store: for production and for several processes on several machines.
+//!
+//! Claims use `FOR UPDATE SKIP LOCKED`, so any number of processes claim from one table without
+//! blocking each other. Enqueues send one `NOTIFY` per queue per transaction (never per row);
+//! [`PgStore::listen`] turns other processes' NOTIFYs into in-process wake-ups.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
+use sqlx::{Executor, PgConnection, QueryBuilder, Row};
+use tracing::{info, warn};
+use uuid::Uuid;
+
+use super::{finish_enqueue, match_holders, match_inserted, trim_errors, Backend, Inserted, Store};
+use crate::error::{Result, StoreError};
+use crate::migrate;
+use crate::model::{
+    AttemptError, Completion, Enqueued, Job, JobFilter, JobId, JobState, NewJob, Outcome,
+    QueueStat,
+};
+use crate::wakeup::Wakeups;
+
+/// How to reach PostgreSQL.
+#[derive(Debug, Clone)]
+pub struct PgStoreConfig {
+    pub url: String,
+    pub max_connections: u32,
+    pub acquire_timeout: Duration,
+    /// Schema for Herald's tables; None uses the connection's default (normally `public`).
+    pub schema: Option<String>,
+}
+
+/// Rows per INSERT statement in a bulk enqueue (the whole call is still one transaction).
+const BULK_CHUNK: usize = 20_000;
+
+const HOT_COLUMNS: &str = "id, workspace_id, kind, queue, payload, priority, state, run_at, \
+     created_at, attempt, max_attempts, attempted_at, attempted_by, lease_expires_at, \
+     NULL::timestamptz AS finalized_at, errors, unique_key, rate_key, ordering_key";
+const DONE_COLUMNS: &str = "id, workspace_id, kind, queue, payload, priority, state, run_at, \
+     created_at, attempt, max_attempts, attempted_at, attempted_by, \
+     NULL::timestamptz AS lease_expires_at, finalized_at, errors, unique_key, rate_key, ordering_key";
+
+pub struct PgStore {
+    pool: PgPool,
+    schema: Option<String>,
+    /// NOTIFY channel; includes the schema so that deployments sharing a database do not wake
+    /// each other.
+    channel: String,
+    wakeups: Wakeups,
+    claim_sql: String,
+}
+
+fn claim_sql() -> String {
+    let returning = HOT_COLUMNS
+        .split(", ")
+        .map(|c| {
+            if c.contains(' ') {
+                c.to_string()
+            } else {
+                format!("herald_jobs.{c}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "WITH picked AS (
+            SELECT id FROM herald_jobs j
+             WHERE j.state = 'available' AND j.queue = $1
+               AND (j.ordering_key IS NULL OR NOT EXISTS (
+                    SELECT 1 FROM herald_jobs o
+                     WHERE o.workspace_id = j.workspace_id
+                       AND o.ordering_key = j.ordering_key AND o.id < j.id))
+             ORDER BY j.priority, j.run_at, j.id
+             LIMIT $2
+             FOR UPDATE SKIP LOCKED
+         )
+         UPDATE herald_jobs SET state = 'running', attempt = attempt + 1, attempted_at = $3,
+                attempted_by = $4, lease_expires_at = $5
+           FROM picked WHERE herald_jobs.id = picked.id
+         RETURNING {returning}"
+    )
+}
+
+impl PgStore {
+    pub async fn connect(config: &PgStoreConfig) -> Result<Self> {
+        let mut options: PgConnectOptions = config.url.parse()?;
+        options = options.application_name("herald");
+        if let Some(schema) = &config.schema {
+            validate_schema_name(schema)?;
+            options = options.options([("search_path", schema.as_str())]);
+        }
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_connections.max(2))
+            .acquire_timeout(config.acquire_timeout)
+            // A ping before every acquire costs a round trip per statement; a broken connection
+            // fails one statement instead, which the runtime retries.
+            .test_before_acquire(false)
+            .connect_lazy_with(options);
+        let channel = match &config.schema {
+            Some(schema) => format!("herald_jobs_{schema}"),
+            None => "herald_jobs".to_owned(),
+        };
+        Ok(PgStore {
+            pool,
+            schema: config.schema.clone(),
+            channel,
+            wakeups: Wakeups::default(),
+            claim_sql: claim_sql(),
+        })
+    }
+
+    /// The connection pool, for callers that enqueue inside their own transactions.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Enqueues inside the caller's transaction (or on any connection): the jobs exist if and
+    /// only if the caller's transaction commits, and the wake-up NOTIFY is delivered on commit.
+    pub async fn enqueue_in(
+        &self,
+        conn: &mut PgConnection,
+        jobs: &[NewJob],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Enqueued>> {
+        for job in jobs {
+            job.validate()?;
+        }
+        let mut out = Vec::with_capacity(jobs.len());
+        for chunk in jobs.chunks(BULK_CHUNK) {
+            out.extend(self.insert_chunk(conn, chunk, now).await?);
+        }
+        let payloads = notify_payloads(jobs.iter().zip(&out), now);
+        if !payloads.is_empty() {
+            sqlx::query("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
+                .bind(&self.channel)
+                .bind(payloads)
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(out)
+    }
+
+    async fn insert_chunk(
+        &self,
+        conn: &mut PgConnection,
+        jobs: &[NewJob],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<Enqueued>> {
+        let mut result: Vec<Option<Enqueued>> = vec![None; jobs.len()];
+        let mut seen = HashSet::new();
+        // Rows still to insert; a unique-key row goes round again if the job holding its key
+        // finished between our INSERT and our look-up.
+        let mut pending: Vec<usize> = (0..jobs.len()).collect();
+        for _round in 0..5 {
+            if pending.is_empty() {
+                break;
+            }
+            let returned = insert_rows(conn, jobs, &pending, now)
+                .await?
+                .iter()
+                .map(|row| {
+                    Ok(Inserted {
+                        id: row.try_get("id")?,
+                        workspace_id: row.try_get("workspace_id")?,
+                        unique_key: row.try_get("unique_key")?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let missing = match_inserted(jobs, &pending, returned, &mut result, &mut seen)?;
+            if missing.is_empty() {
+                pending.clear();
+                break;
+            }
+            let workspaces: Vec<Uuid> = missing.iter().map(|&i| jobs[i].workspace_id).collect();
+            let keys: Vec<Option<String>> =
+                missing.iter().map(|&i| jobs[i].unique_key.clone()).collect();
+            let held = sqlx::query(
+                "SELECT j.id, j.workspace_id, j.unique_key FROM herald_jobs j \
+                 JOIN unnest($1::uuid[], $2::text[]) AS k(w, u) \
+                   ON j.workspace_id = k.w AND j.unique_key = k.u",
+            )
+            .bind(workspaces)
+            .bind(keys)
+            .fetch_all(&mut *conn)
+            .await?;
+            let mut holders = HashMap::new();
+            for row in held {
+                holders.insert(
+                    (row.try_get("workspace_id")?, row.try_get("unique_key")?),
+                    row.try_get("id")?,
+                );
+            }
+            pending = match_holders(jobs, missing, &holders, &mut result);
+        }
+        finish_enqueue(result, &pending)
+    }
+
+    /// Moves jobs to the archive in their final state, if they are still in one of `from` states
+    /// (and at the given attempt, when one is given).
+    async fn finalize(&self, rows: &[Finalize], from: &[&str]) -> Result<Vec<(String, bool)>> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let from: Vec<String> = from.iter().map(|s| s.to_string()).collect();
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        let attempts: Vec<Option<i32>> = rows.iter().map(|r| r.attempt).collect();
+        let states: Vec<&str> = rows.iter().map(|r| r.state.as_str()).collect();
+        let errors: Vec<Option<String>> = rows.iter().map(|r| r.errors.clone()).collect();
+        let at: Vec<DateTime<Utc>> = rows.iter().map(|r| r.at).collect();
+        let moved = sqlx::query(
+            "WITH c AS (
+                SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::text[], $5::timestamptz[])
+                  AS c(id, attempt, state, errors, at)
+             ), d AS (
+                DELETE FROM herald_jobs j USING c
+                 WHERE j.id = c.id AND j.state = ANY($6::text[])
+                   AND (c.attempt IS NULL OR j.attempt = c.attempt)
+                RETURNING j.*, c.state AS new_state, c.errors AS new_errors, c.at AS fin
+             )
+             INSERT INTO herald_jobs_done (id, workspace_id, kind, queue, payload, priority, state,
+                run_at, created_at, attempt, max_attempts, attempted_at, attempted_by,
+                finalized_at, errors, unique_key, rate_key, ordering_key)
+             SELECT id, workspace_id, kind, queue, payload, priority, new_state, run_at,
+                created_at, attempt, max_attempts, attempted_at, attempted_by, fin,
+                COALESCE(new_errors::jsonb, errors), unique_key, rate_key, ordering_key
+               FROM d
+             RETURNING queue, ordering_key IS NOT NULL AS ordered",
+        )
+        .bind(ids)
+        .bind(attempts)
+        .bind(states)
+        .bind(errors)
+        .bind(at)
+        .bind(from)
+        .fetch_all(&self.pool)
+        .await?;
+        moved
+            .into_iter()
+            .map(|r| Ok((r.try_get("queue")?, r.try_get("ordered")?)))
+            .collect()
+    }
+
+    /// Wakes producers, here and (through NOTIFY) in other processes.
+    async fn notify(&self, payloads: Vec<String>) -> Result<()> {
+        if payloads.is_empty() {
+            return Ok(());
+        }
+        for p in &payloads {
+            self.wakeups.apply_payload(p);
+        }
+        sqlx::query("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
+            .bind(&self.channel)
+            .bind(payloads)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
+
+/// One job to move to the archive.
+struct Finalize {
+    id: JobId,
+    attempt: Option<i32>,
+    state: JobState,
+    /// JSON text of the new error list; None keeps the stored one.
+    errors: Option<String>,
+    at: DateTime<Utc>,
+}
+
+async fn migrate_in(conn: &mut PgConnection, schema: Option<&str>) -> Result<()> {
+    // One process migrates at a time; the others wait here, then find nothing to do.
+    let lock_name = format!("herald_migrate:{}", schema.unwrap_or(""));
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(lock_name)
+        .execute(&mut *conn)
+        .await?;
+    if let Some(schema) = schema {
+        let create = format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"");
+        conn.execute(create.as_str()).await?;
+    }
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS herald_migrations (
+            version bigint PRIMARY KEY, name text NOT NULL,
+            applied_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .await?;
+    let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM herald_migrations")
+        .fetch_all(&mut *conn)
+        .await?;
+    for m in migrate::POSTGRES {
+        if applied.contains(&m.version) {
+            continue;
+        }
+        if let Err(source) = conn.execute(m.sql).await {
+            return Err(StoreError::Migration {
+                version: m.version,
+                source,
+            });
+        }
+        sqlx::query("INSERT INTO herald_migrations (version, name) VALUES ($1, $2)")
+            .bind(m.version)
+            .bind(m.name)
+            .execute(&mut *conn)
+            .await?;
+        info!(version = m.version, name = m.name, "applied migration");
+    }
+    Ok(())
+}
+
+fn validate_schema_name(schema: &str) -> Result<()> {
+    let ok = !schema.is_empty()
+        && schema.len() <= 63
+        && schema
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !schema.starts_with(|c: char| c.is_ascii_digit());
+    if ok {
+        Ok(())
+    } else {
+        Err(StoreError::Invalid(crate::model::InvalidJob(format!(
+            "schema name {schema:?} must be lowercase letters, digits and underscores"
+        ))))
+    }
+}
+
+async fn insert_rows(
+    conn: &mut PgConnection,
+    jobs: &[NewJob],
+    pick: &[usize],
+    now: DateTime<Utc>,
+) -> Result<Vec<PgRow>> {
+    let n = pick.len();
+    let mut workspace = Vec::with_capacity(n);
+    let mut kind = Vec::with_capacity(n);
+    let mut queue = Vec::with_capacity(n);
+    let mut payload = Vec::with_capacity(n);
+    let mut priority = Vec::with_capacity(n);
+    let mut state = Vec::with_capacity(n);
+    let mut run_at = Vec::with_capacity(n);
+    let mut max_attempts = Vec::with_capacity(n);
+    let mut unique_key = Vec::with_capacity(n);
+    let mut rate_key = Vec::with_capacity(n);
+    let mut ordering_key = Vec::with_capacity(n);
+    for &i in pick {
+        let job = &jobs[i];
+        let at = job.run_at.unwrap_or(now);
+        workspace.push(job.workspace_id);
+        kind.push(job.kind.as_str());
+        queue.push(job.queue.as_str());
+        payload.push(sqlx::types::Json(&job.payload));
+        priority.push(job.priority);
+        state.push(if at <= now { "available" } else { "scheduled" });
+        run_at.push(at);
+        max_attempts.push(job.max_attempts);
+        unique_key.push(job.unique_key.as_deref());
+        rate_key.push(job.rate_key.as_deref());
+        ordering_key.push(job.ordering_key.as_deref());
+    }
+    let rows = sqlx::query(
+        "INSERT INTO herald_jobs (workspace_id, kind, queue, payload, priority, state, run_at,
+            created_at, max_attempts, unique_key, rate_key, ordering_key)
+         SELECT w, k, q, p, pr, s, r, $12, m, u, rk, o
+           FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::smallint[],
+                       $6::text[], $7::timestamptz[], $8::int[], $9::text[], $10::text[],
+                       $11::text[])
+                WITH ORDINALITY AS t(w, k, q, p, pr, s, r, m, u, rk, o, ord)
+          ORDER BY ord
+         ON CONFLICT (workspace_id, unique_key) WHERE unique_key IS NOT NULL DO NOTHING
+         RETURNING id, workspace_id, unique_key",
+    )
+    .bind(workspace)
+    .bind(kind)
+    .bind(queue)
+    .bind(payload)
+    .bind(priority)
+    .bind(state)
+    .bind(run_at)
+    .bind(max_attempts)
+    .bind(unique_key)
+    .bind(rate_key)
+    .bind(ordering_key)
+    .bind(now)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows)
+}
+
+/// One wake-up payload per queue for the jobs actually inserted: "due now" if any is due, else
+/// the earliest scheduled time.
+pub(crate) fn notify_payloads<'a>(
+    jobs: impl Iterator<Item = (&'a NewJob, &'a Enqueued)>,
+    now: DateTime<Utc>,
+) -> Vec<String> {
+    let mut per_queue: BTreeMap<&str, Option<DateTime<Utc>>> = BTreeMap::new();
+    for (job, enq) in jobs {
+        if !enq.inserted {
+            continue;
+        }
+        let at = job.run_at.filter(|at| *at > now);
+        per_queue
+            .entry(job.queue.as_str())
+            .and_modify(|cur| {
+                *cur = match (*cur, at) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    _ => None,
+                }
+            })
+            .or_insert(at);
+    }
+    per_queue
+        .into_iter()
+        .map(|(q, at)| Wakeups::payload(q, at))
+        .collect()
+}
+
+fn job_from_row(row: &PgRow) -> Result<Job> {
+    let state: String = row.try_get("state")?;
+    let errors: sqlx::types::Json<Vec<AttemptError>> = row.try_get("errors")?;
+    Ok(Job {
+        id: row.try_get("id")?,
+        workspace_id: row.try_get("workspace_id")?,
+        kind: row.try_get("kind")?,
+        queue: row.try_get("queue")?,
+        payload: row.try_get::<sqlx::types::Json<serde_json::Value>, _>("payload")?.0,
+        priority: row.try_get("priority")?,
+        state: state
+            .parse()
+            .map_err(|e: crate::model::UnknownState| StoreError::Corrupt(e.to_string()))?,
+        run_at: row.try_get("run_at")?,
+        created_at: row.try_get("created_at")?,
+        attempt: row.try_get("attempt")?,
+        max_attempts: row.try_get("max_attempts")?,
+        attempted_at: row.try_get("attempted_at")?,
+        attempted_by: row.try_get("attempted_by")?,
+        lease_expires_at: row.try_get("lease_expires_at")?,
+        finalized_at: row.try_get("finalized_at")?,
+        errors: errors.0,
+        unique_key: row.try_get("unique_key")?,
+        rate_key: row.try_get("rate_key")?,
+        ordering_key: row.try_get("ordering_key")?,
+    })
+}
+
+fn errors_json(errors: &Option<Vec<AttemptError>>) -> Option<String> {
+    errors
+        .as_ref()
+        .map(|e| serde_json::to_string(e).unwrap_or_else(|_| "[]".into()))
+}
+
+#[async_trait]
+impl Store for PgStore {
+    fn backend(&self) -> Backend {
+        Backend::Postgres
+    }
+
+    fn wakeups(&self) -> &Wakeups {
+        &self.wakeups
+    }
+
+    async fn migrate(&self) -> Result<()> {
+        let mut conn = self.pool.acquire().await?;
+        (&mut *conn).execute("BEGIN").await?;
+        let result = migrate_in(&mut conn, self.schema.as_deref()).await;
+        let end = if result.is_ok() { "COMMIT" } else { "ROLLBACK" };
+        (&mut *conn).execute(end).await?;
+        result
+    }
+
+    async fn enqueue_many(&self, jobs: &[NewJob], now: DateTime<Utc>) -> Result<Vec<Enqueued>> {
+        if jobs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut tx = self.pool.begin().await?;
+        let out = self.enqueue_in(&mut tx, jobs, now).await?;
+        tx.commit().await?;
+        for p in notify_payloads(jobs.iter().zip(&out), now) {
+            self.wakeups.apply_payload(&p);
+        }
+        Ok(out)
+    }
+
+    async fn claim(
+        &self,
+        queue: &str,
+        worker: &str,
+        limit: usize,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> Result<Vec<Job>> {
+        let rows = sqlx::query(&self.claim_sql)
+            .bind(queue)
+            .bind(limit as i64)
+            .bind(now)
+            .bind(worker)
+            .bind(lease_until)
+            .fetch_all(&self.pool)
+            .await?;
+        let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>>>()?;
+        jobs.sort_by_key(|j| (j.priority, j.run_at, j.id));
+        Ok(jobs)
+    }
+
+    async fn complete(&self, completions: &[Completion]) -> Result<u64> {
+        let mut finals = Vec::new();
+        let mut again = Vec::new();
+        for c in completions {
+            let state = match &c.outcome {
+                Outcome::Completed => JobState::Completed,
+                Outcome::Discard { .. } => JobState::Discarded,
+                Outcome::Cancel { .. } => JobState::Cancelled,
+                Outcome::Retry { .. } | Outcome::Snooze { .. } => {
+                    again.push(c);
+                    continue;
+                }
+            };
+            finals.push(Finalize {
+                id: c.id,
+                attempt: Some(c.attempt),
+                state,
+                errors: errors_json(&c.errors),
+                at: c.finished_at,
+            });
+        }
+        let mut changed = 0;
+        let mut payloads = BTreeMap::new();
+        for (queue, ordered) in self.finalize(&finals, &["running"]).await? {
+            changed += 1;
+            if ordered {
+                payloads.insert(Wakeups::payload(&queue, None), ());
+            }
+        }
+        if !again.is_empty() {
+            let ids: Vec<i64> = again.iter().map(|c| c.id).collect();
+            let attempts: Vec<i32> = again.iter().map(|c| c.attempt).collect();
+            let mut states = Vec::new();
+            let mut run_ats = Vec::new();
+            let mut uncount = Vec::new();
+            for c in &again {
+                let (run_at, waiting, back) = match &c.outcome {
+                    Outcome::Retry { run_at, .. } => (*run_at, "retryable", 0),
+                    Outcome::Snooze { run_at } => (*run_at, "scheduled", 1),
+                    _ => unreachable!("only retries and snoozes are kept here"),
+                };
+                states.push(if run_at <= c.finished_at { "available" } else { waiting });
+                run_ats.push(run_at);
+                uncount.push(back);
+            }
+            let errors: Vec<Option<String>> = again.iter().map(|c| errors_json(&c.errors)).collect();
+            let rows = sqlx::query(
+                "UPDATE herald_jobs j SET state = c.state, run_at = c.run_at,
+                        attempt = j.attempt - c.uncount, lease_expires_at = NULL,
+                        errors = COALESCE(c.errors::jsonb, j.errors)
+                   FROM unnest($1::bigint[], $2::int[], $3::text[], $4::timestamptz[], $5::int[],
+                               $6::text[]) AS c(id, attempt, state, run_at, uncount, errors)
+                  WHERE j.id = c.id AND j.attempt = c.attempt AND j.state = 'running'
+                 RETURNING j.queue, j.state, j.run_at, j.ordering_key IS NOT NULL AS ordered",
+            )
+            .bind(ids)
+            .bind(attempts)
+            .bind(states)
+            .bind(run_ats)
+            .bind(uncount)
+            .bind(errors)
+            .fetch_all(&self.pool)
+            .await?;
+            let mut earliest: BTreeMap<String, DateTime<Utc>> = BTreeMap::new();
+            for row in rows {
+                changed += 1;
+                let queue: String = row.try_get("queue")?;
+                let state: String = row.try_get("state")?;
+                let ordered: bool = row.try_get("ordered")?;
+                if state == "available" || ordered {
+                    payloads.insert(Wakeups::payload(&queue, None), ());
+                } else {
+                    let at: DateTime<Utc> = row.try_get("run_at")?;
+                    let e = earliest.entry(queue).or_insert(at);
+                    *e = (*e).min(at);
+                }
+            }
+            for (queue, at) in earliest {
+                payloads.insert(Wakeups::payload(&queue, Some(at)), ());
+            }
+        }
+        self.notify(payloads.into_keys().collect()).await?;
+        Ok(changed)
+    }
+
+    async fn heartbeat(&self, claims: &[(JobId, i32)], lease_until: DateTime<Utc>) -> Result<u64> {
+        if claims.is_empty() {
+            return Ok(0);
+        }
+        let (ids, attempts): (Vec<i64>, Vec<i32>) = claims.iter().copied().unzip();
+        let done = sqlx::query(
+            "UPDATE herald_jobs j SET lease_expires_at = $3
+               FROM unnest($1::bigint[], $2::int[]) AS c(id, attempt)
+              WHERE j.id = c.id AND j.attempt = c.attempt AND j.state = 'running'",
+        )
+        .bind(ids)
+        .bind(attempts)
+        .bind(lease_until)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn release(&self, claims: &[(JobId, i32)], _now: DateTime<Utc>) -> Result<u64> {
+        if claims.is_empty() {
+            return Ok(0);
+        }
+        let (ids, attempts): (Vec<i64>, Vec<i32>) = claims.iter().copied().unzip();
+        let rows = sqlx::query(
+            "UPDATE herald_jobs j SET state = 'available', attempt = j.attempt - 1,
+                    lease_expires_at = NULL
+               FROM unnest($1::bigint[], $2::int[]) AS c(id, attempt)
+              WHERE j.id = c.id AND j.attempt = c.attempt AND j.state = 'running'
+             RETURNING j.queue",
+        )
+        .bind(ids)
+        .bind(attempts)
+        .fetch_all(&self.pool)
+        .await?;
+        let queues: HashSet<String> = rows
+            .iter()
+            .map(|r| r.try_get("queue"))
+            .collect::<Result<_, _>>()?;
+        self.notify(queues.iter().map(|q| Wakeups::payload(q, None)).collect())
+            .await?;
+        Ok(rows.len() as u64)
+    }
+
+    async fn promote(&self, queue: &str, now: DateTime<Utc>) -> Result<u64> {
+        let mut total = 0;
+        loop {
+            let done = sqlx::query(
+                "WITH due AS (
+                    SELECT id FROM herald_jobs
+                     WHERE queue = $1 AND state IN ('scheduled', 'retryable') AND run_at <= $2
+                     ORDER BY run_at LIMIT 10000
+                     FOR UPDATE SKIP LOCKED)
+                 UPDATE herald_jobs j SET state = 'available' FROM due WHERE j.id = due.id",
+            )
+            .bind(queue)
+            .bind(now)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+            total += done;
+            if done < 10_000 {
+                return Ok(total);
+            }
+        }
+    }
+
+    async fn next_due(&self, queue: &str) -> Result<Option<DateTime<Utc>>> {
+        Ok(sqlx::query_scalar(
+            "SELECT min(run_at) FROM herald_jobs
+              WHERE queue = $1 AND state IN ('scheduled', 'retryable')",
+        )
+        .bind(queue)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    async fn expired(&self, now: DateTime<Utc>, limit: usize) -> Result<Vec<Job>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {HOT_COLUMNS} FROM herald_jobs
+              WHERE state = 'running' AND lease_expires_at < $1
+              ORDER BY lease_expires_at LIMIT $2"
+        ))
+        .bind(now)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    async fn prune(
+        &self,
+        completed_before: DateTime<Utc>,
+        others_before: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<u64> {
+        let done = sqlx::query(
+            "DELETE FROM herald_jobs_done WHERE id IN (
+                SELECT id FROM herald_jobs_done
+                 WHERE finalized_at < GREATEST($1, $2)
+                   AND ((state = 'completed' AND finalized_at < $1)
+                     OR (state <> 'completed' AND finalized_at < $2))
+                 LIMIT $3)",
+        )
+        .bind(completed_before)
+        .bind(others_before)
+        .bind(limit as i64)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn try_lead(
+        &self,
+        name: &str,
+        leader: &str,
+        now: DateTime<Utc>,
+        until: DateTime<Utc>,
+    ) -> Result<bool> {
+        let row: Option<String> = sqlx::query_scalar(
+            "INSERT INTO herald_leaders (name, leader_id, expires_at) VALUES ($1, $2, $4)
+             ON CONFLICT (name) DO UPDATE SET leader_id = EXCLUDED.leader_id,
+                    expires_at = EXCLUDED.expires_at
+              WHERE herald_leaders.leader_id = EXCLUDED.leader_id
+                 OR herald_leaders.expires_at < $3
+             RETURNING leader_id",
+        )
+        .bind(name)
+        .bind(leader)
+        .bind(now)
+        .bind(until)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_deref() == Some(leader))
+    }
+
+    async fn resign(&self, name: &str, leader: &str) -> Result<()> {
+        sqlx::query("DELETE FROM herald_leaders WHERE name = $1 AND leader_id = $2")
+            .bind(name)
+            .bind(leader)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn get_job(&self, id: JobId) -> Result<Option<Job>> {
+        let row = sqlx::query(&format!(
+            "SELECT {HOT_COLUMNS} FROM herald_jobs WHERE id = $1
+             UNION ALL SELECT {DONE_COLUMNS} FROM herald_jobs_done WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(job_from_row).transpose()
+    }
+
+    async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>> {
+        let tables: &[(&str, &str)] = match filter.state {
+            Some(s) if s.is_final() => &[("herald_jobs_done", DONE_COLUMNS)],
+            Some(_) => &[("herald_jobs", HOT_COLUMNS)],
+            None => &[
+                ("herald_jobs", HOT_COLUMNS),
+                ("herald_jobs_done", DONE_COLUMNS),
+            ],
+        };
+        let limit = filter.limit.clamp(1, 1000);
+        let mut qb: QueryBuilder<sqlx::Postgres> = QueryBuilder::new("SELECT * FROM (");
+        for (n, (table, columns)) in tables.iter().enumerate() {
+            if n > 0 {
+                qb.push(" UNION ALL ");
+            }
+            qb.push(format!("(SELECT {columns} FROM {table} WHERE true"));
+            if let Some(w) = filter.workspace_id {
+                qb.push(" AND workspace_id = ").push_bind(w);
+            }
+            if let Some(q) = &filter.queue {
+                qb.push(" AND queue = ").push_bind(q.clone());
+            }
+            if let Some(s) = filter.state {
+                qb.push(" AND state = ").push_bind(s.as_str());
+            }
+            if let Some(k) = &filter.kind {
+                qb.push(" AND kind = ").push_bind(k.clone());
+            }
+            if let Some(after) = filter.after_id {
+                qb.push(" AND id > ").push_bind(after);
+            }
+            qb.push(" ORDER BY id LIMIT ").push_bind(limit).push(")");
+        }
+        qb.push(") AS j ORDER BY id LIMIT ").push_bind(limit);
+        let rows = qb.build().fetch_all(&self.pool).await?;
+        rows.iter().map(job_from_row).collect()
+    }
+
+    async fn retry_job(&self, id: JobId, now: DateTime<Utc>) -> Result<Option<Job>> {
+        let waiting = sqlx::query(
+            "UPDATE herald_jobs SET state = 'available', run_at = $2
+              WHERE id = $1 AND state IN ('scheduled', 'retryable') RETURNING queue",
+        )
+        .bind(id)
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        let queue: Option<String> = match waiting {
+            Some(row) => Some(row.try_get("queue")?),
+            None => {
+                let mut tx = self.pool.begin().await?;
+                let moved = sqlx::query(
+                    "INSERT INTO herald_jobs (id, workspace_id, kind, queue, payload, priority,
+                        state, run_at, created_at, attempt, max_attempts, attempted_at,
+                        attempted_by, errors, unique_key, rate_key, ordering_key)
+                     SELECT id, workspace_id, kind, queue, payload, priority, 'available', $2,
+                        created_at, 0, max_attempts, attempted_at, attempted_by, errors,
+                        unique_key, rate_key, ordering_key
+                       FROM herald_jobs_done
+                      WHERE id = $1 AND state IN ('discarded', 'cancelled')
+                     ON CONFLICT DO NOTHING
+                     RETURNING queue",
+                )
+                .bind(id)
+                .bind(now)
+                .fetch_optional(&mut *tx)
+                .await?;
+                let Some(row) = moved else {
+                    return Ok(None);
+                };
+                sqlx::query("DELETE FROM herald_jobs_done WHERE id = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Some(row.try_get("queue")?)
+            }
+        };
+        if let Some(queue) = queue {
+            self.notify(vec![Wakeups::payload(&queue, None)]).await?;
+        }
+        self.get_job(id).await
+    }
+
+    async fn cancel_job(&self, id: JobId, now: DateTime<Utc>, reason: &str) -> Result<Option<Job>> {
+        let Some(job) = self.get_job(id).await? else {
+            return Ok(None);
+        };
+        if job.state.is_final() || job.state == JobState::Running {
+            return Ok(None);
+        }
+        let mut errors = job.errors.clone();
+        errors.push(AttemptError {
+            at: now,
+            attempt: job.attempt,
+            message: format!("cancelled: {reason}"),
+        });
+        trim_errors(&mut errors);
+        let moved = self
+            .finalize(
+                &[Finalize {
+                    id,
+                    attempt: Some(job.attempt),
+                    state: JobState::Cancelled,
+                    errors: errors_json(&Some(errors)),
+                    at: now,
+                }],
+                &["scheduled", "available", "retryable"],
+            )
+            .await?;
+        if moved.is_empty() {
+            return Ok(None);
+        }
+        self.get_job(id).await
+    }
+
+    async fn stats(&self) -> Result<Vec<QueueStat>> {
+        let rows = sqlx::query(
+            "SELECT queue, state, count(*) AS n FROM herald_jobs GROUP BY queue, state
+             UNION ALL
+             SELECT queue, state, count(*) AS n FROM herald_jobs_done GROUP BY queue, state
+             ORDER BY 1, 2",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let state: String = r.try_get("state")?;
+                Ok(QueueStat {
+                    queue: r.try_get("queue")?,
+                    state: state
+                        .parse()
+                        .map_err(|e: crate::model::UnknownState| StoreError::Corrupt(e.to_string()))?,
+                    count: r.try_get("n")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn listen(&self, mut shutdown: tokio::sync::watch::Receiver<bool>) -> Result<()> {
+        let mut delay = Duration::from_millis(100);
+        while !*shutdown.borrow() {
+            let mut listener = match PgListener::connect_with(&self.pool).await {
+                Ok(l) => l,
+                Err(e) => {
+                    warn!(error = %e, "LISTEN connection failed; producers poll meanwhile");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                    continue;
+                }
+            };
+            if let Err(e) = listener.listen(&self.channel).await {
+                warn!(error = %e, "LISTEN failed; producers poll meanwhile");
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.changed() => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+                continue;
+            }
+            delay = Duration::from_millis(100);
+            // Anything sent while we were not listening was missed.
+            self.wakeups.all();
+            loop {
+                tokio::select! {
+                    _ = shutdown.changed() => return Ok(()),
+                    n = listener.try_recv() => match n {
+                        Ok(Some(n)) => self.wakeups.apply_payload(n.payload()),
+                        Ok(None) => {
+                            warn!("LISTEN connection lost; reconnecting");
+                            self.wakeups.all();
+                        }
+                        Err(e) => {
+                            warn!(error = %e, "LISTEN connection failed; reconnecting");
+                            self.wakeups.all();
+                            break;
+                        }
+                    }
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+        Ok(())
+    }
+}
