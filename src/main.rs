@@ -1,1 +1,206 @@
-fn main() {}
+//! `herald`: the one binary and composition root. It reads settings, opens the store, registers
+//! the handlers and starts the services each subcommand needs.
+
+mod bench;
+mod demo;
+mod settings;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use herald_engine::{Engine, Store, SystemClock};
+use tracing::{error, info};
+
+use crate::settings::Settings;
+
+#[derive(Parser)]
+#[command(
+    name = "herald",
+    version,
+    about = "Durable, rate-limited job engine for customer messaging"
+)]
+struct Cli {
+    /// Optional TOML settings file (environment variables override it). Also HERALD_CONFIG.
+    #[arg(long, global = true, env = "HERALD_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the engine and the HTTP server (SQLite ./herald.db unless DATABASE_URL says otherwise).
+    Serve,
+    /// Run the engine without the HTTP server.
+    Worker,
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Run a short demonstration on the embedded store and exit.
+    Demo(demo::DemoArgs),
+    /// Benchmarks that print their figures as a JSON line.
+    Bench {
+        #[command(subcommand)]
+        which: bench::BenchCommand,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("herald: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        if let Command::Bench { which } = cli.command {
+            init_tracing(&std::env::var("HERALD_LOG").unwrap_or_else(|_| "warn".into()));
+            return report(bench::run(which).await);
+        }
+        let settings = match Settings::load(cli.config.as_deref()) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("herald: {e}");
+                return ExitCode::from(2);
+            }
+        };
+        init_tracing(&settings.log);
+        let result = match cli.command {
+            Command::Serve => serve(settings).await,
+            Command::Worker => worker(settings).await,
+            Command::Migrate => open_store(&settings)
+                .await
+                .map(|_| info!("migrations applied")),
+            Command::Demo(args) => demo::run(settings, args).await,
+            Command::Bench { .. } => unreachable!("handled above"),
+        };
+        report(result)
+    })
+}
+
+fn report(result: Result<(), Box<dyn std::error::Error>>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            eprintln!("herald: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_new(filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+async fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, Box<dyn std::error::Error>> {
+    let store = herald_engine::connect(&settings.database_url, &settings.connect)
+        .await
+        .map_err(|e| format!("cannot open {}: {e}", redact(&settings.database_url)))?;
+    Ok(store)
+}
+
+/// A database URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => info!("SIGINT received; shutting down"),
+        _ = term => info!("SIGTERM received; shutting down"),
+    }
+}
+
+fn start_engine(store: Arc<dyn Store>, settings: &Settings) -> Engine {
+    Engine::start(
+        store,
+        herald_workers::builtin(),
+        settings.engine.clone(),
+        Arc::new(SystemClock),
+    )
+}
+
+async fn serve(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
+    let store = open_store(&settings).await?;
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot listen on {} (listen / HERALD_LISTEN): {e}",
+                settings.listen
+            )
+        })?;
+    info!(addr = %listener.local_addr()?, database = store.backend().as_str(), "herald serving");
+    run(listener, store, &settings, shutdown_signal()).await
+}
+
+/// Serves HTTP and runs the engine until `shutdown` resolves, then drains both.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    store: Arc<dyn Store>,
+    settings: &Settings,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let engine = start_engine(store.clone(), settings);
+    let app = herald_api::app(herald_api::AppState { store });
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = stop_rx.await;
+            })
+            .await
+    });
+    shutdown.await;
+    let _ = stop_tx.send(());
+    let report = engine.shutdown().await;
+    info!(released = report.released, "engine drained");
+    server.await??;
+    Ok(())
+}
+
+async fn worker(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
+    let store = open_store(&settings).await?;
+    info!(database = store.backend().as_str(), "herald worker running");
+    let engine = start_engine(store, &settings);
+    shutdown_signal().await;
+    let report = engine.shutdown().await;
+    info!(released = report.released, "engine drained");
+    Ok(())
+}

@@ -1,0 +1,70 @@
+//! Herald's HTTP layer. Today: health checks. The `/v1` API and Meta's webhooks land here.
+//!
+//! [`app`] builds the router from its state, so tests drive it with `oneshot`, no socket.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use herald_engine::Store;
+use serde_json::json;
+
+/// What the handlers share.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Arc<dyn Store>,
+}
+
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .with_state(state)
+}
+
+/// 200 when the database answers, 503 otherwise (the error is logged, not returned).
+async fn healthz(State(state): State<AppState>) -> Response {
+    match state.store.ping().await {
+        Ok(()) => Json(json!({"status": "ok", "database": state.store.backend().as_str()}))
+            .into_response(),
+        Err(e) => {
+            tracing::warn!(error = %e, "health check: database unreachable");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"status": "unavailable", "database": state.store.backend().as_str()})),
+            )
+                .into_response()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn healthz_reports_the_database() {
+        let path = std::env::temp_dir().join(format!("herald_api_{}.db", std::process::id()));
+        let store = herald_engine::connect(
+            &format!("sqlite:{}", path.display()),
+            &herald_engine::ConnectOptions::default(),
+        )
+        .await
+        .expect("open sqlite");
+        let response = app(AppState { store })
+            .oneshot(
+                Request::get("/healthz")
+                    .body(Body::empty())
+                    .expect("request"),
+            )
+            .await
+            .expect("response");
+        assert_eq!(response.status(), StatusCode::OK);
+        let _ = std::fs::remove_file(&path);
+    }
+}

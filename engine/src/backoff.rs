@@ -72,9 +72,15 @@ mod tests {
             let centre = Backoff { jitter: 0.0, ..b }.delay(attempt).as_secs_f64();
             for _ in 0..200 {
                 let d = b.delay(attempt).as_secs_f64();
-                assert!(d >= centre * 0.8 - 1e-9 && d <= centre * 1.2 + 1e-9, "{d} vs {centre}");
+                assert!(
+                    d >= centre * 0.8 - 1e-9 && d <= centre * 1.2 + 1e-9,
+                    "{d} vs {centre}"
+                );
             }
-            assert!(b.delay_with(attempt, 0.0).as_secs_f64() < b.delay_with(attempt, 0.99).as_secs_f64());
+            assert!(
+                b.delay_with(attempt, 0.0).as_secs_f64()
+                    < b.delay_with(attempt, 0.99).as_secs_f64()
+            );
         }
     }
 }

@@ -27,7 +27,10 @@ mod tests {
         for set in [super::POSTGRES, super::SQLITE] {
             assert!(set.windows(2).all(|w| w[0].version < w[1].version));
         }
-        let pg: Vec<_> = super::POSTGRES.iter().map(|m| (m.version, m.name)).collect();
+        let pg: Vec<_> = super::POSTGRES
+            .iter()
+            .map(|m| (m.version, m.name))
+            .collect();
         let lite: Vec<_> = super::SQLITE.iter().map(|m| (m.version, m.name)).collect();
         assert_eq!(pg, lite, "every migration exists for both backends");
     }

@@ -290,10 +290,16 @@ pub enum Outcome {
         error: String,
     },
     /// Not a failure: run again at `run_at` without counting this attempt.
-    Snooze { run_at: DateTime<Utc> },
+    Snooze {
+        run_at: DateTime<Utc>,
+    },
     /// Failed for good.
-    Discard { reason: String },
-    Cancel { reason: String },
+    Discard {
+        reason: String,
+    },
+    Cancel {
+        reason: String,
+    },
 }
 
 /// A finished attempt: which claim it belongs to and how it ended.

@@ -133,8 +133,14 @@ impl Engine {
             }),
         ];
         if inner.config.maintenance {
-            services.push(tokio::spawn(run_elector(inner.clone(), services_rx.clone())));
-            services.push(tokio::spawn(run_rescuer(inner.clone(), services_rx.clone())));
+            services.push(tokio::spawn(run_elector(
+                inner.clone(),
+                services_rx.clone(),
+            )));
+            services.push(tokio::spawn(run_rescuer(
+                inner.clone(),
+                services_rx.clone(),
+            )));
             services.push(tokio::spawn(run_pruner(inner.clone(), services_rx)));
         }
         info!(worker = %inner.config.worker_id, queues = ?inner.config.queues.keys().collect::<Vec<_>>(), "engine started");
@@ -184,7 +190,11 @@ impl Engine {
         }
         // Whatever is still in the map never sent its completion: stop it and hand it back.
         let left: Vec<(JobId, i32)> = {
-            let mut in_flight = self.inner.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+            let mut in_flight = self
+                .inner
+                .in_flight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             in_flight
                 .drain()
                 .map(|(id, f)| {
@@ -197,7 +207,10 @@ impl Engine {
             released: left.len(),
         };
         if !left.is_empty() {
-            warn!(jobs = left.len(), "shutdown timeout: releasing jobs still running");
+            warn!(
+                jobs = left.len(),
+                "shutdown timeout: releasing jobs still running"
+            );
             let mut tries = 0;
             loop {
                 match self.inner.store.release(&left, self.inner.now()).await {
@@ -215,7 +228,12 @@ impl Engine {
             }
         }
         let (ack, done) = oneshot::channel();
-        if self.inner.completions.send(CompleterMsg::Flush(ack)).is_ok() {
+        if self
+            .inner
+            .completions
+            .send(CompleterMsg::Flush(ack))
+            .is_ok()
+        {
             let _ = tokio::time::timeout(self.inner.config.shutdown_timeout, done).await;
         }
         if self.is_leader() {
@@ -248,7 +266,11 @@ impl Drop for Engine {
         if let Some(c) = &self.completer {
             c.abort();
         }
-        let in_flight = self.inner.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        let in_flight = self
+            .inner
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         for f in in_flight.values() {
             f.abort.abort();
         }
@@ -292,7 +314,8 @@ impl Producer {
         let mut refresh_due = true;
         let mut next_due: Option<DateTime<Utc>> = None;
         let mut next_poll = Instant::now() + cfg.poll_interval;
-        let mut last_claim = Instant::now() - cfg.fetch_cooldown;
+        // When some slots, but fewer than `threshold`, became free; reset by each claim.
+        let mut partial_since: Option<Instant> = None;
         let mut failures: u32 = 0;
         while !*stop.borrow() {
             let step: Result<(), crate::error::StoreError> = async {
@@ -310,11 +333,16 @@ impl Producer {
                 let free = self
                     .concurrency
                     .saturating_sub(self.slots.running.load(Ordering::Acquire));
+                if free == 0 || free >= threshold {
+                    partial_since = None;
+                } else if partial_since.is_none() {
+                    partial_since = Some(Instant::now());
+                }
                 let ready = free >= threshold
-                    || (free > 0 && last_claim.elapsed() >= cfg.fetch_cooldown);
+                    || partial_since.is_some_and(|t| t.elapsed() >= cfg.fetch_cooldown);
                 if more && ready {
                     let limit = free.min(batch);
-                    last_claim = Instant::now();
+                    partial_since = None;
                     let jobs = store
                         .claim(
                             &self.queue,
@@ -325,6 +353,7 @@ impl Producer {
                         )
                         .await?;
                     more = jobs.len() == limit;
+                    debug!(claimed = jobs.len(), limit, "claimed");
                     self.spawn_all(jobs);
                 }
                 Ok(())
@@ -349,13 +378,20 @@ impl Producer {
             let free = self
                 .concurrency
                 .saturating_sub(self.slots.running.load(Ordering::Acquire));
+            if more && free >= threshold {
+                // Slots freed while we claimed: claim again at once.
+                continue;
+            }
+            if more && free > 0 && partial_since.is_none() {
+                partial_since = Some(Instant::now());
+            }
             let due_in = next_due.map(|d| {
                 (d - self.inner.now())
                     .to_std()
                     .unwrap_or(Duration::ZERO)
                     .min(cfg.poll_interval)
             });
-            let cooldown_at = last_claim + cfg.fetch_cooldown;
+            let cooldown_at = partial_since.map(|t| t + cfg.fetch_cooldown);
             tokio::select! {
                 _ = stop.changed() => {}
                 _ = signal.notify.notified() => {
@@ -366,7 +402,7 @@ impl Producer {
                 }
                 // A slot freed while work may be waiting: check whether enough are free.
                 _ = self.slots.freed.notified(), if more && free < threshold => {}
-                _ = tokio::time::sleep_until(cooldown_at), if more && free > 0 && free < threshold => {}
+                _ = tokio::time::sleep_until(cooldown_at.unwrap_or_else(Instant::now)), if more && cooldown_at.is_some() => {}
                 _ = tokio::time::sleep(due_in.unwrap_or(Duration::ZERO)), if due_in.is_some() => {}
                 _ = tokio::time::sleep_until(next_poll) => {
                     more = true;
@@ -384,7 +420,11 @@ impl Producer {
         }
         self.slots.running.fetch_add(jobs.len(), Ordering::AcqRel);
         // Held while spawning, so a job that finishes at once still finds itself in the map.
-        let mut in_flight = self.inner.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+        let mut in_flight = self
+            .inner
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         for job in jobs {
             let (id, attempt) = (job.id, job.attempt);
             let inner = self.inner.clone();
@@ -393,12 +433,15 @@ impl Producer {
             let handle = tokio::spawn(
                 async move {
                     let completion = execute(&inner, job).await;
-                    let _ = inner.completions.send(CompleterMsg::Done(completion));
-                    inner
-                        .in_flight
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .remove(&id);
+                    {
+                        // Leaving the map and handing over the result is one step: if shutdown
+                        // released this claim meanwhile, the claim is no longer ours to finish.
+                        let mut in_flight =
+                            inner.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+                        if in_flight.remove(&id).is_some() {
+                            let _ = inner.completions.send(CompleterMsg::Done(completion));
+                        }
+                    }
                     slots.running.fetch_sub(1, Ordering::AcqRel);
                     slots.freed.notify_one();
                 }
@@ -525,7 +568,9 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
 
 /// Writes completions in batches: whatever arrived while the previous batch was being written
 /// goes in the next one, so batches grow with load and latency stays low when idle. A failed write
-/// is retried (never dropped): the jobs stay `running` meanwhile, their leases renewed.
+/// is retried (never dropped): the jobs stay `running` meanwhile. Their leases are no longer
+/// renewed (they left the in-flight set), so a database outage longer than the lease can get a
+/// finished job rescued and run again: at-least-once, never lost.
 async fn run_completer(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<CompleterMsg>) {
     let max = inner.config.completion_batch;
     let mut batch: Vec<Completion> = Vec::new();
@@ -632,7 +677,11 @@ async fn run_rescuer(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
         }
         match rescue_once(&*inner.store, inner.now()).await {
             Ok(r) if r.retried + r.discarded > 0 => {
-                info!(retried = r.retried, discarded = r.discarded, "rescued jobs with expired leases")
+                info!(
+                    retried = r.retried,
+                    discarded = r.discarded,
+                    "rescued jobs with expired leases"
+                )
             }
             Ok(_) => {}
             Err(e) => warn!(error = %e, "rescuer failed"),

@@ -63,7 +63,8 @@ impl Wakeups {
     /// A job on `queue` becomes due at `at`.
     pub fn scheduled(&self, queue: &str, at: DateTime<Utc>) {
         if let Some(s) = self.existing(queue) {
-            s.next_due.fetch_min(at.timestamp_micros(), Ordering::AcqRel);
+            s.next_due
+                .fetch_min(at.timestamp_micros(), Ordering::AcqRel);
             s.notify.notify_one();
         }
     }
@@ -95,7 +96,11 @@ impl Wakeups {
             return self.due(queue);
         }
         if let Some((micros, queue)) = payload.strip_prefix('s').and_then(|p| p.split_once(':')) {
-            if let Some(at) = micros.parse().ok().and_then(DateTime::from_timestamp_micros) {
+            if let Some(at) = micros
+                .parse()
+                .ok()
+                .and_then(DateTime::from_timestamp_micros)
+            {
                 return self.scheduled(queue, at);
             }
         }

@@ -13,7 +13,9 @@ use serde_json::json;
 use uuid::Uuid;
 
 fn t0() -> DateTime<Utc> {
-    Utc.with_ymd_and_hms(2026, 1, 1, 12, 0, 0).single().expect("valid time")
+    Utc.with_ymd_and_hms(2026, 1, 1, 12, 0, 0)
+        .single()
+        .expect("valid time")
 }
 
 fn secs(s: i64) -> chrono::Duration {
@@ -109,8 +111,20 @@ async fn future_jobs_are_scheduled_until_promoted(store: Arc<dyn Store>) {
         Some(t0() + secs(60))
     );
     assert!(claim(&*store, 10, t0() + secs(61)).await.is_empty());
-    assert_eq!(store.promote("default", t0() + secs(59)).await.expect("promote"), 0);
-    assert_eq!(store.promote("default", t0() + secs(60)).await.expect("promote"), 1);
+    assert_eq!(
+        store
+            .promote("default", t0() + secs(59))
+            .await
+            .expect("promote"),
+        0
+    );
+    assert_eq!(
+        store
+            .promote("default", t0() + secs(60))
+            .await
+            .expect("promote"),
+        1
+    );
     assert_eq!(state_of(&*store, e.id).await, JobState::Available);
     assert_eq!(store.next_due("default").await.expect("next_due"), None);
     assert_eq!(claim(&*store, 10, t0() + secs(61)).await.len(), 1);
@@ -119,7 +133,10 @@ async fn future_jobs_are_scheduled_until_promoted(store: Arc<dyn Store>) {
 async fn invalid_jobs_write_nothing(store: Arc<dyn Store>) {
     let jobs = vec![job(1), job(2).max_attempts(0), job(3)];
     assert!(store.enqueue_many(&jobs, t0()).await.is_err());
-    assert!(store.enqueue(&NewJob::new("", json!(1)), t0()).await.is_err());
+    assert!(store
+        .enqueue(&NewJob::new("", json!(1)), t0())
+        .await
+        .is_err());
     let all = store
         .list_jobs(&JobFilter {
             limit: 100,
@@ -157,7 +174,11 @@ async fn unique_key_returns_the_existing_job(store: Arc<dyn Store>) {
         .expect("enqueue");
     assert_eq!((c.id, c.inserted), (a.id, false));
     // Once finished, the key is free again.
-    let att = claimed.iter().find(|j| j.id == a.id).map(|j| j.attempt).unwrap_or(1);
+    let att = claimed
+        .iter()
+        .find(|j| j.id == a.id)
+        .map(|j| j.attempt)
+        .unwrap_or(1);
     store
         .complete(&[done(a.id, att, Outcome::Completed, t0())])
         .await
@@ -207,7 +228,10 @@ async fn unique_key_race_between_processes(store: Arc<dyn Store>) {
             let mut ids = Vec::new();
             for round in 0..20 {
                 let e = store
-                    .enqueue(&job(n * 100 + round).unique_key(format!("race-{round}")), t0())
+                    .enqueue(
+                        &job(n * 100 + round).unique_key(format!("race-{round}")),
+                        t0(),
+                    )
                     .await
                     .expect("racing enqueue never errors");
                 ids.push((round, e));
@@ -225,7 +249,10 @@ async fn unique_key_race_between_processes(store: Arc<dyn Store>) {
     for (round, results) in by_round {
         let inserted = results.iter().filter(|e| e.inserted).count();
         assert_eq!(inserted, 1, "round {round}: exactly one insert");
-        assert!(results.iter().all(|e| e.id == results[0].id), "round {round}: one id");
+        assert!(
+            results.iter().all(|e| e.id == results[0].id),
+            "round {round}: one id"
+        );
     }
 }
 
@@ -241,16 +268,40 @@ async fn bulk_enqueue_100k_in_one_call(store: Arc<dyn Store>) {
         .map(|s| s.count)
         .sum();
     assert_eq!(available, 100_000);
-    let sample = store.get_job(out[54_321].id).await.expect("get").expect("exists");
+    let sample = store
+        .get_job(out[54_321].id)
+        .await
+        .expect("get")
+        .expect("exists");
     assert_eq!(sample.payload, json!({ "n": 54_321 }));
 }
 
 async fn claims_follow_priority_then_time(store: Arc<dyn Store>) {
-    let a = store.enqueue(&job(1).priority(5), t0()).await.expect("e").id;
-    let b = store.enqueue(&job(2).priority(1), t0() + secs(2)).await.expect("e").id;
-    let c = store.enqueue(&job(3).priority(1), t0() + secs(1)).await.expect("e").id;
-    let d = store.enqueue(&job(4).queue("other"), t0()).await.expect("e").id;
-    let got: Vec<i64> = claim(&*store, 10, t0() + secs(5)).await.iter().map(|j| j.id).collect();
+    let a = store
+        .enqueue(&job(1).priority(5), t0())
+        .await
+        .expect("e")
+        .id;
+    let b = store
+        .enqueue(&job(2).priority(1), t0() + secs(2))
+        .await
+        .expect("e")
+        .id;
+    let c = store
+        .enqueue(&job(3).priority(1), t0() + secs(1))
+        .await
+        .expect("e")
+        .id;
+    let d = store
+        .enqueue(&job(4).queue("other"), t0())
+        .await
+        .expect("e")
+        .id;
+    let got: Vec<i64> = claim(&*store, 10, t0() + secs(5))
+        .await
+        .iter()
+        .map(|j| j.id)
+        .collect();
     assert_eq!(got, vec![c, b, a]);
     let j = store.get_job(a).await.expect("get").expect("exists");
     assert_eq!(j.state, JobState::Running);
@@ -288,38 +339,112 @@ async fn claims_never_exceed_the_limit_or_double_claim(store: Arc<dyn Store>) {
     let n = all.len();
     all.sort_unstable();
     all.dedup();
-    assert_eq!((n, all.len()), (2_000, 2_000), "every job claimed exactly once");
+    assert_eq!(
+        (n, all.len()),
+        (2_000, 2_000),
+        "every job claimed exactly once"
+    );
 }
 
 async fn ordering_key_runs_one_at_a_time_in_order(store: Arc<dyn Store>) {
     let ws = Uuid::new_v4();
-    let a1 = store.enqueue(&job(1).workspace(ws).ordering_key("conv"), t0()).await.expect("e").id;
-    let a2 = store.enqueue(&job(2).workspace(ws).ordering_key("conv").priority(-5), t0()).await.expect("e").id;
-    let a3 = store.enqueue(&job(3).workspace(ws).ordering_key("conv"), t0()).await.expect("e").id;
-    let b1 = store.enqueue(&job(4).workspace(ws).ordering_key("other"), t0()).await.expect("e").id;
-    let c1 = store.enqueue(&job(5).workspace(Uuid::new_v4()).ordering_key("conv"), t0()).await.expect("e").id;
+    let a1 = store
+        .enqueue(&job(1).workspace(ws).ordering_key("conv"), t0())
+        .await
+        .expect("e")
+        .id;
+    let a2 = store
+        .enqueue(
+            &job(2).workspace(ws).ordering_key("conv").priority(-5),
+            t0(),
+        )
+        .await
+        .expect("e")
+        .id;
+    let a3 = store
+        .enqueue(&job(3).workspace(ws).ordering_key("conv"), t0())
+        .await
+        .expect("e")
+        .id;
+    let b1 = store
+        .enqueue(&job(4).workspace(ws).ordering_key("other"), t0())
+        .await
+        .expect("e")
+        .id;
+    let c1 = store
+        .enqueue(&job(5).workspace(Uuid::new_v4()).ordering_key("conv"), t0())
+        .await
+        .expect("e")
+        .id;
     let free = store.enqueue(&job(6), t0()).await.expect("e").id;
-    let mut got: Vec<i64> = claim(&*store, 100, t0()).await.iter().map(|j| j.id).collect();
+    let mut got: Vec<i64> = claim(&*store, 100, t0())
+        .await
+        .iter()
+        .map(|j| j.id)
+        .collect();
     got.sort_unstable();
-    assert_eq!(got, vec![a1, b1, c1, free], "only the head of each key runs");
-    assert!(claim(&*store, 100, t0()).await.is_empty(), "a2 waits for a1");
+    assert_eq!(
+        got,
+        vec![a1, b1, c1, free],
+        "only the head of each key runs"
+    );
+    assert!(
+        claim(&*store, 100, t0()).await.is_empty(),
+        "a2 waits for a1"
+    );
     // A failed head that will retry still holds back the rest of its key.
     store
-        .complete(&[done(a1, 1, Outcome::Retry { run_at: t0() + secs(10), error: "x".into() }, t0())])
+        .complete(&[done(
+            a1,
+            1,
+            Outcome::Retry {
+                run_at: t0() + secs(10),
+                error: "x".into(),
+            },
+            t0(),
+        )])
         .await
         .expect("complete");
-    assert!(claim(&*store, 100, t0()).await.is_empty(), "a2 still waits: a1 will retry");
-    store.promote("default", t0() + secs(10)).await.expect("promote");
-    let got: Vec<i64> = claim(&*store, 100, t0() + secs(10)).await.iter().map(|j| j.id).collect();
+    assert!(
+        claim(&*store, 100, t0()).await.is_empty(),
+        "a2 still waits: a1 will retry"
+    );
+    store
+        .promote("default", t0() + secs(10))
+        .await
+        .expect("promote");
+    let got: Vec<i64> = claim(&*store, 100, t0() + secs(10))
+        .await
+        .iter()
+        .map(|j| j.id)
+        .collect();
     assert_eq!(got, vec![a1]);
-    store.complete(&[done(a1, 2, Outcome::Completed, t0())]).await.expect("complete");
-    let got: Vec<i64> = claim(&*store, 100, t0() + secs(10)).await.iter().map(|j| j.id).collect();
+    store
+        .complete(&[done(a1, 2, Outcome::Completed, t0())])
+        .await
+        .expect("complete");
+    let got: Vec<i64> = claim(&*store, 100, t0() + secs(10))
+        .await
+        .iter()
+        .map(|j| j.id)
+        .collect();
     assert_eq!(got, vec![a2]);
     store
-        .complete(&[done(a2, 1, Outcome::Discard { reason: "bad".into() }, t0())])
+        .complete(&[done(
+            a2,
+            1,
+            Outcome::Discard {
+                reason: "bad".into(),
+            },
+            t0(),
+        )])
         .await
         .expect("complete");
-    let got: Vec<i64> = claim(&*store, 100, t0() + secs(10)).await.iter().map(|j| j.id).collect();
+    let got: Vec<i64> = claim(&*store, 100, t0() + secs(10))
+        .await
+        .iter()
+        .map(|j| j.id)
+        .collect();
     assert_eq!(got, vec![a3], "a discarded job no longer holds the key");
 }
 
@@ -331,7 +456,11 @@ async fn completion_moves_job_to_archive(store: Arc<dyn Store>) {
         .await
         .expect("complete");
     assert_eq!(changed, 1);
-    let j = store.get_job(id).await.expect("get").expect("kept in archive");
+    let j = store
+        .get_job(id)
+        .await
+        .expect("get")
+        .expect("kept in archive");
     assert_eq!(j.state, JobState::Completed);
     assert_eq!(j.finalized_at, Some(t0() + secs(3)));
     assert_eq!(j.payload, json!({"n": 1}));
@@ -339,74 +468,148 @@ async fn completion_moves_job_to_archive(store: Arc<dyn Store>) {
 }
 
 async fn retry_and_snooze_transitions(store: Arc<dyn Store>) {
-    let id = store.enqueue(&job(1).max_attempts(3), t0()).await.expect("e").id;
+    let id = store
+        .enqueue(&job(1).max_attempts(3), t0())
+        .await
+        .expect("e")
+        .id;
     claim(&*store, 1, t0()).await;
-    let err = AttemptError { at: t0(), attempt: 1, message: "boom".into() };
+    let err = AttemptError {
+        at: t0(),
+        attempt: 1,
+        message: "boom".into(),
+    };
     store
         .complete(&[Completion {
             id,
             attempt: 1,
-            outcome: Outcome::Retry { run_at: t0() + secs(5), error: "boom".into() },
+            outcome: Outcome::Retry {
+                run_at: t0() + secs(5),
+                error: "boom".into(),
+            },
             errors: Some(vec![err.clone()]),
             finished_at: t0(),
         }])
         .await
         .expect("complete");
     let j = store.get_job(id).await.expect("get").expect("exists");
-    assert_eq!((j.state, j.attempt, j.run_at), (JobState::Retryable, 1, t0() + secs(5)));
+    assert_eq!(
+        (j.state, j.attempt, j.run_at),
+        (JobState::Retryable, 1, t0() + secs(5))
+    );
     assert_eq!(j.errors, vec![err]);
     assert_eq!(j.lease_expires_at, None);
-    assert_eq!(store.next_due("default").await.expect("due"), Some(t0() + secs(5)));
-    store.promote("default", t0() + secs(5)).await.expect("promote");
+    assert_eq!(
+        store.next_due("default").await.expect("due"),
+        Some(t0() + secs(5))
+    );
+    store
+        .promote("default", t0() + secs(5))
+        .await
+        .expect("promote");
     let j = &claim(&*store, 1, t0() + secs(5)).await[0];
     assert_eq!(j.attempt, 2);
     // Snooze: back to scheduled, the attempt not counted.
     store
-        .complete(&[done(id, 2, Outcome::Snooze { run_at: t0() + secs(60) }, t0() + secs(5))])
+        .complete(&[done(
+            id,
+            2,
+            Outcome::Snooze {
+                run_at: t0() + secs(60),
+            },
+            t0() + secs(5),
+        )])
         .await
         .expect("complete");
     let j = store.get_job(id).await.expect("get").expect("exists");
     assert_eq!((j.state, j.attempt), (JobState::Scheduled, 1));
     assert_eq!(j.errors.len(), 1, "a snooze keeps the errors as they were");
     // A retry due at once is available at once.
-    store.promote("default", t0() + secs(60)).await.expect("promote");
+    store
+        .promote("default", t0() + secs(60))
+        .await
+        .expect("promote");
     claim(&*store, 1, t0() + secs(60)).await;
     store
-        .complete(&[done(id, 2, Outcome::Retry { run_at: t0() + secs(60), error: "now".into() }, t0() + secs(60))])
+        .complete(&[done(
+            id,
+            2,
+            Outcome::Retry {
+                run_at: t0() + secs(60),
+                error: "now".into(),
+            },
+            t0() + secs(60),
+        )])
         .await
         .expect("complete");
     assert_eq!(state_of(&*store, id).await, JobState::Available);
 }
 
 async fn discard_cancel_and_operator_retry(store: Arc<dyn Store>) {
-    let a = store.enqueue(&job(1).unique_key("ua"), t0()).await.expect("e").id;
+    let a = store
+        .enqueue(&job(1).unique_key("ua"), t0())
+        .await
+        .expect("e")
+        .id;
     let b = store.enqueue(&job(2), t0()).await.expect("e").id;
     claim(&*store, 2, t0()).await;
     store
         .complete(&[
-            done(a, 1, Outcome::Discard { reason: "payload broken".into() }, t0()),
-            done(b, 1, Outcome::Cancel { reason: "user asked".into() }, t0()),
+            done(
+                a,
+                1,
+                Outcome::Discard {
+                    reason: "payload broken".into(),
+                },
+                t0(),
+            ),
+            done(
+                b,
+                1,
+                Outcome::Cancel {
+                    reason: "user asked".into(),
+                },
+                t0(),
+            ),
         ])
         .await
         .expect("complete");
     assert_eq!(state_of(&*store, a).await, JobState::Discarded);
     assert_eq!(state_of(&*store, b).await, JobState::Cancelled);
     // The operator retries the discarded job: available again with fresh attempts.
-    let j = store.retry_job(a, t0() + secs(1)).await.expect("retry").expect("retried");
+    let j = store
+        .retry_job(a, t0() + secs(1))
+        .await
+        .expect("retry")
+        .expect("retried");
     assert_eq!((j.state, j.attempt), (JobState::Available, 0));
     assert_eq!(j.run_at, t0() + secs(1));
     // Retrying a job that is not final-or-waiting does nothing.
     assert!(store.retry_job(a, t0()).await.expect("retry").is_none());
     // The operator cancels a waiting job; a running one cannot be cancelled this way.
-    let j = store.cancel_job(a, t0() + secs(2), "no longer needed").await.expect("cancel").expect("cancelled");
+    let j = store
+        .cancel_job(a, t0() + secs(2), "no longer needed")
+        .await
+        .expect("cancel")
+        .expect("cancelled");
     assert_eq!(j.state, JobState::Cancelled);
-    assert!(j.errors.last().is_some_and(|e| e.message.contains("no longer needed")));
+    assert!(j
+        .errors
+        .last()
+        .is_some_and(|e| e.message.contains("no longer needed")));
     let c = store.enqueue(&job(3), t0()).await.expect("e").id;
     claim(&*store, 1, t0()).await;
-    assert!(store.cancel_job(c, t0(), "x").await.expect("cancel").is_none());
+    assert!(store
+        .cancel_job(c, t0(), "x")
+        .await
+        .expect("cancel")
+        .is_none());
     assert_eq!(state_of(&*store, c).await, JobState::Running);
     // A final job whose unique key is held again cannot come back (it would break uniqueness).
-    store.enqueue(&job(4).unique_key("ua"), t0()).await.expect("e");
+    store
+        .enqueue(&job(4).unique_key("ua"), t0())
+        .await
+        .expect("e");
     assert!(store.retry_job(a, t0()).await.expect("retry").is_none());
     assert_eq!(state_of(&*store, a).await, JobState::Cancelled);
 }
@@ -423,7 +626,13 @@ async fn stale_completions_change_nothing(store: Arc<dyn Store>) {
         .expect("complete");
     assert_eq!(changed, 0, "the first claim's late completion is ignored");
     assert_eq!(state_of(&*store, id).await, JobState::Running);
-    assert_eq!(store.heartbeat(&[(id, 1)], t0() + secs(100)).await.expect("hb"), 0);
+    assert_eq!(
+        store
+            .heartbeat(&[(id, 1)], t0() + secs(100))
+            .await
+            .expect("hb"),
+        0
+    );
     assert_eq!(store.release(&[(id, 1)], t0()).await.expect("release"), 0);
     let changed = store
         .complete(&[done(id, 2, Outcome::Completed, t0() + secs(32))])
@@ -433,15 +642,27 @@ async fn stale_completions_change_nothing(store: Arc<dyn Store>) {
 }
 
 async fn rescue_hands_back_expired_leases(store: Arc<dyn Store>) {
-    let a = store.enqueue(&job(1).max_attempts(2), t0()).await.expect("e").id;
-    let b = store.enqueue(&job(2).max_attempts(1), t0()).await.expect("e").id;
+    let a = store
+        .enqueue(&job(1).max_attempts(2), t0())
+        .await
+        .expect("e")
+        .id;
+    let b = store
+        .enqueue(&job(2).max_attempts(1), t0())
+        .await
+        .expect("e")
+        .id;
     claim(&*store, 2, t0()).await; // leases until t0 + 30 s
     let r = rescue_once(&*store, t0() + secs(30)).await.expect("rescue");
     assert_eq!((r.retried, r.discarded), (0, 0), "leases not yet expired");
     let r = rescue_once(&*store, t0() + secs(31)).await.expect("rescue");
     assert_eq!((r.retried, r.discarded), (1, 1));
     let ja = store.get_job(a).await.expect("get").expect("exists");
-    assert_eq!((ja.state, ja.attempt), (JobState::Available, 1), "the lost attempt counts");
+    assert_eq!(
+        (ja.state, ja.attempt),
+        (JobState::Available, 1),
+        "the lost attempt counts"
+    );
     assert!(ja.errors[0].message.contains("lease expired"));
     assert_eq!(state_of(&*store, b).await, JobState::Discarded);
 }
@@ -449,7 +670,13 @@ async fn rescue_hands_back_expired_leases(store: Arc<dyn Store>) {
 async fn heartbeat_keeps_the_lease(store: Arc<dyn Store>) {
     let id = store.enqueue(&job(1), t0()).await.expect("e").id;
     claim(&*store, 1, t0()).await;
-    assert_eq!(store.heartbeat(&[(id, 1)], t0() + secs(90)).await.expect("hb"), 1);
+    assert_eq!(
+        store
+            .heartbeat(&[(id, 1)], t0() + secs(90))
+            .await
+            .expect("hb"),
+        1
+    );
     let r = rescue_once(&*store, t0() + secs(60)).await.expect("rescue");
     assert_eq!((r.retried, r.discarded), (0, 0));
     assert_eq!(state_of(&*store, id).await, JobState::Running);
@@ -481,68 +708,150 @@ async fn pruner_respects_retention(store: Arc<dyn Store>) {
         .await
         .expect("complete");
     // Completed before t0+50 go; discarded before t0-1000 go (none).
-    let n = store.prune(t0() + secs(50), t0() - secs(1000), 1).await.expect("prune");
+    let n = store
+        .prune(t0() + secs(50), t0() - secs(1000), 1)
+        .await
+        .expect("prune");
     assert_eq!(n, 1);
-    assert_eq!(store.prune(t0() + secs(50), t0() - secs(1000), 10).await.expect("prune"), 0);
+    assert_eq!(
+        store
+            .prune(t0() + secs(50), t0() - secs(1000), 10)
+            .await
+            .expect("prune"),
+        0
+    );
     assert!(store.get_job(ids[0]).await.expect("get").is_none());
     assert_eq!(state_of(&*store, ids[1]).await, JobState::Completed);
     assert_eq!(state_of(&*store, ids[2]).await, JobState::Discarded);
-    assert_eq!(state_of(&*store, ids[3]).await, JobState::Running, "unfinished jobs are never pruned");
-    assert_eq!(store.prune(t0(), t0() + secs(1), 10).await.expect("prune"), 1);
+    assert_eq!(
+        state_of(&*store, ids[3]).await,
+        JobState::Running,
+        "unfinished jobs are never pruned"
+    );
+    assert_eq!(
+        store.prune(t0(), t0() + secs(1), 10).await.expect("prune"),
+        1
+    );
     assert!(store.get_job(ids[2]).await.expect("get").is_none());
 }
 
 async fn leader_election(store: Arc<dyn Store>) {
     let ttl = secs(15);
-    assert!(store.try_lead("m", "a", t0(), t0() + ttl).await.expect("lead"));
-    assert!(!store.try_lead("m", "b", t0() + secs(5), t0() + secs(5) + ttl).await.expect("lead"));
-    assert!(store.try_lead("m", "a", t0() + secs(5), t0() + secs(5) + ttl).await.expect("renew"));
-    assert!(!store.try_lead("m", "b", t0() + secs(19), t0() + secs(19) + ttl).await.expect("lead"));
-    assert!(store.try_lead("m", "b", t0() + secs(21), t0() + secs(21) + ttl).await.expect("takeover"));
-    assert!(!store.try_lead("m", "a", t0() + secs(22), t0() + secs(22) + ttl).await.expect("lead"));
-    store.resign("m", "a").await.expect("resign of a non-leader is harmless");
-    assert!(!store.try_lead("m", "a", t0() + secs(22), t0() + secs(22) + ttl).await.expect("lead"));
+    assert!(store
+        .try_lead("m", "a", t0(), t0() + ttl)
+        .await
+        .expect("lead"));
+    assert!(!store
+        .try_lead("m", "b", t0() + secs(5), t0() + secs(5) + ttl)
+        .await
+        .expect("lead"));
+    assert!(store
+        .try_lead("m", "a", t0() + secs(5), t0() + secs(5) + ttl)
+        .await
+        .expect("renew"));
+    assert!(!store
+        .try_lead("m", "b", t0() + secs(19), t0() + secs(19) + ttl)
+        .await
+        .expect("lead"));
+    assert!(store
+        .try_lead("m", "b", t0() + secs(21), t0() + secs(21) + ttl)
+        .await
+        .expect("takeover"));
+    assert!(!store
+        .try_lead("m", "a", t0() + secs(22), t0() + secs(22) + ttl)
+        .await
+        .expect("lead"));
+    store
+        .resign("m", "a")
+        .await
+        .expect("resign of a non-leader is harmless");
+    assert!(!store
+        .try_lead("m", "a", t0() + secs(22), t0() + secs(22) + ttl)
+        .await
+        .expect("lead"));
     store.resign("m", "b").await.expect("resign");
-    assert!(store.try_lead("m", "a", t0() + secs(23), t0() + secs(23) + ttl).await.expect("lead after resign"));
+    assert!(store
+        .try_lead("m", "a", t0() + secs(23), t0() + secs(23) + ttl)
+        .await
+        .expect("lead after resign"));
 }
 
 async fn stats_and_listing(store: Arc<dyn Store>) {
     let ws = Uuid::new_v4();
     let ids: Vec<i64> = store
-        .enqueue_many(&(0..5).map(|n| job(n).workspace(ws)).collect::<Vec<_>>(), t0())
+        .enqueue_many(
+            &(0..5).map(|n| job(n).workspace(ws)).collect::<Vec<_>>(),
+            t0(),
+        )
         .await
         .expect("bulk")
         .iter()
         .map(|e| e.id)
         .collect();
-    store.enqueue(&job(9).queue("other"), t0()).await.expect("e");
+    store
+        .enqueue(&job(9).queue("other"), t0())
+        .await
+        .expect("e");
     claim(&*store, 2, t0()).await;
-    store.complete(&[done(ids[0], 1, Outcome::Completed, t0())]).await.expect("complete");
+    store
+        .complete(&[done(ids[0], 1, Outcome::Completed, t0())])
+        .await
+        .expect("complete");
     let stats = store.stats().await.expect("stats");
     let count = |q: &str, s: JobState| {
-        stats.iter().find(|x| x.queue == q && x.state == s).map(|x| x.count).unwrap_or(0)
+        stats
+            .iter()
+            .find(|x| x.queue == q && x.state == s)
+            .map(|x| x.count)
+            .unwrap_or(0)
     };
     assert_eq!(count("default", JobState::Available), 3);
     assert_eq!(count("default", JobState::Running), 1);
     assert_eq!(count("default", JobState::Completed), 1);
     assert_eq!(count("other", JobState::Available), 1);
     let page1 = store
-        .list_jobs(&JobFilter { workspace_id: Some(ws), limit: 2, ..Default::default() })
+        .list_jobs(&JobFilter {
+            workspace_id: Some(ws),
+            limit: 2,
+            ..Default::default()
+        })
         .await
         .expect("list");
-    assert_eq!(page1.iter().map(|j| j.id).collect::<Vec<_>>(), ids[..2].to_vec());
+    assert_eq!(
+        page1.iter().map(|j| j.id).collect::<Vec<_>>(),
+        ids[..2].to_vec()
+    );
     let page2 = store
-        .list_jobs(&JobFilter { workspace_id: Some(ws), limit: 10, after_id: Some(ids[1]), ..Default::default() })
+        .list_jobs(&JobFilter {
+            workspace_id: Some(ws),
+            limit: 10,
+            after_id: Some(ids[1]),
+            ..Default::default()
+        })
         .await
         .expect("list");
-    assert_eq!(page2.iter().map(|j| j.id).collect::<Vec<_>>(), ids[2..].to_vec());
+    assert_eq!(
+        page2.iter().map(|j| j.id).collect::<Vec<_>>(),
+        ids[2..].to_vec()
+    );
     let done_only = store
-        .list_jobs(&JobFilter { state: Some(JobState::Completed), limit: 10, ..Default::default() })
+        .list_jobs(&JobFilter {
+            state: Some(JobState::Completed),
+            limit: 10,
+            ..Default::default()
+        })
         .await
         .expect("list");
-    assert_eq!(done_only.iter().map(|j| j.id).collect::<Vec<_>>(), vec![ids[0]]);
+    assert_eq!(
+        done_only.iter().map(|j| j.id).collect::<Vec<_>>(),
+        vec![ids[0]]
+    );
     let other_ws = store
-        .list_jobs(&JobFilter { workspace_id: Some(Uuid::new_v4()), limit: 10, ..Default::default() })
+        .list_jobs(&JobFilter {
+            workspace_id: Some(Uuid::new_v4()),
+            limit: 10,
+            ..Default::default()
+        })
         .await
         .expect("list");
     assert!(other_ws.is_empty());
@@ -554,7 +863,10 @@ async fn wakeups_on_enqueue(store: Arc<dyn Store>) {
     tokio::time::timeout(Duration::from_secs(1), signal.notify.notified())
         .await
         .expect("an enqueue wakes the queue's producer");
-    store.enqueue(&job(2).run_at(t0() + secs(30)), t0()).await.expect("e");
+    store
+        .enqueue(&job(2).run_at(t0() + secs(30)), t0())
+        .await
+        .expect("e");
     tokio::time::timeout(Duration::from_secs(1), signal.notify.notified())
         .await
         .expect("a scheduled enqueue wakes it too");

@@ -67,6 +67,9 @@ pub trait Store: Send + Sync + 'static {
     /// NOTIFYs from other processes once [`Store::listen`] runs).
     fn wakeups(&self) -> &Wakeups;
 
+    /// Checks that the database answers (health checks).
+    async fn ping(&self) -> Result<()>;
+
     /// Applies pending migrations. Safe to call from several processes at once.
     async fn migrate(&self) -> Result<()>;
 
@@ -252,9 +255,9 @@ pub(crate) fn match_inserted(
         let job = &jobs[i];
         match &job.unique_key {
             None => {
-                let id = plain
-                    .next()
-                    .ok_or_else(|| StoreError::Corrupt("bulk insert returned too few ids".into()))?;
+                let id = plain.next().ok_or_else(|| {
+                    StoreError::Corrupt("bulk insert returned too few ids".into())
+                })?;
                 result[i] = Some(Enqueued { id, inserted: true });
             }
             Some(key) => {
@@ -289,7 +292,12 @@ pub(crate) fn match_holders(
         let job = &jobs[i];
         let key = (job.workspace_id, job.unique_key.clone().unwrap_or_default());
         match holders.get(&key) {
-            Some(&id) => result[i] = Some(Enqueued { id, inserted: false }),
+            Some(&id) => {
+                result[i] = Some(Enqueued {
+                    id,
+                    inserted: false,
+                })
+            }
             None => again.push(i),
         }
     }
@@ -297,7 +305,10 @@ pub(crate) fn match_holders(
 }
 
 /// Unwraps the per-input results once every input has one.
-pub(crate) fn finish_enqueue(result: Vec<Option<Enqueued>>, pending: &[usize]) -> Result<Vec<Enqueued>> {
+pub(crate) fn finish_enqueue(
+    result: Vec<Option<Enqueued>>,
+    pending: &[usize],
+) -> Result<Vec<Enqueued>> {
     if !pending.is_empty() {
         return Err(StoreError::Corrupt(
             "unique key kept changing hands during enqueue".into(),

@@ -18,8 +18,7 @@ use super::{finish_enqueue, match_holders, match_inserted, trim_errors, Backend,
 use crate::error::{Result, StoreError};
 use crate::migrate;
 use crate::model::{
-    AttemptError, Completion, Enqueued, Job, JobFilter, JobId, JobState, NewJob, Outcome,
-    QueueStat,
+    AttemptError, Completion, Enqueued, Job, JobFilter, JobId, JobState, NewJob, Outcome, QueueStat,
 };
 use crate::wakeup::Wakeups;
 
@@ -175,8 +174,10 @@ impl PgStore {
                 break;
             }
             let workspaces: Vec<Uuid> = missing.iter().map(|&i| jobs[i].workspace_id).collect();
-            let keys: Vec<Option<String>> =
-                missing.iter().map(|&i| jobs[i].unique_key.clone()).collect();
+            let keys: Vec<Option<String>> = missing
+                .iter()
+                .map(|&i| jobs[i].unique_key.clone())
+                .collect();
             let held = sqlx::query(
                 "SELECT j.id, j.workspace_id, j.unique_key FROM herald_jobs j \
                  JOIN unnest($1::uuid[], $2::text[]) AS k(w, u) \
@@ -424,7 +425,9 @@ fn job_from_row(row: &PgRow) -> Result<Job> {
         workspace_id: row.try_get("workspace_id")?,
         kind: row.try_get("kind")?,
         queue: row.try_get("queue")?,
-        payload: row.try_get::<sqlx::types::Json<serde_json::Value>, _>("payload")?.0,
+        payload: row
+            .try_get::<sqlx::types::Json<serde_json::Value>, _>("payload")?
+            .0,
         priority: row.try_get("priority")?,
         state: state
             .parse()
@@ -458,6 +461,11 @@ impl Store for PgStore {
 
     fn wakeups(&self) -> &Wakeups {
         &self.wakeups
+    }
+
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
     }
 
     async fn migrate(&self) -> Result<()> {
@@ -544,11 +552,16 @@ impl Store for PgStore {
                     Outcome::Snooze { run_at } => (*run_at, "scheduled", 1),
                     _ => unreachable!("only retries and snoozes are kept here"),
                 };
-                states.push(if run_at <= c.finished_at { "available" } else { waiting });
+                states.push(if run_at <= c.finished_at {
+                    "available"
+                } else {
+                    waiting
+                });
                 run_ats.push(run_at);
                 uncount.push(back);
             }
-            let errors: Vec<Option<String>> = again.iter().map(|c| errors_json(&c.errors)).collect();
+            let errors: Vec<Option<String>> =
+                again.iter().map(|c| errors_json(&c.errors)).collect();
             let rows = sqlx::query(
                 "UPDATE herald_jobs j SET state = c.state, run_at = c.run_at,
                         attempt = j.attempt - c.uncount, lease_expires_at = NULL,
@@ -873,9 +886,9 @@ impl Store for PgStore {
                 let state: String = r.try_get("state")?;
                 Ok(QueueStat {
                     queue: r.try_get("queue")?,
-                    state: state
-                        .parse()
-                        .map_err(|e: crate::model::UnknownState| StoreError::Corrupt(e.to_string()))?,
+                    state: state.parse().map_err(|e: crate::model::UnknownState| {
+                        StoreError::Corrupt(e.to_string())
+                    })?,
                     count: r.try_get("n")?,
                 })
             })

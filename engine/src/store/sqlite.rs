@@ -24,15 +24,12 @@ use tracing::info;
 use uuid::Uuid;
 
 use super::postgres::notify_payloads;
-use super::{
-    finish_enqueue, match_holders, match_inserted, trim_errors, Backend, Inserted, Store,
-};
+use super::{finish_enqueue, match_holders, match_inserted, trim_errors, Backend, Inserted, Store};
 use crate::clock::{from_micros, to_micros};
 use crate::error::{Result, StoreError};
 use crate::migrate;
 use crate::model::{
-    AttemptError, Completion, Enqueued, Job, JobFilter, JobId, JobState, NewJob, Outcome,
-    QueueStat,
+    AttemptError, Completion, Enqueued, Job, JobFilter, JobId, JobState, NewJob, Outcome, QueueStat,
 };
 use crate::wakeup::Wakeups;
 
@@ -293,16 +290,22 @@ impl Store for SqliteStore {
         &self.wakeups
     }
 
+    async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
     async fn migrate(&self) -> Result<()> {
         let mut conn = self.pool.acquire().await?;
         // Takes the write lock at once, so two processes starting together migrate one by one.
         (&mut *conn).execute("BEGIN IMMEDIATE").await?;
         let result: Result<()> = async {
-            (&mut *conn).execute(
-                "CREATE TABLE IF NOT EXISTS herald_migrations (
+            (&mut *conn)
+                .execute(
+                    "CREATE TABLE IF NOT EXISTS herald_migrations (
                     version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)",
-            )
-            .await?;
+                )
+                .await?;
             let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM herald_migrations")
                 .fetch_all(&mut *conn)
                 .await?;
@@ -310,7 +313,8 @@ impl Store for SqliteStore {
                 if applied.contains(&m.version) {
                     continue;
                 }
-                (&mut *conn).execute(m.sql)
+                (&mut *conn)
+                    .execute(m.sql)
                     .await
                     .map_err(|source| StoreError::Migration {
                         version: m.version,
@@ -396,13 +400,35 @@ impl Store for SqliteStore {
                 Outcome::Discard { .. } => JobState::Discarded,
                 Outcome::Cancel { .. } => JobState::Cancelled,
                 Outcome::Retry { run_at, .. } => {
-                    let state = if *run_at <= c.finished_at { "available" } else { "retryable" };
-                    again.push(json!([c.id, c.attempt, state, to_micros(*run_at), 0, errors_json(&c.errors)]));
+                    let state = if *run_at <= c.finished_at {
+                        "available"
+                    } else {
+                        "retryable"
+                    };
+                    again.push(json!([
+                        c.id,
+                        c.attempt,
+                        state,
+                        to_micros(*run_at),
+                        0,
+                        errors_json(&c.errors)
+                    ]));
                     continue;
                 }
                 Outcome::Snooze { run_at } => {
-                    let state = if *run_at <= c.finished_at { "available" } else { "scheduled" };
-                    again.push(json!([c.id, c.attempt, state, to_micros(*run_at), 1, errors_json(&c.errors)]));
+                    let state = if *run_at <= c.finished_at {
+                        "available"
+                    } else {
+                        "scheduled"
+                    };
+                    again.push(json!([
+                        c.id,
+                        c.attempt,
+                        state,
+                        to_micros(*run_at),
+                        1,
+                        errors_json(&c.errors)
+                    ]));
                     continue;
                 }
             };
@@ -442,7 +468,9 @@ impl Store for SqliteStore {
                 let ordered: bool = row.try_get("ordered")?;
                 let at = from_micros(row.try_get("run_at")?);
                 let due = state == "available" || ordered;
-                let entry = wake.entry(queue).or_insert(if due { None } else { Some(at) });
+                let entry = wake
+                    .entry(queue)
+                    .or_insert(if due { None } else { Some(at) });
                 *entry = match (*entry, due) {
                     (Some(cur), false) => Some(cur.min(at)),
                     _ => None,
@@ -737,9 +765,9 @@ impl Store for SqliteStore {
                 let state: String = r.try_get("state")?;
                 Ok(QueueStat {
                     queue: r.try_get("queue")?,
-                    state: state
-                        .parse()
-                        .map_err(|e: crate::model::UnknownState| StoreError::Corrupt(e.to_string()))?,
+                    state: state.parse().map_err(|e: crate::model::UnknownState| {
+                        StoreError::Corrupt(e.to_string())
+                    })?,
                     count: r.try_get("n")?,
                 })
             })

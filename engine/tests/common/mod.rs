@@ -2,9 +2,13 @@
 #![allow(dead_code)]
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use herald_engine::store::{PgStore, PgStoreConfig, SqliteStore, SqliteStoreConfig};
-use herald_engine::Store;
+use herald_engine::{Job, JobId, JobState, Store};
+
+/// How long the `wait_*` helpers wait before they fail the test.
+pub const WAIT: Duration = Duration::from_secs(10);
 
 /// The PostgreSQL server tests use; CI sets it, the default is the machine's local server.
 pub fn pg_url() -> String {
@@ -13,7 +17,10 @@ pub fn pg_url() -> String {
 }
 
 pub fn unique_name(prefix: &str) -> String {
-    format!("{prefix}_{}", &uuid::Uuid::new_v4().simple().to_string()[..12])
+    format!(
+        "{prefix}_{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
 }
 
 pub async fn pg_store_in(schema: &str) -> PgStore {
@@ -54,6 +61,70 @@ pub async fn sqlite_at(path: &std::path::Path) -> SqliteStore {
 
 pub async fn sqlite() -> Arc<dyn Store> {
     Arc::new(sqlite_at(&sqlite_path()).await)
+}
+
+/// Polls `ok` until it holds; panics naming `what` after [`WAIT`].
+pub async fn eventually(what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !ok() {
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {WAIT:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Polls the job until `done` holds for it and returns it; panics with the job as last seen after
+/// [`WAIT`]. Store errors count as "not yet" (the database may be restarting).
+pub async fn wait_for_job(
+    store: &dyn Store,
+    id: JobId,
+    what: &str,
+    done: impl Fn(&Job) -> bool,
+) -> Job {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let last = match store.get_job(id).await {
+            Ok(Some(job)) if done(&job) => return job,
+            Ok(Some(job)) => format!("{job:#?}"),
+            Ok(None) => "no such job".to_owned(),
+            Err(e) => format!("store error: {e}"),
+        };
+        if tokio::time::Instant::now() >= deadline {
+            panic!("job {id}: timed out after {WAIT:?} waiting for {what}; last seen: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Polls the job until it is in `state` and returns it.
+pub async fn wait_for_state(store: &dyn Store, id: JobId, state: JobState) -> Job {
+    wait_for_job(store, id, &format!("state {state}"), |j| j.state == state).await
+}
+
+/// Polls the store's stats until exactly `n` jobs (all queues) are in `state`.
+pub async fn wait_for_count(store: &dyn Store, state: JobState, n: i64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let last = match store.stats().await {
+            Ok(stats) => {
+                let count: i64 = stats
+                    .iter()
+                    .filter(|s| s.state == state)
+                    .map(|s| s.count)
+                    .sum();
+                if count == n {
+                    return;
+                }
+                format!("{count} {state}; all: {stats:?}")
+            }
+            Err(e) => format!("store error: {e}"),
+        };
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out after {WAIT:?} waiting for {n} jobs {state}; last seen: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Runs each listed test against both backends.

@@ -1,0 +1,137 @@
+//! `herald demo`: the engine at work on the embedded default, in a few seconds, with nothing to
+//! install. Enqueues a small mixed workload (plain jobs, jobs that fail and retry, a conversation
+//! whose messages must keep their order, a unique job enqueued twice), serves `/healthz`, and
+//! prints what happened.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use herald_engine::{Client, JobFilter, JobState, NewJob, SystemClock};
+use serde_json::json;
+
+use crate::settings::Settings;
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Plain jobs to run.
+    #[arg(long, default_value_t = 2000)]
+    jobs: usize,
+}
+
+pub async fn run(mut settings: Settings, args: DemoArgs) -> Result<(), Box<dyn std::error::Error>> {
+    settings.engine.poll_interval = Duration::from_millis(200);
+    let store = crate::open_store(&settings).await?;
+    let client = Client::new(store.clone(), Arc::new(SystemClock));
+    println!(
+        "Herald demo on {} ({})",
+        store.backend().as_str(),
+        crate::redact(&settings.database_url)
+    );
+    let mut jobs: Vec<NewJob> = (0..args.jobs)
+        .map(|i| NewJob::new("sleep", json!({ "ms": i % 5 })).queue("default"))
+        .collect();
+    for i in 0..20 {
+        jobs.push(NewJob::new(
+            "sleep",
+            json!({ "ms": 1, "fail_until_attempt": 1 + i % 2 }),
+        ));
+    }
+    for i in 0..10 {
+        jobs.push(
+            NewJob::new("sleep", json!({ "ms": 3, "seq": i })).ordering_key("conversation:42"),
+        );
+    }
+    jobs.push(NewJob::new("sleep", json!({ "ms": 1 })).unique_key("daily-report"));
+    jobs.push(NewJob::new("sleep", json!({ "ms": 1 })).unique_key("daily-report"));
+    jobs.push(NewJob::new("no.such.kind", json!({})));
+    let started = Instant::now();
+    let out = client.enqueue_many(&jobs).await?;
+    let duplicates = out.iter().filter(|e| !e.inserted).count();
+    println!(
+        "enqueued {} jobs in one transaction in {:?} ({} returned an existing job by unique key)",
+        out.len(),
+        started.elapsed(),
+        duplicates
+    );
+    let listener = tokio::net::TcpListener::bind(settings.listen).await.ok();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let runner = {
+        let store = store.clone();
+        let settings = settings.clone();
+        tokio::spawn(async move {
+            let shutdown = async {
+                let _ = stop_rx.await;
+            };
+            match listener {
+                Some(l) => {
+                    println!("health check: http://{}/healthz", settings.listen);
+                    crate::run(l, store, &settings, shutdown)
+                        .await
+                        .map_err(|e| e.to_string())
+                }
+                None => {
+                    let engine = crate::start_engine(store, &settings);
+                    shutdown.await;
+                    engine.shutdown().await;
+                    Ok(())
+                }
+            }
+        })
+    };
+    let expected = out.len() - duplicates;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let stats = store.stats().await?;
+        let count = |s: JobState| {
+            stats
+                .iter()
+                .filter(|x| x.state == s)
+                .map(|x| x.count)
+                .sum::<i64>()
+        };
+        let finished = count(JobState::Completed) + count(JobState::Discarded);
+        println!(
+            "  completed {:>6}  retrying {:>3}  discarded {:>2}  running {:>4}  waiting {:>6}",
+            count(JobState::Completed),
+            count(JobState::Retryable),
+            count(JobState::Discarded),
+            count(JobState::Running),
+            count(JobState::Available) + count(JobState::Scheduled)
+        );
+        if finished as usize >= expected || Instant::now() > deadline {
+            break;
+        }
+    }
+    let _ = stop_tx.send(());
+    runner.await?.map_err(|e| format!("engine: {e}"))?;
+    let conversation = store
+        .list_jobs(&JobFilter {
+            state: Some(JobState::Completed),
+            limit: 1000,
+            ..Default::default()
+        })
+        .await?;
+    let mut convo: Vec<_> = conversation
+        .iter()
+        .filter(|j| j.ordering_key.is_some())
+        .collect();
+    convo.sort_by_key(|j| j.attempted_at);
+    let order: Vec<_> = convo.iter().filter_map(|j| j.payload.get("seq")).collect();
+    println!("conversation:42 ran in order: {order:?}");
+    let discarded = store
+        .list_jobs(&JobFilter {
+            state: Some(JobState::Discarded),
+            limit: 10,
+            ..Default::default()
+        })
+        .await?;
+    for j in discarded {
+        if let Some(e) = j.errors.last() {
+            println!("discarded job {} ({}): {}", j.id, j.kind, e.message);
+        }
+    }
+    println!("done in {:?}", started.elapsed());
+    Ok(())
+}

@@ -1,0 +1,481 @@
+//! Settings: defaults, then an optional TOML file, then environment variables (which win).
+//! Every setting is listed once, in [`KEYS`]; the README's table is written from it. A bad value
+//! stops start-up with a message naming the setting.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use herald_engine::{ConnectOptions, EngineConfig, QueueConfig};
+
+/// (TOML key, environment variable, default, meaning).
+pub const KEYS: &[(&str, &str, &str, &str)] = &[
+    (
+        "database_url",
+        "DATABASE_URL",
+        "sqlite:herald.db",
+        "`sqlite:PATH` (embedded) or `postgres://…`",
+    ),
+    (
+        "listen",
+        "HERALD_LISTEN",
+        "127.0.0.1:8080",
+        "HTTP address of `herald serve`",
+    ),
+    (
+        "pg_schema",
+        "HERALD_PG_SCHEMA",
+        "(connection default)",
+        "PostgreSQL schema for Herald's tables",
+    ),
+    (
+        "db_max_connections",
+        "HERALD_DB_MAX_CONNECTIONS",
+        "16",
+        "PostgreSQL pool size",
+    ),
+    (
+        "sqlite_synchronous",
+        "HERALD_SQLITE_SYNCHRONOUS",
+        "full",
+        "`full` (survives power loss) or `normal` (survives crashes)",
+    ),
+    (
+        "queues",
+        "HERALD_QUEUES",
+        "default=100",
+        "queues this process works and their concurrency: `name=N,name=N`; empty: none",
+    ),
+    (
+        "worker_id",
+        "HERALD_WORKER_ID",
+        "herald-PID-RANDOM",
+        "this process's name in leases and leadership",
+    ),
+    (
+        "claim_batch",
+        "HERALD_CLAIM_BATCH",
+        "1000",
+        "most jobs claimed per statement",
+    ),
+    (
+        "poll_interval",
+        "HERALD_POLL_INTERVAL",
+        "1s",
+        "polling fallback when no wake-up arrives",
+    ),
+    (
+        "lease",
+        "HERALD_LEASE",
+        "15s",
+        "how long a claim holds without heartbeat",
+    ),
+    (
+        "heartbeat_interval",
+        "HERALD_HEARTBEAT_INTERVAL",
+        "5s",
+        "how often leases are renewed",
+    ),
+    (
+        "rescue_interval",
+        "HERALD_RESCUE_INTERVAL",
+        "5s",
+        "how often the leader rescues expired leases",
+    ),
+    (
+        "shutdown_timeout",
+        "HERALD_SHUTDOWN_TIMEOUT",
+        "10s",
+        "how long running jobs may finish on shutdown",
+    ),
+    (
+        "leader_ttl",
+        "HERALD_LEADER_TTL",
+        "15s",
+        "maintenance leadership lapses after this",
+    ),
+    (
+        "leader_renew_interval",
+        "HERALD_LEADER_RENEW_INTERVAL",
+        "5s",
+        "how often leadership is renewed",
+    ),
+    (
+        "prune_interval",
+        "HERALD_PRUNE_INTERVAL",
+        "60s",
+        "how often the archive is pruned",
+    ),
+    (
+        "completed_retention",
+        "HERALD_COMPLETED_RETENTION",
+        "24h",
+        "completed jobs are deleted after this",
+    ),
+    (
+        "failed_retention",
+        "HERALD_FAILED_RETENTION",
+        "7d",
+        "discarded and cancelled jobs are deleted after this",
+    ),
+    (
+        "maintenance",
+        "HERALD_MAINTENANCE",
+        "true",
+        "take part in leader election (rescuer, pruner)",
+    ),
+    (
+        "log",
+        "HERALD_LOG",
+        "info",
+        "log filter (`tracing` env-filter syntax)",
+    ),
+];
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub database_url: String,
+    pub listen: SocketAddr,
+    pub connect: ConnectOptions,
+    pub engine: EngineConfig,
+    pub log: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("cannot read settings file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("settings file {path}: {message}")]
+    File { path: String, message: String },
+    #[error("setting {key} ({env}): {message}")]
+    Invalid {
+        key: &'static str,
+        env: &'static str,
+        message: String,
+    },
+}
+
+impl Settings {
+    /// Loads the file (if any) and the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Settings, SettingsError> {
+        let env: BTreeMap<String, String> = std::env::vars().collect();
+        Settings::from_sources(file, &env)
+    }
+
+    pub fn from_sources(
+        file: Option<&Path>,
+        env: &BTreeMap<String, String>,
+    ) -> Result<Settings, SettingsError> {
+        let mut raw: BTreeMap<&'static str, String> = BTreeMap::new();
+        if let Some(path) = file {
+            let text = std::fs::read_to_string(path).map_err(|source| SettingsError::Read {
+                path: path.display().to_string(),
+                source,
+            })?;
+            read_toml(&text, &mut raw).map_err(|message| SettingsError::File {
+                path: path.display().to_string(),
+                message,
+            })?;
+        }
+        for (key, var, _, _) in KEYS {
+            if let Some(v) = env.get(*var) {
+                raw.insert(key, v.clone());
+            }
+        }
+        let r = Raw(raw);
+        let defaults = EngineConfig::default();
+        let mut engine = EngineConfig {
+            worker_id: r.str("worker_id").unwrap_or(defaults.worker_id.clone()),
+            queues: match r.str("queues") {
+                Some(q) => r.parse("queues", |_| parse_queues(&q))?,
+                None => defaults.queues.clone(),
+            },
+            claim_batch: r.num("claim_batch", defaults.claim_batch)?,
+            poll_interval: r.dur("poll_interval", defaults.poll_interval)?,
+            lease: r.dur("lease", defaults.lease)?,
+            heartbeat_interval: r.dur("heartbeat_interval", defaults.heartbeat_interval)?,
+            rescue_interval: r.dur("rescue_interval", defaults.rescue_interval)?,
+            shutdown_timeout: r.dur("shutdown_timeout", defaults.shutdown_timeout)?,
+            leader_ttl: r.dur("leader_ttl", defaults.leader_ttl)?,
+            leader_renew_interval: r
+                .dur("leader_renew_interval", defaults.leader_renew_interval)?,
+            prune_interval: r.dur("prune_interval", defaults.prune_interval)?,
+            completed_retention: r.dur("completed_retention", defaults.completed_retention)?,
+            failed_retention: r.dur("failed_retention", defaults.failed_retention)?,
+            maintenance: r.boolean("maintenance", defaults.maintenance)?,
+            ..defaults
+        };
+        if let Err(message) = engine.validate() {
+            // Name the setting the engine complained about.
+            let key = KEYS
+                .iter()
+                .find(|(k, _, _, _)| message.contains(k))
+                .map(|(k, _, _, _)| *k)
+                .unwrap_or("queues");
+            return Err(r.invalid(key, message));
+        }
+        engine.claim_batch = engine.claim_batch.min(10_000);
+        let database_url = r
+            .str("database_url")
+            .unwrap_or_else(|| "sqlite:herald.db".into());
+        r.parse("database_url", |_| {
+            herald_engine::Backend::of_url(&database_url)
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        })?;
+        let schema = r.str("pg_schema");
+        if let Some(s) = &schema {
+            let ok = !s.is_empty()
+                && s.len() <= 63
+                && s.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                && !s.starts_with(|c: char| c.is_ascii_digit());
+            if !ok {
+                return Err(r.invalid(
+                    "pg_schema",
+                    "use lowercase letters, digits and underscores".into(),
+                ));
+            }
+        }
+        let sync_full = match r.str("sqlite_synchronous").as_deref() {
+            None | Some("full") | Some("FULL") => true,
+            Some("normal") | Some("NORMAL") => false,
+            Some(other) => {
+                return Err(r.invalid(
+                    "sqlite_synchronous",
+                    format!("{other:?} is not full or normal"),
+                ))
+            }
+        };
+        let max_connections: u32 = r.num("db_max_connections", 16)?;
+        if max_connections < 2 {
+            return Err(r.invalid("db_max_connections", "must be at least 2".into()));
+        }
+        Ok(Settings {
+            listen: r.parse("listen", |v| {
+                v.unwrap_or("127.0.0.1:8080")
+                    .parse::<SocketAddr>()
+                    .map_err(|e| e.to_string())
+            })?,
+            connect: ConnectOptions {
+                max_connections,
+                schema,
+                sqlite_synchronous_full: sync_full,
+                ..ConnectOptions::default()
+            },
+            database_url,
+            engine,
+            log: r.str("log").unwrap_or_else(|| "info".into()),
+        })
+    }
+}
+
+struct Raw(BTreeMap<&'static str, String>);
+
+impl Raw {
+    fn str(&self, key: &str) -> Option<String> {
+        self.0.get(key).cloned()
+    }
+
+    fn invalid(&self, key: &str, message: String) -> SettingsError {
+        let (k, env) = KEYS
+            .iter()
+            .find(|(k, _, _, _)| *k == key)
+            .map(|(k, e, _, _)| (*k, *e))
+            .unwrap_or(("?", "?"));
+        SettingsError::Invalid {
+            key: k,
+            env,
+            message,
+        }
+    }
+
+    fn parse<T>(
+        &self,
+        key: &str,
+        f: impl FnOnce(Option<&str>) -> Result<T, String>,
+    ) -> Result<T, SettingsError> {
+        f(self.0.get(key).map(String::as_str)).map_err(|m| self.invalid(key, m))
+    }
+
+    fn num<T: std::str::FromStr>(&self, key: &str, default: T) -> Result<T, SettingsError>
+    where
+        T::Err: std::fmt::Display,
+    {
+        self.parse(key, |v| match v {
+            None => Ok(default),
+            Some(v) => v
+                .trim()
+                .parse()
+                .map_err(|e| format!("{v:?} is not a valid number: {e}")),
+        })
+    }
+
+    fn dur(&self, key: &str, default: Duration) -> Result<Duration, SettingsError> {
+        self.parse(key, |v| match v {
+            None => Ok(default),
+            Some(v) => parse_duration(v),
+        })
+    }
+
+    fn boolean(&self, key: &str, default: bool) -> Result<bool, SettingsError> {
+        self.parse(key, |v| match v.map(str::trim) {
+            None => Ok(default),
+            Some("true" | "1" | "yes" | "on") => Ok(true),
+            Some("false" | "0" | "no" | "off") => Ok(false),
+            Some(other) => Err(format!("{other:?} is not true or false")),
+        })
+    }
+}
+
+fn read_toml(text: &str, raw: &mut BTreeMap<&'static str, String>) -> Result<(), String> {
+    let table: toml::Table = text.parse().map_err(|e: toml::de::Error| e.to_string())?;
+    for (key, value) in table {
+        let Some((k, _, _, _)) = KEYS.iter().find(|(k, _, _, _)| *k == key) else {
+            return Err(format!("unknown setting {key:?}"));
+        };
+        let text = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            toml::Value::Table(t) if *k == "queues" => t
+                .iter()
+                .map(|(q, n)| match n {
+                    toml::Value::Integer(n) => Ok(format!("{q}={n}")),
+                    other => Err(format!("queues.{q}: {other:?} is not a number")),
+                })
+                .collect::<Result<Vec<_>, _>>()?
+                .join(","),
+            other => return Err(format!("{key}: unsupported value {other:?}")),
+        };
+        raw.insert(k, text);
+    }
+    Ok(())
+}
+
+/// `name=N,name=N` (spaces allowed); an empty string means no queues.
+pub fn parse_queues(s: &str) -> Result<BTreeMap<String, QueueConfig>, String> {
+    let mut queues = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (name, n) = part
+            .split_once('=')
+            .ok_or_else(|| format!("{part:?} is not name=concurrency"))?;
+        let concurrency: usize = n
+            .trim()
+            .parse()
+            .map_err(|_| format!("{part:?}: concurrency must be a number"))?;
+        if concurrency == 0 || concurrency > 100_000 {
+            return Err(format!("{part:?}: concurrency must be 1 to 100000"));
+        }
+        queues.insert(name.trim().to_owned(), QueueConfig { concurrency });
+    }
+    Ok(queues)
+}
+
+/// `250ms`, `15s`, `5m`, `24h`, `7d`; a bare number is seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 500ms, 15s, 5m, 24h or 7d"))?;
+    let secs = match unit.trim() {
+        "ms" => n / 1000.0,
+        "" | "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        "d" => n * 86400.0,
+        other => {
+            return Err(format!(
+                "{s:?}: unknown unit {other:?} (use ms, s, m, h or d)"
+            ))
+        }
+    };
+    if !secs.is_finite() || secs > 10.0 * 365.0 * 86400.0 {
+        return Err(format!("{s:?} is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_need_nothing() {
+        let s = Settings::from_sources(None, &env(&[])).expect("defaults");
+        assert_eq!(s.database_url, "sqlite:herald.db");
+        assert_eq!(s.engine.queues["default"].concurrency, 100);
+        assert_eq!(s.listen.port(), 8080);
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let path =
+            std::env::temp_dir().join(format!("herald_settings_{}.toml", std::process::id()));
+        std::fs::write(
+            &path,
+            "database_url = \"postgres://x@localhost/db\"\nlease = \"20s\"\n[queues]\nmessages = 7\n",
+        )
+        .expect("write");
+        let s =
+            Settings::from_sources(Some(&path), &env(&[("HERALD_LEASE", "30s")])).expect("load");
+        assert_eq!(s.database_url, "postgres://x@localhost/db");
+        assert_eq!(s.engine.lease, Duration::from_secs(30));
+        assert_eq!(s.engine.queues["messages"].concurrency, 7);
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        let cases = [
+            ("HERALD_LEASE", "soon", "lease"),
+            ("HERALD_QUEUES", "default=0", "queues"),
+            ("HERALD_LISTEN", "nowhere", "listen"),
+            ("DATABASE_URL", "mysql://x", "database_url"),
+            ("HERALD_MAINTENANCE", "maybe", "maintenance"),
+            ("HERALD_HEARTBEAT_INTERVAL", "1h", "heartbeat_interval"),
+            ("HERALD_SQLITE_SYNCHRONOUS", "off", "sqlite_synchronous"),
+            ("HERALD_PG_SCHEMA", "Bad-Name", "pg_schema"),
+        ];
+        for (var, value, key) in cases {
+            let err = Settings::from_sources(None, &env(&[(var, value)]))
+                .expect_err(var)
+                .to_string();
+            assert!(err.contains(key) && err.contains(var), "{var}: {err}");
+        }
+    }
+
+    #[test]
+    fn unknown_file_keys_are_errors() {
+        let path =
+            std::env::temp_dir().join(format!("herald_settings_bad_{}.toml", std::process::id()));
+        std::fs::write(&path, "leese = \"20s\"\n").expect("write");
+        let err = Settings::from_sources(Some(&path), &env(&[])).expect_err("unknown key");
+        assert!(err.to_string().contains("leese"));
+        let _ = std::fs::remove_file(&path);
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("15"), Ok(Duration::from_secs(15)));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86400)));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+    }
+}
