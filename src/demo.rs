@@ -65,7 +65,9 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> Result<(), Box<dyn s
             };
             match listener {
                 Some(l) => {
-                    println!("health check: http://{}/healthz", settings.listen);
+                    if let Ok(addr) = l.local_addr() {
+                        println!("health check: http://{addr}/healthz");
+                    }
                     crate::run(l, store, &settings, shutdown)
                         .await
                         .map_err(|e| e.to_string())
@@ -106,19 +108,19 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> Result<(), Box<dyn s
     }
     let _ = stop_tx.send(());
     runner.await?.map_err(|e| format!("engine: {e}"))?;
-    let conversation = store
-        .list_jobs(&JobFilter {
-            state: Some(JobState::Completed),
-            limit: 1000,
-            ..Default::default()
-        })
-        .await?;
-    let mut convo: Vec<_> = conversation
-        .iter()
-        .filter(|j| j.ordering_key.is_some())
-        .collect();
+    // The conversation's jobs follow the plain and the failing ones in `jobs`.
+    let convo_ids = &out[args.jobs + 20..args.jobs + 30];
+    let mut convo = Vec::new();
+    for e in convo_ids {
+        if let Some(j) = store.get_job(e.id).await? {
+            convo.push(j);
+        }
+    }
     convo.sort_by_key(|j| j.attempted_at);
-    let order: Vec<_> = convo.iter().filter_map(|j| j.payload.get("seq")).collect();
+    let order: Vec<i64> = convo
+        .iter()
+        .filter_map(|j| j.payload.get("seq").and_then(|v| v.as_i64()))
+        .collect();
     println!("conversation:42 ran in order: {order:?}");
     let discarded = store
         .list_jobs(&JobFilter {

@@ -263,7 +263,23 @@ impl NewJob {
                 return Err(InvalidJob(format!("{name} must be 1 to 512 bytes")));
             }
         }
+        // PostgreSQL cannot store NUL in text or jsonb; refusing it here keeps both backends alike.
+        let texts = [Some(&self.kind), Some(&self.queue)]
+            .into_iter()
+            .chain([&self.unique_key, &self.rate_key, &self.ordering_key].map(Option::as_ref));
+        if texts.flatten().any(|t| t.contains('\0')) || has_nul(&self.payload) {
+            return Err(InvalidJob("text must not contain NUL characters".into()));
+        }
         Ok(())
+    }
+}
+
+fn has_nul(v: &serde_json::Value) -> bool {
+    match v {
+        serde_json::Value::String(s) => s.contains('\0'),
+        serde_json::Value::Array(a) => a.iter().any(has_nul),
+        serde_json::Value::Object(o) => o.iter().any(|(k, v)| k.contains('\0') || has_nul(v)),
+        _ => false,
     }
 }
 
@@ -366,6 +382,13 @@ mod tests {
             .is_err());
         assert!(NewJob::new("k", serde_json::json!({}))
             .queue("")
+            .validate()
+            .is_err());
+        assert!(NewJob::new("k", serde_json::json!({"a": ["x\u{0}"]}))
+            .validate()
+            .is_err());
+        assert!(NewJob::new("k", serde_json::json!({}))
+            .ordering_key("a\u{0}")
             .validate()
             .is_err());
     }

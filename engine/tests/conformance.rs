@@ -133,6 +133,13 @@ async fn future_jobs_are_scheduled_until_promoted(store: Arc<dyn Store>) {
 async fn invalid_jobs_write_nothing(store: Arc<dyn Store>) {
     let jobs = vec![job(1), job(2).max_attempts(0), job(3)];
     assert!(store.enqueue_many(&jobs, t0()).await.is_err());
+    // PostgreSQL cannot store NUL; both backends refuse it the same way, before writing.
+    let mut jobs: Vec<NewJob> = (0..30_000).map(job).collect();
+    jobs.push(NewJob::new("k", json!({ "text": "nul \u{0000} byte" })));
+    assert!(matches!(
+        store.enqueue_many(&jobs, t0()).await,
+        Err(herald_engine::StoreError::Invalid(_))
+    ));
     assert!(store
         .enqueue(&NewJob::new("", json!(1)), t0())
         .await

@@ -1,0 +1,162 @@
+//! What only the PostgreSQL store does: enqueue inside the caller's transaction, NOTIFY wake-ups
+//! across processes, and races between separate connection pools (as separate processes have).
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use herald_engine::store::PgStore;
+use herald_engine::{JobFilter, NewJob, Store};
+use serde_json::json;
+use sqlx::postgres::PgListener;
+
+fn job(n: i64) -> NewJob {
+    NewJob::new("test.kind", json!({ "n": n }))
+}
+
+async fn count_jobs(store: &PgStore) -> usize {
+    store
+        .list_jobs(&JobFilter {
+            limit: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("list")
+        .len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transactional_enqueue_exists_only_if_the_caller_commits() {
+    let schema = common::unique_name("tx");
+    let store = common::pg_store_in(&schema).await;
+    sqlx::query("CREATE TABLE orders (id bigint PRIMARY KEY)")
+        .execute(store.pool())
+        .await
+        .expect("create caller's table");
+
+    // Rolled back: neither the caller's row nor the job exists.
+    let mut tx = store.pool().begin().await.expect("begin");
+    sqlx::query("INSERT INTO orders VALUES (1)")
+        .execute(&mut *tx)
+        .await
+        .expect("caller's write");
+    let out = store
+        .enqueue_in(&mut tx, &[job(1), job(2)], Utc::now())
+        .await
+        .expect("enqueue in tx");
+    assert_eq!(out.len(), 2);
+    assert_eq!(count_jobs(&store).await, 0, "invisible before commit");
+    tx.rollback().await.expect("rollback");
+    assert_eq!(count_jobs(&store).await, 0, "gone with the rollback");
+
+    // Committed: both exist, and the wake-up arrives only with the commit.
+    let mut listener = PgListener::connect_with(store.pool())
+        .await
+        .expect("listener");
+    listener
+        .listen(&format!("herald_jobs_{schema}"))
+        .await
+        .expect("listen");
+    let mut tx = store.pool().begin().await.expect("begin");
+    sqlx::query("INSERT INTO orders VALUES (2)")
+        .execute(&mut *tx)
+        .await
+        .expect("caller's write");
+    store
+        .enqueue_in(&mut tx, &[job(3)], Utc::now())
+        .await
+        .expect("enqueue in tx");
+    let early = tokio::time::timeout(Duration::from_millis(300), listener.recv()).await;
+    assert!(early.is_err(), "no NOTIFY before commit");
+    tx.commit().await.expect("commit");
+    let n = tokio::time::timeout(Duration::from_secs(5), listener.recv())
+        .await
+        .expect("NOTIFY after commit")
+        .expect("notification");
+    assert_eq!(n.payload(), "ddefault");
+    assert_eq!(count_jobs(&store).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_notify_per_queue_per_batch() {
+    let schema = common::unique_name("notify");
+    let store = common::pg_store_in(&schema).await;
+    let mut listener = PgListener::connect_with(store.pool())
+        .await
+        .expect("listener");
+    listener
+        .listen(&format!("herald_jobs_{schema}"))
+        .await
+        .expect("listen");
+    let now = Utc::now();
+    let mut jobs: Vec<NewJob> = (0..1000).map(job).collect();
+    jobs.extend((0..500).map(|n| job(n).queue("other")));
+    jobs.extend((0..10).map(|n| {
+        job(n)
+            .queue("later")
+            .run_at(now + chrono::Duration::hours(1))
+    }));
+    store.enqueue_many(&jobs, now).await.expect("bulk");
+    let mut payloads = Vec::new();
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(500), listener.recv()).await {
+        payloads.push(n.payload().to_owned());
+    }
+    payloads.sort();
+    let later = format!(
+        "s{}:later",
+        (now + chrono::Duration::hours(1)).timestamp_micros()
+    );
+    let mut expected = vec!["ddefault".to_owned(), "dother".to_owned(), later];
+    expected.sort();
+    assert_eq!(payloads, expected, "one NOTIFY per queue, none per row");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unique_key_race_between_separate_pools() {
+    let schema = common::unique_name("race");
+    let stores: Vec<Arc<PgStore>> = {
+        let mut v = Vec::new();
+        for _ in 0..4 {
+            v.push(Arc::new(common::pg_store_in(&schema).await));
+        }
+        v
+    };
+    let mut handles = Vec::new();
+    for (p, store) in stores.iter().enumerate() {
+        let store = store.clone();
+        handles.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            for round in 0..50 {
+                // Half single enqueues, half one row inside a bulk call.
+                let key = format!("k{round}");
+                let e = if round % 2 == 0 {
+                    store
+                        .enqueue(&job(p as i64).unique_key(&key), Utc::now())
+                        .await
+                } else {
+                    store
+                        .enqueue_many(&[job(-1), job(p as i64).unique_key(&key)], Utc::now())
+                        .await
+                        .map(|v| v[1])
+                }
+                .expect("a racing enqueue is never an error");
+                out.push((round, e));
+            }
+            out
+        }));
+    }
+    let mut by_round: HashMap<i32, Vec<herald_engine::Enqueued>> = HashMap::new();
+    for h in handles {
+        for (round, e) in h.await.expect("task") {
+            by_round.entry(round).or_default().push(e);
+        }
+    }
+    assert_eq!(by_round.len(), 50);
+    for (round, v) in by_round {
+        assert_eq!(v.iter().filter(|e| e.inserted).count(), 1, "round {round}");
+        assert!(v.iter().all(|e| e.id == v[0].id), "round {round}: same job");
+    }
+}

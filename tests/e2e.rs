@@ -1,0 +1,372 @@
+//! End-to-end tests of the `herald` binary: real processes, real databases, real signals.
+//!
+//! Every test has its own PostgreSQL schema or SQLite file (in its own temporary directory) and
+//! its own port, so the tests run in parallel; every child process is killed when its test ends,
+//! pass or fail.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::time::Duration;
+
+use chrono::Utc;
+use herald_engine::{JobId, JobState, NewJob, Store};
+use serde_json::json;
+use tokio::time::Instant;
+
+use common::{
+    all_jobs, count, free_port, herald, http_get, running_ids, sqlite_store, PgSchema, Proc,
+    TestDir,
+};
+
+/// Jobs in the crash test.
+const CRASH_JOBS: usize = 3000;
+/// Completed jobs after which the first worker is killed.
+const KILL_AFTER: i64 = 500;
+
+/// `herald worker` with short leases, so that a crash is noticed within seconds.
+fn worker(worker_id: &str, database: &[(&str, String)]) -> Command {
+    let mut cmd = herald();
+    cmd.arg("worker")
+        .envs(database.iter().map(|(k, v)| (*k, v.as_str())))
+        .env("HERALD_QUEUES", "default=50")
+        .env("HERALD_LEASE", "2s")
+        .env("HERALD_HEARTBEAT_INTERVAL", "500ms")
+        .env("HERALD_RESCUE_INTERVAL", "500ms")
+        .env("HERALD_LEADER_TTL", "2s")
+        .env("HERALD_LEADER_RENEW_INTERVAL", "500ms")
+        .env("HERALD_POLL_INTERVAL", "200ms")
+        .env("HERALD_WORKER_ID", worker_id);
+    cmd
+}
+
+/// The running set once it has stopped changing. A dead process changes nothing itself, but on
+/// PostgreSQL a statement it sent just before the SIGKILL may still be executing in its server
+/// backend and commit a moment after the reap (a claim adds running jobs, a completion removes
+/// some). Once the set is stable it is exactly the set of jobs whose last claim belongs to the
+/// dead worker: the jobs in flight at the kill, and the ones that must run again.
+async fn settled_running_set(store: &dyn Store) -> BTreeSet<JobId> {
+    let immediately = running_ids(store).await;
+    let mut last = immediately.clone();
+    for _ in 0..40 {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let now = running_ids(store).await;
+        if now == last {
+            if now != immediately {
+                eprintln!(
+                    "running set settled after the kill: {} jobs right after the reap, {} settled",
+                    immediately.len(),
+                    now.len()
+                );
+            }
+            return now;
+        }
+        last = now;
+    }
+    panic!("the running set kept changing for 10 s after the worker was killed");
+}
+
+/// Polls until `n` jobs are completed, checking that `proc` stays up; panics after `within`.
+async fn wait_for_completed(store: &dyn Store, proc: &mut Proc, n: i64, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let done = count(store, JobState::Completed).await;
+        if done >= n {
+            return;
+        }
+        proc.assert_running();
+        if Instant::now() >= deadline {
+            let stats = store.stats().await.expect("read stats");
+            panic!(
+                "only {done} of {n} jobs completed after {within:?}; stats: {stats:?}\n{}",
+                proc.logs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Enqueues short jobs, SIGKILLs the worker running them mid-run, starts another one, and checks
+/// that every job completed and that exactly the jobs in flight at the kill ran twice.
+async fn kill_9_mid_run_loses_nothing(
+    store: &dyn Store,
+    database: &[(&str, String)],
+    dir: &TestDir,
+) {
+    let jobs: Vec<NewJob> = (0..CRASH_JOBS)
+        .map(|i| NewJob::new("sleep", json!({ "ms": 1 + i % 20 })))
+        .collect();
+    let enqueued = store
+        .enqueue_many(&jobs, Utc::now())
+        .await
+        .expect("enqueue the jobs");
+    assert!(
+        enqueued.iter().all(|e| e.inserted),
+        "every job is new (no unique keys)"
+    );
+    let ids: BTreeSet<JobId> = enqueued.iter().map(|e| e.id).collect();
+    assert_eq!(ids.len(), CRASH_JOBS, "one id per job");
+
+    let mut first = Proc::spawn("first", worker("first", database), dir.path());
+    wait_for_completed(store, &mut first, KILL_AFTER, Duration::from_secs(60)).await;
+    first.kill9();
+    let at_kill = settled_running_set(store).await;
+    assert!(
+        !at_kill.is_empty(),
+        "no job was running when the worker was killed: the test proves nothing"
+    );
+    eprintln!(
+        "killed the first worker with {} jobs running and {} completed",
+        at_kill.len(),
+        count(store, JobState::Completed).await
+    );
+    for job in all_jobs(store, Some(JobState::Running)).await {
+        assert_eq!(
+            (job.attempt, job.attempted_by.as_deref()),
+            (1, Some("first")),
+            "job {} was running at the kill: first attempt, by the killed worker",
+            job.id
+        );
+    }
+
+    let mut second = Proc::spawn("second", worker("second", database), dir.path());
+    wait_for_completed(
+        store,
+        &mut second,
+        CRASH_JOBS as i64,
+        Duration::from_secs(60),
+    )
+    .await;
+
+    let all = all_jobs(store, None).await;
+    let found: BTreeSet<JobId> = all.iter().map(|j| j.id).collect();
+    assert_eq!(found, ids, "exactly the enqueued jobs exist");
+    let unfinished: Vec<_> = all
+        .iter()
+        .filter(|j| j.state != JobState::Completed)
+        .map(|j| (j.id, j.state, j.attempt))
+        .collect();
+    assert!(unfinished.is_empty(), "jobs not completed: {unfinished:?}");
+    let ran_twice: BTreeSet<JobId> = all.iter().filter(|j| j.attempt > 1).map(|j| j.id).collect();
+    assert_eq!(
+        ran_twice,
+        at_kill,
+        "only the jobs in flight at the kill ran twice; ran twice but not in flight: {:?}; \
+         in flight but ran once: {:?}",
+        ran_twice.difference(&at_kill).collect::<Vec<_>>(),
+        at_kill.difference(&ran_twice).collect::<Vec<_>>()
+    );
+    for job in &all {
+        if at_kill.contains(&job.id) {
+            assert_eq!(job.attempt, 2, "job {} ran exactly twice: {job:?}", job.id);
+            assert!(
+                job.errors
+                    .iter()
+                    .any(|e| e.message.contains("lease expired")),
+                "job {} records its lost attempt: {:?}",
+                job.id,
+                job.errors
+            );
+            assert_eq!(
+                job.attempted_by.as_deref(),
+                Some("second"),
+                "job {} was finished by the second worker",
+                job.id
+            );
+        } else {
+            assert_eq!(job.attempt, 1, "job {} ran once: {job:?}", job.id);
+            assert!(
+                job.errors.is_empty(),
+                "job {} ran once without error: {:?}",
+                job.id,
+                job.errors
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn kill_9_mid_run_loses_nothing_postgres() {
+    let schema = PgSchema::new();
+    let dir = TestDir::new();
+    let store = schema.store().await;
+    let database = [
+        ("DATABASE_URL", schema.url().to_owned()),
+        ("HERALD_PG_SCHEMA", schema.name.clone()),
+    ];
+    kill_9_mid_run_loses_nothing(&store, &database, &dir).await;
+}
+
+#[tokio::test]
+async fn kill_9_mid_run_loses_nothing_sqlite() {
+    let dir = TestDir::new();
+    let url = dir.sqlite_url("herald.db");
+    let store = sqlite_store(&url).await;
+    let database = [("DATABASE_URL", url)];
+    kill_9_mid_run_loses_nothing(&store, &database, &dir).await;
+}
+
+#[tokio::test]
+async fn serve_answers_healthz_and_stops_cleanly_on_sigterm() {
+    let dir = TestDir::new();
+    let port = free_port();
+    let mut cmd = herald();
+    cmd.arg("serve")
+        .env("DATABASE_URL", dir.sqlite_url("herald.db"))
+        .env("HERALD_LISTEN", format!("127.0.0.1:{port}"));
+    let mut serve = Proc::spawn("serve", cmd, dir.path());
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        serve.assert_running();
+        let answer = http_get(port, "/healthz").await;
+        match &answer {
+            Some((200, body)) if body.contains("ok") => break,
+            _ if Instant::now() >= deadline => panic!(
+                "/healthz did not answer 200 ok within 30 s; last answer: {answer:?}\n{}",
+                serve.logs()
+            ),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+
+    serve.sigterm();
+    let status = serve.wait_for_exit(Duration::from_secs(15)).await;
+    assert!(
+        status.success(),
+        "serve exits cleanly on SIGTERM, got {status}\n{}",
+        serve.logs()
+    );
+}
+
+#[tokio::test]
+async fn invalid_setting_stops_startup_naming_it() {
+    let dir = TestDir::new();
+
+    let mut cmd = herald();
+    cmd.arg("serve")
+        .env("DATABASE_URL", dir.sqlite_url("env.db"))
+        .env("HERALD_LISTEN", format!("127.0.0.1:{}", free_port()))
+        .env("HERALD_LEASE", "soon");
+    let mut bad_env = Proc::spawn("bad-env", cmd, dir.path());
+    let status = bad_env.wait_for_exit(Duration::from_secs(30)).await;
+    let stderr = bad_env.stderr();
+    assert!(!status.success(), "a bad HERALD_LEASE stops start-up");
+    assert!(
+        stderr.contains("lease") && stderr.contains("HERALD_LEASE"),
+        "the error names the setting and its variable: {stderr}"
+    );
+    assert!(
+        !dir.path().join("env.db").exists(),
+        "nothing was started: the database was not even opened"
+    );
+
+    let config = dir.path().join("herald.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "database_url = {:?}\nleese = \"20s\"\n",
+            dir.sqlite_url("file.db")
+        ),
+    )
+    .expect("write the settings file");
+    let mut cmd = herald();
+    cmd.arg("--config")
+        .arg(&config)
+        .arg("serve")
+        .env("HERALD_LISTEN", format!("127.0.0.1:{}", free_port()));
+    let mut bad_file = Proc::spawn("bad-file", cmd, dir.path());
+    let status = bad_file.wait_for_exit(Duration::from_secs(30)).await;
+    let stderr = bad_file.stderr();
+    assert!(
+        !status.success(),
+        "an unknown key in the settings file stops start-up"
+    );
+    assert!(
+        stderr.contains("leese"),
+        "the error names the unknown key: {stderr}"
+    );
+    assert!(
+        !dir.path().join("file.db").exists(),
+        "nothing was started: the database was not even opened"
+    );
+}
+
+#[tokio::test]
+async fn migrate_is_idempotent_and_concurrent() {
+    let schema = PgSchema::new();
+    let dir = TestDir::new();
+    let migrate = |name: &str| {
+        let mut cmd = herald();
+        cmd.arg("migrate")
+            .env("DATABASE_URL", schema.url())
+            .env("HERALD_PG_SCHEMA", &schema.name);
+        Proc::spawn(name, cmd, dir.path())
+    };
+    let expected: Vec<(i64, String)> = herald_engine::migrate::POSTGRES
+        .iter()
+        .map(|m| (m.version, m.name.to_owned()))
+        .collect();
+    let pool = schema.pool().await;
+    let rows_sql = format!(
+        "SELECT version, name, applied_at FROM \"{}\".herald_migrations ORDER BY version",
+        schema.name
+    );
+    type Row = (i64, String, chrono::DateTime<Utc>);
+
+    let mut runs: Vec<Proc> = (1..=3).map(|i| migrate(&format!("migrate-{i}"))).collect();
+    for run in &mut runs {
+        let status = run.wait_for_exit(Duration::from_secs(60)).await;
+        assert!(status.success(), "migrate succeeds\n{}", run.logs());
+    }
+    let rows: Vec<Row> = sqlx::query_as(&rows_sql)
+        .fetch_all(&pool)
+        .await
+        .expect("read herald_migrations");
+    let applied: Vec<(i64, String)> = rows.iter().map(|(v, n, _)| (*v, n.clone())).collect();
+    assert_eq!(applied, expected, "each migration recorded exactly once");
+    let jobs: i64 = sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM \"{}\".herald_jobs",
+        schema.name
+    ))
+    .fetch_one(&pool)
+    .await
+    .expect("the jobs table exists in the schema");
+    assert_eq!(jobs, 0);
+
+    let mut again = migrate("migrate-again");
+    let status = again.wait_for_exit(Duration::from_secs(60)).await;
+    assert!(
+        status.success(),
+        "migrating again succeeds\n{}",
+        again.logs()
+    );
+    let rows_again: Vec<Row> = sqlx::query_as(&rows_sql)
+        .fetch_all(&pool)
+        .await
+        .expect("read herald_migrations");
+    assert_eq!(rows_again, rows, "migrating again changes nothing");
+    pool.close().await;
+}
+
+#[tokio::test]
+async fn demo_runs_on_the_embedded_default() {
+    let dir = TestDir::new();
+    let mut cmd = herald();
+    cmd.args(["demo", "--jobs", "200"])
+        .current_dir(dir.path())
+        .env("HERALD_LISTEN", format!("127.0.0.1:{}", free_port()));
+    let mut demo = Proc::spawn("demo", cmd, dir.path());
+    let status = demo.wait_for_exit(Duration::from_secs(120)).await;
+    assert!(status.success(), "the demo succeeds\n{}", demo.logs());
+    assert!(
+        dir.path().join("herald.db").is_file(),
+        "the demo created ./herald.db in its current directory"
+    );
+    let stdout = demo.stdout();
+    assert!(
+        stdout.contains("conversation:42 ran in order: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]"),
+        "the conversation's messages ran in order:\n{stdout}"
+    );
+}
