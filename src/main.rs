@@ -16,11 +16,6 @@ use tracing::{error, info};
 
 use crate::settings::Settings;
 
-/// glibc's allocator spends a tenth of the queue's CPU consolidating the many small, short-lived
-/// allocations of batch claims and completions; mimalloc does the same work for far less.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[derive(Parser)]
 #[command(
     name = "herald",

@@ -343,6 +343,7 @@ impl Producer {
                 if more && ready {
                     let limit = free.min(batch);
                     partial_since = None;
+                    let started = Instant::now();
                     let jobs = store
                         .claim(
                             &self.queue,
@@ -353,7 +354,12 @@ impl Producer {
                         )
                         .await?;
                     more = jobs.len() == limit;
-                    debug!(claimed = jobs.len(), limit, "claimed");
+                    debug!(
+                        claimed = jobs.len(),
+                        limit,
+                        micros = started.elapsed().as_micros() as u64,
+                        "claimed"
+                    );
                     self.spawn_all(jobs);
                 }
                 Ok(())
@@ -595,8 +601,14 @@ async fn run_completer(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Comple
             }
         }
         if !batch.is_empty() {
+            let started = Instant::now();
             match inner.store.complete(&batch).await {
                 Ok(_) => {
+                    debug!(
+                        jobs = batch.len(),
+                        micros = started.elapsed().as_micros() as u64,
+                        "completions written"
+                    );
                     failures = 0;
                     batch.clear();
                 }

@@ -218,6 +218,17 @@ pub(crate) fn trim_errors(errors: &mut Vec<crate::model::AttemptError>) {
     }
 }
 
+/// What a claim sets on every job it claims: its rows need not send these back.
+pub(crate) struct ClaimInfo<'a> {
+    pub worker: &'a str,
+    pub now: DateTime<Utc>,
+    pub lease_until: DateTime<Utc>,
+}
+
+/// The columns a claim returns (the rest are known from [`ClaimInfo`]).
+pub(crate) const CLAIM_COLUMNS: &str = "id, workspace_id, kind, queue, payload, priority, run_at, \
+     created_at, attempt, max_attempts, errors, unique_key, rate_key, ordering_key";
+
 /// A row an `INSERT … ON CONFLICT DO NOTHING RETURNING id, workspace_id, unique_key` gave back.
 pub(crate) struct Inserted {
     pub id: JobId,

@@ -5,6 +5,7 @@
 //! [`PgStore::listen`] turns other processes' NOTIFYs into in-process wake-ups.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -14,7 +15,10 @@ use sqlx::{Executor, PgConnection, QueryBuilder, Row};
 use tracing::{info, warn};
 use uuid::Uuid;
 
-use super::{finish_enqueue, match_holders, match_inserted, trim_errors, Backend, Inserted, Store};
+use super::{
+    finish_enqueue, match_holders, match_inserted, trim_errors, Backend, ClaimInfo, Inserted,
+    Store, CLAIM_COLUMNS,
+};
 use crate::error::{Result, StoreError};
 use crate::migrate;
 use crate::model::{
@@ -53,15 +57,9 @@ pub struct PgStore {
 }
 
 fn claim_sql() -> String {
-    let returning = HOT_COLUMNS
+    let returning = CLAIM_COLUMNS
         .split(", ")
-        .map(|c| {
-            if c.contains(' ') {
-                c.to_string()
-            } else {
-                format!("herald_jobs.{c}")
-            }
-        })
+        .map(|c| format!("herald_jobs.{}", c.trim()))
         .collect::<Vec<_>>()
         .join(", ");
     format!(
@@ -327,6 +325,26 @@ fn validate_schema_name(schema: &str) -> Result<()> {
     }
 }
 
+fn insert_sql(on_conflict: &str) -> String {
+    format!(
+        "INSERT INTO herald_jobs (workspace_id, kind, queue, payload, priority, state, run_at,
+            created_at, max_attempts, unique_key, rate_key, ordering_key)
+         SELECT w, k, q, p::json, pr, s, r, $12, m, u, rk, o
+           FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[], $5::smallint[],
+                       $6::text[], $7::timestamptz[], $8::int[], $9::text[], $10::text[],
+                       $11::text[])
+                WITH ORDINALITY AS t(w, k, q, p, pr, s, r, m, u, rk, o, ord)
+          ORDER BY ord
+         {on_conflict}
+         RETURNING id, workspace_id, unique_key"
+    )
+}
+
+static INSERT_UNIQUE: LazyLock<String> = LazyLock::new(|| {
+    insert_sql("ON CONFLICT (workspace_id, unique_key) WHERE unique_key IS NOT NULL DO NOTHING")
+});
+static INSERT_PLAIN: LazyLock<String> = LazyLock::new(|| insert_sql(""));
+
 async fn insert_rows(
     conn: &mut PgConnection,
     jobs: &[NewJob],
@@ -351,7 +369,7 @@ async fn insert_rows(
         workspace.push(job.workspace_id);
         kind.push(job.kind.as_str());
         queue.push(job.queue.as_str());
-        payload.push(sqlx::types::Json(&job.payload));
+        payload.push(job.payload.to_string());
         priority.push(job.priority);
         state.push(if at <= now { "available" } else { "scheduled" });
         run_at.push(at);
@@ -360,32 +378,29 @@ async fn insert_rows(
         rate_key.push(job.rate_key.as_deref());
         ordering_key.push(job.ordering_key.as_deref());
     }
-    let rows = sqlx::query(
-        "INSERT INTO herald_jobs (workspace_id, kind, queue, payload, priority, state, run_at,
-            created_at, max_attempts, unique_key, rate_key, ordering_key)
-         SELECT w, k, q, p, pr, s, r, $12, m, u, rk, o
-           FROM unnest($1::uuid[], $2::text[], $3::text[], $4::jsonb[], $5::smallint[],
-                       $6::text[], $7::timestamptz[], $8::int[], $9::text[], $10::text[],
-                       $11::text[])
-                WITH ORDINALITY AS t(w, k, q, p, pr, s, r, m, u, rk, o, ord)
-          ORDER BY ord
-         ON CONFLICT (workspace_id, unique_key) WHERE unique_key IS NOT NULL DO NOTHING
-         RETURNING id, workspace_id, unique_key",
-    )
-    .bind(workspace)
-    .bind(kind)
-    .bind(queue)
-    .bind(payload)
-    .bind(priority)
-    .bind(state)
-    .bind(run_at)
-    .bind(max_attempts)
-    .bind(unique_key)
-    .bind(rate_key)
-    .bind(ordering_key)
-    .bind(now)
-    .fetch_all(&mut *conn)
-    .await?;
+    // ON CONFLICT makes every row a speculative insertion; rows without unique keys cannot
+    // conflict, so a chunk without any skips it (the common bulk case, much cheaper).
+    let any_unique = unique_key.iter().any(Option::is_some);
+    let sql = if any_unique {
+        &*INSERT_UNIQUE
+    } else {
+        &*INSERT_PLAIN
+    };
+    let rows = sqlx::query(sql)
+        .bind(workspace)
+        .bind(kind)
+        .bind(queue)
+        .bind(payload)
+        .bind(priority)
+        .bind(state)
+        .bind(run_at)
+        .bind(max_attempts)
+        .bind(unique_key)
+        .bind(rate_key)
+        .bind(ordering_key)
+        .bind(now)
+        .fetch_all(&mut *conn)
+        .await?;
     Ok(rows)
 }
 
@@ -417,8 +432,11 @@ pub(crate) fn notify_payloads<'a>(
         .collect()
 }
 
-fn job_from_row(row: &PgRow) -> Result<Job> {
-    let state: String = row.try_get("state")?;
+fn job_from_row(row: &PgRow, claim: Option<&ClaimInfo>) -> Result<Job> {
+    let state: String = match claim {
+        Some(_) => "running".to_owned(),
+        None => row.try_get("state")?,
+    };
     let errors: sqlx::types::Json<Vec<AttemptError>> = row.try_get("errors")?;
     Ok(Job {
         id: row.try_get("id")?,
@@ -436,10 +454,22 @@ fn job_from_row(row: &PgRow) -> Result<Job> {
         created_at: row.try_get("created_at")?,
         attempt: row.try_get("attempt")?,
         max_attempts: row.try_get("max_attempts")?,
-        attempted_at: row.try_get("attempted_at")?,
-        attempted_by: row.try_get("attempted_by")?,
-        lease_expires_at: row.try_get("lease_expires_at")?,
-        finalized_at: row.try_get("finalized_at")?,
+        attempted_at: match claim {
+            Some(c) => Some(c.now),
+            None => row.try_get("attempted_at")?,
+        },
+        attempted_by: match claim {
+            Some(c) => Some(c.worker.to_owned()),
+            None => row.try_get("attempted_by")?,
+        },
+        lease_expires_at: match claim {
+            Some(c) => Some(c.lease_until),
+            None => row.try_get("lease_expires_at")?,
+        },
+        finalized_at: match claim {
+            Some(_) => None,
+            None => row.try_get("finalized_at")?,
+        },
         errors: errors.0,
         unique_key: row.try_get("unique_key")?,
         rate_key: row.try_get("rate_key")?,
@@ -506,7 +536,15 @@ impl Store for PgStore {
             .bind(lease_until)
             .fetch_all(&self.pool)
             .await?;
-        let mut jobs = rows.iter().map(job_from_row).collect::<Result<Vec<_>>>()?;
+        let info = ClaimInfo {
+            worker,
+            now,
+            lease_until,
+        };
+        let mut jobs = rows
+            .iter()
+            .map(|r| job_from_row(r, Some(&info)))
+            .collect::<Result<Vec<_>>>()?;
         jobs.sort_by_key(|j| (j.priority, j.run_at, j.id));
         Ok(jobs)
     }
@@ -687,7 +725,7 @@ impl Store for PgStore {
         .bind(limit as i64)
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(job_from_row).collect()
+        rows.iter().map(|r| job_from_row(r, None)).collect()
     }
 
     async fn prune(
@@ -753,7 +791,7 @@ impl Store for PgStore {
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
-        row.as_ref().map(job_from_row).transpose()
+        row.as_ref().map(|r| job_from_row(r, None)).transpose()
     }
 
     async fn list_jobs(&self, filter: &JobFilter) -> Result<Vec<Job>> {
@@ -791,7 +829,7 @@ impl Store for PgStore {
         }
         qb.push(") AS j ORDER BY id LIMIT ").push_bind(limit);
         let rows = qb.build().fetch_all(&self.pool).await?;
-        rows.iter().map(job_from_row).collect()
+        rows.iter().map(|r| job_from_row(r, None)).collect()
     }
 
     async fn retry_job(&self, id: JobId, now: DateTime<Utc>) -> Result<Option<Job>> {
