@@ -45,6 +45,8 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> Result<(), Box<dyn s
     jobs.push(NewJob::new("sleep", json!({ "ms": 1 })).unique_key("daily-report"));
     jobs.push(NewJob::new("sleep", json!({ "ms": 1 })).unique_key("daily-report"));
     jobs.push(NewJob::new("no.such.kind", json!({})));
+    // Earlier runs on the same file stay in the archive: count only what this run adds.
+    let before = store.stats().await?;
     let started = Instant::now();
     let out = client.enqueue_many(&jobs).await?;
     let duplicates = out.iter().filter(|e| !e.inserted).count();
@@ -86,12 +88,15 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> Result<(), Box<dyn s
     loop {
         tokio::time::sleep(Duration::from_millis(250)).await;
         let stats = store.stats().await?;
-        let count = |s: JobState| {
-            stats
-                .iter()
+        let total = |list: &[herald_engine::model::QueueStat], s: JobState| {
+            list.iter()
                 .filter(|x| x.state == s)
                 .map(|x| x.count)
                 .sum::<i64>()
+        };
+        let count = |s: JobState| {
+            let earlier = if s.is_final() { total(&before, s) } else { 0 };
+            total(&stats, s) - earlier
         };
         let finished = count(JobState::Completed) + count(JobState::Discarded);
         println!(
@@ -122,9 +127,16 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> Result<(), Box<dyn s
         .filter_map(|j| j.payload.get("seq").and_then(|v| v.as_i64()))
         .collect();
     println!("conversation:42 ran in order: {order:?}");
+    let first_id = out
+        .iter()
+        .filter(|e| e.inserted)
+        .map(|e| e.id)
+        .min()
+        .unwrap_or(0);
     let discarded = store
         .list_jobs(&JobFilter {
             state: Some(JobState::Discarded),
+            after_id: Some(first_id - 1),
             limit: 10,
             ..Default::default()
         })

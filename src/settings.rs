@@ -57,7 +57,25 @@ pub const KEYS: &[(&str, &str, &str, &str)] = &[
         "claim_batch",
         "HERALD_CLAIM_BATCH",
         "1000",
-        "most jobs claimed per statement",
+        "most jobs claimed per statement (1 to 10000)",
+    ),
+    (
+        "claim_threshold",
+        "HERALD_CLAIM_THRESHOLD",
+        "half of min(claim_batch, concurrency)",
+        "a busy queue waits for this many free slots (or fetch_cooldown) before it claims",
+    ),
+    (
+        "fetch_cooldown",
+        "HERALD_FETCH_COOLDOWN",
+        "2ms",
+        "longest wait for claim_threshold free slots",
+    ),
+    (
+        "completion_batch",
+        "HERALD_COMPLETION_BATCH",
+        "2000",
+        "most completions written per statement",
     ),
     (
         "poll_interval",
@@ -118,6 +136,12 @@ pub const KEYS: &[(&str, &str, &str, &str)] = &[
         "HERALD_FAILED_RETENTION",
         "7d",
         "discarded and cancelled jobs are deleted after this",
+    ),
+    (
+        "prune_batch",
+        "HERALD_PRUNE_BATCH",
+        "10000",
+        "archived jobs deleted per pruning statement",
     ),
     (
         "maintenance",
@@ -188,13 +212,20 @@ impl Settings {
         }
         let r = Raw(raw);
         let defaults = EngineConfig::default();
-        let mut engine = EngineConfig {
+        let engine = EngineConfig {
             worker_id: r.str("worker_id").unwrap_or(defaults.worker_id.clone()),
             queues: match r.str("queues") {
                 Some(q) => r.parse("queues", |_| parse_queues(&q))?,
                 None => defaults.queues.clone(),
             },
             claim_batch: r.num("claim_batch", defaults.claim_batch)?,
+            claim_threshold: match r.str("claim_threshold") {
+                None => None,
+                Some(_) => Some(r.num("claim_threshold", 1)?),
+            },
+            fetch_cooldown: r.dur("fetch_cooldown", defaults.fetch_cooldown)?,
+            completion_batch: r.num("completion_batch", defaults.completion_batch)?,
+            prune_batch: r.num("prune_batch", defaults.prune_batch)?,
             poll_interval: r.dur("poll_interval", defaults.poll_interval)?,
             lease: r.dur("lease", defaults.lease)?,
             heartbeat_interval: r.dur("heartbeat_interval", defaults.heartbeat_interval)?,
@@ -207,18 +238,21 @@ impl Settings {
             completed_retention: r.dur("completed_retention", defaults.completed_retention)?,
             failed_retention: r.dur("failed_retention", defaults.failed_retention)?,
             maintenance: r.boolean("maintenance", defaults.maintenance)?,
-            ..defaults
         };
         if let Err(message) = engine.validate() {
             // Name the setting the engine complained about.
+            // The engine's messages start with the setting's name; "queue …" means queues.
             let key = KEYS
                 .iter()
-                .find(|(k, _, _, _)| message.contains(k))
                 .map(|(k, _, _, _)| *k)
+                .filter(|k| message.starts_with(k))
+                .max_by_key(|k| k.len())
                 .unwrap_or("queues");
             return Err(r.invalid(key, message));
         }
-        engine.claim_batch = engine.claim_batch.min(10_000);
+        if engine.claim_batch > 10_000 {
+            return Err(r.invalid("claim_batch", "must be at most 10000".into()));
+        }
         let database_url = r
             .str("database_url")
             .unwrap_or_else(|| "sqlite:herald.db".into());
@@ -449,6 +483,13 @@ mod tests {
             ("DATABASE_URL", "mysql://x", "database_url"),
             ("HERALD_MAINTENANCE", "maybe", "maintenance"),
             ("HERALD_HEARTBEAT_INTERVAL", "1h", "heartbeat_interval"),
+            (
+                "HERALD_LEADER_RENEW_INTERVAL",
+                "1h",
+                "leader_renew_interval",
+            ),
+            ("HERALD_CLAIM_BATCH", "20000", "claim_batch"),
+            ("HERALD_COMPLETION_BATCH", "0", "completion_batch"),
             ("HERALD_SQLITE_SYNCHRONOUS", "off", "sqlite_synchronous"),
             ("HERALD_PG_SCHEMA", "Bad-Name", "pg_schema"),
         ];

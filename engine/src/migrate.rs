@@ -1,5 +1,6 @@
 //! Schema migrations: the SQL files under `migrations/{postgres,sqlite}/`, compiled into the
-//! binary and applied in order, each in its own transaction, recorded in `herald_migrations`.
+//! binary and applied in order, all pending ones in one transaction (a failed migration leaves
+//! the schema as it was), recorded in `herald_migrations`.
 
 /// One migration: its number, name and SQL.
 pub struct Migration {
