@@ -210,6 +210,107 @@ pub async fn connect(url: &str, options: &ConnectOptions) -> Result<Arc<dyn Stor
     Ok(store)
 }
 
+/// One job to move to the archive, as both backends' `finalize` take it.
+pub(crate) struct Finalize {
+    pub id: JobId,
+    /// Only if the job is still at this attempt (None: whatever its attempt).
+    pub attempt: Option<i32>,
+    pub state: crate::model::JobState,
+    /// JSON text of the new error list; None keeps the stored one.
+    pub errors: Option<String>,
+    pub at: DateTime<Utc>,
+}
+
+/// A retried or snoozed job's way back to the queue.
+pub(crate) struct Requeue {
+    pub id: JobId,
+    pub attempt: i32,
+    pub run_at: DateTime<Utc>,
+    /// `available` if `run_at` has come, else `retryable` (retry) or `scheduled` (snooze).
+    pub state: &'static str,
+    /// Attempts given back: 1 for a snooze, which does not count.
+    pub uncount: i32,
+    pub errors: Option<String>,
+}
+
+/// Splits finished attempts into jobs to archive (from `running`, at their attempt) and jobs
+/// to put back in the queue.
+pub(crate) fn split_completions(completions: &[Completion]) -> (Vec<Finalize>, Vec<Requeue>) {
+    use crate::model::{JobState, Outcome};
+    let mut finals = Vec::new();
+    let mut again = Vec::new();
+    for c in completions {
+        let errors = errors_json(&c.errors);
+        let state = match &c.outcome {
+            Outcome::Completed => JobState::Completed,
+            Outcome::Discard { .. } => JobState::Discarded,
+            Outcome::Cancel { .. } => JobState::Cancelled,
+            Outcome::Retry { run_at, .. } | Outcome::Snooze { run_at } => {
+                let snooze = matches!(c.outcome, Outcome::Snooze { .. });
+                let waiting = if snooze { "scheduled" } else { "retryable" };
+                again.push(Requeue {
+                    id: c.id,
+                    attempt: c.attempt,
+                    run_at: *run_at,
+                    state: if *run_at <= c.finished_at {
+                        "available"
+                    } else {
+                        waiting
+                    },
+                    uncount: i32::from(snooze),
+                    errors,
+                });
+                continue;
+            }
+        };
+        finals.push(Finalize {
+            id: c.id,
+            attempt: Some(c.attempt),
+            state,
+            errors,
+            at: c.finished_at,
+        });
+    }
+    (finals, again)
+}
+
+/// The states an operator may cancel a job from.
+pub(crate) const CANCELLABLE: &[&str] = &["scheduled", "available", "retryable"];
+
+/// What an operator cancel writes for `job`, or None if the job is running or final.
+pub(crate) fn cancellation(job: &Job, now: DateTime<Utc>, reason: &str) -> Option<Finalize> {
+    if job.state.is_final() || job.state == crate::model::JobState::Running {
+        return None;
+    }
+    let mut errors = job.errors.clone();
+    errors.push(crate::model::AttemptError {
+        at: now,
+        attempt: job.attempt,
+        message: format!("cancelled: {reason}"),
+    });
+    trim_errors(&mut errors);
+    Some(Finalize {
+        id: job.id,
+        attempt: Some(job.attempt),
+        state: crate::model::JobState::Cancelled,
+        errors: errors_json(&Some(errors)),
+        at: now,
+    })
+}
+
+/// The JSON text of an error list, as both backends store it.
+pub(crate) fn errors_json(errors: &Option<Vec<crate::model::AttemptError>>) -> Option<String> {
+    errors
+        .as_ref()
+        .map(|e| serde_json::to_string(e).unwrap_or_else(|_| "[]".into()))
+}
+
+/// A stored state's text, read back.
+pub(crate) fn parse_state(text: &str) -> Result<crate::model::JobState> {
+    text.parse()
+        .map_err(|e: crate::model::UnknownState| StoreError::Corrupt(e.to_string()))
+}
+
 /// Trims an error list to the most recent [`crate::model::MAX_ERRORS_KEPT`].
 pub(crate) fn trim_errors(errors: &mut Vec<crate::model::AttemptError>) {
     let keep = crate::model::MAX_ERRORS_KEPT;

@@ -16,14 +16,12 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 use super::{
-    finish_enqueue, match_holders, match_inserted, trim_errors, Backend, ClaimInfo, Inserted,
-    Store, CLAIM_COLUMNS,
+    cancellation, finish_enqueue, match_holders, match_inserted, parse_state, split_completions,
+    Backend, ClaimInfo, Finalize, Inserted, Store, CANCELLABLE, CLAIM_COLUMNS,
 };
 use crate::error::{Result, StoreError};
 use crate::migrate;
-use crate::model::{
-    AttemptError, Completion, Enqueued, Job, JobFilter, JobId, JobState, NewJob, Outcome, QueueStat,
-};
+use crate::model::{AttemptError, Completion, Enqueued, Job, JobFilter, JobId, NewJob, QueueStat};
 use crate::wakeup::Wakeups;
 
 /// How to reach PostgreSQL.
@@ -259,16 +257,6 @@ impl PgStore {
     }
 }
 
-/// One job to move to the archive.
-struct Finalize {
-    id: JobId,
-    attempt: Option<i32>,
-    state: JobState,
-    /// JSON text of the new error list; None keeps the stored one.
-    errors: Option<String>,
-    at: DateTime<Utc>,
-}
-
 async fn migrate_in(conn: &mut PgConnection, schema: Option<&str>) -> Result<()> {
     // One process migrates at a time; the others wait here, then find nothing to do.
     let lock_name = format!("herald_migrate:{}", schema.unwrap_or(""));
@@ -447,9 +435,7 @@ fn job_from_row(row: &PgRow, claim: Option<&ClaimInfo>) -> Result<Job> {
             .try_get::<sqlx::types::Json<serde_json::Value>, _>("payload")?
             .0,
         priority: row.try_get("priority")?,
-        state: state
-            .parse()
-            .map_err(|e: crate::model::UnknownState| StoreError::Corrupt(e.to_string()))?,
+        state: parse_state(&state)?,
         run_at: row.try_get("run_at")?,
         created_at: row.try_get("created_at")?,
         attempt: row.try_get("attempt")?,
@@ -475,12 +461,6 @@ fn job_from_row(row: &PgRow, claim: Option<&ClaimInfo>) -> Result<Job> {
         rate_key: row.try_get("rate_key")?,
         ordering_key: row.try_get("ordering_key")?,
     })
-}
-
-fn errors_json(errors: &Option<Vec<AttemptError>>) -> Option<String> {
-    errors
-        .as_ref()
-        .map(|e| serde_json::to_string(e).unwrap_or_else(|_| "[]".into()))
 }
 
 #[async_trait]
@@ -550,26 +530,7 @@ impl Store for PgStore {
     }
 
     async fn complete(&self, completions: &[Completion]) -> Result<u64> {
-        let mut finals = Vec::new();
-        let mut again = Vec::new();
-        for c in completions {
-            let state = match &c.outcome {
-                Outcome::Completed => JobState::Completed,
-                Outcome::Discard { .. } => JobState::Discarded,
-                Outcome::Cancel { .. } => JobState::Cancelled,
-                Outcome::Retry { .. } | Outcome::Snooze { .. } => {
-                    again.push(c);
-                    continue;
-                }
-            };
-            finals.push(Finalize {
-                id: c.id,
-                attempt: Some(c.attempt),
-                state,
-                errors: errors_json(&c.errors),
-                at: c.finished_at,
-            });
-        }
+        let (finals, again) = split_completions(completions);
         let mut changed = 0;
         let mut payloads = BTreeMap::new();
         for (queue, ordered) in self.finalize(&finals, &["running"]).await? {
@@ -579,27 +540,12 @@ impl Store for PgStore {
             }
         }
         if !again.is_empty() {
-            let ids: Vec<i64> = again.iter().map(|c| c.id).collect();
-            let attempts: Vec<i32> = again.iter().map(|c| c.attempt).collect();
-            let mut states = Vec::new();
-            let mut run_ats = Vec::new();
-            let mut uncount = Vec::new();
-            for c in &again {
-                let (run_at, waiting, back) = match &c.outcome {
-                    Outcome::Retry { run_at, .. } => (*run_at, "retryable", 0),
-                    Outcome::Snooze { run_at } => (*run_at, "scheduled", 1),
-                    _ => unreachable!("only retries and snoozes are kept here"),
-                };
-                states.push(if run_at <= c.finished_at {
-                    "available"
-                } else {
-                    waiting
-                });
-                run_ats.push(run_at);
-                uncount.push(back);
-            }
-            let errors: Vec<Option<String>> =
-                again.iter().map(|c| errors_json(&c.errors)).collect();
+            let ids: Vec<i64> = again.iter().map(|r| r.id).collect();
+            let attempts: Vec<i32> = again.iter().map(|r| r.attempt).collect();
+            let states: Vec<&str> = again.iter().map(|r| r.state).collect();
+            let run_ats: Vec<DateTime<Utc>> = again.iter().map(|r| r.run_at).collect();
+            let uncount: Vec<i32> = again.iter().map(|r| r.uncount).collect();
+            let errors: Vec<Option<String>> = again.iter().map(|r| r.errors.clone()).collect();
             let rows = sqlx::query(
                 "UPDATE herald_jobs j SET state = c.state, run_at = c.run_at,
                         attempt = j.attempt - c.uncount, lease_expires_at = NULL,
@@ -882,29 +828,10 @@ impl Store for PgStore {
         let Some(job) = self.get_job(id).await? else {
             return Ok(None);
         };
-        if job.state.is_final() || job.state == JobState::Running {
+        let Some(row) = cancellation(&job, now, reason) else {
             return Ok(None);
-        }
-        let mut errors = job.errors.clone();
-        errors.push(AttemptError {
-            at: now,
-            attempt: job.attempt,
-            message: format!("cancelled: {reason}"),
-        });
-        trim_errors(&mut errors);
-        let moved = self
-            .finalize(
-                &[Finalize {
-                    id,
-                    attempt: Some(job.attempt),
-                    state: JobState::Cancelled,
-                    errors: errors_json(&Some(errors)),
-                    at: now,
-                }],
-                &["scheduled", "available", "retryable"],
-            )
-            .await?;
-        if moved.is_empty() {
+        };
+        if self.finalize(&[row], CANCELLABLE).await?.is_empty() {
             return Ok(None);
         }
         self.get_job(id).await
@@ -924,9 +851,7 @@ impl Store for PgStore {
                 let state: String = r.try_get("state")?;
                 Ok(QueueStat {
                     queue: r.try_get("queue")?,
-                    state: state.parse().map_err(|e: crate::model::UnknownState| {
-                        StoreError::Corrupt(e.to_string())
-                    })?,
+                    state: parse_state(&state)?,
                     count: r.try_get("n")?,
                 })
             })

@@ -25,15 +25,13 @@ use uuid::Uuid;
 
 use super::postgres::notify_payloads;
 use super::{
-    finish_enqueue, match_holders, match_inserted, trim_errors, Backend, ClaimInfo, Inserted,
-    Store, CLAIM_COLUMNS,
+    cancellation, finish_enqueue, match_holders, match_inserted, parse_state, split_completions,
+    Backend, ClaimInfo, Finalize, Inserted, Store, CANCELLABLE, CLAIM_COLUMNS,
 };
 use crate::clock::{from_micros, to_micros};
 use crate::error::{Result, StoreError};
 use crate::migrate;
-use crate::model::{
-    AttemptError, Completion, Enqueued, Job, JobFilter, JobId, JobState, NewJob, Outcome, QueueStat,
-};
+use crate::model::{Completion, Enqueued, Job, JobFilter, JobId, JobState, NewJob, QueueStat};
 use crate::wakeup::Wakeups;
 
 #[derive(Debug, Clone)]
@@ -277,14 +275,6 @@ fn pack(f: &Finalize) -> i64 {
     (f.id << 16) | i64::from(f.attempt.unwrap_or(0))
 }
 
-struct Finalize {
-    id: JobId,
-    attempt: Option<i32>,
-    state: JobState,
-    errors: Option<String>,
-    at: DateTime<Utc>,
-}
-
 fn parse_uuid(s: &str) -> Result<Uuid> {
     Uuid::parse_str(s).map_err(|e| StoreError::Corrupt(format!("workspace id {s:?}: {e}")))
 }
@@ -307,9 +297,7 @@ fn job_from_row(row: &SqliteRow, claim: Option<&ClaimInfo>) -> Result<Job> {
         payload: serde_json::from_str(&payload)
             .map_err(|e| StoreError::Corrupt(format!("payload: {e}")))?,
         priority: row.try_get("priority")?,
-        state: state
-            .parse()
-            .map_err(|e: crate::model::UnknownState| StoreError::Corrupt(e.to_string()))?,
+        state: parse_state(&state)?,
         run_at: from_micros(row.try_get("run_at")?),
         created_at: from_micros(row.try_get("created_at")?),
         attempt: row.try_get("attempt")?,
@@ -336,12 +324,6 @@ fn job_from_row(row: &SqliteRow, claim: Option<&ClaimInfo>) -> Result<Job> {
         rate_key: row.try_get("rate_key")?,
         ordering_key: row.try_get("ordering_key")?,
     })
-}
-
-fn errors_json(errors: &Option<Vec<AttemptError>>) -> Option<String> {
-    errors
-        .as_ref()
-        .map(|e| serde_json::to_string(e).unwrap_or_else(|_| "[]".into()))
 }
 
 fn claims_json(claims: &[(JobId, i32)]) -> String {
@@ -468,54 +450,20 @@ impl Store for SqliteStore {
     }
 
     async fn complete(&self, completions: &[Completion]) -> Result<u64> {
-        let mut finals = Vec::new();
-        let mut again = Vec::new();
-        for c in completions {
-            let state = match &c.outcome {
-                Outcome::Completed => JobState::Completed,
-                Outcome::Discard { .. } => JobState::Discarded,
-                Outcome::Cancel { .. } => JobState::Cancelled,
-                Outcome::Retry { run_at, .. } => {
-                    let state = if *run_at <= c.finished_at {
-                        "available"
-                    } else {
-                        "retryable"
-                    };
-                    again.push(json!([
-                        c.id,
-                        c.attempt,
-                        state,
-                        to_micros(*run_at),
-                        0,
-                        errors_json(&c.errors)
-                    ]));
-                    continue;
-                }
-                Outcome::Snooze { run_at } => {
-                    let state = if *run_at <= c.finished_at {
-                        "available"
-                    } else {
-                        "scheduled"
-                    };
-                    again.push(json!([
-                        c.id,
-                        c.attempt,
-                        state,
-                        to_micros(*run_at),
-                        1,
-                        errors_json(&c.errors)
-                    ]));
-                    continue;
-                }
-            };
-            finals.push(Finalize {
-                id: c.id,
-                attempt: Some(c.attempt),
-                state,
-                errors: errors_json(&c.errors),
-                at: c.finished_at,
-            });
-        }
+        let (finals, again) = split_completions(completions);
+        let again: Vec<serde_json::Value> = again
+            .into_iter()
+            .map(|r| {
+                json!([
+                    r.id,
+                    r.attempt,
+                    r.state,
+                    to_micros(r.run_at),
+                    r.uncount,
+                    r.errors
+                ])
+            })
+            .collect();
         let mut changed = 0;
         let mut wake: BTreeMap<String, Option<DateTime<Utc>>> = BTreeMap::new();
         // Plain successes (the bulk of the traffic) travel as one packed integer each.
@@ -809,29 +757,10 @@ impl Store for SqliteStore {
         let Some(job) = self.get_job(id).await? else {
             return Ok(None);
         };
-        if job.state.is_final() || job.state == JobState::Running {
+        let Some(row) = cancellation(&job, now, reason) else {
             return Ok(None);
-        }
-        let mut errors = job.errors.clone();
-        errors.push(AttemptError {
-            at: now,
-            attempt: job.attempt,
-            message: format!("cancelled: {reason}"),
-        });
-        trim_errors(&mut errors);
-        let moved = self
-            .finalize(
-                &[Finalize {
-                    id,
-                    attempt: Some(job.attempt),
-                    state: JobState::Cancelled,
-                    errors: errors_json(&Some(errors)),
-                    at: now,
-                }],
-                &["scheduled", "available", "retryable"],
-            )
-            .await?;
-        if moved.is_empty() {
+        };
+        if self.finalize(&[row], CANCELLABLE).await?.is_empty() {
             return Ok(None);
         }
         self.get_job(id).await
@@ -851,9 +780,7 @@ impl Store for SqliteStore {
                 let state: String = r.try_get("state")?;
                 Ok(QueueStat {
                     queue: r.try_get("queue")?,
-                    state: state.parse().map_err(|e: crate::model::UnknownState| {
-                        StoreError::Corrupt(e.to_string())
-                    })?,
+                    state: parse_state(&state)?,
                     count: r.try_get("n")?,
                 })
             })
