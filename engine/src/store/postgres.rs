@@ -157,10 +157,20 @@ impl PgStore {
                 .await?
                 .iter()
                 .map(|row| {
+                    // A chunk without unique keys returns ids only (see `insert_rows`).
+                    let keyed = row.len() > 1;
                     Ok(Inserted {
                         id: row.try_get("id")?,
-                        workspace_id: row.try_get("workspace_id")?,
-                        unique_key: row.try_get("unique_key")?,
+                        workspace_id: if keyed {
+                            row.try_get("workspace_id")?
+                        } else {
+                            Uuid::nil()
+                        },
+                        unique_key: if keyed {
+                            row.try_get("unique_key")?
+                        } else {
+                            None
+                        },
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
@@ -313,7 +323,7 @@ fn validate_schema_name(schema: &str) -> Result<()> {
     }
 }
 
-fn insert_sql(on_conflict: &str) -> String {
+fn insert_sql(on_conflict: &str, returning: &str) -> String {
     format!(
         "INSERT INTO herald_jobs (workspace_id, kind, queue, payload, priority, state, run_at,
             created_at, max_attempts, unique_key, rate_key, ordering_key)
@@ -324,14 +334,17 @@ fn insert_sql(on_conflict: &str) -> String {
                 WITH ORDINALITY AS t(w, k, q, p, pr, s, r, m, u, rk, o, ord)
           ORDER BY ord
          {on_conflict}
-         RETURNING id, workspace_id, unique_key"
+         RETURNING {returning}"
     )
 }
 
 static INSERT_UNIQUE: LazyLock<String> = LazyLock::new(|| {
-    insert_sql("ON CONFLICT (workspace_id, unique_key) WHERE unique_key IS NOT NULL DO NOTHING")
+    insert_sql(
+        "ON CONFLICT (workspace_id, unique_key) WHERE unique_key IS NOT NULL DO NOTHING",
+        "id, workspace_id, unique_key",
+    )
 });
-static INSERT_PLAIN: LazyLock<String> = LazyLock::new(|| insert_sql(""));
+static INSERT_PLAIN: LazyLock<String> = LazyLock::new(|| insert_sql("", "id"));
 
 async fn insert_rows(
     conn: &mut PgConnection,
