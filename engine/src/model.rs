@@ -128,6 +128,29 @@ pub struct AttemptError {
     pub message: String,
 }
 
+/// Longest error message kept on a job, in bytes.
+pub const MAX_ERROR_MESSAGE: usize = 2048;
+
+/// An error message as stored: NUL (which PostgreSQL cannot store, and which would otherwise fail
+/// every completion batch the job is in, forever) replaced, and cut to [`MAX_ERROR_MESSAGE`] at a
+/// character boundary. Handlers' messages come from outside (response bodies, panics).
+pub fn clean_message(message: String) -> String {
+    let mut message = if message.contains('\0') {
+        message.replace('\0', "\u{FFFD}")
+    } else {
+        message
+    };
+    if message.len() > MAX_ERROR_MESSAGE {
+        let mut cut = MAX_ERROR_MESSAGE;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+        message.push('…');
+    }
+    message
+}
+
 /// How many of a job's most recent errors are kept on it.
 pub const MAX_ERRORS_KEPT: usize = 10;
 

@@ -495,7 +495,7 @@ async fn execute(inner: &Inner, job: Job) -> Completion {
         errors.push(AttemptError {
             at: now,
             attempt,
-            message,
+            message: crate::model::clean_message(message),
         });
         trim_errors(&mut errors);
     };

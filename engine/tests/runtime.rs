@@ -28,6 +28,7 @@ conformance!(
     retry_waits_for_the_backoff_on_the_engine_clock,
     retry_after_overrides_the_policy_backoff,
     panicking_handler_is_a_failed_attempt,
+    hostile_error_messages_are_stored_safely,
     handler_timeout_is_a_failed_attempt,
     exhausted_attempts_discard,
     discard_error_discards_at_once,
@@ -201,6 +202,28 @@ impl Worker for Panics {
 
     async fn work(&self, args: Numbered, _ctx: &JobContext) -> Result<(), JobError> {
         panic!("kaboom {}", args.n);
+    }
+}
+
+/// Fails with a message no database column should take as it is: NUL characters, and far too
+/// long.
+struct HostileError;
+
+#[async_trait]
+impl Worker for HostileError {
+    type Args = Numbered;
+    const KIND: &'static str = "test.hostile_error";
+
+    fn policy(&self) -> KindPolicy {
+        policy(secs(3600))
+    }
+
+    async fn work(&self, args: Numbered, _ctx: &JobContext) -> Result<(), JobError> {
+        Err(JobError::retry(format!(
+            "bad \u{0}body {} {}",
+            args.n,
+            "é".repeat(100_000)
+        )))
     }
 }
 
@@ -578,6 +601,30 @@ async fn panicking_handler_is_a_failed_attempt(store: Arc<dyn Store>) {
     assert_eq!(done.attempt, 1);
     assert_eq!(seen.lock().expect("seen lock").get(&1), Some(&1));
     eventually("no job in flight", || engine.in_flight() == 0).await;
+    stop(engine).await;
+}
+
+async fn hostile_error_messages_are_stored_safely(store: Arc<dyn Store>) {
+    let (mut registry, seen) = record_registry();
+    registry.register(HostileError);
+    let clock = system_clock();
+    let client = Client::new(store.clone(), clock.clone());
+    let engine = Engine::start(store.clone(), registry, config(10), clock);
+
+    let id = enqueue(&client, numbered(HostileError::KIND, 3).max_attempts(3)).await;
+    let failed = wait_for_state(&*store, id, JobState::Retryable).await;
+    let message = &failed.errors[0].message;
+    assert!(
+        message.starts_with("bad \u{FFFD}body 3 "),
+        "{}",
+        &message[..40]
+    );
+    assert!(!message.contains('\0'));
+    assert!(message.len() <= herald_engine::model::MAX_ERROR_MESSAGE + '…'.len_utf8());
+    // Completions keep flowing: the bad message did not wedge the completer.
+    let ok = enqueue(&client, numbered(Record::KIND, 1)).await;
+    wait_for_state(&*store, ok, JobState::Completed).await;
+    assert_eq!(seen.lock().expect("seen lock").get(&1), Some(&1));
     stop(engine).await;
 }
 

@@ -286,7 +286,7 @@ pub(crate) fn cancellation(job: &Job, now: DateTime<Utc>, reason: &str) -> Optio
     errors.push(crate::model::AttemptError {
         at: now,
         attempt: job.attempt,
-        message: format!("cancelled: {reason}"),
+        message: crate::model::clean_message(format!("cancelled: {reason}")),
     });
     trim_errors(&mut errors);
     Some(Finalize {
