@@ -374,6 +374,13 @@ pub struct JobFilter {
     pub limit: i64,
 }
 
+/// `at + d`, saturating at the latest time chrono represents instead of panicking: delays come
+/// from handlers (`retry_after`, `Snooze`), which may ask for anything.
+pub fn later(at: DateTime<Utc>, d: Duration) -> DateTime<Utc> {
+    at.checked_add_signed(chrono_duration(d))
+        .unwrap_or(DateTime::<Utc>::MAX_UTC)
+}
+
 /// Converts a [`Duration`] to chrono's, saturating instead of failing.
 pub fn chrono_duration(d: Duration) -> chrono::Duration {
     chrono::Duration::from_std(d).unwrap_or(chrono::Duration::MAX)
@@ -382,6 +389,16 @@ pub fn chrono_duration(d: Duration) -> chrono::Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn later_saturates() {
+        let now = Utc::now();
+        assert_eq!(later(now, Duration::MAX), DateTime::<Utc>::MAX_UTC);
+        assert_eq!(
+            later(now, Duration::from_secs(1)),
+            now + chrono::Duration::seconds(1)
+        );
+    }
 
     #[test]
     fn states_round_trip_through_text() {

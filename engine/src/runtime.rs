@@ -29,7 +29,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 use crate::clock::Clock;
 use crate::config::{EngineConfig, QueueConfig};
 use crate::handler::{JobContext, JobError, Registry};
-use crate::model::{chrono_duration, AttemptError, Completion, Job, JobId, Outcome};
+use crate::model::{chrono_duration, later, AttemptError, Completion, Job, JobId, Outcome};
 use crate::store::{trim_errors, Store};
 
 /// The name of the maintenance leadership.
@@ -62,7 +62,7 @@ impl Inner {
     }
 
     fn lease_until(&self, now: DateTime<Utc>) -> DateTime<Utc> {
-        now + chrono_duration(self.config.lease)
+        later(now, self.config.lease)
     }
 
     fn claims(&self) -> Vec<(JobId, i32)> {
@@ -438,18 +438,20 @@ impl Producer {
             let span = info_span!("job", id, kind = %job.kind, attempt);
             let handle = tokio::spawn(
                 async move {
+                    let _guard = JobGuard {
+                        inner: inner.clone(),
+                        slots,
+                        id,
+                    };
                     let completion = execute(&inner, job).await;
-                    {
-                        // Leaving the map and handing over the result is one step: if shutdown
-                        // released this claim meanwhile, the claim is no longer ours to finish.
-                        let mut in_flight =
-                            inner.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-                        if in_flight.remove(&id).is_some() {
-                            let _ = inner.completions.send(CompleterMsg::Done(completion));
-                        }
+                    // Leaving the map and handing over the result is one step: if shutdown
+                    // released this claim meanwhile, the claim is no longer ours to finish.
+                    let mut in_flight = inner.in_flight.lock().unwrap_or_else(|e| e.into_inner());
+                    if in_flight.remove(&id).is_some() {
+                        let _ = inner.completions.send(CompleterMsg::Done(completion));
                     }
-                    slots.running.fetch_sub(1, Ordering::AcqRel);
-                    slots.freed.notify_one();
+                    // Before the guard, which takes the same lock.
+                    drop(in_flight);
                 }
                 .instrument(span),
             );
@@ -461,6 +463,27 @@ impl Producer {
                 },
             );
         }
+    }
+}
+
+/// Frees a job's slot however its task ends: finished, aborted, or stopped by a bug that panics
+/// outside the handler. A job that never reports back also leaves the in-flight set, so its
+/// lease is no longer renewed and the rescuer hands it back.
+struct JobGuard {
+    inner: Arc<Inner>,
+    slots: Arc<Slots>,
+    id: JobId,
+}
+
+impl Drop for JobGuard {
+    fn drop(&mut self) {
+        self.inner
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+        self.slots.running.fetch_sub(1, Ordering::AcqRel);
+        self.slots.freed.notify_one();
     }
 }
 
@@ -514,7 +537,7 @@ async fn execute(inner: &Inner, job: Job) -> Completion {
                 id,
                 attempt,
                 outcome: Outcome::Snooze {
-                    run_at: now + chrono_duration(d),
+                    run_at: later(now, d),
                 },
                 errors: None,
                 finished_at: now,
@@ -534,7 +557,7 @@ async fn execute(inner: &Inner, job: Job) -> Completion {
                         .unwrap_or_default()
                 });
                 Outcome::Retry {
-                    run_at: now + chrono_duration(delay),
+                    run_at: later(now, delay),
                     error,
                 }
             }
@@ -656,7 +679,7 @@ async fn run_elector(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
             _ = tick.tick() => {}
         }
         let now = inner.now();
-        let until = now + chrono_duration(inner.config.leader_ttl);
+        let until = later(now, inner.config.leader_ttl);
         let leading = match inner
             .store
             .try_lead(MAINTENANCE_LEADER, &inner.config.worker_id, now, until)

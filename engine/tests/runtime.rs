@@ -29,6 +29,7 @@ conformance!(
     retry_after_overrides_the_policy_backoff,
     panicking_handler_is_a_failed_attempt,
     hostile_error_messages_are_stored_safely,
+    endless_snooze_is_stored_not_a_crash,
     handler_timeout_is_a_failed_attempt,
     exhausted_attempts_discard,
     discard_error_discards_at_once,
@@ -224,6 +225,19 @@ impl Worker for HostileError {
             args.n,
             "é".repeat(100_000)
         )))
+    }
+}
+
+/// Snoozes for longer than any calendar holds.
+struct SnoozesForever;
+
+#[async_trait]
+impl Worker for SnoozesForever {
+    type Args = Numbered;
+    const KIND: &'static str = "test.snoozes_forever";
+
+    async fn work(&self, _args: Numbered, _ctx: &JobContext) -> Result<(), JobError> {
+        Err(JobError::Snooze(Duration::MAX))
     }
 }
 
@@ -625,6 +639,27 @@ async fn hostile_error_messages_are_stored_safely(store: Arc<dyn Store>) {
     let ok = enqueue(&client, numbered(Record::KIND, 1)).await;
     wait_for_state(&*store, ok, JobState::Completed).await;
     assert_eq!(seen.lock().expect("seen lock").get(&1), Some(&1));
+    stop(engine).await;
+}
+
+async fn endless_snooze_is_stored_not_a_crash(store: Arc<dyn Store>) {
+    let (mut registry, seen) = record_registry();
+    registry.register(SnoozesForever);
+    let clock = system_clock();
+    let client = Client::new(store.clone(), clock.clone());
+    let engine = Engine::start(store.clone(), registry, config(10), clock);
+
+    let id = enqueue(&client, numbered(SnoozesForever::KIND, 1)).await;
+    let snoozed = wait_for_state(&*store, id, JobState::Scheduled).await;
+    assert_eq!(snoozed.attempt, 0);
+    assert!(snoozed.run_at > Utc::now() + chrono::Duration::days(365 * 1000));
+    eventually("the snoozed job left the engine", || {
+        engine.in_flight() == 0
+    })
+    .await;
+    let ok = enqueue(&client, numbered(Record::KIND, 2)).await;
+    wait_for_state(&*store, ok, JobState::Completed).await;
+    assert_eq!(seen.lock().expect("seen lock").get(&2), Some(&1));
     stop(engine).await;
 }
 
