@@ -52,6 +52,9 @@ pub struct QueueArgs {
     /// own request building out of the peak-memory figure; the engine takes 100,000 or more.
     #[arg(long, default_value_t = 20_000)]
     enqueue_batch: usize,
+    /// Bulk-enqueue calls in flight at once, each its own transaction and connection.
+    #[arg(long, default_value_t = 1)]
+    enqueue_streams: usize,
 }
 
 pub async fn run(which: BenchCommand) -> Result<(), Box<dyn std::error::Error>> {
@@ -165,9 +168,18 @@ fn round2(x: f64) -> f64 {
 }
 
 async fn queue(args: QueueArgs) -> Result<(), Box<dyn std::error::Error>> {
-    if args.jobs == 0 || args.concurrency == 0 || args.samples == 0 || args.enqueue_batch == 0 {
+    let counts = [
+        args.jobs,
+        args.concurrency,
+        args.samples,
+        args.enqueue_batch,
+        args.enqueue_streams,
+    ];
+    if counts.contains(&0) {
         return Err(
-            "--jobs, --concurrency, --samples and --enqueue-batch must be at least 1".into(),
+            "--jobs, --concurrency, --samples, --enqueue-batch and --enqueue-streams \
+                    must be at least 1"
+                .into(),
         );
     }
     let target = match args.backend {
@@ -215,16 +227,29 @@ async fn measure(
     let backend = store.backend().as_str();
     let client = Client::new(store.clone(), Arc::new(SystemClock));
 
-    // 1. Bulk enqueue, one transaction per call.
+    // 1. Bulk enqueue, one transaction per call; `--enqueue-streams` calls at a time.
     let started = Instant::now();
-    let mut enqueued = 0;
-    while enqueued < args.jobs {
-        let n = args.enqueue_batch.min(args.jobs - enqueued);
-        let batch: Vec<NewJob> = (enqueued..enqueued + n)
-            .map(|i| NewJob::new("noop", json!({ "i": i })).queue("bench"))
-            .collect();
-        client.enqueue_many(&batch).await?;
-        enqueued += n;
+    let streams = args.enqueue_streams.max(1);
+    let mut tasks = tokio::task::JoinSet::new();
+    for stream in 0..streams {
+        let client = client.clone();
+        let (jobs, batch) = (args.jobs, args.enqueue_batch);
+        tasks.spawn(async move {
+            // Stream k takes batches k, k + streams, k + 2 × streams, …
+            let mut from = stream * batch;
+            while from < jobs {
+                let to = (from + batch).min(jobs);
+                let chunk: Vec<NewJob> = (from..to)
+                    .map(|i| NewJob::new("noop", json!({ "i": i })).queue("bench"))
+                    .collect();
+                client.enqueue_many(&chunk).await?;
+                from += streams * batch;
+            }
+            Ok::<(), herald_engine::StoreError>(())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
     }
     let enqueue_secs = started.elapsed().as_secs_f64();
     let rss_with_backlog = peak_rss_mb();
