@@ -31,6 +31,7 @@ async fn count_jobs(store: &PgStore) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transactional_enqueue_exists_only_if_the_caller_commits() {
     let schema = common::unique_name("tx");
+    let _leftovers = common::Dropped::Schema(schema.clone());
     let store = common::pg_store_in(&schema).await;
     sqlx::query("CREATE TABLE orders (id bigint PRIMARY KEY)")
         .execute(store.pool())
@@ -83,6 +84,7 @@ async fn transactional_enqueue_exists_only_if_the_caller_commits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_notify_per_queue_per_batch() {
     let schema = common::unique_name("notify");
+    let _leftovers = common::Dropped::Schema(schema.clone());
     let store = common::pg_store_in(&schema).await;
     let mut listener = PgListener::connect_with(store.pool())
         .await
@@ -117,6 +119,7 @@ async fn one_notify_per_queue_per_batch() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unique_key_race_between_separate_pools() {
     let schema = common::unique_name("race");
+    let _leftovers = common::Dropped::Schema(schema.clone());
     let stores: Vec<Arc<PgStore>> = {
         let mut v = Vec::new();
         for _ in 0..4 {

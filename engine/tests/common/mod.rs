@@ -39,8 +39,43 @@ pub async fn pg_store_in(schema: &str) -> PgStore {
     store
 }
 
-pub async fn pg() -> Arc<dyn Store> {
-    Arc::new(pg_store_in(&unique_name("t")).await)
+/// A store in a fresh schema, and a guard that drops the schema when the test ends (passed or
+/// failed), so repeated runs leave nothing behind in the shared database.
+pub async fn pg() -> (Arc<dyn Store>, Dropped) {
+    let schema = unique_name("t");
+    let store: Arc<dyn Store> = Arc::new(pg_store_in(&schema).await);
+    (store, Dropped::Schema(schema))
+}
+
+/// What a test leaves behind, removed on drop.
+pub enum Dropped {
+    Schema(String),
+    File(std::path::PathBuf),
+}
+
+impl Drop for Dropped {
+    fn drop(&mut self) {
+        match self {
+            Dropped::Schema(schema) => {
+                // Synchronous, so it also runs while a failed test unwinds.
+                let _ = std::process::Command::new("psql")
+                    .arg(pg_url())
+                    .args([
+                        "-q",
+                        "-c",
+                        &format!("DROP SCHEMA IF EXISTS {schema} CASCADE"),
+                    ])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status();
+            }
+            Dropped::File(path) => {
+                for suffix in ["", "-wal", "-shm"] {
+                    let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+                }
+            }
+        }
+    }
 }
 
 pub fn sqlite_path() -> std::path::PathBuf {
@@ -59,8 +94,10 @@ pub async fn sqlite_at(path: &std::path::Path) -> SqliteStore {
     store
 }
 
-pub async fn sqlite() -> Arc<dyn Store> {
-    Arc::new(sqlite_at(&sqlite_path()).await)
+pub async fn sqlite() -> (Arc<dyn Store>, Dropped) {
+    let path = sqlite_path();
+    let store: Arc<dyn Store> = Arc::new(sqlite_at(&path).await);
+    (store, Dropped::File(path))
 }
 
 /// Polls `ok` until it holds; panics naming `what` after [`WAIT`].
@@ -135,7 +172,8 @@ macro_rules! conformance {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    super::$name($crate::common::pg().await).await
+                    let (store, _leftovers) = $crate::common::pg().await;
+                    super::$name(store).await
                 }
             )*
         }
@@ -143,7 +181,8 @@ macro_rules! conformance {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    super::$name($crate::common::sqlite().await).await
+                    let (store, _leftovers) = $crate::common::sqlite().await;
+                    super::$name(store).await
                 }
             )*
         }
