@@ -22,4 +22,58 @@ pub enum StoreError {
     UnsupportedUrl(String),
 }
 
+impl StoreError {
+    /// Whether trying the same thing again later may succeed: the connection was lost, the
+    /// database is restarting or overloaded, a lock or serialization conflict. False when the
+    /// database refused the request itself (bad data, a constraint), which a retry repeats.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            StoreError::Database(sqlx::Error::Database(db)) => {
+                let code = db.code();
+                let code = code.as_deref().unwrap_or("");
+                // PostgreSQL SQLSTATE classes: 08 connection, 40 rollback (serialization,
+                // deadlock), 53 resources, 57 operator intervention (shutdown), 58 system.
+                if ["08", "40", "53", "57", "58"]
+                    .iter()
+                    .any(|c| code.starts_with(c))
+                {
+                    return true;
+                }
+                // SQLite result codes, primary code in the low byte: BUSY, LOCKED, IOERR, FULL.
+                code.parse::<i32>()
+                    .is_ok_and(|n| matches!(n & 0xff, 5 | 6 | 10 | 13))
+            }
+            StoreError::Database(
+                sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::Protocol(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed,
+            ) => true,
+            StoreError::Database(_)
+            | StoreError::Invalid(_)
+            | StoreError::Corrupt(_)
+            | StoreError::Migration { .. }
+            | StoreError::UnsupportedUrl(_) => false,
+        }
+    }
+}
+
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lost_connections_are_transient_refusals_are_not() {
+        assert!(StoreError::Database(sqlx::Error::PoolTimedOut).is_transient());
+        assert!(
+            StoreError::Database(sqlx::Error::Io(std::io::Error::other("reset"))).is_transient()
+        );
+        assert!(!StoreError::Database(sqlx::Error::RowNotFound).is_transient());
+        assert!(!StoreError::Corrupt("x".into()).is_transient());
+        assert!(!StoreError::Invalid(InvalidJob("x".into())).is_transient());
+    }
+}

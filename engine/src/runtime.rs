@@ -596,15 +596,19 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
 }
 
 /// Writes completions in batches: whatever arrived while the previous batch was being written
-/// goes in the next one, so batches grow with load and latency stays low when idle. A failed write
-/// is retried (never dropped): the jobs stay `running` meanwhile. Their leases are no longer
-/// renewed (they left the in-flight set), so a database outage longer than the lease can get a
-/// finished job rescued and run again: at-least-once, never lost.
+/// goes in the next one, so batches grow with load and latency stays low when idle.
+///
+/// A write that fails for a passing reason (connection lost, database restarting, lock
+/// contention) is retried until it lands: the jobs stay `running` meanwhile. Their leases are no
+/// longer renewed (they left the in-flight set), so an outage longer than the lease can get a
+/// finished job rescued and run again: at-least-once, never lost. A write the database refuses
+/// for its content is bisected to find the completion it refuses; that one is given up after a
+/// few tries, so one bad row never stalls everyone's completions. Its job stays `running`
+/// until its lease lapses, and the rescuer then hands it back: it runs again, it is not lost.
 async fn run_completer(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<CompleterMsg>) {
     let max = inner.config.completion_batch;
     let mut batch: Vec<Completion> = Vec::new();
     let mut acks: Vec<oneshot::Sender<()>> = Vec::new();
-    let mut failures: u32 = 0;
     loop {
         if batch.is_empty() && acks.is_empty() {
             match rx.recv().await {
@@ -624,29 +628,57 @@ async fn run_completer(inner: Arc<Inner>, mut rx: mpsc::UnboundedReceiver<Comple
             }
         }
         if !batch.is_empty() {
-            let started = Instant::now();
-            match inner.store.complete(&batch).await {
-                Ok(_) => {
-                    debug!(
-                        jobs = batch.len(),
-                        micros = started.elapsed().as_micros() as u64,
-                        "completions written"
-                    );
-                    failures = 0;
-                    batch.clear();
-                }
-                Err(e) => {
-                    failures += 1;
-                    let wait = Duration::from_millis(50 * 2u64.pow(failures.min(6)))
-                        .min(Duration::from_secs(3));
-                    warn!(error = %e, jobs = batch.len(), retry_in = ?wait, "completer: write failed");
-                    tokio::time::sleep(wait).await;
-                    continue;
-                }
-            }
+            write_completions(&inner, std::mem::take(&mut batch)).await;
         }
         for ack in acks.drain(..) {
             let _ = ack.send(());
+        }
+    }
+}
+
+/// Tries a refused single completion this many times before giving it up.
+const REFUSED_TRIES: u32 = 3;
+
+async fn write_completions(inner: &Inner, batch: Vec<Completion>) {
+    let mut parts = vec![batch];
+    while let Some(mut part) = parts.pop() {
+        let mut failures: u32 = 0;
+        loop {
+            let started = Instant::now();
+            let err = match inner.store.complete(&part).await {
+                Ok(_) => {
+                    debug!(
+                        jobs = part.len(),
+                        micros = started.elapsed().as_micros() as u64,
+                        "completions written"
+                    );
+                    break;
+                }
+                Err(e) => e,
+            };
+            failures += 1;
+            if err.is_transient() {
+                let wait = Duration::from_millis(50 * 2u64.pow(failures.min(6)))
+                    .min(Duration::from_secs(3));
+                warn!(error = %err, jobs = part.len(), retry_in = ?wait, "completer: write failed");
+                tokio::time::sleep(wait).await;
+            } else if part.len() > 1 {
+                warn!(error = %err, jobs = part.len(), "completer: write refused; bisecting the batch");
+                let right = part.split_off(part.len() / 2);
+                parts.push(right);
+                parts.push(part);
+                break;
+            } else if failures >= REFUSED_TRIES {
+                error!(
+                    error = %err,
+                    job = part[0].id,
+                    attempt = part[0].attempt,
+                    "completer: the database refuses this completion; giving it up (the job will be rescued after its lease and run again)"
+                );
+                break;
+            } else {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
         }
     }
 }
