@@ -220,6 +220,26 @@ async fn queue(args: QueueArgs) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// Stream `stream` of `streams` enqueues batches stream, stream + streams, stream + 2 × streams, …
+async fn enqueue_stream(
+    client: Client,
+    stream: usize,
+    streams: usize,
+    jobs: usize,
+    batch: usize,
+) -> Result<(), herald_engine::StoreError> {
+    let mut from = stream * batch;
+    while from < jobs {
+        let to = (from + batch).min(jobs);
+        let chunk: Vec<NewJob> = (from..to)
+            .map(|i| NewJob::new("noop", json!({ "i": i })).queue("bench"))
+            .collect();
+        client.enqueue_many(&chunk).await?;
+        from += streams * batch;
+    }
+    Ok(())
+}
+
 async fn measure(
     args: &QueueArgs,
     store: Arc<dyn Store>,
@@ -227,29 +247,28 @@ async fn measure(
     let backend = store.backend().as_str();
     let client = Client::new(store.clone(), Arc::new(SystemClock));
 
-    // 1. Bulk enqueue, one transaction per call; `--enqueue-streams` calls at a time.
+    // 1. Bulk enqueue, one transaction per call; `--enqueue-streams` calls at a time. One stream
+    // runs here rather than in a spawned task: building its batches on one thread keeps them in
+    // one malloc arena (20 MB less peak memory).
     let started = Instant::now();
     let streams = args.enqueue_streams.max(1);
-    let mut tasks = tokio::task::JoinSet::new();
-    for stream in 0..streams {
-        let client = client.clone();
-        let (jobs, batch) = (args.jobs, args.enqueue_batch);
-        tasks.spawn(async move {
-            // Stream k takes batches k, k + streams, k + 2 × streams, …
-            let mut from = stream * batch;
-            while from < jobs {
-                let to = (from + batch).min(jobs);
-                let chunk: Vec<NewJob> = (from..to)
-                    .map(|i| NewJob::new("noop", json!({ "i": i })).queue("bench"))
-                    .collect();
-                client.enqueue_many(&chunk).await?;
-                from += streams * batch;
-            }
-            Ok::<(), herald_engine::StoreError>(())
-        });
-    }
-    while let Some(done) = tasks.join_next().await {
-        done??;
+    if streams == 1 {
+        enqueue_stream(client.clone(), 0, 1, args.jobs, args.enqueue_batch).await?;
+    } else {
+        let mut tasks = tokio::task::JoinSet::new();
+        for stream in 0..streams {
+            let client = client.clone();
+            tasks.spawn(enqueue_stream(
+                client,
+                stream,
+                streams,
+                args.jobs,
+                args.enqueue_batch,
+            ));
+        }
+        while let Some(done) = tasks.join_next().await {
+            done??;
+        }
     }
     let enqueue_secs = started.elapsed().as_secs_f64();
     let rss_with_backlog = peak_rss_mb();
