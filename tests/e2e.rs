@@ -209,6 +209,15 @@ async fn kill_9_mid_run_loses_nothing_sqlite() {
 
 #[tokio::test]
 async fn serve_answers_healthz_and_stops_cleanly_on_sigterm() {
+    serve_answers_healthz_and_stops_cleanly_on("TERM").await;
+}
+
+#[tokio::test]
+async fn serve_answers_healthz_and_stops_cleanly_on_sigint() {
+    serve_answers_healthz_and_stops_cleanly_on("INT").await;
+}
+
+async fn serve_answers_healthz_and_stops_cleanly_on(signal: &str) {
     let dir = TestDir::new();
     let port = free_port();
     let mut cmd = herald();
@@ -231,11 +240,16 @@ async fn serve_answers_healthz_and_stops_cleanly_on_sigterm() {
         }
     }
 
-    serve.sigterm();
+    serve.signal(signal);
     let status = serve.wait_for_exit(Duration::from_secs(15)).await;
     assert!(
         status.success(),
-        "serve exits cleanly on SIGTERM, got {status}\n{}",
+        "serve exits cleanly on SIG{signal}, got {status}\n{}",
+        serve.logs()
+    );
+    assert!(
+        serve.logs().contains(&format!("SIG{signal} received")),
+        "the log says which signal stopped it\n{}",
         serve.logs()
     );
 }

@@ -288,14 +288,19 @@ impl Proc {
 
     /// SIGTERM through kill(1) (no libc dependency).
     pub fn sigterm(&self) {
+        self.signal("TERM");
+    }
+
+    /// Sends a signal by name (`TERM`, `INT`, …) with kill(1).
+    pub fn signal(&self, name: &str) {
         let status = Command::new("kill")
-            .arg("-TERM")
+            .arg(format!("-{name}"))
             .arg(self.pid().to_string())
             .status()
-            .expect("run kill -TERM");
+            .expect("run kill");
         assert!(
             status.success(),
-            "kill -TERM {} failed: {status}",
+            "kill -{name} {} failed: {status}",
             self.pid()
         );
     }
