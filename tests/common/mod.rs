@@ -287,10 +287,6 @@ impl Proc {
     }
 
     /// SIGTERM through kill(1) (no libc dependency).
-    pub fn sigterm(&self) {
-        self.signal("TERM");
-    }
-
     /// Sends a signal by name (`TERM`, `INT`, …) with kill(1).
     pub fn signal(&self, name: &str) {
         let status = Command::new("kill")
