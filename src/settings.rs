@@ -144,6 +144,18 @@ pub const KEYS: &[(&str, &str, &str, &str)] = &[
         "archived jobs deleted per pruning statement",
     ),
     (
+        "vacuum_interval",
+        "HERALD_VACUUM_INTERVAL",
+        "5s",
+        "how often the leader checks the hot table's dead rows (PostgreSQL)",
+    ),
+    (
+        "vacuum_dead_rows",
+        "HERALD_VACUUM_DEAD_ROWS",
+        "50000",
+        "the leader vacuums the hot table past this many dead rows (PostgreSQL)",
+    ),
+    (
         "maintenance",
         "HERALD_MAINTENANCE",
         "true",
@@ -226,6 +238,8 @@ impl Settings {
             fetch_cooldown: r.dur("fetch_cooldown", defaults.fetch_cooldown)?,
             completion_batch: r.num("completion_batch", defaults.completion_batch)?,
             prune_batch: r.num("prune_batch", defaults.prune_batch)?,
+            vacuum_interval: r.dur("vacuum_interval", defaults.vacuum_interval)?,
+            vacuum_dead_rows: r.num("vacuum_dead_rows", defaults.vacuum_dead_rows)?,
             poll_interval: r.dur("poll_interval", defaults.poll_interval)?,
             lease: r.dur("lease", defaults.lease)?,
             heartbeat_interval: r.dur("heartbeat_interval", defaults.heartbeat_interval)?,

@@ -54,6 +54,11 @@ pub struct EngineConfig {
     pub failed_retention: Duration,
     /// Rows deleted per pruning statement, so pruning never holds long locks.
     pub prune_batch: usize,
+    /// How often the leader looks at the hot table's dead row versions (PostgreSQL).
+    pub vacuum_interval: Duration,
+    /// The leader vacuums the hot table once this many dead row versions have piled up: a few
+    /// seconds of a busy queue, far sooner than autovacuum's one-minute rounds.
+    pub vacuum_dead_rows: u64,
     /// Run maintenance (rescuer, pruner) when elected. Off for processes that should only work.
     pub maintenance: bool,
 }
@@ -80,6 +85,8 @@ impl Default for EngineConfig {
             completed_retention: Duration::from_secs(24 * 3600),
             failed_retention: Duration::from_secs(7 * 24 * 3600),
             prune_batch: 10_000,
+            vacuum_interval: Duration::from_secs(5),
+            vacuum_dead_rows: 50_000,
             maintenance: true,
         }
     }
@@ -117,6 +124,7 @@ impl EngineConfig {
             ("leader_ttl", self.leader_ttl),
             ("leader_renew_interval", self.leader_renew_interval),
             ("prune_interval", self.prune_interval),
+            ("vacuum_interval", self.vacuum_interval),
         ];
         for (name, d) in durations {
             if d.is_zero() {

@@ -6,7 +6,8 @@
 //!                     ▲    slots freed                  │                         (batched)
 //!                     └─────────────────────────────────┘
 //!   heartbeat: renews the leases of this process's in-flight jobs
-//!   elector ──leader?──▶ rescuer (expired leases), pruner (archive retention)
+//!   elector ──leader?──▶ rescuer (expired leases), pruner (archive retention),
+//!                        vacuumer (the hot table's dead rows, PostgreSQL)
 //! ```
 //!
 //! Architecture invariant: no service exits on a database error. Each one logs, waits with
@@ -141,7 +142,8 @@ impl Engine {
                 inner.clone(),
                 services_rx.clone(),
             )));
-            services.push(tokio::spawn(run_pruner(inner.clone(), services_rx)));
+            services.push(tokio::spawn(run_pruner(inner.clone(), services_rx.clone())));
+            services.push(tokio::spawn(run_vacuumer(inner.clone(), services_rx)));
         }
         info!(worker = %inner.config.worker_id, queues = ?inner.config.queues.keys().collect::<Vec<_>>(), "engine started");
         Engine {
@@ -807,6 +809,30 @@ pub async fn rescue_once(
         store.complete(&completions).await?;
         if !full {
             return Ok(report);
+        }
+    }
+}
+
+/// Leader only: vacuums the hot table when dead row versions pile up (see [`Store::vacuum_hot`]).
+async fn run_vacuumer(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(inner.config.vacuum_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tick.tick() => {}
+        }
+        if !inner.is_leader.load(Ordering::Acquire) {
+            continue;
+        }
+        let started = Instant::now();
+        match inner.store.vacuum_hot(inner.config.vacuum_dead_rows).await {
+            Ok(true) => debug!(
+                micros = started.elapsed().as_micros() as u64,
+                "vacuumed the hot table"
+            ),
+            Ok(false) => {}
+            Err(e) => warn!(error = %e, "vacuum of the hot table failed"),
         }
     }
 }

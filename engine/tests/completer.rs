@@ -106,6 +106,9 @@ impl Store for RefusesOne {
             .prune(completed_before, others_before, limit)
             .await
     }
+    async fn vacuum_hot(&self, dead_rows: u64) -> herald_engine::Result<bool> {
+        self.inner.vacuum_hot(dead_rows).await
+    }
     async fn try_lead(
         &self,
         name: &str,

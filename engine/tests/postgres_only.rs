@@ -163,3 +163,62 @@ async fn unique_key_race_between_separate_pools() {
         assert!(v.iter().all(|e| e.id == v[0].id), "round {round}: same job");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hot_table_is_vacuumed_once_dead_rows_pile_up() {
+    let schema = common::unique_name("vacuum");
+    let _leftovers = common::Dropped::Schema(schema.clone());
+    let store = common::pg_store_in(&schema).await;
+    assert!(
+        !store.vacuum_hot(0).await.expect("vacuum_hot"),
+        "nothing dead yet"
+    );
+    let now = Utc::now();
+    let jobs: Vec<NewJob> = (0..2_000).map(job).collect();
+    store.enqueue_many(&jobs, now).await.expect("bulk");
+    let claimed = store
+        .claim(
+            "default",
+            "w",
+            2_000,
+            now,
+            now + chrono::Duration::seconds(30),
+        )
+        .await
+        .expect("claim");
+    let done: Vec<herald_engine::model::Completion> = claimed
+        .iter()
+        .map(|j| herald_engine::model::Completion {
+            id: j.id,
+            attempt: j.attempt,
+            outcome: herald_engine::model::Outcome::Completed,
+            errors: None,
+            finished_at: now,
+        })
+        .collect();
+    store.complete(&done).await.expect("complete");
+    // Each job left two dead versions (claimed, then moved out). Statistics reach
+    // pg_stat_user_tables within about a second; wait for them, bounded.
+    assert!(
+        !store.vacuum_hot(1_000_000).await.expect("vacuum_hot"),
+        "below the threshold nothing happens"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if store.vacuum_hot(1_000).await.expect("vacuum_hot") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dead rows were never reported"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let dead: i64 = sqlx::query_scalar(
+        "SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = 'herald_jobs'::regclass",
+    )
+    .fetch_one(store.pool())
+    .await
+    .expect("stats");
+    assert!(dead < 1_000, "vacuumed: {dead} dead rows left");
+}

@@ -126,6 +126,13 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> Result<u64>;
 
+    /// Reclaims the hot table's dead row versions once more than `dead_rows` have piled up, and
+    /// says whether it did. On PostgreSQL every claim and every finalised job leaves one; until
+    /// they are vacuumed, each claim walks past them in the claim index, so claims slow down as a
+    /// large backlog drains (autovacuum wakes at most once a minute). SQLite reuses freed pages
+    /// by itself: a no-op there.
+    async fn vacuum_hot(&self, dead_rows: u64) -> Result<bool>;
+
     /// Takes or renews the leadership `name` for `leader` until `until`. True if `leader` holds it.
     async fn try_lead(
         &self,

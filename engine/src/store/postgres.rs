@@ -709,6 +709,20 @@ impl Store for PgStore {
         Ok(done.rows_affected())
     }
 
+    async fn vacuum_hot(&self, dead_rows: u64) -> Result<bool> {
+        let dead: Option<i64> = sqlx::query_scalar(
+            "SELECT n_dead_tup FROM pg_stat_user_tables WHERE relid = 'herald_jobs'::regclass",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        if dead.unwrap_or(0) <= i64::try_from(dead_rows).unwrap_or(i64::MAX) {
+            return Ok(false);
+        }
+        // A plain string runs as a simple query, outside any transaction block, as VACUUM must.
+        (&self.pool).execute("VACUUM herald_jobs").await?;
+        Ok(true)
+    }
+
     async fn try_lead(
         &self,
         name: &str,

@@ -621,6 +621,10 @@ impl Store for SqliteStore {
         Ok(done.rows_affected())
     }
 
+    async fn vacuum_hot(&self, _dead_rows: u64) -> Result<bool> {
+        Ok(false)
+    }
+
     async fn try_lead(
         &self,
         name: &str,
