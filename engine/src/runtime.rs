@@ -66,6 +66,12 @@ impl Inner {
         later(now, self.config.lease)
     }
 
+    /// Whether this process holds the maintenance leadership (leader-only services check it
+    /// each round).
+    fn leading(&self) -> bool {
+        self.is_leader.load(Ordering::Acquire)
+    }
+
     fn claims(&self) -> Vec<(JobId, i32)> {
         let in_flight = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
         in_flight.iter().map(|(id, f)| (*id, f.attempt)).collect()
@@ -685,14 +691,24 @@ async fn write_completions(inner: &Inner, batch: Vec<Completion>) {
     }
 }
 
-async fn run_heartbeat(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(inner.config.heartbeat_interval);
+/// An interval that, after a slow round, waits a whole period again rather than catching up.
+fn ticker(period: Duration) -> tokio::time::Interval {
+    let mut tick = tokio::time::interval(period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.changed() => return,
-            _ = tick.tick() => {}
-        }
+    tick
+}
+
+/// Waits for the next tick of a periodic service; false once the service is told to stop.
+async fn next_tick(tick: &mut tokio::time::Interval, stop: &mut watch::Receiver<bool>) -> bool {
+    tokio::select! {
+        _ = stop.changed() => false,
+        _ = tick.tick() => true,
+    }
+}
+
+async fn run_heartbeat(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
+    let mut tick = ticker(inner.config.heartbeat_interval);
+    while next_tick(&mut tick, &mut stop).await {
         let claims = inner.claims();
         if claims.is_empty() {
             continue;
@@ -705,13 +721,8 @@ async fn run_heartbeat(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
 }
 
 async fn run_elector(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(inner.config.leader_renew_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.changed() => return,
-            _ = tick.tick() => {}
-        }
+    let mut tick = ticker(inner.config.leader_renew_interval);
+    while next_tick(&mut tick, &mut stop).await {
         let now = inner.now();
         let until = later(now, inner.config.leader_ttl);
         let leading = match inner
@@ -734,14 +745,9 @@ async fn run_elector(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
 
 /// Leader only: hands back the jobs of workers that stopped renewing their leases.
 async fn run_rescuer(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(inner.config.rescue_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.changed() => return,
-            _ = tick.tick() => {}
-        }
-        if !inner.is_leader.load(Ordering::Acquire) {
+    let mut tick = ticker(inner.config.rescue_interval);
+    while next_tick(&mut tick, &mut stop).await {
+        if !inner.leading() {
             continue;
         }
         match rescue_once(&*inner.store, inner.now()).await {
@@ -815,14 +821,9 @@ pub async fn rescue_once(
 
 /// Leader only: vacuums the hot table when dead row versions pile up (see [`Store::vacuum_hot`]).
 async fn run_vacuumer(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(inner.config.vacuum_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.changed() => return,
-            _ = tick.tick() => {}
-        }
-        if !inner.is_leader.load(Ordering::Acquire) {
+    let mut tick = ticker(inner.config.vacuum_interval);
+    while next_tick(&mut tick, &mut stop).await {
+        if !inner.leading() {
             continue;
         }
         let started = Instant::now();
@@ -839,19 +840,18 @@ async fn run_vacuumer(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
 
 /// Leader only: deletes archived jobs past their retention.
 async fn run_pruner(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(inner.config.prune_interval);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.changed() => return,
-            _ = tick.tick() => {}
-        }
-        if !inner.is_leader.load(Ordering::Acquire) {
+    let mut tick = ticker(inner.config.prune_interval);
+    while next_tick(&mut tick, &mut stop).await {
+        if !inner.leading() {
             continue;
         }
         let now = inner.now();
-        let completed_before = now - chrono_duration(inner.config.completed_retention);
-        let others_before = now - chrono_duration(inner.config.failed_retention);
+        let before = |retention| {
+            now.checked_sub_signed(chrono_duration(retention))
+                .unwrap_or(DateTime::<Utc>::MIN_UTC)
+        };
+        let completed_before = before(inner.config.completed_retention);
+        let others_before = before(inner.config.failed_retention);
         let mut total = 0;
         loop {
             match inner
