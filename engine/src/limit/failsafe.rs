@@ -1,0 +1,430 @@
+//! `FailSafeLimiter`: the shared Redis limiter, falling back to a local limiter at a
+//! conservative share of each rate while Redis cannot be reached.
+//!
+//! Every instance registers its process in Redis (a sorted set scored by Redis's clock,
+//! refreshed every `heartbeat_interval`), so that it knows how many processes share each rate.
+//! When a Redis call fails or times out it switches to [`LimiterMode::Fallback`] (one warning,
+//! counted in [`LimiterStatus::fallbacks`]) and serves every rate from a local limiter at
+//! `per_second * fallback_fraction / live_processes`, burst scaled likewise (at least 1), keys
+//! starting with an empty bucket: the other processes may have taken the whole burst from Redis
+//! just before. It probes Redis every `probe_interval` and returns to Redis mode when it answers.
+//!
+//! It fails safe, never open: when unsure it grants less. Two cases it cannot see are bounded,
+//! not excluded: processes that start while Redis is down are not counted (set
+//! `min_processes` to the deployment's size to cover it), and on the way back to Redis a key's
+//! shared state may have expired during the outage, so each process's last fallback grants are
+//! not charged to it (at most the fallback burst plus what the fallback granted in the last
+//! bucket span).
+
+use std::fmt;
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use redis::Client;
+use tokio::task::JoinHandle;
+
+use super::local::LocalLimiter;
+use super::redis::{
+    connect_manager, open_client, RedisLimiter, RedisLimiterConfig, DEFAULT_CALL_TIMEOUT,
+    DEFAULT_CONNECT_TIMEOUT, DEFAULT_KEY_PREFIX,
+};
+use super::{Grant, LimitError, Limiter, LimiterMode, LimiterStatus, Rate};
+
+/// Default [`FailSafeConfig::fallback_fraction`].
+pub(crate) const DEFAULT_FALLBACK_FRACTION: f64 = 0.5;
+/// Default [`FailSafeConfig::probe_interval`].
+pub(crate) const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+/// Default [`FailSafeConfig::heartbeat_interval`].
+pub(crate) const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+/// Default [`FailSafeConfig::process_ttl`].
+pub(crate) const DEFAULT_PROCESS_TTL: Duration = Duration::from_secs(5);
+/// Default [`FailSafeConfig::refund_grace`].
+pub(crate) const DEFAULT_REFUND_GRACE: Duration = Duration::from_secs(1);
+
+/// Settings of a [`FailSafeLimiter`]. `Default` gives the values named `DEFAULT_*`.
+#[derive(Debug, Clone)]
+pub struct FailSafeConfig {
+    /// Share of each rate that all the live processes together may use while Redis is
+    /// unreachable, between 0 (exclusive) and 1. Below 1 because the count of live processes is
+    /// only the last one seen, and Meta penalises exceeding a rate more than sending slower.
+    /// Default 0.5.
+    pub fallback_fraction: f64,
+    /// How often to try Redis again while in fallback: often enough to return soon, rarely
+    /// enough not to hammer a Redis that is restarting. Default 1 s.
+    pub probe_interval: Duration,
+    /// How often this process refreshes its registration (and learns how many processes are
+    /// live). Must be well under `process_ttl`, or live processes would look dead between
+    /// refreshes and fallback shares would be too large. Default 1 s.
+    pub heartbeat_interval: Duration,
+    /// A process not refreshed for this long (by Redis's clock) no longer counts as live: long
+    /// enough to survive a missed heartbeat or two, short enough that a crashed process stops
+    /// shrinking the others' fallback shares soon. Default 5 s.
+    pub process_ttl: Duration,
+    /// The longest a Redis call may take before it counts as a failure and the limiter falls
+    /// back: a send waits on it. Default 250 ms.
+    pub call_timeout: Duration,
+    /// The longest one attempt to (re)connect to Redis may take, at start and when probing.
+    /// Default 1 s.
+    pub connect_timeout: Duration,
+    /// Prefix of every Redis key, so that deployments (and tests) sharing a Redis do not share
+    /// limits. Default `herald:rl:`.
+    pub key_prefix: String,
+    /// The number of processes assumed at least, when fewer (or none, if Redis is down at
+    /// start) have been seen. Set it to the deployment's size to divide the fallback rate
+    /// correctly even then. Default 1.
+    pub min_processes: u32,
+    /// Refunds are dropped for this long after a switch between Redis and fallback: a refund
+    /// cannot say which store its permits came from, and handing them back to the other one
+    /// would credit permits never taken there. Dropping a refund only grants less. Default 1 s.
+    pub refund_grace: Duration,
+}
+
+impl Default for FailSafeConfig {
+    fn default() -> Self {
+        FailSafeConfig {
+            fallback_fraction: DEFAULT_FALLBACK_FRACTION,
+            probe_interval: DEFAULT_PROBE_INTERVAL,
+            heartbeat_interval: DEFAULT_HEARTBEAT_INTERVAL,
+            process_ttl: DEFAULT_PROCESS_TTL,
+            call_timeout: DEFAULT_CALL_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            key_prefix: DEFAULT_KEY_PREFIX.to_string(),
+            min_processes: 1,
+            refund_grace: DEFAULT_REFUND_GRACE,
+        }
+    }
+}
+
+impl FailSafeConfig {
+    /// Checks the settings are usable; the error names the one that is not.
+    pub fn validate(&self) -> Result<(), LimitError> {
+        let bad = |what: &str| Err(LimitError::InvalidConfig(what.to_string()));
+        if !(self.fallback_fraction > 0.0 && self.fallback_fraction <= 1.0) {
+            return bad("fallback_fraction must be in (0, 1]");
+        }
+        if self.probe_interval.is_zero()
+            || self.heartbeat_interval.is_zero()
+            || self.call_timeout.is_zero()
+            || self.connect_timeout.is_zero()
+        {
+            return bad("probe_interval, heartbeat_interval, call_timeout and connect_timeout must be positive");
+        }
+        if self.process_ttl < self.heartbeat_interval * 2 + self.call_timeout {
+            return bad("process_ttl must be at least twice heartbeat_interval plus call_timeout");
+        }
+        Ok(())
+    }
+}
+
+const MODE_REDIS: u8 = 0;
+const MODE_FALLBACK: u8 = 1;
+/// `changed_at` before any switch.
+const NEVER: u64 = u64::MAX;
+
+/// What the limiter and its background task share.
+struct Shared {
+    client: Client,
+    redis_config: RedisLimiterConfig,
+    /// Set once the first connection succeeds; the manager reconnects by itself after that.
+    redis: OnceLock<RedisLimiter>,
+    local: LocalLimiter,
+    config: FailSafeConfig,
+    process_id: String,
+    mode: AtomicU8,
+    /// Serialises mode switches, so that each logs once and the local limiter is cleared
+    /// before anyone uses it in a new fallback period.
+    switching: Mutex<()>,
+    fallbacks: AtomicU64,
+    redis_errors: AtomicU64,
+    /// Live processes last seen in Redis.
+    live_seen: AtomicU32,
+    epoch: Instant,
+    /// When the mode last switched, in nanoseconds since `epoch`, or [`NEVER`].
+    changed_at: AtomicU64,
+}
+
+impl Shared {
+    fn mode(&self) -> LimiterMode {
+        match self.mode.load(Ordering::Acquire) {
+            MODE_REDIS => LimiterMode::Redis,
+            _ => LimiterMode::Fallback,
+        }
+    }
+
+    fn live(&self) -> u32 {
+        self.live_seen
+            .load(Ordering::Relaxed)
+            .max(self.config.min_processes)
+            .max(1)
+    }
+
+    /// This process's share of `rate` while Redis is unreachable.
+    fn share(&self, rate: Rate) -> Rate {
+        let part = self.config.fallback_fraction / f64::from(self.live());
+        let burst = (f64::from(rate.burst.max(1)) * part).floor();
+        Rate {
+            per_second: rate.per_second * part,
+            // `as` saturates; the product is at most `burst`.
+            burst: (burst as u32).max(1),
+        }
+    }
+
+    fn mark_switch(&self) {
+        let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(NEVER - 1);
+        self.changed_at.store(now, Ordering::Release);
+    }
+
+    fn in_refund_grace(&self) -> bool {
+        let changed = self.changed_at.load(Ordering::Acquire);
+        changed != NEVER
+            && self
+                .epoch
+                .elapsed()
+                .saturating_sub(Duration::from_nanos(changed))
+                < self.config.refund_grace
+    }
+
+    /// Counts a failed Redis call and falls back, if not already.
+    fn on_error(&self, error: &LimitError) {
+        self.redis_errors.fetch_add(1, Ordering::Relaxed);
+        let _guard = self
+            .switching
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if self.mode.load(Ordering::Acquire) == MODE_FALLBACK {
+            return;
+        }
+        // Cleared before the mode says fallback, so nobody uses last period's buckets.
+        self.local.clear();
+        self.mark_switch();
+        self.fallbacks.fetch_add(1, Ordering::Relaxed);
+        self.mode.store(MODE_FALLBACK, Ordering::Release);
+        tracing::warn!(
+            process_id = %self.process_id,
+            error = %error,
+            live_processes = self.live(),
+            fallback_fraction = self.config.fallback_fraction,
+            "Redis unreachable: rate limits fall back to this process's share, kept locally"
+        );
+    }
+
+    fn on_recovery(&self) {
+        let _guard = self
+            .switching
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if self.mode.load(Ordering::Acquire) == MODE_REDIS {
+            return;
+        }
+        self.mark_switch();
+        self.mode.store(MODE_REDIS, Ordering::Release);
+        tracing::info!(
+            process_id = %self.process_id,
+            live_processes = self.live(),
+            "Redis reachable again: rate limits are shared through Redis"
+        );
+    }
+
+    /// Registers this process and records the live count; true if Redis answered.
+    async fn heartbeat(&self, redis: &RedisLimiter) -> Result<(), LimitError> {
+        let live = redis
+            .register_process(&self.process_id, self.config.process_ttl)
+            .await?;
+        self.live_seen.store(live, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// One round of the background task: a heartbeat in Redis mode, a probe in fallback.
+    async fn tick(&self) {
+        if self.mode() == LimiterMode::Redis {
+            if let Some(redis) = self.redis.get() {
+                if let Err(error) = self.heartbeat(redis).await {
+                    self.on_error(&error);
+                }
+            }
+            return;
+        }
+        if let Err(error) = self.probe().await {
+            self.redis_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(process_id = %self.process_id, error = %error, "Redis probe failed");
+        }
+    }
+
+    /// Tries Redis: connects if it never did, PINGs, registers; back to Redis mode on success.
+    async fn probe(&self) -> Result<(), LimitError> {
+        let redis = match self.redis.get() {
+            Some(redis) => redis,
+            None => {
+                let conn = connect_manager(self.client.clone(), &self.redis_config).await?;
+                self.redis
+                    .get_or_init(|| RedisLimiter::with_manager(conn, self.redis_config.clone()))
+            }
+        };
+        // After an outage the first call may only learn that the last reconnection attempt
+        // failed, and start a new one; a second call waits for that attempt.
+        if redis.ping().await.is_err() {
+            redis.ping().await?;
+        }
+        self.heartbeat(redis).await?;
+        self.on_recovery();
+        Ok(())
+    }
+}
+
+/// The production [`Limiter`]: shared through Redis, falling back to a local limiter at a
+/// conservative share of each rate while Redis is unreachable, and back again when it answers.
+/// See the module documentation.
+pub struct FailSafeLimiter {
+    shared: Arc<Shared>,
+    task: JoinHandle<()>,
+}
+
+impl FailSafeLimiter {
+    /// Connects to Redis at `url` as the process `process_id` (unique per process: a host name
+    /// and pid, or a UUID), registers it, and starts the heartbeat and probe task (on the
+    /// current Tokio runtime).
+    ///
+    /// A Redis that is down (or slow) at start is not an error: the limiter starts in fallback
+    /// (which counts as one fallback in its status, with the warning) and probes. A malformed
+    /// URL or configuration is.
+    pub async fn connect(
+        url: &str,
+        process_id: String,
+        config: FailSafeConfig,
+    ) -> Result<Self, LimitError> {
+        config.validate()?;
+        let client = open_client(url)?;
+        let redis_config = RedisLimiterConfig {
+            key_prefix: config.key_prefix.clone(),
+            call_timeout: config.call_timeout,
+            connect_timeout: config.connect_timeout,
+        };
+        let shared = Arc::new(Shared {
+            client,
+            redis_config,
+            redis: OnceLock::new(),
+            local: LocalLimiter::new().starting_empty(),
+            config,
+            process_id,
+            mode: AtomicU8::new(MODE_REDIS),
+            switching: Mutex::new(()),
+            fallbacks: AtomicU64::new(0),
+            redis_errors: AtomicU64::new(0),
+            live_seen: AtomicU32::new(0),
+            epoch: Instant::now(),
+            changed_at: AtomicU64::new(NEVER),
+        });
+        let started = async {
+            let conn = connect_manager(shared.client.clone(), &shared.redis_config).await?;
+            let redis = shared
+                .redis
+                .get_or_init(|| RedisLimiter::with_manager(conn, shared.redis_config.clone()));
+            shared.heartbeat(redis).await
+        };
+        if let Err(error) = started.await {
+            shared.on_error(&error);
+        }
+        let task = tokio::spawn(run(Arc::downgrade(&shared)));
+        Ok(FailSafeLimiter { shared, task })
+    }
+
+    /// This process's id in the registry of live processes.
+    pub fn process_id(&self) -> &str {
+        &self.shared.process_id
+    }
+
+    /// The number of processes fallback shares are divided by: the last count seen in Redis,
+    /// at least `min_processes`.
+    pub fn live_processes(&self) -> u32 {
+        self.shared.live()
+    }
+
+    /// The rate this process allows itself for `rate` while in fallback.
+    pub fn fallback_rate(&self, rate: Rate) -> Rate {
+        self.shared.share(rate)
+    }
+
+    /// Removes this process from the registry, so that the others' fallback shares grow at
+    /// once rather than after `process_ttl`. For graceful shutdown; the heartbeat would add it
+    /// back if the limiter were used on.
+    pub async fn deregister(&self) -> Result<(), LimitError> {
+        match self.shared.redis.get() {
+            Some(redis) => redis.deregister_process(&self.shared.process_id).await,
+            None => Ok(()),
+        }
+    }
+}
+
+/// The background task: heartbeats every `heartbeat_interval` in Redis mode, probes every
+/// `probe_interval` in fallback. Ends when the limiter is dropped.
+async fn run(shared: Weak<Shared>) {
+    loop {
+        let pause = match shared.upgrade() {
+            Some(s) if s.mode() == LimiterMode::Redis => s.config.heartbeat_interval,
+            Some(s) => s.config.probe_interval,
+            None => return,
+        };
+        tokio::time::sleep(pause).await;
+        let Some(s) = shared.upgrade() else {
+            return;
+        };
+        s.tick().await;
+    }
+}
+
+impl Drop for FailSafeLimiter {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl fmt::Debug for FailSafeLimiter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FailSafeLimiter")
+            .field("process_id", &self.shared.process_id)
+            .field("status", &self.status())
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl Limiter for FailSafeLimiter {
+    async fn acquire(&self, key: &str, rate: Rate, want: u32) -> Grant {
+        let s = &self.shared;
+        if s.mode() == LimiterMode::Redis {
+            if let Some(redis) = s.redis.get() {
+                match redis.acquire(key, rate, want).await {
+                    Ok(grant) => return grant,
+                    Err(error) => s.on_error(&error),
+                }
+            }
+        }
+        s.local.acquire_now(key, s.share(rate), want)
+    }
+
+    async fn refund(&self, key: &str, rate: Rate, n: u32) {
+        let s = &self.shared;
+        let mode = s.mode();
+        if s.in_refund_grace() {
+            return;
+        }
+        match (mode, s.redis.get()) {
+            (LimiterMode::Redis, Some(redis)) => {
+                if let Err(error) = redis.refund(key, rate, n).await {
+                    s.on_error(&error);
+                }
+            }
+            _ => s.local.refund_now(key, s.share(rate), n),
+        }
+    }
+
+    fn status(&self) -> LimiterStatus {
+        LimiterStatus {
+            mode: self.shared.mode(),
+            fallbacks: self.shared.fallbacks.load(Ordering::Relaxed),
+            redis_errors: self.shared.redis_errors.load(Ordering::Relaxed),
+        }
+    }
+}

@@ -1,0 +1,575 @@
+//! `RedisLimiter` and `FailSafeLimiter` against real Redis: the shared Redis at
+//! `redis://127.0.0.1:6379` (or `HERALD_TEST_REDIS_URL`), and, for the outage tests, a
+//! `redis-server` each test starts and kills itself. Every test uses its own key prefix so
+//! they run in parallel. A Redis that cannot be reached fails the tests; it does not skip them.
+
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use herald_engine::limit::{
+    FailSafeConfig, FailSafeLimiter, LimitError, Limiter, LimiterMode, Rate, RedisLimiter,
+    RedisLimiterConfig,
+};
+
+fn redis_url() -> String {
+    std::env::var("HERALD_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+fn prefix() -> String {
+    format!("herald-test:{}:", uuid::Uuid::new_v4().simple())
+}
+
+fn config(prefix: &str) -> RedisLimiterConfig {
+    RedisLimiterConfig {
+        key_prefix: prefix.to_string(),
+        ..RedisLimiterConfig::default()
+    }
+}
+
+async fn limiter(prefix: &str) -> RedisLimiter {
+    let url = redis_url();
+    match RedisLimiter::connect(&url, config(prefix)).await {
+        Ok(limiter) => limiter,
+        Err(e) => panic!(
+            "these tests need a real Redis at {url} (set HERALD_TEST_REDIS_URL to use another); \
+             it could not be reached: {e}"
+        ),
+    }
+}
+
+async fn raw_connection() -> redis::aio::MultiplexedConnection {
+    let url = redis_url();
+    let client = redis::Client::open(url.as_str())
+        .unwrap_or_else(|e| panic!("bad HERALD_TEST_REDIS_URL {url}: {e}"));
+    client
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap_or_else(|e| panic!("these tests need a real Redis at {url}: {e}"))
+}
+
+/// One acquire that granted something: when it was sent, when its answer came back (test
+/// clock, µs since the start), and how many permits.
+#[derive(Debug, Clone, Copy)]
+struct Event {
+    sent: u64,
+    received: u64,
+    granted: u32,
+}
+
+/// Checks the admission property on grants decided by Redis's clock but timed on the test's.
+///
+/// Each grant was decided at some instant inside `[sent, received]`. So the grants whose whole
+/// interval lies in `[a, b]` were all decided inside `[a, b]`, and there can be at most
+/// `rate * (b - a) + burst` of them; the binding windows start at some `sent` and end at some
+/// `received`, and all of those are checked. Because only differences of test-clock times are
+/// used, the offset between Redis's clock and the test's does not matter; what remains is
+/// `slack`: one permit for the window's edge (a permit due exactly at `a`), and one for the two
+/// clocks running at slightly different rates (NTP slews a clock by at most 500 ppm: 0.75 ms
+/// over 1.5 s, under one permit at 1000/s) and `TIME`'s microsecond resolution.
+fn check_bracketed_windows(events: &[Event], per_second: f64, burst: u32, slack: f64) {
+    let mut by_sent = events.to_vec();
+    by_sent.sort_by_key(|e| e.sent);
+    for i in 0..by_sent.len() {
+        let a = by_sent[i].sent;
+        let mut inside: Vec<&Event> = by_sent[i..].iter().collect();
+        inside.sort_by_key(|e| e.received);
+        let mut count = 0u64;
+        for e in inside {
+            count += u64::from(e.granted);
+            let width = (e.received.saturating_sub(a)) as f64 / 1e6;
+            let bound = per_second * width + f64::from(burst) + slack;
+            assert!(
+                count as f64 <= bound,
+                "{count} permits decided within {width:.6} s > {bound:.2} \
+                 ({per_second}/s, burst {burst})"
+            );
+        }
+    }
+}
+
+/// Checks the admission property on grants timed by the same clock that decided them (the
+/// local fallback): in every window `[t_i, t_j]`, at most `rate * width + burst + 1`.
+fn check_local_windows(events: &[(Instant, u32)], per_second: f64, burst: u32) {
+    let mut events = events.to_vec();
+    events.sort_by_key(|e| e.0);
+    for i in 0..events.len() {
+        let mut count = 0u64;
+        for j in i..events.len() {
+            count += u64::from(events[j].1);
+            let width = (events[j].0 - events[i].0).as_secs_f64();
+            // The grant was decided a little before it was timed: the window's edge, and the
+            // real clock's reading inside the limiter versus the one here, cost at most one
+            // interval, i.e. one permit.
+            let bound = per_second * width + f64::from(burst) + 1.0;
+            assert!(
+                count as f64 <= bound,
+                "{count} permits in {width:.6} s > {bound:.2} ({per_second}/s, burst {burst})"
+            );
+        }
+    }
+}
+
+#[test]
+fn three_processes_sharing_a_key_stay_within_the_rate() {
+    let prefix = prefix();
+    let rate = Rate {
+        per_second: 1000.0,
+        burst: 10,
+    };
+    let run_for = Duration::from_millis(1500);
+    let t0 = Instant::now();
+    // Three "processes": each a thread with its own runtime and its own connection.
+    let processes: Vec<_> = (0..3)
+        .map(|_| {
+            let prefix = prefix.clone();
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("no Tokio runtime");
+                runtime.block_on(async move {
+                    let limiter = limiter(&prefix).await;
+                    let mut events = Vec::new();
+                    while t0.elapsed() < run_for {
+                        let sent = t0.elapsed().as_micros() as u64;
+                        let grant = limiter
+                            .acquire("channel", rate, 5)
+                            .await
+                            .unwrap_or_else(|e| panic!("acquire failed: {e}"));
+                        let received = t0.elapsed().as_micros() as u64;
+                        if grant.granted > 0 {
+                            events.push(Event {
+                                sent,
+                                received,
+                                granted: grant.granted,
+                            });
+                        } else {
+                            tokio::time::sleep(grant.next_in).await;
+                        }
+                    }
+                    events
+                })
+            })
+        })
+        .collect();
+    let mut events = Vec::new();
+    for process in processes {
+        events.extend(process.join().expect("a hammering process panicked"));
+    }
+    let total: u64 = events.iter().map(|e| u64::from(e.granted)).sum();
+    let first = events.iter().map(|e| e.sent).min().unwrap_or(0);
+    let last = events.iter().map(|e| e.received).max().unwrap_or(0);
+    let duration = (last - first) as f64 / 1e6;
+    println!(
+        "3 processes, 1000/s burst 10: {total} permits in {duration:.3} s over {} grants",
+        events.len()
+    );
+    check_bracketed_windows(&events, rate.per_second, rate.burst, 2.0);
+    assert!(
+        total as f64 >= 0.97 * rate.per_second * duration,
+        "only {total} permits in {duration:.3} s: the limiter wastes the rate"
+    );
+}
+
+#[tokio::test]
+async fn refund_gives_permits_back() {
+    let limiter = limiter(&prefix()).await;
+    // One permit a second: nothing accrues while the test runs.
+    let rate = Rate {
+        per_second: 1.0,
+        burst: 10,
+    };
+    assert_eq!(limiter.acquire("k", rate, 10).await.unwrap().granted, 10);
+    let refused = limiter.acquire("k", rate, 1).await.unwrap();
+    assert_eq!(refused.granted, 0);
+    assert!(refused.next_in > Duration::from_millis(900), "{refused:?}");
+    limiter.refund("k", rate, 4).await.unwrap();
+    assert_eq!(limiter.acquire("k", rate, 10).await.unwrap().granted, 4);
+    // Never beyond a full bucket.
+    limiter.refund("k", rate, 100).await.unwrap();
+    assert_eq!(limiter.acquire("k", rate, 100).await.unwrap().granted, 10);
+    // Nothing to hand back to.
+    limiter.refund("never-used", rate, 5).await.unwrap();
+    assert_eq!(
+        limiter
+            .acquire("never-used", rate, 100)
+            .await
+            .unwrap()
+            .granted,
+        10
+    );
+}
+
+#[tokio::test]
+async fn keys_expire_when_idle() {
+    let limiter = limiter(&prefix()).await;
+    let mut conn = raw_connection().await;
+    let key = limiter.redis_key("k");
+
+    let slow = Rate {
+        per_second: 1.0,
+        burst: 10,
+    };
+    assert_eq!(limiter.acquire("k", slow, 10).await.unwrap().granted, 10);
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!((9_000..=10_001).contains(&ttl), "PTTL {ttl} ms");
+    let stored: String = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(stored.ends_with(":1000000"), "stored {stored:?}");
+
+    let fast = Rate {
+        per_second: 1000.0,
+        burst: 10,
+    };
+    let key = limiter.redis_key("fast");
+    assert_eq!(limiter.acquire("fast", fast, 10).await.unwrap().granted, 10);
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(ttl > 0 && ttl <= 11, "PTTL {ttl} ms");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(exists, 0, "an idle key should be gone");
+    // And gone means full.
+    assert_eq!(limiter.acquire("fast", fast, 20).await.unwrap().granted, 10);
+}
+
+#[tokio::test]
+async fn a_rate_cut_does_not_hand_out_a_fresh_burst() {
+    let limiter = limiter(&prefix()).await;
+    let before = Rate {
+        per_second: 10.0,
+        burst: 10,
+    };
+    let after = Rate {
+        per_second: 5.0,
+        burst: 10,
+    };
+    assert_eq!(limiter.acquire("k", before, 10).await.unwrap().granted, 10);
+    // The 10 permits just taken now cost 200 ms each: nothing is free for about 200 ms.
+    let grant = limiter.acquire("k", after, 10).await.unwrap();
+    assert_eq!(grant.granted, 0);
+    assert!(
+        grant.next_in > Duration::from_millis(150) && grant.next_in <= Duration::from_millis(200),
+        "{grant:?}"
+    );
+}
+
+#[tokio::test]
+async fn unusable_rates_grant_nothing() {
+    let limiter = limiter(&prefix()).await;
+    for per_second in [0.0, -3.0, f64::NAN] {
+        let grant = limiter
+            .acquire(
+                "k",
+                Rate {
+                    per_second,
+                    burst: 5,
+                },
+                5,
+            )
+            .await
+            .unwrap();
+        assert_eq!(grant.granted, 0);
+    }
+}
+
+#[tokio::test]
+async fn processes_register_and_expire() {
+    let limiter = limiter(&prefix()).await;
+    let ttl = Duration::from_millis(300);
+    assert_eq!(limiter.register_process("a", ttl).await.unwrap(), 1);
+    assert_eq!(limiter.register_process("b", ttl).await.unwrap(), 2);
+    assert_eq!(limiter.register_process("a", ttl).await.unwrap(), 2);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(limiter.register_process("c", ttl).await.unwrap(), 1);
+    limiter.deregister_process("c").await.unwrap();
+    assert_eq!(limiter.register_process("d", ttl).await.unwrap(), 1);
+}
+
+#[tokio::test]
+async fn failsafe_uses_redis_when_it_answers() {
+    let prefix = prefix();
+    let url = redis_url();
+    let config = FailSafeConfig {
+        key_prefix: prefix.clone(),
+        ..FailSafeConfig::default()
+    };
+    let a = FailSafeLimiter::connect(&url, "a".into(), config.clone())
+        .await
+        .unwrap();
+    let b = FailSafeLimiter::connect(&url, "b".into(), config)
+        .await
+        .unwrap();
+    for limiter in [&a, &b] {
+        let status = limiter.status();
+        assert_eq!(
+            status.mode,
+            LimiterMode::Redis,
+            "Redis at {url} should be reachable: {status:?}"
+        );
+        assert_eq!((status.fallbacks, status.redis_errors), (0, 0));
+    }
+    assert_eq!(b.live_processes(), 2);
+    let rate = Rate {
+        per_second: 1.0,
+        burst: 6,
+    };
+    // One bucket for both processes.
+    assert_eq!(a.acquire("k", rate, 4).await.granted, 4);
+    assert_eq!(b.acquire("k", rate, 4).await.granted, 2);
+    b.refund("k", rate, 2).await;
+    assert_eq!(a.acquire("k", rate, 4).await.granted, 2);
+    a.deregister().await.unwrap();
+}
+
+/// A `redis-server` of the test's own, killed when dropped.
+struct Server {
+    child: Child,
+}
+
+impl Server {
+    fn start(port: u16) -> Server {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("this test needs redis-server on the PATH: {e}"));
+        let server = Server { child };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server did not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        server
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("no free port");
+    listener.local_addr().expect("no local address").port()
+}
+
+/// Asks `limiter` for permits of `key` as fast as it grants them until `until`.
+async fn hammer(
+    limiter: Arc<FailSafeLimiter>,
+    key: &'static str,
+    rate: Rate,
+    until: Instant,
+) -> Vec<(Instant, u32)> {
+    let mut events = Vec::new();
+    while Instant::now() < until {
+        let grant = limiter.acquire(key, rate, 5).await;
+        if grant.granted > 0 {
+            events.push((Instant::now(), grant.granted));
+        } else {
+            tokio::time::sleep(grant.next_in.max(Duration::from_millis(1))).await;
+        }
+    }
+    events
+}
+
+async fn wait_for(what: &str, within: Duration, mut done: impl FnMut() -> bool) -> Duration {
+    let start = Instant::now();
+    while !done() {
+        assert!(start.elapsed() < within, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    start.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failsafe_falls_back_when_redis_dies_and_returns_when_it_is_back() {
+    let port = free_port();
+    let server = Server::start(port);
+    let url = format!("redis://127.0.0.1:{port}");
+    let probe_interval = Duration::from_millis(300);
+    let config = FailSafeConfig {
+        key_prefix: prefix(),
+        probe_interval,
+        heartbeat_interval: Duration::from_millis(200),
+        process_ttl: Duration::from_secs(2),
+        ..FailSafeConfig::default()
+    };
+    let a = Arc::new(
+        FailSafeLimiter::connect(&url, "a".into(), config.clone())
+            .await
+            .unwrap(),
+    );
+    let b = Arc::new(
+        FailSafeLimiter::connect(&url, "b".into(), config)
+            .await
+            .unwrap(),
+    );
+    // `a` registered before `b` existed; its next heartbeat sees both.
+    wait_for(
+        "both processes see two live",
+        Duration::from_secs(2),
+        || a.live_processes() == 2 && b.live_processes() == 2,
+    )
+    .await;
+    let rate = Rate {
+        per_second: 200.0,
+        burst: 20,
+    };
+    assert_eq!(a.status().mode, LimiterMode::Redis);
+    assert_eq!(a.acquire("channel", rate, 5).await.granted, 5);
+
+    drop(server);
+    let run_for = Duration::from_millis(1000);
+    let until = Instant::now() + run_for;
+    let (events_a, events_b) = tokio::join!(
+        hammer(Arc::clone(&a), "channel", rate, until),
+        hammer(Arc::clone(&b), "channel", rate, until),
+    );
+    for (name, limiter) in [("a", &a), ("b", &b)] {
+        let status = limiter.status();
+        assert_eq!(status.mode, LimiterMode::Fallback, "{name}: {status:?}");
+        assert_eq!(
+            status.fallbacks, 1,
+            "{name} fell back more than once: {status:?}"
+        );
+        assert!(status.redis_errors >= 1, "{name}: {status:?}");
+    }
+    // Each process allows itself 200 * 0.5 / 2 = 50/s with a burst of 20 * 0.25 = 5.
+    let share = a.fallback_rate(rate);
+    assert_eq!((share.per_second, share.burst), (50.0, 5));
+    let mut events = events_a;
+    events.extend(events_b);
+    let total: u32 = events.iter().map(|e| e.1).sum();
+    println!("fallback: {total} permits in {run_for:?} by two processes at 200/s * 0.5");
+    // Together at most half the rate, plus the burst.
+    check_local_windows(&events, 0.5 * rate.per_second, rate.burst);
+    // And not much less: the share is used.
+    assert!(
+        f64::from(total) >= 0.7 * 0.5 * rate.per_second * run_for.as_secs_f64(),
+        "only {total} permits in fallback"
+    );
+
+    let server = Server::start(port);
+    let back = Instant::now();
+    let waited = wait_for(
+        "both back in Redis mode",
+        probe_interval + Duration::from_secs(2),
+        || a.status().mode == LimiterMode::Redis && b.status().mode == LimiterMode::Redis,
+    )
+    .await;
+    println!("back to Redis {:?} after the restart", back.elapsed());
+    assert!(
+        waited <= probe_interval + Duration::from_millis(700),
+        "took {waited:?} to return to Redis (probe interval {probe_interval:?})"
+    );
+    assert_eq!(a.status().fallbacks, 1);
+    let grant = a.acquire("channel", rate, 5).await;
+    assert_eq!(grant.granted, 5, "Redis restarted empty: a full bucket");
+    assert_eq!(a.status().mode, LimiterMode::Redis);
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failsafe_starts_in_fallback_when_redis_is_down() {
+    let port = free_port(); // nothing listens there
+    let url = format!("redis://127.0.0.1:{port}");
+    let started = Instant::now();
+    let limiter = Arc::new(
+        FailSafeLimiter::connect(&url, "lonely".into(), FailSafeConfig::default())
+            .await
+            .expect("a Redis that is down is not an error"),
+    );
+    assert!(started.elapsed() < Duration::from_secs(2));
+    let status = limiter.status();
+    assert_eq!(status.mode, LimiterMode::Fallback);
+    assert_eq!(status.fallbacks, 1);
+    assert_eq!(limiter.live_processes(), 1);
+
+    let rate = Rate {
+        per_second: 100.0,
+        burst: 10,
+    };
+    let share = limiter.fallback_rate(rate);
+    assert_eq!((share.per_second, share.burst), (50.0, 5));
+    // Fallback keys start empty: nothing in a burst.
+    assert_eq!(limiter.acquire("c", rate, 5).await.granted, 0);
+    let run_for = Duration::from_millis(600);
+    let events = hammer(Arc::clone(&limiter), "c", rate, Instant::now() + run_for).await;
+    let total: u32 = events.iter().map(|e| e.1).sum();
+    check_local_windows(&events, share.per_second, share.burst);
+    assert!(
+        f64::from(total) <= share.per_second * run_for.as_secs_f64() + 1.0,
+        "{total} permits in {run_for:?}: above the share"
+    );
+    assert_eq!(limiter.status().mode, LimiterMode::Fallback);
+}
+
+#[tokio::test]
+async fn failsafe_rejects_a_malformed_url_and_bad_settings() {
+    let err = FailSafeLimiter::connect("not a url", "x".into(), FailSafeConfig::default())
+        .await
+        .expect_err("a malformed URL is an error");
+    assert!(matches!(err, LimitError::InvalidUrl(_)), "{err:?}");
+    let config = FailSafeConfig {
+        fallback_fraction: 1.5,
+        ..FailSafeConfig::default()
+    };
+    let err = FailSafeLimiter::connect(&redis_url(), "x".into(), config)
+        .await
+        .expect_err("a fraction above 1 fails open");
+    assert!(matches!(err, LimitError::InvalidConfig(_)), "{err:?}");
+}
+
+/// Prints the cost of one acquire round trip to the shared Redis (run with `--nocapture`).
+#[tokio::test]
+async fn timing_redis_acquire() {
+    let limiter = limiter(&prefix()).await;
+    let rate = Rate {
+        per_second: 1e6,
+        burst: 1000,
+    };
+    for _ in 0..100 {
+        limiter.acquire("warm", rate, 4).await.unwrap();
+    }
+    let mut samples = Vec::new();
+    for i in 0..2000 {
+        let start = Instant::now();
+        limiter
+            .acquire(&format!("k{}", i % 50), rate, 4)
+            .await
+            .unwrap();
+        samples.push(start.elapsed());
+    }
+    samples.sort();
+    let mean = samples.iter().sum::<Duration>() / samples.len() as u32;
+    println!(
+        "RedisLimiter::acquire round trip to {}: mean {mean:?}, p50 {:?}, p99 {:?}",
+        redis_url(),
+        samples[samples.len() / 2],
+        samples[samples.len() * 99 / 100]
+    );
+}
