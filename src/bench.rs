@@ -20,6 +20,9 @@ use tokio::sync::{mpsc, Notify};
 pub enum BenchCommand {
     /// Bulk-enqueue N no-op jobs, drain them with real workers, measure pickup latency.
     Queue(QueueArgs),
+    /// Send N broadcast messages (and K interactive replies) through P processes sharing one
+    /// channel on the Meta sandbox, limited to R messages a second.
+    Delivery(crate::bench_delivery::DeliveryArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -60,6 +63,7 @@ pub struct QueueArgs {
 pub async fn run(which: BenchCommand) -> Result<(), Box<dyn std::error::Error>> {
     match which {
         BenchCommand::Queue(args) => queue(args).await,
+        BenchCommand::Delivery(args) => crate::bench_delivery::run(args).await,
     }
 }
 

@@ -75,7 +75,9 @@ pub async fn run(mut settings: Settings, args: DemoArgs) -> Result<(), Box<dyn s
                         .map_err(|e| e.to_string())
                 }
                 None => {
-                    let engine = crate::start_engine(store, &settings);
+                    let engine = crate::start_engine(store, &settings)
+                        .await
+                        .map_err(|e| e.to_string())?;
                     shutdown.await;
                     engine.shutdown().await;
                     Ok(())

@@ -2,8 +2,10 @@
 //! the handlers and starts the services each subcommand needs.
 
 mod bench;
+mod bench_delivery;
 mod demo;
 mod jobs;
+mod sandbox_cmd;
 mod settings;
 
 use std::path::PathBuf;
@@ -11,7 +13,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use herald_engine::delivery::{AdmissionConfig, ChannelAdmission};
+use herald_engine::limit::{FailSafeConfig, FailSafeLimiter, Limiter, LocalLimiter};
 use herald_engine::{Engine, Store, SystemClock};
+use herald_workers::meta::{ClientConfig, MetaClient, SendConfig, SendWorker};
 use tracing::{error, info};
 
 use crate::settings::Settings;
@@ -45,6 +50,8 @@ enum Command {
         #[command(subcommand)]
         which: jobs::JobsCommand,
     },
+    /// Serve a stand-in for Meta's Graph API (sends, limits, signed status webhooks, faults).
+    Sandbox(sandbox_cmd::SandboxArgs),
     /// Benchmarks that print their figures as a JSON line.
     Bench {
         #[command(subcommand)]
@@ -70,6 +77,10 @@ fn main() -> ExitCode {
             init_tracing(&std::env::var("HERALD_LOG").unwrap_or_else(|_| "warn".into()));
             return report(bench::run(which).await);
         }
+        if let Command::Sandbox(args) = cli.command {
+            init_tracing(&std::env::var("HERALD_LOG").unwrap_or_else(|_| "info".into()));
+            return report(sandbox_cmd::run(args).await);
+        }
         let settings = match Settings::load(cli.config.as_deref()) {
             Ok(s) => s,
             Err(e) => {
@@ -87,6 +98,7 @@ fn main() -> ExitCode {
             Command::Demo(args) => demo::run(settings, args).await,
             Command::Jobs { which } => jobs::run(settings, which).await,
             Command::Bench { which } => bench::run(which).await,
+            Command::Sandbox(args) => sandbox_cmd::run(args).await,
         };
         report(result)
     })
@@ -135,7 +147,7 @@ fn redact(url: &str) -> String {
 }
 
 /// Resolves on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+pub async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -156,13 +168,53 @@ async fn shutdown_signal() {
     }
 }
 
-fn start_engine(store: Arc<dyn Store>, settings: &Settings) -> Engine {
-    Engine::start(
+/// The delivery stack: the limiter (Redis-backed when several processes share channels), the
+/// channel admission the engine asks before claiming sends, and the send worker.
+pub async fn start_engine(
+    store: Arc<dyn Store>,
+    settings: &Settings,
+) -> Result<Engine, Box<dyn std::error::Error>> {
+    let clock: Arc<dyn herald_engine::Clock> = Arc::new(SystemClock);
+    let limiter: Arc<dyn Limiter> = match &settings.redis_url {
+        Some(url) => Arc::new(
+            FailSafeLimiter::connect(
+                url,
+                settings.engine.worker_id.clone(),
+                FailSafeConfig::default(),
+            )
+            .await
+            .map_err(|e| format!("redis_url (HERALD_REDIS_URL): {e}"))?,
+        ),
+        None => Arc::new(LocalLimiter::new()),
+    };
+    let admission = Arc::new(ChannelAdmission::new(
+        store.clone(),
+        limiter,
+        AdmissionConfig::default(),
+    ));
+    let client = MetaClient::new(ClientConfig {
+        request_timeout: settings.meta_timeout,
+        ..ClientConfig::default()
+    })
+    .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+    let mut registry = herald_workers::builtin();
+    registry.register(SendWorker::new(
+        store.clone(),
+        admission.clone(),
+        client,
+        clock.clone(),
+        SendConfig {
+            unknown_grace: settings.unknown_grace,
+            ..SendConfig::default()
+        },
+    ));
+    Ok(Engine::start_limited(
         store,
-        herald_workers::builtin(),
+        registry,
         settings.engine.clone(),
-        Arc::new(SystemClock),
-    )
+        clock,
+        admission,
+    ))
 }
 
 async fn serve(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
@@ -186,7 +238,7 @@ pub async fn run(
     settings: &Settings,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let engine = start_engine(store.clone(), settings);
+    let engine = start_engine(store.clone(), settings).await?;
     let app = herald_api::app(herald_api::AppState { store });
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {
@@ -207,7 +259,7 @@ pub async fn run(
 async fn worker(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
     let store = open_store(&settings).await?;
     info!(database = store.backend().as_str(), "herald worker running");
-    let engine = start_engine(store, &settings);
+    let engine = start_engine(store, &settings).await?;
     shutdown_signal().await;
     let report = engine.shutdown().await;
     info!(released = report.released, "engine drained");

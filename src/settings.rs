@@ -44,7 +44,7 @@ pub const KEYS: &[(&str, &str, &str, &str)] = &[
     (
         "queues",
         "HERALD_QUEUES",
-        "default=100",
+        "default=100,send=256",
         "queues this process works and their concurrency: `name=N,name=N`; empty: none",
     ),
     (
@@ -162,6 +162,30 @@ pub const KEYS: &[(&str, &str, &str, &str)] = &[
         "take part in leader election (rescuer, pruner)",
     ),
     (
+        "rate_tick",
+        "HERALD_RATE_TICK",
+        "5ms",
+        "how often a rate-limited queue asks each channel for permits",
+    ),
+    (
+        "redis_url",
+        "HERALD_REDIS_URL",
+        "(none: limits in this process)",
+        "Redis shared by processes that send through the same channels: `redis://host:port`",
+    ),
+    (
+        "unknown_grace",
+        "HERALD_UNKNOWN_GRACE",
+        "10m",
+        "a send whose answer was lost is sent again only after this long without a status webhook",
+    ),
+    (
+        "meta_timeout",
+        "HERALD_META_TIMEOUT",
+        "15s",
+        "a request to Meta without an answer after this long counts as lost",
+    ),
+    (
         "log",
         "HERALD_LOG",
         "info",
@@ -175,6 +199,10 @@ pub struct Settings {
     pub listen: SocketAddr,
     pub connect: ConnectOptions,
     pub engine: EngineConfig,
+    /// None: rate limits are kept in this process only.
+    pub redis_url: Option<String>,
+    pub unknown_grace: Duration,
+    pub meta_timeout: Duration,
     pub log: String,
 }
 
@@ -251,6 +279,8 @@ impl Settings {
             prune_interval: r.dur("prune_interval", defaults.prune_interval)?,
             completed_retention: r.dur("completed_retention", defaults.completed_retention)?,
             failed_retention: r.dur("failed_retention", defaults.failed_retention)?,
+            rate_tick: r.dur("rate_tick", defaults.rate_tick)?,
+            max_rate_keys: defaults.max_rate_keys,
             maintenance: r.boolean("maintenance", defaults.maintenance)?,
         };
         if let Err(message) = engine.validate() {
@@ -317,6 +347,23 @@ impl Settings {
             },
             database_url,
             engine,
+            redis_url: match r.str("redis_url").filter(|u| !u.is_empty()) {
+                Some(url) if url.starts_with("redis://") || url.starts_with("rediss://") => {
+                    Some(url)
+                }
+                Some(other) => {
+                    return Err(r.invalid(
+                        "redis_url",
+                        format!("{other:?} is not a redis:// or rediss:// URL"),
+                    ))
+                }
+                None => None,
+            },
+            unknown_grace: r.dur(
+                "unknown_grace",
+                herald_engine::delivery::DEFAULT_UNKNOWN_GRACE,
+            )?,
+            meta_timeout: r.dur("meta_timeout", Duration::from_secs(15))?,
             log: r.str("log").unwrap_or_else(|| "info".into()),
         })
     }

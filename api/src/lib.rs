@@ -1,9 +1,11 @@
-//! Herald's HTTP layer. Today: health checks. The `/v1` API and Meta's webhooks land here.
+//! Herald's HTTP layer. Today: health checks and Meta's webhooks (statuses and inbound
+//! messages). The `/v1` API lands here.
 //!
 //! [`app`] builds the router from its state, so tests drive it with `oneshot`, no socket.
 
 use std::sync::Arc;
 
+use axum::extract::DefaultBodyLimit;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -18,10 +20,33 @@ pub struct AppState {
     pub store: Arc<dyn Store>,
 }
 
+pub mod webhooks;
+
 pub fn app(state: AppState) -> Router {
     Router::new()
         .route("/healthz", get(healthz))
+        .route(
+            "/webhooks/{channel_id}",
+            get(webhooks::verify).post(webhooks::receive),
+        )
+        .layer(DefaultBodyLimit::max(webhooks::MAX_BODY))
         .with_state(state)
+}
+
+/// An RFC 9457 problem: a stable `type`, a status, and a message for people. Never carries
+/// internals (those are logged where they happen).
+pub fn problem(status: StatusCode, kind: &str, detail: &str) -> Response {
+    (
+        status,
+        [(axum::http::header::CONTENT_TYPE, "application/problem+json")],
+        Json(json!({
+            "type": format!("https://herald.dev/problems/{kind}"),
+            "title": status.canonical_reason().unwrap_or("error"),
+            "status": status.as_u16(),
+            "detail": detail,
+        })),
+    )
+        .into_response()
 }
 
 /// 200 when the database answers, 503 otherwise (the error is logged, not returned).

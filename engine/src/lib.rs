@@ -3,11 +3,14 @@
 //!
 //! Start with [`Client`] to enqueue and [`Engine`] to work jobs.
 
+pub mod admission;
 pub mod backoff;
 pub mod clock;
 pub mod config;
+pub mod delivery;
 pub mod error;
 pub mod handler;
+pub mod limit;
 pub mod migrate;
 pub mod model;
 pub mod runtime;
@@ -16,6 +19,7 @@ pub mod wakeup;
 
 use std::sync::Arc;
 
+pub use admission::Admission;
 pub use backoff::Backoff;
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use config::{EngineConfig, QueueConfig};

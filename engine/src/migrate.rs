@@ -9,17 +9,31 @@ pub struct Migration {
     pub sql: &'static str,
 }
 
-pub const POSTGRES: &[Migration] = &[Migration {
-    version: 1,
-    name: "jobs",
-    sql: include_str!("../../migrations/postgres/0001_jobs.sql"),
-}];
+pub const POSTGRES: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "jobs",
+        sql: include_str!("../../migrations/postgres/0001_jobs.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "delivery",
+        sql: include_str!("../../migrations/postgres/0002_delivery.sql"),
+    },
+];
 
-pub const SQLITE: &[Migration] = &[Migration {
-    version: 1,
-    name: "jobs",
-    sql: include_str!("../../migrations/sqlite/0001_jobs.sql"),
-}];
+pub const SQLITE: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "jobs",
+        sql: include_str!("../../migrations/sqlite/0001_jobs.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "delivery",
+        sql: include_str!("../../migrations/sqlite/0002_delivery.sql"),
+    },
+];
 
 #[cfg(test)]
 mod tests {

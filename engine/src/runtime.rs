@@ -14,7 +14,7 @@
 //! backoff and tries again, so losing the database (a PostgreSQL restart) pauses work and
 //! never kills a worker.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,11 +27,12 @@ use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::Instant;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
+use crate::admission::Admission;
 use crate::clock::Clock;
 use crate::config::{EngineConfig, QueueConfig};
 use crate::handler::{JobContext, JobError, Registry};
 use crate::model::{chrono_duration, later, AttemptError, Completion, Job, JobId, Outcome};
-use crate::store::{trim_errors, Store};
+use crate::store::{trim_errors, RateScope, Store};
 
 /// The name of the maintenance leadership.
 pub const MAINTENANCE_LEADER: &str = "maintenance";
@@ -55,6 +56,8 @@ struct Inner {
     in_flight: Mutex<HashMap<JobId, InFlight>>,
     completions: mpsc::UnboundedSender<CompleterMsg>,
     is_leader: AtomicBool,
+    /// Present: jobs with a rate key start only with a permit from it (see [`Producer::run_limited`]).
+    admission: Option<Arc<dyn Admission>>,
 }
 
 impl Inner {
@@ -97,12 +100,35 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// Starts producers for the configured queues and the background services.
+    /// Starts producers for the configured queues and the background services. Rate keys are
+    /// ignored: see [`Engine::start_limited`].
     pub fn start(
         store: Arc<dyn Store>,
         registry: Registry,
         config: EngineConfig,
         clock: Arc<dyn Clock>,
+    ) -> Engine {
+        Engine::start_with(store, registry, config, clock, None)
+    }
+
+    /// Like [`Engine::start`], but a job with a rate key starts only with a permit from
+    /// `admission`. Every process working the same queues must use the same admission.
+    pub fn start_limited(
+        store: Arc<dyn Store>,
+        registry: Registry,
+        config: EngineConfig,
+        clock: Arc<dyn Clock>,
+        admission: Arc<dyn Admission>,
+    ) -> Engine {
+        Engine::start_with(store, registry, config, clock, Some(admission))
+    }
+
+    fn start_with(
+        store: Arc<dyn Store>,
+        registry: Registry,
+        config: EngineConfig,
+        clock: Arc<dyn Clock>,
+        admission: Option<Arc<dyn Admission>>,
     ) -> Engine {
         let (tx, rx) = mpsc::unbounded_channel();
         let inner = Arc::new(Inner {
@@ -113,6 +139,7 @@ impl Engine {
             in_flight: Mutex::new(HashMap::new()),
             completions: tx,
             is_leader: AtomicBool::new(false),
+            admission,
         });
         let (stop_claiming, claiming_rx) = watch::channel(false);
         let (stop_services, services_rx) = watch::channel(false);
@@ -123,7 +150,13 @@ impl Engine {
             .map(|(name, q)| {
                 let producer = Producer::new(inner.clone(), name.clone(), *q);
                 let span = info_span!("producer", queue = %name);
-                tokio::spawn(producer.run(claiming_rx.clone()).instrument(span))
+                let stop = claiming_rx.clone();
+                match producer.inner.admission.clone() {
+                    Some(admission) => {
+                        tokio::spawn(producer.run_limited(admission, stop).instrument(span))
+                    }
+                    None => tokio::spawn(producer.run(stop).instrument(span)),
+                }
             })
             .collect();
         let completer = Some(tokio::spawn(run_completer(inner.clone(), rx)));
@@ -426,6 +459,182 @@ impl Producer {
             }
         }
         debug!("producer stopped");
+    }
+
+    /// The producer of an engine with an [`Admission`]: jobs without a rate key are claimed as
+    /// usual; a rate key's jobs are claimed only as far as its permits go.
+    ///
+    /// It keeps the rate keys that have available jobs (found by a loose index scan on start,
+    /// on wake-ups and on every poll) with the instant each may ask for permits again. Each
+    /// round visits the keys that are due, round robin, offering each a fair share of the free
+    /// slots; a key's claim takes its highest priority jobs first, so interactive sends overtake
+    /// a broadcast on the same channel. A key without permits costs nothing until its next
+    /// permit is due: no slot waits, no job is claimed and put back, and other keys go on.
+    async fn run_limited(self, admission: Arc<dyn Admission>, mut stop: watch::Receiver<bool>) {
+        let cfg = &self.inner.config;
+        let store = self.inner.store.clone();
+        let signal = store.wakeups().signal(&self.queue);
+        let batch = cfg.claim_batch.min(self.concurrency).max(1);
+        // Rate keys with available jobs, and when each may ask for permits next.
+        let mut keys: BTreeMap<String, Instant> = BTreeMap::new();
+        // Where the next round starts, so every key gets its turn at the free slots first.
+        let mut cursor: Option<String> = None;
+        let mut scan = true;
+        let mut unkeyed_more = true;
+        let mut refresh_due = true;
+        let mut next_due: Option<DateTime<Utc>> = None;
+        let mut next_poll = Instant::now() + cfg.poll_interval;
+        let mut failures: u32 = 0;
+        while !*stop.borrow() {
+            let step: Result<(), crate::error::StoreError> = async {
+                if refresh_due {
+                    next_due = store.next_due(&self.queue).await?;
+                    refresh_due = false;
+                }
+                let now = self.inner.now();
+                if next_due.is_some_and(|d| d <= now) {
+                    let promoted = store.promote(&self.queue, now).await?;
+                    debug!(promoted, "promoted due jobs");
+                    next_due = store.next_due(&self.queue).await?;
+                    scan = true;
+                    unkeyed_more = true;
+                }
+                if scan {
+                    scan = false;
+                    let found = store
+                        .ready_rate_keys(&self.queue, None, cfg.max_rate_keys)
+                        .await?;
+                    let at = Instant::now();
+                    for key in found {
+                        keys.entry(key).or_insert(at);
+                    }
+                }
+                let free = self.free();
+                if unkeyed_more && free > 0 {
+                    let limit = free.min(batch);
+                    let jobs = store
+                        .claim_scoped(
+                            &self.queue,
+                            RateScope::Unlimited,
+                            &cfg.worker_id,
+                            limit,
+                            now,
+                            self.inner.lease_until(now),
+                        )
+                        .await?;
+                    unkeyed_more = jobs.len() == limit;
+                    self.spawn_all(jobs);
+                }
+                let at = Instant::now();
+                let mut due: Vec<String> = keys
+                    .iter()
+                    .filter(|(_, next)| **next <= at)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                if let Some(c) = &cursor {
+                    let split = due.partition_point(|k| k <= c);
+                    due.rotate_left(split);
+                }
+                let mut left = due.len();
+                for key in due {
+                    let free = self.free();
+                    if free == 0 {
+                        break;
+                    }
+                    let share = (free / left.max(1)).clamp(1, batch);
+                    left -= 1;
+                    cursor = Some(key.clone());
+                    let grant = admission.acquire(&key, share as u32).await;
+                    let next = Instant::now() + grant.next_in.max(cfg.rate_tick);
+                    if grant.granted == 0 {
+                        keys.insert(key, next);
+                        continue;
+                    }
+                    let granted = grant.granted as usize;
+                    let now = self.inner.now();
+                    let claimed = store
+                        .claim_scoped(
+                            &self.queue,
+                            RateScope::Key(&key),
+                            &cfg.worker_id,
+                            granted,
+                            now,
+                            self.inner.lease_until(now),
+                        )
+                        .await;
+                    let jobs = match claimed {
+                        Ok(jobs) => jobs,
+                        Err(e) => {
+                            admission.refund(&key, grant.granted).await;
+                            return Err(e);
+                        }
+                    };
+                    if jobs.len() < granted {
+                        admission.refund(&key, (granted - jobs.len()) as u32).await;
+                        // The key ran out of available jobs; the next scan finds it again.
+                        keys.remove(&key);
+                    } else {
+                        keys.insert(key, next);
+                    }
+                    self.spawn_all(jobs);
+                }
+                Ok(())
+            }
+            .await;
+            match step {
+                Ok(()) => failures = 0,
+                Err(e) => {
+                    failures += 1;
+                    let wait = Duration::from_millis(100 * 2u64.pow(failures.min(6)))
+                        .min(Duration::from_secs(5));
+                    warn!(error = %e, retry_in = ?wait, "producer: database error");
+                    refresh_due = true;
+                    scan = true;
+                    unkeyed_more = true;
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = stop.changed() => {}
+                    }
+                    continue;
+                }
+            }
+            let free = self.free();
+            let at = Instant::now();
+            let key_due = keys.values().min().copied();
+            // Work is waiting for a slot, not for a permit: wake when one frees.
+            let slot_bound = free == 0 && (unkeyed_more || key_due.is_some_and(|k| k <= at));
+            let due_in = next_due.map(|d| {
+                (d - self.inner.now())
+                    .to_std()
+                    .unwrap_or(Duration::ZERO)
+                    .min(cfg.poll_interval)
+            });
+            tokio::select! {
+                _ = stop.changed() => {}
+                _ = signal.notify.notified() => {
+                    scan = true;
+                    unkeyed_more = true;
+                    if let Some(at) = signal.take_next_due() {
+                        next_due = Some(next_due.map_or(at, |d| d.min(at)));
+                    }
+                }
+                _ = self.slots.freed.notified(), if slot_bound => {}
+                _ = tokio::time::sleep_until(key_due.unwrap_or(at)), if !slot_bound && key_due.is_some() => {}
+                _ = tokio::time::sleep(due_in.unwrap_or(Duration::ZERO)), if due_in.is_some() => {}
+                _ = tokio::time::sleep_until(next_poll) => {
+                    scan = true;
+                    unkeyed_more = true;
+                    refresh_due = true;
+                    next_poll = Instant::now() + cfg.poll_interval;
+                }
+            }
+        }
+        debug!("producer stopped");
+    }
+
+    fn free(&self) -> usize {
+        self.concurrency
+            .saturating_sub(self.slots.running.load(Ordering::Acquire))
     }
 
     fn spawn_all(&self, jobs: Vec<Job>) {

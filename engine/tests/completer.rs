@@ -36,6 +36,30 @@ impl Store for RefusesOne {
     fn wakeups(&self) -> &Wakeups {
         self.inner.wakeups()
     }
+    fn delivery(&self) -> &dyn herald_engine::delivery::DeliveryStore {
+        self.inner.delivery()
+    }
+    async fn claim_scoped(
+        &self,
+        queue: &str,
+        scope: herald_engine::store::RateScope<'_>,
+        worker: &str,
+        limit: usize,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> herald_engine::Result<Vec<Job>> {
+        self.inner
+            .claim_scoped(queue, scope, worker, limit, now, lease_until)
+            .await
+    }
+    async fn ready_rate_keys(
+        &self,
+        queue: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> herald_engine::Result<Vec<String>> {
+        self.inner.ready_rate_keys(queue, after, limit).await
+    }
     async fn ping(&self) -> herald_engine::Result<()> {
         self.inner.ping().await
     }

@@ -1,6 +1,8 @@
 //! Herald's built-in job handlers. Delivery (Meta sends), campaign fan-out and workflow steps
 //! register here as they arrive; for now: the handlers the benchmarks, demo and tests use.
 
+pub mod meta;
+
 use std::time::Duration;
 
 use async_trait::async_trait;

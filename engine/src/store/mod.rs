@@ -10,6 +10,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
+use crate::delivery::DeliveryStore;
 use crate::error::{Result, StoreError};
 use crate::model::{Completion, Enqueued, Job, JobFilter, JobId, NewJob, QueueStat};
 use crate::wakeup::Wakeups;
@@ -46,6 +47,15 @@ impl Backend {
     }
 }
 
+/// Which jobs a scoped claim may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateScope<'a> {
+    /// Jobs without a rate key.
+    Unlimited,
+    /// Jobs of this rate key.
+    Key(&'a str),
+}
+
 /// What the rescuer did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RescueReport {
@@ -62,6 +72,9 @@ pub struct RescueReport {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     fn backend(&self) -> Backend;
+
+    /// The same database's channels, sends, reach and windows.
+    fn delivery(&self) -> &dyn DeliveryStore;
 
     /// The in-process wake-up hub this store pokes on every enqueue (and, on PostgreSQL, on
     /// NOTIFYs from other processes once [`Store::listen`] runs).
@@ -96,6 +109,28 @@ pub trait Store: Send + Sync + 'static {
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
     ) -> Result<Vec<Job>>;
+
+    /// Like [`Store::claim`], but only jobs in `scope`: those without a rate key, or those of one
+    /// rate key. The rate-limited producer claims a key's jobs only as far as its limiter granted
+    /// permits, so no claimed job ever waits for a permit.
+    async fn claim_scoped(
+        &self,
+        queue: &str,
+        scope: RateScope<'_>,
+        worker: &str,
+        limit: usize,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> Result<Vec<Job>>;
+
+    /// Distinct rate keys of `queue`'s available jobs, in key order, at most `limit`, starting
+    /// after `after`. A loose index scan: one index probe per key, however many jobs wait.
+    async fn ready_rate_keys(
+        &self,
+        queue: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>>;
 
     /// Records finished attempts. A completion whose (id, attempt) is no longer a running claim
     /// (the job was rescued, released or finalised meanwhile) changes nothing. Returns the number

@@ -15,9 +15,11 @@ use sqlx::{Executor, PgConnection, QueryBuilder, Row};
 use tracing::{info, warn};
 use uuid::Uuid;
 
+mod delivery;
+
 use super::{
     cancellation, finish_enqueue, match_holders, match_inserted, parse_state, split_completions,
-    Backend, ClaimInfo, Finalize, Inserted, Store, CANCELLABLE, CLAIM_COLUMNS,
+    Backend, ClaimInfo, Finalize, Inserted, RateScope, Store, CANCELLABLE, CLAIM_COLUMNS,
 };
 use crate::error::{Result, StoreError};
 use crate::migrate;
@@ -52,9 +54,12 @@ pub struct PgStore {
     channel: String,
     wakeups: Wakeups,
     claim_sql: String,
+    claim_unkeyed_sql: String,
+    claim_keyed_sql: String,
 }
 
-fn claim_sql() -> String {
+/// The claim statement; `scope` narrows it to jobs without a rate key or of one key (`$6`).
+fn claim_sql(scope: &str) -> String {
     let returning = CLAIM_COLUMNS
         .split(", ")
         .map(|c| format!("herald_jobs.{}", c.trim()))
@@ -63,7 +68,7 @@ fn claim_sql() -> String {
     format!(
         "WITH picked AS (
             SELECT id FROM herald_jobs j
-             WHERE j.state = 'available' AND j.queue = $1
+             WHERE j.state = 'available' AND j.queue = $1 {scope}
                AND (j.ordering_key IS NULL OR NOT EXISTS (
                     SELECT 1 FROM herald_jobs o
                      WHERE o.workspace_id = j.workspace_id
@@ -78,6 +83,16 @@ fn claim_sql() -> String {
          RETURNING {returning}"
     )
 }
+
+/// A loose index scan over `herald_jobs_claim_rated`: each step jumps to the next distinct key.
+const READY_KEYS_SQL_PG: &str = "WITH RECURSIVE k(rate_key) AS (
+        SELECT (SELECT min(rate_key) FROM herald_jobs
+                 WHERE queue = $1 AND state = 'available' AND rate_key > $2)
+        UNION ALL
+        SELECT (SELECT min(rate_key) FROM herald_jobs
+                 WHERE queue = $1 AND state = 'available' AND rate_key > k.rate_key)
+          FROM k WHERE k.rate_key IS NOT NULL)
+    SELECT rate_key FROM k WHERE rate_key IS NOT NULL LIMIT $3";
 
 impl PgStore {
     pub async fn connect(config: &PgStoreConfig) -> Result<Self> {
@@ -103,7 +118,9 @@ impl PgStore {
             schema: config.schema.clone(),
             channel,
             wakeups: Wakeups::default(),
-            claim_sql: claim_sql(),
+            claim_sql: claim_sql(""),
+            claim_unkeyed_sql: claim_sql("AND j.rate_key IS NULL"),
+            claim_keyed_sql: claim_sql("AND j.rate_key = $6"),
         })
     }
 
@@ -482,6 +499,10 @@ impl Store for PgStore {
         Backend::Postgres
     }
 
+    fn delivery(&self) -> &dyn crate::delivery::DeliveryStore {
+        self
+    }
+
     fn wakeups(&self) -> &Wakeups {
         &self.wakeups
     }
@@ -540,6 +561,57 @@ impl Store for PgStore {
             .collect::<Result<Vec<_>>>()?;
         jobs.sort_by_key(|j| (j.priority, j.run_at, j.id));
         Ok(jobs)
+    }
+
+    async fn claim_scoped(
+        &self,
+        queue: &str,
+        scope: RateScope<'_>,
+        worker: &str,
+        limit: usize,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> Result<Vec<Job>> {
+        let query = match scope {
+            RateScope::Unlimited => sqlx::query(&self.claim_unkeyed_sql),
+            RateScope::Key(_) => sqlx::query(&self.claim_keyed_sql),
+        };
+        let query = query
+            .bind(queue)
+            .bind(limit as i64)
+            .bind(now)
+            .bind(worker)
+            .bind(lease_until);
+        let query = match scope {
+            RateScope::Unlimited => query,
+            RateScope::Key(key) => query.bind(key),
+        };
+        let rows = query.fetch_all(&self.pool).await?;
+        let info = ClaimInfo {
+            worker,
+            now,
+            lease_until,
+        };
+        let mut jobs = rows
+            .iter()
+            .map(|r| job_from_row(r, Some(&info)))
+            .collect::<Result<Vec<_>>>()?;
+        jobs.sort_by_key(|j| (j.priority, j.run_at, j.id));
+        Ok(jobs)
+    }
+
+    async fn ready_rate_keys(
+        &self,
+        queue: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(READY_KEYS_SQL_PG)
+            .bind(queue)
+            .bind(after.unwrap_or(""))
+            .bind(limit as i64)
+            .fetch_all(&self.pool)
+            .await?)
     }
 
     async fn complete(&self, completions: &[Completion]) -> Result<u64> {

@@ -23,10 +23,12 @@ use sqlx::{Executor, QueryBuilder, Row};
 use tracing::info;
 use uuid::Uuid;
 
+mod delivery;
+
 use super::postgres::notify_payloads;
 use super::{
     cancellation, finish_enqueue, match_holders, match_inserted, parse_state, split_completions,
-    Backend, ClaimInfo, Finalize, Inserted, Store, CANCELLABLE, CLAIM_COLUMNS,
+    Backend, ClaimInfo, Finalize, Inserted, RateScope, Store, CANCELLABLE, CLAIM_COLUMNS,
 };
 use crate::clock::{from_micros, to_micros};
 use crate::error::{Result, StoreError};
@@ -88,6 +90,59 @@ impl SqliteStore {
 
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+
+    /// The claim statement, narrowed to a rate scope when given (`?6` is the key).
+    async fn claim_where(
+        &self,
+        queue: &str,
+        scope: Option<RateScope<'_>>,
+        worker: &str,
+        limit: usize,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> Result<Vec<Job>> {
+        let scope_sql = match scope {
+            None => "",
+            Some(RateScope::Unlimited) => "AND j.rate_key IS NULL",
+            Some(RateScope::Key(_)) => "AND j.rate_key = ?6",
+        };
+        let sql = format!(
+            "UPDATE herald_jobs SET state = 'running', attempt = attempt + 1, attempted_at = ?3,
+                    attempted_by = ?4, lease_expires_at = ?5
+              WHERE id IN (
+                SELECT id FROM herald_jobs j
+                 WHERE j.state = 'available' AND j.queue = ?1 {scope_sql}
+                   AND (j.ordering_key IS NULL OR NOT EXISTS (
+                        SELECT 1 FROM herald_jobs o
+                         WHERE o.workspace_id = j.workspace_id
+                           AND o.ordering_key = j.ordering_key AND o.id < j.id))
+                 ORDER BY j.priority, j.run_at, j.id
+                 LIMIT ?2)
+             RETURNING {CLAIM_COLUMNS}"
+        );
+        let query = sqlx::query(&sql)
+            .bind(queue)
+            .bind(limit as i64)
+            .bind(to_micros(now))
+            .bind(worker)
+            .bind(to_micros(lease_until));
+        let query = match scope {
+            Some(RateScope::Key(key)) => query.bind(key),
+            _ => query,
+        };
+        let rows = query.fetch_all(&self.pool).await?;
+        let info = ClaimInfo {
+            worker,
+            now,
+            lease_until,
+        };
+        let mut jobs = rows
+            .iter()
+            .map(|r| job_from_row(r, Some(&info)))
+            .collect::<Result<Vec<_>>>()?;
+        jobs.sort_by_key(|j| (j.priority, j.run_at, j.id));
+        Ok(jobs)
     }
 
     async fn insert_chunk(
@@ -336,6 +391,10 @@ impl Store for SqliteStore {
         Backend::Sqlite
     }
 
+    fn delivery(&self) -> &dyn crate::delivery::DeliveryStore {
+        self
+    }
+
     fn wakeups(&self) -> &Wakeups {
         &self.wakeups
     }
@@ -415,38 +474,44 @@ impl Store for SqliteStore {
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
     ) -> Result<Vec<Job>> {
-        let rows = sqlx::query(&format!(
-            "UPDATE herald_jobs SET state = 'running', attempt = attempt + 1, attempted_at = ?3,
-                    attempted_by = ?4, lease_expires_at = ?5
-              WHERE id IN (
-                SELECT id FROM herald_jobs j
-                 WHERE j.state = 'available' AND j.queue = ?1
-                   AND (j.ordering_key IS NULL OR NOT EXISTS (
-                        SELECT 1 FROM herald_jobs o
-                         WHERE o.workspace_id = j.workspace_id
-                           AND o.ordering_key = j.ordering_key AND o.id < j.id))
-                 ORDER BY j.priority, j.run_at, j.id
-                 LIMIT ?2)
-             RETURNING {CLAIM_COLUMNS}"
-        ))
+        self.claim_where(queue, None, worker, limit, now, lease_until)
+            .await
+    }
+
+    async fn claim_scoped(
+        &self,
+        queue: &str,
+        scope: RateScope<'_>,
+        worker: &str,
+        limit: usize,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> Result<Vec<Job>> {
+        self.claim_where(queue, Some(scope), worker, limit, now, lease_until)
+            .await
+    }
+
+    async fn ready_rate_keys(
+        &self,
+        queue: &str,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "WITH RECURSIVE k(rate_key) AS (
+                SELECT (SELECT min(rate_key) FROM herald_jobs
+                         WHERE queue = ?1 AND state = 'available' AND rate_key > ?2)
+                UNION ALL
+                SELECT (SELECT min(rate_key) FROM herald_jobs
+                         WHERE queue = ?1 AND state = 'available' AND rate_key > k.rate_key)
+                  FROM k WHERE k.rate_key IS NOT NULL)
+            SELECT rate_key FROM k WHERE rate_key IS NOT NULL LIMIT ?3",
+        )
         .bind(queue)
+        .bind(after.unwrap_or(""))
         .bind(limit as i64)
-        .bind(to_micros(now))
-        .bind(worker)
-        .bind(to_micros(lease_until))
         .fetch_all(&self.pool)
-        .await?;
-        let info = ClaimInfo {
-            worker,
-            now,
-            lease_until,
-        };
-        let mut jobs = rows
-            .iter()
-            .map(|r| job_from_row(r, Some(&info)))
-            .collect::<Result<Vec<_>>>()?;
-        jobs.sort_by_key(|j| (j.priority, j.run_at, j.id));
-        Ok(jobs)
+        .await?)
     }
 
     async fn complete(&self, completions: &[Completion]) -> Result<u64> {

@@ -1,0 +1,229 @@
+//! [`ChannelAdmission`]: the engine's [`Admission`] for sends. A rate key `ch:<channel id>` is
+//! admitted at the channel's rate (its limits, less any slowdown Meta asked for), and not at
+//! all while the channel is paused.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::time::Instant;
+use tracing::warn;
+use uuid::Uuid;
+
+use super::{channel_of_rate_key, Channel};
+use crate::admission::Admission;
+use crate::limit::{Grant, Limiter, Rate};
+use crate::store::Store;
+
+/// Settings of a [`ChannelAdmission`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdmissionConfig {
+    /// Channels (limits, pauses) are reloaded from the database this often: a pause or a new
+    /// limit written by another process takes effect within this long.
+    pub reload_interval: Duration,
+    /// A paused channel is looked at again this often.
+    pub paused_recheck: Duration,
+    /// After Meta's 130429 the channel's rate is cut to this share of itself…
+    pub slowdown_factor: f64,
+    /// …and recovers to the full rate linearly over this long without another 130429.
+    pub slowdown_recovery: Duration,
+    /// The slowest a channel is ever slowed to, as a share of its rate.
+    pub slowdown_floor: f64,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        AdmissionConfig {
+            reload_interval: Duration::from_secs(1),
+            paused_recheck: Duration::from_secs(2),
+            slowdown_factor: 0.7,
+            slowdown_recovery: Duration::from_secs(30),
+            slowdown_floor: 0.1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Slowdown {
+    factor: f64,
+    at: Instant,
+}
+
+struct Cache {
+    channels: HashMap<Uuid, Arc<Channel>>,
+    loaded_at: Option<Instant>,
+}
+
+/// Admits sends at each channel's rate through a shared [`Limiter`].
+pub struct ChannelAdmission {
+    store: Arc<dyn Store>,
+    limiter: Arc<dyn Limiter>,
+    config: AdmissionConfig,
+    cache: Mutex<Cache>,
+    slowdowns: Mutex<HashMap<Uuid, Slowdown>>,
+    reload: tokio::sync::Mutex<()>,
+}
+
+impl ChannelAdmission {
+    pub fn new(store: Arc<dyn Store>, limiter: Arc<dyn Limiter>, config: AdmissionConfig) -> Self {
+        ChannelAdmission {
+            store,
+            limiter,
+            config,
+            cache: Mutex::new(Cache {
+                channels: HashMap::new(),
+                loaded_at: None,
+            }),
+            slowdowns: Mutex::new(HashMap::new()),
+            reload: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    pub fn limiter(&self) -> &Arc<dyn Limiter> {
+        &self.limiter
+    }
+
+    /// The channel as last loaded (at most `reload_interval` old).
+    pub async fn channel(&self, id: Uuid) -> Option<Arc<Channel>> {
+        self.refresh().await;
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .channels
+            .get(&id)
+            .cloned()
+    }
+
+    /// Forgets the cached channels, so the next call reloads them (after a pause or an edit
+    /// made in this process).
+    pub fn invalidate(&self) {
+        self.cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .loaded_at = None;
+    }
+
+    async fn refresh(&self) {
+        let stale = |c: &Cache| {
+            c.loaded_at
+                .is_none_or(|at| at.elapsed() >= self.config.reload_interval)
+        };
+        if !stale(&self.cache.lock().unwrap_or_else(|e| e.into_inner())) {
+            return;
+        }
+        // One reload at a time; the others use what is cached meanwhile, or wait for the first.
+        let _guard = self.reload.lock().await;
+        if !stale(&self.cache.lock().unwrap_or_else(|e| e.into_inner())) {
+            return;
+        }
+        match self.store.delivery().channels().await {
+            Ok(list) => {
+                let mut cache = self.cache.lock().unwrap_or_else(|e| e.into_inner());
+                cache.channels = list.into_iter().map(|c| (c.id, Arc::new(c))).collect();
+                cache.loaded_at = Some(Instant::now());
+            }
+            Err(e) => {
+                // Keep the old view (limits rarely change); try again on the next call.
+                warn!(error = %e, "admission: cannot reload channels");
+            }
+        }
+    }
+
+    /// Meta said the channel is over its throughput (130429) or close to it (usage headers):
+    /// cut its rate now, to recover gradually.
+    pub fn slow_down(&self, channel_id: Uuid) {
+        let mut slow = self.slowdowns.lock().unwrap_or_else(|e| e.into_inner());
+        let current = slow.get(&channel_id).map_or(1.0, |s| self.factor_of(s));
+        let factor = (current * self.config.slowdown_factor).max(self.config.slowdown_floor);
+        slow.insert(
+            channel_id,
+            Slowdown {
+                factor,
+                at: Instant::now(),
+            },
+        );
+        warn!(%channel_id, factor, "channel slowed down after Meta's rate limit answer");
+    }
+
+    fn factor_of(&self, s: &Slowdown) -> f64 {
+        let recovery = self.config.slowdown_recovery.as_secs_f64().max(0.001);
+        let healed = s.at.elapsed().as_secs_f64() / recovery;
+        (s.factor + (1.0 - s.factor) * healed).min(1.0)
+    }
+
+    /// The share of its rate a channel runs at now (1.0 unless slowed down).
+    pub fn slowdown(&self, channel_id: Uuid) -> f64 {
+        let mut slow = self.slowdowns.lock().unwrap_or_else(|e| e.into_inner());
+        match slow.get(&channel_id).map(|s| self.factor_of(s)) {
+            Some(f) if f >= 1.0 => {
+                slow.remove(&channel_id);
+                1.0
+            }
+            Some(f) => f,
+            None => 1.0,
+        }
+    }
+
+    fn rate_of(&self, channel: &Channel) -> Rate {
+        let rate = channel.limits.rate();
+        let factor = self.slowdown(channel.id);
+        if factor >= 1.0 {
+            return rate;
+        }
+        Rate {
+            per_second: rate.per_second * factor,
+            burst: ((f64::from(rate.burst) * factor) as u32).max(1),
+        }
+    }
+
+    /// One permit of the (channel, recipient) pair rate: Meta tolerates about one message per
+    /// 6 s to one user. Returns how long to wait when there is none.
+    pub async fn acquire_pair(&self, channel: &Channel, recipient: &str) -> Option<Duration> {
+        let key = format!("pair:{}:{recipient}", channel.id);
+        let grant = self
+            .limiter
+            .acquire(&key, channel.limits.pair_rate(), 1)
+            .await;
+        (grant.granted == 0).then_some(grant.next_in.max(Duration::from_millis(1)))
+    }
+}
+
+#[async_trait]
+impl Admission for ChannelAdmission {
+    async fn acquire(&self, rate_key: &str, want: u32) -> Grant {
+        let Some(id) = channel_of_rate_key(rate_key) else {
+            // Not a channel: nothing limits it here (the handler decides what it is).
+            return Grant {
+                granted: want,
+                next_in: Duration::ZERO,
+            };
+        };
+        let Some(channel) = self.channel(id).await else {
+            // Unknown channel: let its jobs run, so their handler discards them with the reason
+            // instead of leaving them waiting for ever.
+            return Grant {
+                granted: want,
+                next_in: Duration::ZERO,
+            };
+        };
+        if channel.paused_reason.is_some() {
+            return Grant {
+                granted: 0,
+                next_in: self.config.paused_recheck,
+            };
+        }
+        let rate = self.rate_of(&channel);
+        self.limiter.acquire(rate_key, rate, want).await
+    }
+
+    async fn refund(&self, rate_key: &str, n: u32) {
+        let Some(id) = channel_of_rate_key(rate_key) else {
+            return;
+        };
+        if let Some(channel) = self.channel(id).await {
+            let rate = self.rate_of(&channel);
+            self.limiter.refund(rate_key, rate, n).await;
+        }
+    }
+}

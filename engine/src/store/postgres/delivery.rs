@@ -1,0 +1,442 @@
+//! [`DeliveryStore`] on PostgreSQL.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::postgres::PgRow;
+use sqlx::Row;
+use uuid::Uuid;
+
+use super::PgStore;
+use crate::delivery::{
+    check_sends, latest_statuses, send_job, Channel, ChannelLimits, DeliveryStore, NewChannel,
+    NewSend, SendCount, SendRecord, SendStatus, SendUpdate, StatusEvent, META_API_VERSION,
+    META_GRAPH_URL,
+};
+use crate::error::{Result, StoreError};
+use crate::model::InvalidJob;
+use crate::store::postgres::notify_payloads;
+
+const CHANNEL_COLUMNS: &str = "id, workspace_id, platform, name, sender_id, portfolio_id, \
+     access_token, app_secret, verify_token, graph_base_url, api_version, limits, paused_reason, \
+     paused_at, created_at, updated_at";
+
+const SEND_COLUMNS: &str = "id, workspace_id, channel_id, recipient, message, lane, status, \
+     requests, provider_message_id, error_code, error, created_at, requested_at, accepted_at, \
+     updated_at";
+
+fn channel_from_row(row: &PgRow) -> Result<Channel> {
+    let platform: String = row.try_get("platform")?;
+    let limits: sqlx::types::Json<ChannelLimits> = row.try_get("limits")?;
+    Ok(Channel {
+        id: row.try_get("id")?,
+        workspace_id: row.try_get("workspace_id")?,
+        platform: platform.parse().map_err(StoreError::Corrupt)?,
+        name: row.try_get("name")?,
+        sender_id: row.try_get("sender_id")?,
+        portfolio_id: row.try_get("portfolio_id")?,
+        access_token: row.try_get("access_token")?,
+        app_secret: row.try_get("app_secret")?,
+        verify_token: row.try_get("verify_token")?,
+        graph_base_url: row.try_get("graph_base_url")?,
+        api_version: row.try_get("api_version")?,
+        limits: limits.0,
+        paused_reason: row.try_get("paused_reason")?,
+        paused_at: row.try_get("paused_at")?,
+        created_at: row.try_get("created_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+fn send_from_row(row: &PgRow) -> Result<SendRecord> {
+    let status: String = row.try_get("status")?;
+    let lane: String = row.try_get("lane")?;
+    let message: sqlx::types::Json<crate::delivery::Message> = row.try_get("message")?;
+    Ok(SendRecord {
+        id: row.try_get("id")?,
+        workspace_id: row.try_get("workspace_id")?,
+        channel_id: row.try_get("channel_id")?,
+        recipient: row.try_get("recipient")?,
+        message: message.0,
+        lane: lane.parse().map_err(StoreError::Corrupt)?,
+        status: status.parse().map_err(StoreError::Corrupt)?,
+        requests: row.try_get("requests")?,
+        provider_message_id: row.try_get("provider_message_id")?,
+        error_code: row.try_get("error_code")?,
+        error: row.try_get("error")?,
+        created_at: row.try_get("created_at")?,
+        requested_at: row.try_get("requested_at")?,
+        accepted_at: row.try_get("accepted_at")?,
+        updated_at: row.try_get("updated_at")?,
+    })
+}
+
+#[async_trait]
+impl DeliveryStore for PgStore {
+    async fn create_channel(&self, channel: &NewChannel, now: DateTime<Utc>) -> Result<Channel> {
+        channel.validate().map_err(InvalidJob)?;
+        let limits = channel
+            .limits
+            .unwrap_or_else(|| ChannelLimits::for_platform(channel.platform));
+        let row = sqlx::query(&format!(
+            "INSERT INTO herald_channels ({CHANNEL_COLUMNS})
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, NULL, NULL, $13, $13)
+             RETURNING {CHANNEL_COLUMNS}"
+        ))
+        .bind(Uuid::new_v4())
+        .bind(channel.workspace_id)
+        .bind(channel.platform.as_str())
+        .bind(&channel.name)
+        .bind(&channel.sender_id)
+        .bind(&channel.portfolio_id)
+        .bind(&channel.access_token)
+        .bind(&channel.app_secret)
+        .bind(&channel.verify_token)
+        .bind(channel.graph_base_url.as_deref().unwrap_or(META_GRAPH_URL))
+        .bind(channel.api_version.as_deref().unwrap_or(META_API_VERSION))
+        .bind(sqlx::types::Json(limits))
+        .bind(now)
+        .fetch_one(&self.pool)
+        .await?;
+        channel_from_row(&row)
+    }
+
+    async fn channel(&self, id: Uuid) -> Result<Option<Channel>> {
+        let row = sqlx::query(&format!(
+            "SELECT {CHANNEL_COLUMNS} FROM herald_channels WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(channel_from_row).transpose()
+    }
+
+    async fn channels(&self) -> Result<Vec<Channel>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {CHANNEL_COLUMNS} FROM herald_channels ORDER BY id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(channel_from_row).collect()
+    }
+
+    async fn pause_channel(
+        &self,
+        id: Uuid,
+        reason: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE herald_channels
+                SET paused_reason = $2, paused_at = CASE WHEN $2::text IS NULL THEN NULL ELSE $3 END,
+                    updated_at = $3
+              WHERE id = $1",
+        )
+        .bind(id)
+        .bind(reason)
+        .bind(now)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn create_sends(&self, sends: &[NewSend], now: DateTime<Utc>) -> Result<Vec<Uuid>> {
+        check_sends(sends)?;
+        if sends.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<Uuid> = sends.iter().map(|_| Uuid::new_v4()).collect();
+        let jobs: Vec<_> = ids
+            .iter()
+            .zip(sends)
+            .map(|(id, s)| send_job(*id, s))
+            .collect();
+        let mut tx = self.pool.begin().await?;
+        for (chunk_ids, chunk) in ids.chunks(5_000).zip(sends.chunks(5_000)) {
+            let messages: Vec<String> = chunk
+                .iter()
+                .map(|s| serde_json::to_string(&s.message))
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            sqlx::query(
+                "INSERT INTO herald_sends (id, workspace_id, channel_id, recipient, message, lane,
+                                           status, status_rank, created_at, updated_at)
+                 SELECT id, ws, ch, rcpt, msg::json, lane, 'queued', 0, $7, $7
+                   FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::text[],
+                               $6::text[]) AS t(id, ws, ch, rcpt, msg, lane)",
+            )
+            .bind(chunk_ids)
+            .bind(chunk.iter().map(|s| s.workspace_id).collect::<Vec<_>>())
+            .bind(chunk.iter().map(|s| s.channel_id).collect::<Vec<_>>())
+            .bind(
+                chunk
+                    .iter()
+                    .map(|s| s.recipient.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(messages)
+            .bind(chunk.iter().map(|s| s.lane.as_str()).collect::<Vec<_>>())
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let out = self.enqueue_in(&mut tx, &jobs, now).await?;
+        tx.commit().await?;
+        for p in notify_payloads(jobs.iter().zip(&out), now) {
+            self.wakeups.apply_payload(&p);
+        }
+        Ok(ids)
+    }
+
+    async fn send(&self, id: Uuid) -> Result<Option<SendRecord>> {
+        let row = sqlx::query(&format!(
+            "SELECT {SEND_COLUMNS} FROM herald_sends WHERE id = $1"
+        ))
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(send_from_row).transpose()
+    }
+
+    async fn update_send(
+        &self,
+        id: Uuid,
+        update: &SendUpdate,
+        now: DateTime<Utc>,
+    ) -> Result<Option<SendRecord>> {
+        // Herald's own states (rank below `accepted`) are the worker's to move; once Meta has
+        // the message only a later Meta status moves it, so each update names the ranks it may
+        // replace.
+        let sql: String;
+        let query = match update {
+            SendUpdate::Requesting => sqlx::query({
+                sql = format!(
+                    "UPDATE herald_sends SET status = 'sending', status_rank = $2,
+                        requests = requests + 1, requested_at = $3, updated_at = $3
+                  WHERE id = $1 AND status_rank < $4 RETURNING {SEND_COLUMNS}"
+                );
+                &sql
+            })
+            .bind(id)
+            .bind(SendStatus::Sending.rank())
+            .bind(now)
+            .bind(SendStatus::Accepted.rank()),
+            SendUpdate::Unknown { error } => sqlx::query({
+                sql = format!(
+                    "UPDATE herald_sends SET status = 'unknown', status_rank = $2, error = $5,
+                        updated_at = $3
+                  WHERE id = $1 AND status_rank < $4 RETURNING {SEND_COLUMNS}"
+                );
+                &sql
+            })
+            .bind(id)
+            .bind(SendStatus::Unknown.rank())
+            .bind(now)
+            .bind(SendStatus::Accepted.rank())
+            .bind(error),
+            SendUpdate::Accepted {
+                provider_message_id,
+            } => sqlx::query({
+                sql = format!(
+                    "UPDATE herald_sends
+                    SET status = CASE WHEN status_rank < $2 THEN 'accepted' ELSE status END,
+                        status_rank = greatest(status_rank, $2),
+                        provider_message_id = $4, accepted_at = coalesce(accepted_at, $3),
+                        error = NULL, error_code = NULL, updated_at = $3
+                  WHERE id = $1 RETURNING {SEND_COLUMNS}"
+                );
+                &sql
+            })
+            .bind(id)
+            .bind(SendStatus::Accepted.rank())
+            .bind(now)
+            .bind(provider_message_id),
+            SendUpdate::Unsent => sqlx::query({
+                sql = format!(
+                    "UPDATE herald_sends SET status = 'queued', status_rank = $2, updated_at = $3
+                      WHERE id = $1 AND status_rank < $4 RETURNING {SEND_COLUMNS}"
+                );
+                &sql
+            })
+            .bind(id)
+            .bind(SendStatus::Queued.rank())
+            .bind(now)
+            .bind(SendStatus::Accepted.rank()),
+            SendUpdate::Failed { code, error } => sqlx::query({
+                sql = format!(
+                    "UPDATE herald_sends SET status = 'failed', status_rank = $2, error_code = $5,
+                        error = $6, updated_at = $3
+                  WHERE id = $1 AND status_rank < $4 RETURNING {SEND_COLUMNS}"
+                );
+                &sql
+            })
+            .bind(id)
+            .bind(SendStatus::Failed.rank())
+            .bind(now)
+            .bind(SendStatus::Accepted.rank())
+            .bind(code)
+            .bind(error),
+        };
+        match query.fetch_optional(&self.pool).await? {
+            Some(row) => Ok(Some(send_from_row(&row)?)),
+            None => self.send(id).await,
+        }
+    }
+
+    async fn apply_statuses(&self, events: &[StatusEvent]) -> Result<u64> {
+        let (by_send, by_provider) = latest_statuses(events);
+        let mut changed = 0;
+        if !by_send.is_empty() {
+            let done = sqlx::query(
+                "UPDATE herald_sends s
+                    SET status = e.status, status_rank = e.rank,
+                        provider_message_id = coalesce(s.provider_message_id, e.pmid),
+                        accepted_at = coalesce(s.accepted_at, e.at),
+                        error_code = CASE WHEN e.status = 'failed' THEN e.code ELSE s.error_code END,
+                        error = CASE WHEN e.status = 'failed' THEN e.error ELSE s.error END,
+                        updated_at = e.at
+                   FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::smallint[],
+                               $6::bigint[], $7::text[], $8::timestamptz[])
+                        AS e(id, channel_id, pmid, status, rank, code, error, at)
+                  WHERE s.id = e.id AND s.channel_id = e.channel_id AND s.status_rank < e.rank",
+            )
+            .bind(by_send.iter().map(|e| e.send_id).collect::<Vec<_>>())
+            .bind(by_send.iter().map(|e| e.channel_id).collect::<Vec<_>>())
+            .bind(by_send.iter().map(|e| e.provider_message_id.as_str()).collect::<Vec<_>>())
+            .bind(by_send.iter().map(|e| e.status.as_str()).collect::<Vec<_>>())
+            .bind(by_send.iter().map(|e| e.status.rank()).collect::<Vec<_>>())
+            .bind(by_send.iter().map(|e| e.error_code).collect::<Vec<_>>())
+            .bind(by_send.iter().map(|e| e.error.as_deref()).collect::<Vec<_>>())
+            .bind(by_send.iter().map(|e| e.at).collect::<Vec<_>>())
+            .execute(&self.pool)
+            .await?;
+            changed += done.rows_affected();
+        }
+        if !by_provider.is_empty() {
+            let done = sqlx::query(
+                "UPDATE herald_sends s
+                    SET status = e.status, status_rank = e.rank,
+                        error_code = CASE WHEN e.status = 'failed' THEN e.code ELSE s.error_code END,
+                        error = CASE WHEN e.status = 'failed' THEN e.error ELSE s.error END,
+                        updated_at = e.at
+                   FROM unnest($1::uuid[], $2::text[], $3::text[], $4::smallint[], $5::bigint[],
+                               $6::text[], $7::timestamptz[])
+                        AS e(channel_id, pmid, status, rank, code, error, at)
+                  WHERE s.provider_message_id = e.pmid AND s.channel_id = e.channel_id
+                    AND s.status_rank < e.rank",
+            )
+            .bind(by_provider.iter().map(|e| e.channel_id).collect::<Vec<_>>())
+            .bind(by_provider.iter().map(|e| e.provider_message_id.as_str()).collect::<Vec<_>>())
+            .bind(by_provider.iter().map(|e| e.status.as_str()).collect::<Vec<_>>())
+            .bind(by_provider.iter().map(|e| e.status.rank()).collect::<Vec<_>>())
+            .bind(by_provider.iter().map(|e| e.error_code).collect::<Vec<_>>())
+            .bind(by_provider.iter().map(|e| e.error.as_deref()).collect::<Vec<_>>())
+            .bind(by_provider.iter().map(|e| e.at).collect::<Vec<_>>())
+            .execute(&self.pool)
+            .await?;
+            changed += done.rows_affected();
+        }
+        Ok(changed)
+    }
+
+    async fn send_counts(&self, channel_id: Option<Uuid>) -> Result<Vec<SendCount>> {
+        let rows = sqlx::query(
+            "SELECT status, count(*) AS n FROM herald_sends
+              WHERE $1::uuid IS NULL OR channel_id = $1
+              GROUP BY status ORDER BY min(status_rank)",
+        )
+        .bind(channel_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let status: String = r.try_get("status")?;
+                Ok(SendCount {
+                    status: status.parse().map_err(StoreError::Corrupt)?,
+                    count: r.try_get("n")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn reserve_reach(
+        &self,
+        portfolio_id: &str,
+        recipient: &str,
+        tier: u32,
+        now: DateTime<Utc>,
+    ) -> Result<Option<DateTime<Utc>>> {
+        let since = now - chrono::Duration::hours(24);
+        let mut tx = self.pool.begin().await?;
+        // One portfolio's reservations run one at a time, in every process.
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('herald_reach:' || $1, 0))")
+            .bind(portfolio_id)
+            .execute(&mut *tx)
+            .await?;
+        let last: Option<DateTime<Utc>> = sqlx::query_scalar(
+            "SELECT reached_at FROM herald_reach WHERE portfolio_id = $1 AND recipient = $2",
+        )
+        .bind(portfolio_id)
+        .bind(recipient)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if last.is_none_or(|at| at <= since) {
+            let (count, oldest): (i64, Option<DateTime<Utc>>) = sqlx::query_as(
+                "SELECT count(*), min(reached_at) FROM herald_reach
+                  WHERE portfolio_id = $1 AND reached_at > $2",
+            )
+            .bind(portfolio_id)
+            .bind(since)
+            .fetch_one(&mut *tx)
+            .await?;
+            if count >= i64::from(tier) {
+                tx.rollback().await?;
+                let frees = oldest.map_or(now, |o| o + chrono::Duration::hours(24));
+                return Ok(Some(frees));
+            }
+        }
+        sqlx::query(
+            "INSERT INTO herald_reach (portfolio_id, recipient, reached_at) VALUES ($1, $2, $3)
+             ON CONFLICT (portfolio_id, recipient) DO UPDATE SET reached_at = excluded.reached_at",
+        )
+        .bind(portfolio_id)
+        .bind(recipient)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(None)
+    }
+
+    async fn record_inbound(
+        &self,
+        channel_id: Uuid,
+        recipient: &str,
+        at: DateTime<Utc>,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO herald_windows (channel_id, recipient, last_inbound_at) VALUES ($1, $2, $3)
+             ON CONFLICT (channel_id, recipient) DO UPDATE
+                SET last_inbound_at = greatest(herald_windows.last_inbound_at, excluded.last_inbound_at)",
+        )
+        .bind(channel_id)
+        .bind(recipient)
+        .bind(at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn last_inbound(
+        &self,
+        channel_id: Uuid,
+        recipient: &str,
+    ) -> Result<Option<DateTime<Utc>>> {
+        Ok(sqlx::query_scalar(
+            "SELECT last_inbound_at FROM herald_windows WHERE channel_id = $1 AND recipient = $2",
+        )
+        .bind(channel_id)
+        .bind(recipient)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+}

@@ -1,0 +1,448 @@
+//! [`DeliveryStore`] on SQLite. Same semantics as PostgreSQL's; one writer connection makes
+//! every transaction serial, so the tier reservation needs no lock of its own.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::SqliteRow;
+use sqlx::Row;
+use uuid::Uuid;
+
+use super::{parse_uuid, SqliteStore};
+use crate::clock::{from_micros, to_micros};
+use crate::delivery::{
+    check_sends, latest_statuses, send_job, Channel, ChannelLimits, DeliveryStore, NewChannel,
+    NewSend, SendCount, SendRecord, SendStatus, SendUpdate, StatusEvent, META_API_VERSION,
+    META_GRAPH_URL,
+};
+use crate::error::{Result, StoreError};
+use crate::model::InvalidJob;
+use crate::store::postgres::notify_payloads;
+
+const CHANNEL_COLUMNS: &str = "id, workspace_id, platform, name, sender_id, portfolio_id, \
+     access_token, app_secret, verify_token, graph_base_url, api_version, limits, paused_reason, \
+     paused_at, created_at, updated_at";
+
+const SEND_COLUMNS: &str = "id, workspace_id, channel_id, recipient, message, lane, status, \
+     requests, provider_message_id, error_code, error, created_at, requested_at, accepted_at, \
+     updated_at";
+
+fn micros_opt(row: &SqliteRow, col: &str) -> Result<Option<DateTime<Utc>>> {
+    Ok(row.try_get::<Option<i64>, _>(col)?.map(from_micros))
+}
+
+fn json<T: serde::de::DeserializeOwned>(row: &SqliteRow, col: &str) -> Result<T> {
+    let text: String = row.try_get(col)?;
+    serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(format!("{col}: {e}")))
+}
+
+fn channel_from_row(row: &SqliteRow) -> Result<Channel> {
+    let platform: String = row.try_get("platform")?;
+    Ok(Channel {
+        id: parse_uuid(&row.try_get::<String, _>("id")?)?,
+        workspace_id: parse_uuid(&row.try_get::<String, _>("workspace_id")?)?,
+        platform: platform.parse().map_err(StoreError::Corrupt)?,
+        name: row.try_get("name")?,
+        sender_id: row.try_get("sender_id")?,
+        portfolio_id: row.try_get("portfolio_id")?,
+        access_token: row.try_get("access_token")?,
+        app_secret: row.try_get("app_secret")?,
+        verify_token: row.try_get("verify_token")?,
+        graph_base_url: row.try_get("graph_base_url")?,
+        api_version: row.try_get("api_version")?,
+        limits: json::<ChannelLimits>(row, "limits")?,
+        paused_reason: row.try_get("paused_reason")?,
+        paused_at: micros_opt(row, "paused_at")?,
+        created_at: from_micros(row.try_get("created_at")?),
+        updated_at: from_micros(row.try_get("updated_at")?),
+    })
+}
+
+fn send_from_row(row: &SqliteRow) -> Result<SendRecord> {
+    let status: String = row.try_get("status")?;
+    let lane: String = row.try_get("lane")?;
+    Ok(SendRecord {
+        id: parse_uuid(&row.try_get::<String, _>("id")?)?,
+        workspace_id: parse_uuid(&row.try_get::<String, _>("workspace_id")?)?,
+        channel_id: parse_uuid(&row.try_get::<String, _>("channel_id")?)?,
+        recipient: row.try_get("recipient")?,
+        message: json(row, "message")?,
+        lane: lane.parse().map_err(StoreError::Corrupt)?,
+        status: status.parse().map_err(StoreError::Corrupt)?,
+        requests: row.try_get("requests")?,
+        provider_message_id: row.try_get("provider_message_id")?,
+        error_code: row.try_get("error_code")?,
+        error: row.try_get("error")?,
+        created_at: from_micros(row.try_get("created_at")?),
+        requested_at: micros_opt(row, "requested_at")?,
+        accepted_at: micros_opt(row, "accepted_at")?,
+        updated_at: from_micros(row.try_get("updated_at")?),
+    })
+}
+
+#[async_trait]
+impl DeliveryStore for SqliteStore {
+    async fn create_channel(&self, channel: &NewChannel, now: DateTime<Utc>) -> Result<Channel> {
+        channel.validate().map_err(InvalidJob)?;
+        let limits = channel
+            .limits
+            .unwrap_or_else(|| ChannelLimits::for_platform(channel.platform));
+        let limits =
+            serde_json::to_string(&limits).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let row = sqlx::query(&format!(
+            "INSERT INTO herald_channels ({CHANNEL_COLUMNS})
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, NULL, NULL, ?13, ?13)
+             RETURNING {CHANNEL_COLUMNS}"
+        ))
+        .bind(Uuid::new_v4().to_string())
+        .bind(channel.workspace_id.to_string())
+        .bind(channel.platform.as_str())
+        .bind(&channel.name)
+        .bind(&channel.sender_id)
+        .bind(&channel.portfolio_id)
+        .bind(&channel.access_token)
+        .bind(&channel.app_secret)
+        .bind(&channel.verify_token)
+        .bind(channel.graph_base_url.as_deref().unwrap_or(META_GRAPH_URL))
+        .bind(channel.api_version.as_deref().unwrap_or(META_API_VERSION))
+        .bind(limits)
+        .bind(to_micros(now))
+        .fetch_one(&self.pool)
+        .await?;
+        channel_from_row(&row)
+    }
+
+    async fn channel(&self, id: Uuid) -> Result<Option<Channel>> {
+        let row = sqlx::query(&format!(
+            "SELECT {CHANNEL_COLUMNS} FROM herald_channels WHERE id = ?1"
+        ))
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(channel_from_row).transpose()
+    }
+
+    async fn channels(&self) -> Result<Vec<Channel>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {CHANNEL_COLUMNS} FROM herald_channels ORDER BY id"
+        ))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(channel_from_row).collect()
+    }
+
+    async fn pause_channel(
+        &self,
+        id: Uuid,
+        reason: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE herald_channels
+                SET paused_reason = ?2, paused_at = CASE WHEN ?2 IS NULL THEN NULL ELSE ?3 END,
+                    updated_at = ?3
+              WHERE id = ?1",
+        )
+        .bind(id.to_string())
+        .bind(reason)
+        .bind(to_micros(now))
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn create_sends(&self, sends: &[NewSend], now: DateTime<Utc>) -> Result<Vec<Uuid>> {
+        check_sends(sends)?;
+        if sends.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<Uuid> = sends.iter().map(|_| Uuid::new_v4()).collect();
+        let jobs: Vec<_> = ids
+            .iter()
+            .zip(sends)
+            .map(|(id, s)| send_job(*id, s))
+            .collect();
+        let mut tx = self.pool.begin().await?;
+        for (chunk_ids, chunk) in ids.chunks(5_000).zip(sends.chunks(5_000)) {
+            let rows: Vec<serde_json::Value> = chunk_ids
+                .iter()
+                .zip(chunk)
+                .map(|(id, s)| {
+                    serde_json::json!([
+                        id.to_string(),
+                        s.workspace_id.to_string(),
+                        s.channel_id.to_string(),
+                        s.recipient,
+                        serde_json::to_string(&s.message).unwrap_or_default(),
+                        s.lane.as_str(),
+                    ])
+                })
+                .collect();
+            let rows =
+                serde_json::to_string(&rows).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            sqlx::query(
+                "INSERT INTO herald_sends (id, workspace_id, channel_id, recipient, message, lane,
+                                           status, status_rank, created_at, updated_at)
+                 SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5,
+                        'queued', 0, ?2, ?2
+                   FROM json_each(?1)",
+            )
+            .bind(rows)
+            .bind(to_micros(now))
+            .execute(&mut *tx)
+            .await?;
+        }
+        let mut out = Vec::with_capacity(jobs.len());
+        for chunk in jobs.chunks(5_000) {
+            out.extend(self.insert_chunk(&mut tx, chunk, now).await?);
+        }
+        tx.commit().await?;
+        for p in notify_payloads(jobs.iter().zip(&out), now) {
+            self.wakeups.apply_payload(&p);
+        }
+        Ok(ids)
+    }
+
+    async fn send(&self, id: Uuid) -> Result<Option<SendRecord>> {
+        let row = sqlx::query(&format!(
+            "SELECT {SEND_COLUMNS} FROM herald_sends WHERE id = ?1"
+        ))
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(send_from_row).transpose()
+    }
+
+    async fn update_send(
+        &self,
+        id: Uuid,
+        update: &SendUpdate,
+        now: DateTime<Utc>,
+    ) -> Result<Option<SendRecord>> {
+        let accepted = SendStatus::Accepted.rank();
+        let sql: String;
+        let query = match update {
+            SendUpdate::Requesting => sqlx::query({
+                sql = format!(
+                    "UPDATE herald_sends SET status = 'sending', status_rank = ?2,
+                        requests = requests + 1, requested_at = ?3, updated_at = ?3
+                  WHERE id = ?1 AND status_rank < ?4 RETURNING {SEND_COLUMNS}"
+                );
+                &sql
+            })
+            .bind(id.to_string())
+            .bind(SendStatus::Sending.rank())
+            .bind(to_micros(now))
+            .bind(accepted),
+            SendUpdate::Unknown { error } => sqlx::query({
+                sql = format!(
+                    "UPDATE herald_sends SET status = 'unknown', status_rank = ?2, error = ?5,
+                        updated_at = ?3
+                  WHERE id = ?1 AND status_rank < ?4 RETURNING {SEND_COLUMNS}"
+                );
+                &sql
+            })
+            .bind(id.to_string())
+            .bind(SendStatus::Unknown.rank())
+            .bind(to_micros(now))
+            .bind(accepted)
+            .bind(error),
+            SendUpdate::Accepted {
+                provider_message_id,
+            } => sqlx::query({
+                sql = format!(
+                    "UPDATE herald_sends
+                    SET status = CASE WHEN status_rank < ?2 THEN 'accepted' ELSE status END,
+                        status_rank = max(status_rank, ?2),
+                        provider_message_id = ?4, accepted_at = coalesce(accepted_at, ?3),
+                        error = NULL, error_code = NULL, updated_at = ?3
+                  WHERE id = ?1 RETURNING {SEND_COLUMNS}"
+                );
+                &sql
+            })
+            .bind(id.to_string())
+            .bind(accepted)
+            .bind(to_micros(now))
+            .bind(provider_message_id),
+            SendUpdate::Unsent => sqlx::query({
+                sql = format!(
+                    "UPDATE herald_sends SET status = 'queued', status_rank = ?2, updated_at = ?3
+                      WHERE id = ?1 AND status_rank < ?4 RETURNING {SEND_COLUMNS}"
+                );
+                &sql
+            })
+            .bind(id.to_string())
+            .bind(SendStatus::Queued.rank())
+            .bind(to_micros(now))
+            .bind(accepted),
+            SendUpdate::Failed { code, error } => sqlx::query({
+                sql = format!(
+                    "UPDATE herald_sends SET status = 'failed', status_rank = ?2, error_code = ?5,
+                        error = ?6, updated_at = ?3
+                  WHERE id = ?1 AND status_rank < ?4 RETURNING {SEND_COLUMNS}"
+                );
+                &sql
+            })
+            .bind(id.to_string())
+            .bind(SendStatus::Failed.rank())
+            .bind(to_micros(now))
+            .bind(accepted)
+            .bind(code)
+            .bind(error),
+        };
+        match query.fetch_optional(&self.pool).await? {
+            Some(row) => Ok(Some(send_from_row(&row)?)),
+            None => self.send(id).await,
+        }
+    }
+
+    async fn apply_statuses(&self, events: &[StatusEvent]) -> Result<u64> {
+        let (by_send, by_provider) = latest_statuses(events);
+        let mut changed = 0;
+        let mut tx = self.pool.begin().await?;
+        for e in by_send {
+            let done = sqlx::query(
+                "UPDATE herald_sends
+                    SET status = ?3, status_rank = ?4,
+                        provider_message_id = coalesce(provider_message_id, ?5),
+                        accepted_at = coalesce(accepted_at, ?8),
+                        error_code = CASE WHEN ?3 = 'failed' THEN ?6 ELSE error_code END,
+                        error = CASE WHEN ?3 = 'failed' THEN ?7 ELSE error END,
+                        updated_at = ?8
+                  WHERE id = ?1 AND channel_id = ?2 AND status_rank < ?4",
+            )
+            .bind(e.send_id.map(|id| id.to_string()))
+            .bind(e.channel_id.to_string())
+            .bind(e.status.as_str())
+            .bind(e.status.rank())
+            .bind(&e.provider_message_id)
+            .bind(e.error_code)
+            .bind(&e.error)
+            .bind(to_micros(e.at))
+            .execute(&mut *tx)
+            .await?;
+            changed += done.rows_affected();
+        }
+        for e in by_provider {
+            let done = sqlx::query(
+                "UPDATE herald_sends
+                    SET status = ?3, status_rank = ?4,
+                        error_code = CASE WHEN ?3 = 'failed' THEN ?6 ELSE error_code END,
+                        error = CASE WHEN ?3 = 'failed' THEN ?7 ELSE error END,
+                        updated_at = ?8
+                  WHERE provider_message_id = ?1 AND channel_id = ?2 AND status_rank < ?4",
+            )
+            .bind(&e.provider_message_id)
+            .bind(e.channel_id.to_string())
+            .bind(e.status.as_str())
+            .bind(e.status.rank())
+            .bind(&e.provider_message_id)
+            .bind(e.error_code)
+            .bind(&e.error)
+            .bind(to_micros(e.at))
+            .execute(&mut *tx)
+            .await?;
+            changed += done.rows_affected();
+        }
+        tx.commit().await?;
+        Ok(changed)
+    }
+
+    async fn send_counts(&self, channel_id: Option<Uuid>) -> Result<Vec<SendCount>> {
+        let rows = sqlx::query(
+            "SELECT status, count(*) AS n FROM herald_sends
+              WHERE ?1 IS NULL OR channel_id = ?1
+              GROUP BY status ORDER BY min(status_rank)",
+        )
+        .bind(channel_id.map(|c| c.to_string()))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                let status: String = r.try_get("status")?;
+                Ok(SendCount {
+                    status: status.parse().map_err(StoreError::Corrupt)?,
+                    count: r.try_get("n")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn reserve_reach(
+        &self,
+        portfolio_id: &str,
+        recipient: &str,
+        tier: u32,
+        now: DateTime<Utc>,
+    ) -> Result<Option<DateTime<Utc>>> {
+        let since = to_micros(now - chrono::Duration::hours(24));
+        // BEGIN IMMEDIATE semantics: the pool's single writer serialises this transaction.
+        let mut tx = self.pool.begin().await?;
+        let last: Option<i64> = sqlx::query_scalar(
+            "SELECT reached_at FROM herald_reach WHERE portfolio_id = ?1 AND recipient = ?2",
+        )
+        .bind(portfolio_id)
+        .bind(recipient)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if last.is_none_or(|at| at <= since) {
+            let (count, oldest): (i64, Option<i64>) = sqlx::query_as(
+                "SELECT count(*), min(reached_at) FROM herald_reach
+                  WHERE portfolio_id = ?1 AND reached_at > ?2",
+            )
+            .bind(portfolio_id)
+            .bind(since)
+            .fetch_one(&mut *tx)
+            .await?;
+            if count >= i64::from(tier) {
+                tx.rollback().await?;
+                let frees = oldest.map_or(now, |o| from_micros(o) + chrono::Duration::hours(24));
+                return Ok(Some(frees));
+            }
+        }
+        sqlx::query(
+            "INSERT INTO herald_reach (portfolio_id, recipient, reached_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (portfolio_id, recipient) DO UPDATE SET reached_at = excluded.reached_at",
+        )
+        .bind(portfolio_id)
+        .bind(recipient)
+        .bind(to_micros(now))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(None)
+    }
+
+    async fn record_inbound(
+        &self,
+        channel_id: Uuid,
+        recipient: &str,
+        at: DateTime<Utc>,
+    ) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO herald_windows (channel_id, recipient, last_inbound_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (channel_id, recipient) DO UPDATE
+                SET last_inbound_at = max(herald_windows.last_inbound_at, excluded.last_inbound_at)",
+        )
+        .bind(channel_id.to_string())
+        .bind(recipient)
+        .bind(to_micros(at))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn last_inbound(
+        &self,
+        channel_id: Uuid,
+        recipient: &str,
+    ) -> Result<Option<DateTime<Utc>>> {
+        let at: Option<i64> = sqlx::query_scalar(
+            "SELECT last_inbound_at FROM herald_windows WHERE channel_id = ?1 AND recipient = ?2",
+        )
+        .bind(channel_id.to_string())
+        .bind(recipient)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(at.map(from_micros))
+    }
+}

@@ -1,0 +1,326 @@
+//! The send worker: one job per message, rate-limited by the engine before it starts.
+//!
+//! # What Herald guarantees
+//!
+//! - A send is recorded (`sending`, with the time) before Meta is called. If the answer is lost
+//!   (timeout, dropped connection, crash of the worker), the send is `unknown`: Meta may have it.
+//! - An unknown send is resent only if no status webhook for it (matched by our send id, which
+//!   travels as `biz_opaque_callback_data` on WhatsApp and `metadata` on Messenger and
+//!   Instagram) arrived within the grace period after the request. A status that arrives at any
+//!   time settles the send; it is never sent again after that.
+//! - So a message is sent twice only if Meta got the lost request *and* its status webhook did
+//!   not reach Herald within the grace period (Meta retries webhooks for days; the default grace
+//!   is 10 minutes). It is never silently dropped: every send ends `accepted` or later, or
+//!   `failed` with Meta's reason.
+//! - Limits are taken before the call: the channel's rate by the engine's admission (the job
+//!   is claimed only with a permit), the pair rate and the messaging tier here. A send that
+//!   waits for one of them gives the channel's permit back and snoozes until it is due.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use herald_engine::admission::Admission;
+use herald_engine::delivery::{
+    channel_rate_key, ChannelAdmission, Message, Platform, SendArgs, SendStatus, SendUpdate,
+    SEND_KIND,
+};
+use herald_engine::{Backoff, Clock, JobContext, JobError, KindPolicy, Store, Worker};
+use tracing::{info, warn};
+
+use super::client::{MetaClient, SendError};
+use super::policy::{classify, pair_backoff, Action};
+
+/// Settings of the send worker.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SendConfig {
+    /// How long an unknown send waits for a status webhook before it is sent again. Long enough
+    /// for Meta's status webhook to arrive (seconds) even through a short outage of ours.
+    pub unknown_grace: Duration,
+    /// A send whose channel is paused looks again this often.
+    pub paused_recheck: Duration,
+    /// Usage headers above this percentage slow the channel before Meta refuses.
+    pub usage_slowdown_percent: f64,
+    /// The customer service window: free-form messages only this long after the user's last
+    /// message (WhatsApp).
+    pub service_window: Duration,
+}
+
+impl Default for SendConfig {
+    fn default() -> Self {
+        SendConfig {
+            unknown_grace: herald_engine::delivery::DEFAULT_UNKNOWN_GRACE,
+            paused_recheck: Duration::from_secs(5),
+            usage_slowdown_percent: 90.0,
+            service_window: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// Performs [`SEND_KIND`] jobs.
+pub struct SendWorker {
+    store: Arc<dyn Store>,
+    admission: Arc<ChannelAdmission>,
+    client: MetaClient,
+    clock: Arc<dyn Clock>,
+    config: SendConfig,
+}
+
+impl SendWorker {
+    pub fn new(
+        store: Arc<dyn Store>,
+        admission: Arc<ChannelAdmission>,
+        client: MetaClient,
+        clock: Arc<dyn Clock>,
+        config: SendConfig,
+    ) -> Self {
+        SendWorker {
+            store,
+            admission,
+            client,
+            clock,
+            config,
+        }
+    }
+
+    /// Gives the channel's permit back and waits: the send did not use its slot of the limit.
+    async fn wait(&self, channel: uuid::Uuid, after: Duration) -> JobError {
+        self.admission.refund(&channel_rate_key(channel), 1).await;
+        JobError::Snooze(after)
+    }
+
+    async fn update(&self, send: uuid::Uuid, update: SendUpdate) -> Result<(), JobError> {
+        self.store
+            .delivery()
+            .update_send(send, &update, self.clock.now())
+            .await
+            .map(|_| ())
+            .map_err(JobError::retry)
+    }
+
+    /// Marks the send failed for good, and the job with it.
+    async fn fail(&self, send: uuid::Uuid, code: Option<i64>, why: String) -> JobError {
+        if let Err(e) = self
+            .store
+            .delivery()
+            .update_send(
+                send,
+                &SendUpdate::Failed {
+                    code,
+                    error: why.clone(),
+                },
+                self.clock.now(),
+            )
+            .await
+        {
+            return JobError::retry(e);
+        }
+        JobError::Discard(why)
+    }
+}
+
+#[async_trait]
+impl Worker for SendWorker {
+    type Args = SendArgs;
+    const KIND: &'static str = SEND_KIND;
+
+    fn policy(&self) -> KindPolicy {
+        KindPolicy {
+            backoff: Backoff::default(),
+            // Longer than the client's own timeout, so the client reports a lost answer first.
+            timeout: Duration::from_secs(60),
+        }
+    }
+
+    async fn work(&self, args: SendArgs, ctx: &JobContext) -> Result<(), JobError> {
+        let delivery = self.store.delivery();
+        let Some(send) = delivery.send(args.send_id).await.map_err(JobError::retry)? else {
+            return Err(JobError::Discard(format!(
+                "send {} not found",
+                args.send_id
+            )));
+        };
+        if send.status.is_settled() {
+            // Meta has it (a status webhook reconciled a lost answer) or it failed for good.
+            self.admission
+                .refund(&channel_rate_key(send.channel_id), 1)
+                .await;
+            return Ok(());
+        }
+        let Some(channel) = self.admission.channel(send.channel_id).await else {
+            return Err(self
+                .fail(send.id, None, "the channel no longer exists".into())
+                .await);
+        };
+        if channel.paused_reason.is_some() {
+            return Err(self.wait(channel.id, self.config.paused_recheck).await);
+        }
+        let now = self.clock.now();
+        if matches!(send.status, SendStatus::Sending | SendStatus::Unknown) {
+            // An earlier request's answer was lost (or its worker died mid-call).
+            let requested = send.requested_at.unwrap_or(send.updated_at);
+            let grace_ends = herald_engine::model::later(requested, self.config.unknown_grace);
+            if now < grace_ends {
+                if send.status == SendStatus::Sending {
+                    self.update(
+                        send.id,
+                        SendUpdate::Unknown {
+                            error: "the worker stopped during the request".into(),
+                        },
+                    )
+                    .await?;
+                }
+                let wait = (grace_ends - now).to_std().unwrap_or(Duration::ZERO);
+                return Err(self.wait(channel.id, wait).await);
+            }
+            warn!(send = %send.id, "no status within the grace period: sending again");
+        }
+        if channel.platform == Platform::Whatsapp {
+            let last = delivery
+                .last_inbound(channel.id, &send.recipient)
+                .await
+                .map_err(JobError::retry)?;
+            let window = herald_engine::model::chrono_duration(self.config.service_window);
+            let in_window = last.is_some_and(|at| now - at < window);
+            if !in_window && send.message.needs_window() {
+                return Err(self
+                    .fail(
+                        send.id,
+                        Some(131047),
+                        "outside the 24 h customer service window: only a template may be sent"
+                            .into(),
+                    )
+                    .await);
+            }
+            if let (false, Some(tier), Some(portfolio), Message::Template { .. }) = (
+                in_window,
+                channel.limits.tier,
+                &channel.portfolio_id,
+                &send.message,
+            ) {
+                let full = delivery
+                    .reserve_reach(portfolio, &send.recipient, tier, now)
+                    .await
+                    .map_err(JobError::retry)?;
+                if let Some(frees) = full {
+                    let wait = (frees - now).to_std().unwrap_or(Duration::from_secs(60));
+                    info!(send = %send.id, ?wait, "messaging tier used up: waiting");
+                    return Err(self.wait(channel.id, wait).await);
+                }
+            }
+        }
+        if let Some(wait) = self.admission.acquire_pair(&channel, &send.recipient).await {
+            return Err(self.wait(channel.id, wait).await);
+        }
+        self.update(send.id, SendUpdate::Requesting).await?;
+        let callback = send.id.to_string();
+        let result = self
+            .client
+            .send(
+                &channel,
+                &send.recipient,
+                &send.message,
+                send.lane,
+                &callback,
+            )
+            .await;
+        match result {
+            Ok(accepted) => {
+                if accepted
+                    .usage_percent
+                    .is_some_and(|p| p >= self.config.usage_slowdown_percent)
+                {
+                    self.admission.slow_down(channel.id);
+                }
+                self.update(
+                    send.id,
+                    SendUpdate::Accepted {
+                        provider_message_id: accepted.message_id,
+                    },
+                )
+                .await
+            }
+            Err(SendError::Lost(why)) => {
+                self.update(send.id, SendUpdate::Unknown { error: why })
+                    .await?;
+                // Not a failure: wait for the status webhook; resend after the grace period.
+                Err(JobError::Snooze(self.config.unknown_grace))
+            }
+            Err(SendError::NotSent(why)) => {
+                self.update(send.id, SendUpdate::Unsent).await?;
+                Err(self.last_attempt(ctx, send.id, None, why).await)
+            }
+            Err(SendError::Unsupported(why)) => Err(self.fail(send.id, None, why).await),
+            Err(SendError::Meta { status, error }) => {
+                let code = error.code;
+                let why = format!("Meta error {}: {}", code.unwrap_or(0), error.message);
+                match classify(code, status) {
+                    Action::Retry => {
+                        self.update(send.id, SendUpdate::Unsent).await?;
+                        Err(self.last_attempt(ctx, send.id, code, why).await)
+                    }
+                    Action::SlowChannel { retry_after } => {
+                        self.update(send.id, SendUpdate::Unsent).await?;
+                        self.admission.slow_down(channel.id);
+                        Err(JobError::Snooze(jitter(retry_after)))
+                    }
+                    Action::RetryRecipient => {
+                        self.update(send.id, SendUpdate::Unsent).await?;
+                        let hits = u32::try_from(send.requests).unwrap_or(0);
+                        Err(JobError::Snooze(pair_backoff(hits)))
+                    }
+                    Action::Wait { retry_after } => {
+                        self.update(send.id, SendUpdate::Unsent).await?;
+                        Err(JobError::Snooze(jitter(retry_after)))
+                    }
+                    Action::PauseChannel { reason } => {
+                        self.update(send.id, SendUpdate::Unsent).await?;
+                        let reason = format!("{reason} [{why}]");
+                        warn!(channel = %channel.id, %reason, "pausing the channel");
+                        delivery
+                            .pause_channel(channel.id, Some(&reason), self.clock.now())
+                            .await
+                            .map_err(JobError::retry)?;
+                        self.admission.invalidate();
+                        Err(JobError::Snooze(self.config.paused_recheck))
+                    }
+                    Action::Permanent { reason, opt_out } => {
+                        if opt_out {
+                            // Contacts (and their opt-out flag) arrive with the HTTP API; until
+                            // then the failed send carries the reason.
+                            info!(send = %send.id, "recipient opted out of marketing messages");
+                        }
+                        Err(self.fail(send.id, code, format!("{reason}: {why}")).await)
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl SendWorker {
+    /// A retryable failure; on the job's last attempt the send fails for good instead.
+    async fn last_attempt(
+        &self,
+        ctx: &JobContext,
+        send: uuid::Uuid,
+        code: Option<i64>,
+        why: String,
+    ) -> JobError {
+        if ctx.job.attempt >= ctx.job.max_attempts {
+            return self
+                .fail(
+                    send,
+                    code,
+                    format!("gave up after {} attempts: {why}", ctx.job.attempt),
+                )
+                .await;
+        }
+        JobError::retry(why)
+    }
+}
+
+/// `d` plus up to 20% at random, so that refused sends do not come back in lockstep.
+fn jitter(d: Duration) -> Duration {
+    d + d.mul_f64(fastrand::f64() * 0.2)
+}
