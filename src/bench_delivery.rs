@@ -377,11 +377,12 @@ async fn bench(
     let lost = (total as u64).saturating_sub(stats.unique_callbacks);
     let cpu_us = (cpu_after.saturating_sub(cpu_before)).as_secs_f64() * 1e6 / total as f64;
     eprintln!(
-        "bench delivery: enqueued {} in {:.2}s; sandbox accepted {} ({} unique), {} lost responses, errors {:?}; sends failed {failed}; statuses {:?}",
+        "bench delivery: enqueued {} in {:.2}s; sandbox accepted {} ({} unique, at most {} in a second), {} lost responses, errors {:?}; sends failed {failed}; statuses {:?}",
         args.messages,
         enqueued_in.as_secs_f64(),
         stats.accepted,
         stats.unique_callbacks,
+        stats.max_in_any_second,
         stats.lost_responses,
         stats.errors_by_code,
         counts

@@ -569,6 +569,7 @@ impl Producer {
                             return Err(e);
                         }
                     };
+                    debug!(key = %key, granted, claimed = jobs.len(), "claimed for rate key");
                     if jobs.len() < granted {
                         admission.refund(&key, (granted - jobs.len()) as u32).await;
                         // The key ran out of available jobs; the next scan finds it again.

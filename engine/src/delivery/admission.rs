@@ -30,6 +30,9 @@ pub struct AdmissionConfig {
     pub slowdown_recovery: Duration,
     /// The slowest a channel is ever slowed to, as a share of its rate.
     pub slowdown_floor: f64,
+    /// Refusals within this long of a slowdown do not slow the channel further: they answer
+    /// requests sent before it.
+    pub slowdown_hold: Duration,
 }
 
 impl Default for AdmissionConfig {
@@ -40,6 +43,7 @@ impl Default for AdmissionConfig {
             slowdown_factor: 0.7,
             slowdown_recovery: Duration::from_secs(30),
             slowdown_floor: 0.1,
+            slowdown_hold: Duration::from_secs(1),
         }
     }
 }
@@ -134,6 +138,13 @@ impl ChannelAdmission {
     /// cut its rate now, to recover gradually.
     pub fn slow_down(&self, channel_id: Uuid) {
         let mut slow = self.slowdowns.lock().unwrap_or_else(|e| e.into_inner());
+        // The refusals of one burst arrive together: they are one signal, not many.
+        if slow
+            .get(&channel_id)
+            .is_some_and(|s| s.at.elapsed() < self.config.slowdown_hold)
+        {
+            return;
+        }
         let current = slow.get(&channel_id).map_or(1.0, |s| self.factor_of(s));
         let factor = (current * self.config.slowdown_factor).max(self.config.slowdown_floor);
         slow.insert(

@@ -601,6 +601,15 @@ pub trait DeliveryStore: Send + Sync + 'static {
         now: DateTime<Utc>,
     ) -> Result<Option<SendRecord>>;
 
+    /// Marks queued sends as requested (`sending`, one more request, `requested_at`) in one
+    /// statement, and returns those that were queued. The send worker's first step, batched
+    /// across the sends in flight.
+    async fn begin_sends(&self, ids: &[Uuid], now: DateTime<Utc>) -> Result<Vec<SendRecord>>;
+
+    /// Records Meta's message ids for accepted sends in one statement (never moving a send that
+    /// a status webhook already moved further). Returns how many sends it found.
+    async fn accept_sends(&self, accepted: &[(Uuid, String)], now: DateTime<Utc>) -> Result<u64>;
+
     /// Applies Meta's statuses, each only if it moves its send forward. A status names its send
     /// by our id (echoed callback data) or, failing that, by Meta's message id; either way only
     /// within its channel. Returns how many sends changed.

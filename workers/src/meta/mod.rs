@@ -2,6 +2,7 @@
 
 pub mod client;
 pub mod policy;
+pub mod recorder;
 pub mod send;
 
 pub use client::{ClientConfig, MetaClient, SendError};

@@ -22,14 +22,15 @@ use std::time::Duration;
 use async_trait::async_trait;
 use herald_engine::admission::Admission;
 use herald_engine::delivery::{
-    channel_rate_key, ChannelAdmission, Message, Platform, SendArgs, SendStatus, SendUpdate,
-    SEND_KIND,
+    channel_rate_key, ChannelAdmission, Message, Platform, SendArgs, SendRecord, SendStatus,
+    SendUpdate, SEND_KIND,
 };
 use herald_engine::{Backoff, Clock, JobContext, JobError, KindPolicy, Store, Worker};
 use tracing::{info, warn};
 
 use super::client::{MetaClient, SendError};
 use super::policy::{classify, pair_backoff, Action};
+use super::recorder::Recorder;
 
 /// Settings of the send worker.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -64,6 +65,7 @@ pub struct SendWorker {
     client: MetaClient,
     clock: Arc<dyn Clock>,
     config: SendConfig,
+    recorder: Recorder,
 }
 
 impl SendWorker {
@@ -75,6 +77,7 @@ impl SendWorker {
         config: SendConfig,
     ) -> Self {
         SendWorker {
+            recorder: Recorder::start(store.clone(), clock.clone()),
             store,
             admission,
             client,
@@ -134,85 +137,74 @@ impl Worker for SendWorker {
 
     async fn work(&self, args: SendArgs, ctx: &JobContext) -> Result<(), JobError> {
         let delivery = self.store.delivery();
-        let Some(send) = delivery.send(args.send_id).await.map_err(JobError::retry)? else {
-            return Err(JobError::Discard(format!(
-                "send {} not found",
-                args.send_id
-            )));
+        // The common case, batched with the other sends in flight: a queued send becomes
+        // `sending` (recorded before the call). Anything else takes the careful path.
+        let send = match self
+            .recorder
+            .begin(args.send_id)
+            .await
+            .map_err(JobError::retry)?
+        {
+            Some(send) => send,
+            None => match self.resume(&args).await? {
+                Some(send) => send,
+                None => return Ok(()),
+            },
         };
-        if send.status.is_settled() {
-            // Meta has it (a status webhook reconciled a lost answer) or it failed for good.
-            self.admission
-                .refund(&channel_rate_key(send.channel_id), 1)
-                .await;
-            return Ok(());
-        }
         let Some(channel) = self.admission.channel(send.channel_id).await else {
             return Err(self
                 .fail(send.id, None, "the channel no longer exists".into())
                 .await);
         };
         if channel.paused_reason.is_some() {
+            self.update(send.id, SendUpdate::Unsent).await?;
             return Err(self.wait(channel.id, self.config.paused_recheck).await);
         }
         let now = self.clock.now();
-        if matches!(send.status, SendStatus::Sending | SendStatus::Unknown) {
-            // An earlier request's answer was lost (or its worker died mid-call).
-            let requested = send.requested_at.unwrap_or(send.updated_at);
-            let grace_ends = herald_engine::model::later(requested, self.config.unknown_grace);
-            if now < grace_ends {
-                if send.status == SendStatus::Sending {
-                    self.update(
-                        send.id,
-                        SendUpdate::Unknown {
-                            error: "the worker stopped during the request".into(),
-                        },
-                    )
-                    .await?;
-                }
-                let wait = (grace_ends - now).to_std().unwrap_or(Duration::ZERO);
-                return Err(self.wait(channel.id, wait).await);
-            }
-            warn!(send = %send.id, "no status within the grace period: sending again");
-        }
         if channel.platform == Platform::Whatsapp {
-            let last = delivery
-                .last_inbound(channel.id, &send.recipient)
-                .await
-                .map_err(JobError::retry)?;
-            let window = herald_engine::model::chrono_duration(self.config.service_window);
-            let in_window = last.is_some_and(|at| now - at < window);
-            if !in_window && send.message.needs_window() {
-                return Err(self
-                    .fail(
-                        send.id,
-                        Some(131047),
-                        "outside the 24 h customer service window: only a template may be sent"
-                            .into(),
-                    )
-                    .await);
-            }
-            if let (false, Some(tier), Some(portfolio), Message::Template { .. }) = (
-                in_window,
-                channel.limits.tier,
-                &channel.portfolio_id,
-                &send.message,
-            ) {
-                let full = delivery
-                    .reserve_reach(portfolio, &send.recipient, tier, now)
+            let tiered = channel.limits.tier.is_some()
+                && channel.portfolio_id.is_some()
+                && matches!(send.message, Message::Template { .. });
+            if send.message.needs_window() || tiered {
+                let last = delivery
+                    .last_inbound(channel.id, &send.recipient)
                     .await
                     .map_err(JobError::retry)?;
-                if let Some(frees) = full {
-                    let wait = (frees - now).to_std().unwrap_or(Duration::from_secs(60));
-                    info!(send = %send.id, ?wait, "messaging tier used up: waiting");
-                    return Err(self.wait(channel.id, wait).await);
+                let window = herald_engine::model::chrono_duration(self.config.service_window);
+                let in_window = last.is_some_and(|at| now - at < window);
+                if !in_window && send.message.needs_window() {
+                    return Err(self
+                        .fail(
+                            send.id,
+                            Some(131047),
+                            "outside the 24 h customer service window: only a template may be sent"
+                                .into(),
+                        )
+                        .await);
+                }
+                if let (false, true, Some(tier), Some(portfolio)) = (
+                    in_window,
+                    tiered,
+                    channel.limits.tier,
+                    &channel.portfolio_id,
+                ) {
+                    let full = delivery
+                        .reserve_reach(portfolio, &send.recipient, tier, now)
+                        .await
+                        .map_err(JobError::retry)?;
+                    if let Some(frees) = full {
+                        let wait = (frees - now).to_std().unwrap_or(Duration::from_secs(60));
+                        info!(send = %send.id, ?wait, "messaging tier used up: waiting");
+                        self.update(send.id, SendUpdate::Unsent).await?;
+                        return Err(self.wait(channel.id, wait).await);
+                    }
                 }
             }
         }
         if let Some(wait) = self.admission.acquire_pair(&channel, &send.recipient).await {
+            self.update(send.id, SendUpdate::Unsent).await?;
             return Err(self.wait(channel.id, wait).await);
         }
-        self.update(send.id, SendUpdate::Requesting).await?;
         let callback = send.id.to_string();
         let result = self
             .client
@@ -232,13 +224,10 @@ impl Worker for SendWorker {
                 {
                     self.admission.slow_down(channel.id);
                 }
-                self.update(
-                    send.id,
-                    SendUpdate::Accepted {
-                        provider_message_id: accepted.message_id,
-                    },
-                )
-                .await
+                self.recorder
+                    .accepted(send.id, accepted.message_id)
+                    .await
+                    .map_err(JobError::retry)
             }
             Err(SendError::Lost(why)) => {
                 self.update(send.id, SendUpdate::Unknown { error: why })
@@ -299,6 +288,55 @@ impl Worker for SendWorker {
 }
 
 impl SendWorker {
+    /// The careful path for a send that was not queued: settled already (nothing to do), or
+    /// an earlier request's answer was lost (wait out the grace period, then send again).
+    /// Returns the send, marked as requested, when it is to be sent now.
+    async fn resume(&self, args: &SendArgs) -> Result<Option<SendRecord>, JobError> {
+        let delivery = self.store.delivery();
+        let Some(send) = delivery.send(args.send_id).await.map_err(JobError::retry)? else {
+            return Err(JobError::Discard(format!(
+                "send {} not found",
+                args.send_id
+            )));
+        };
+        if send.status.is_settled() {
+            // Meta has it (a status webhook reconciled a lost answer) or it failed for good.
+            self.admission
+                .refund(&channel_rate_key(send.channel_id), 1)
+                .await;
+            return Ok(None);
+        }
+        let now = self.clock.now();
+        if matches!(send.status, SendStatus::Sending | SendStatus::Unknown) {
+            // An earlier request's answer was lost (or its worker died mid-call).
+            let requested = send.requested_at.unwrap_or(send.updated_at);
+            let grace_ends = herald_engine::model::later(requested, self.config.unknown_grace);
+            if now < grace_ends {
+                if send.status == SendStatus::Sending {
+                    self.update(
+                        send.id,
+                        SendUpdate::Unknown {
+                            error: "the worker stopped during the request".into(),
+                        },
+                    )
+                    .await?;
+                }
+                let wait = (grace_ends - now).to_std().unwrap_or(Duration::ZERO);
+                return Err(self.wait(send.channel_id, wait).await);
+            }
+            warn!(send = %send.id, "no status within the grace period: sending again");
+        }
+        let updated = delivery
+            .update_send(send.id, &SendUpdate::Requesting, now)
+            .await
+            .map_err(JobError::retry)?;
+        match updated {
+            Some(s) if s.status == SendStatus::Sending => Ok(Some(s)),
+            // Settled meanwhile (a status webhook arrived).
+            _ => Ok(None),
+        }
+    }
+
     /// A retryable failure; on the job's last attempt the send fails for good instead.
     async fn last_attempt(
         &self,

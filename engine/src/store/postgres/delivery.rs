@@ -1,4 +1,9 @@
 //! [`DeliveryStore`] on PostgreSQL.
+//!
+//! Statements that change several sends lock them in id order first (`… ORDER BY id FOR
+//! UPDATE`): the send worker's batches and the webhook's status batches touch the same rows
+//! at once, and locking in join order deadlocked them (stalling sends for PostgreSQL's
+//! one-second deadlock timeout).
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
@@ -282,21 +287,77 @@ impl DeliveryStore for PgStore {
         }
     }
 
+    async fn begin_sends(&self, ids: &[Uuid], now: DateTime<Utc>) -> Result<Vec<SendRecord>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let returning = SEND_COLUMNS
+            .split(", ")
+            .map(|c| format!("s.{}", c.trim()))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let rows = sqlx::query(&format!(
+            "WITH locked AS (
+                SELECT id FROM herald_sends WHERE id = ANY($1::uuid[]) AND status_rank = 0
+                 ORDER BY id FOR UPDATE)
+             UPDATE herald_sends s SET status = 'sending', status_rank = $3,
+                    requests = s.requests + 1, requested_at = $2, updated_at = $2
+               FROM locked
+              WHERE s.id = locked.id AND s.status_rank = 0
+              RETURNING {returning}"
+        ))
+        .bind(ids)
+        .bind(now)
+        .bind(SendStatus::Sending.rank())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(send_from_row).collect()
+    }
+
+    async fn accept_sends(&self, accepted: &[(Uuid, String)], now: DateTime<Utc>) -> Result<u64> {
+        if accepted.is_empty() {
+            return Ok(0);
+        }
+        let done = sqlx::query(
+            "WITH t AS (SELECT * FROM unnest($1::uuid[], $2::text[]) AS t(id, pmid)),
+                  locked AS (SELECT id FROM herald_sends WHERE id IN (SELECT id FROM t)
+                              ORDER BY id FOR UPDATE)
+             UPDATE herald_sends s
+                SET status = CASE WHEN s.status_rank < $4 THEN 'accepted' ELSE s.status END,
+                    status_rank = greatest(s.status_rank, $4),
+                    provider_message_id = t.pmid, accepted_at = coalesce(s.accepted_at, $3),
+                    error = NULL, error_code = NULL, updated_at = $3
+               FROM t JOIN locked USING (id)
+              WHERE s.id = t.id",
+        )
+        .bind(accepted.iter().map(|a| a.0).collect::<Vec<_>>())
+        .bind(accepted.iter().map(|a| a.1.as_str()).collect::<Vec<_>>())
+        .bind(now)
+        .bind(SendStatus::Accepted.rank())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     async fn apply_statuses(&self, events: &[StatusEvent]) -> Result<u64> {
         let (by_send, by_provider) = latest_statuses(events);
         let mut changed = 0;
         if !by_send.is_empty() {
             let done = sqlx::query(
-                "UPDATE herald_sends s
+                "WITH e AS (SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[],
+                                                 $5::smallint[], $6::bigint[], $7::text[],
+                                                 $8::timestamptz[])
+                             AS e(id, channel_id, pmid, status, rank, code, error, at)),
+                      locked AS (SELECT id FROM herald_sends WHERE id IN (SELECT id FROM e)
+                                  ORDER BY id FOR UPDATE)
+                 UPDATE herald_sends s
                     SET status = e.status, status_rank = e.rank,
                         provider_message_id = coalesce(s.provider_message_id, e.pmid),
                         accepted_at = coalesce(s.accepted_at, e.at),
                         error_code = CASE WHEN e.status = 'failed' THEN e.code ELSE s.error_code END,
                         error = CASE WHEN e.status = 'failed' THEN e.error ELSE s.error END,
                         updated_at = e.at
-                   FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::smallint[],
-                               $6::bigint[], $7::text[], $8::timestamptz[])
-                        AS e(id, channel_id, pmid, status, rank, code, error, at)
+                   FROM e JOIN locked USING (id)
                   WHERE s.id = e.id AND s.channel_id = e.channel_id AND s.status_rank < e.rank",
             )
             .bind(by_send.iter().map(|e| e.send_id).collect::<Vec<_>>())
@@ -313,16 +374,22 @@ impl DeliveryStore for PgStore {
         }
         if !by_provider.is_empty() {
             let done = sqlx::query(
-                "UPDATE herald_sends s
+                "WITH e AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[],
+                                                 $4::smallint[], $5::bigint[], $6::text[],
+                                                 $7::timestamptz[])
+                             AS e(channel_id, pmid, status, rank, code, error, at)),
+                      locked AS (SELECT s.id, s.provider_message_id, s.channel_id
+                                   FROM herald_sends s JOIN e
+                                     ON s.provider_message_id = e.pmid AND s.channel_id = e.channel_id
+                                  ORDER BY s.id FOR UPDATE OF s)
+                 UPDATE herald_sends s
                     SET status = e.status, status_rank = e.rank,
                         error_code = CASE WHEN e.status = 'failed' THEN e.code ELSE s.error_code END,
                         error = CASE WHEN e.status = 'failed' THEN e.error ELSE s.error END,
                         updated_at = e.at
-                   FROM unnest($1::uuid[], $2::text[], $3::text[], $4::smallint[], $5::bigint[],
-                               $6::text[], $7::timestamptz[])
-                        AS e(channel_id, pmid, status, rank, code, error, at)
-                  WHERE s.provider_message_id = e.pmid AND s.channel_id = e.channel_id
-                    AND s.status_rank < e.rank",
+                   FROM e JOIN locked ON locked.provider_message_id = e.pmid
+                                     AND locked.channel_id = e.channel_id
+                  WHERE s.id = locked.id AND s.status_rank < e.rank",
             )
             .bind(by_provider.iter().map(|e| e.channel_id).collect::<Vec<_>>())
             .bind(by_provider.iter().map(|e| e.provider_message_id.as_str()).collect::<Vec<_>>())

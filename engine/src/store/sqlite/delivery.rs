@@ -295,6 +295,52 @@ impl DeliveryStore for SqliteStore {
         }
     }
 
+    async fn begin_sends(&self, ids: &[Uuid], now: DateTime<Utc>) -> Result<Vec<SendRecord>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<String> = ids.iter().map(Uuid::to_string).collect();
+        let ids = serde_json::to_string(&ids).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let rows = sqlx::query(&format!(
+            "UPDATE herald_sends SET status = 'sending', status_rank = ?3,
+                    requests = requests + 1, requested_at = ?2, updated_at = ?2
+              WHERE id IN (SELECT value FROM json_each(?1)) AND status_rank = 0
+              RETURNING {SEND_COLUMNS}"
+        ))
+        .bind(ids)
+        .bind(to_micros(now))
+        .bind(SendStatus::Sending.rank())
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(send_from_row).collect()
+    }
+
+    async fn accept_sends(&self, accepted: &[(Uuid, String)], now: DateTime<Utc>) -> Result<u64> {
+        if accepted.is_empty() {
+            return Ok(0);
+        }
+        let rows: Vec<(String, &str)> = accepted
+            .iter()
+            .map(|(id, pmid)| (id.to_string(), pmid.as_str()))
+            .collect();
+        let rows = serde_json::to_string(&rows).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let done = sqlx::query(
+            "UPDATE herald_sends
+                SET status = CASE WHEN status_rank < ?3 THEN 'accepted' ELSE status END,
+                    status_rank = max(status_rank, ?3),
+                    provider_message_id = t.value->>1, accepted_at = coalesce(accepted_at, ?2),
+                    error = NULL, error_code = NULL, updated_at = ?2
+               FROM json_each(?1) AS t
+              WHERE herald_sends.id = t.value->>0",
+        )
+        .bind(rows)
+        .bind(to_micros(now))
+        .bind(SendStatus::Accepted.rank())
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected())
+    }
+
     async fn apply_statuses(&self, events: &[StatusEvent]) -> Result<u64> {
         let (by_send, by_provider) = latest_statuses(events);
         let mut changed = 0;
