@@ -164,7 +164,7 @@ pub const KEYS: &[(&str, &str, &str, &str)] = &[
     (
         "rate_tick",
         "HERALD_RATE_TICK",
-        "5ms",
+        "20ms",
         "how often a rate-limited queue asks each channel for permits",
     ),
     (

@@ -60,8 +60,10 @@ pub struct EngineConfig {
     /// seconds of a busy queue, far sooner than autovacuum's one-minute rounds.
     pub vacuum_dead_rows: u64,
     /// The rate-limited producer asks each rate key for permits at most this often. Shorter gives
-    /// interactive sends lower latency; longer claims more jobs per round trip. 5 ms keeps a
-    /// 1,000/s channel at five jobs a claim and adds at most 5 ms to a reply.
+    /// interactive sends lower latency; longer claims (and records, and completes) more jobs per
+    /// round trip. 20 ms adds at most 20 ms to a reply and batches twenty sends of a 1,000/s
+    /// channel: measured 150 µs of CPU a message against 270 µs at 5 ms. Keep it under half
+    /// of a channel's burst (`burst_ms`, 50 by default), or permits are lost to the cap.
     pub rate_tick: Duration,
     /// Most rate keys (channels) one producer tracks at once; more wait for the next scan.
     pub max_rate_keys: usize,
@@ -98,7 +100,7 @@ impl Default for EngineConfig {
             prune_batch: 10_000,
             vacuum_interval: Duration::from_secs(5),
             vacuum_dead_rows: 50_000,
-            rate_tick: Duration::from_millis(5),
+            rate_tick: Duration::from_millis(20),
             max_rate_keys: 10_000,
             maintenance: true,
         }
