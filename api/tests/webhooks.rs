@@ -1,0 +1,463 @@
+//! Meta's webhooks through the router (`oneshot`, no socket) on a real SQLite store: the
+//! handshake, the signature check before anything is parsed, bad input, and statuses applied
+//! monotonically.
+
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use chrono::Utc;
+use herald_api::{app, AppState};
+use herald_engine::delivery::{
+    Channel, Lane, Message, NewChannel, NewSend, Platform, SendStatus, SendUpdate,
+};
+use herald_engine::{ConnectOptions, Store};
+use hmac::{Hmac, Mac};
+use serde_json::{json, Value};
+use sha2::Sha256;
+use tower::ServiceExt;
+use uuid::Uuid;
+
+const SECRET: &str = "app-secret-for-tests";
+
+struct Fixture {
+    store: Arc<dyn Store>,
+    path: std::path::PathBuf,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", self.path.display()));
+        }
+    }
+}
+
+async fn fixture() -> Fixture {
+    let path = std::env::temp_dir().join(format!("herald_api_wh_{}.db", Uuid::new_v4().simple()));
+    let store = herald_engine::connect(
+        &format!("sqlite:{}", path.display()),
+        &ConnectOptions::default(),
+    )
+    .await
+    .expect("open sqlite");
+    Fixture { store, path }
+}
+
+async fn channel(store: &Arc<dyn Store>, platform: Platform) -> Channel {
+    store
+        .delivery()
+        .create_channel(
+            &NewChannel {
+                workspace_id: Uuid::new_v4(),
+                platform,
+                name: "test".into(),
+                sender_id: "1555000100".into(),
+                portfolio_id: None,
+                access_token: "token".into(),
+                app_secret: SECRET.into(),
+                verify_token: "verify-me".into(),
+                graph_base_url: Some("http://127.0.0.1:9".into()),
+                api_version: None,
+                limits: None,
+            },
+            Utc::now(),
+        )
+        .await
+        .expect("create channel")
+}
+
+/// A send Meta accepted as `wamid`.
+async fn accepted_send(store: &Arc<dyn Store>, channel: &Channel, wamid: &str) -> Uuid {
+    let ids = store
+        .delivery()
+        .create_sends(
+            &[NewSend {
+                workspace_id: channel.workspace_id,
+                channel_id: channel.id,
+                recipient: "15551234567".into(),
+                message: Message::Text { body: "hi".into() },
+                lane: Lane::Interactive,
+            }],
+            Utc::now(),
+        )
+        .await
+        .expect("create send");
+    store
+        .delivery()
+        .update_send(
+            ids[0],
+            &SendUpdate::Accepted {
+                provider_message_id: wamid.into(),
+            },
+            Utc::now(),
+        )
+        .await
+        .expect("accept");
+    ids[0]
+}
+
+fn sign(body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).expect("key");
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+async fn post(
+    store: &Arc<dyn Store>,
+    channel: &str,
+    body: Vec<u8>,
+    signature: Option<String>,
+) -> (StatusCode, Value) {
+    let mut req =
+        Request::post(format!("/webhooks/{channel}")).header("content-type", "application/json");
+    if let Some(sig) = signature {
+        req = req.header("x-hub-signature-256", sig);
+    }
+    let response = app(AppState {
+        store: store.clone(),
+    })
+    .oneshot(req.body(Body::from(body)).expect("request"))
+    .await
+    .expect("response");
+    let status = response.status();
+    let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+        .await
+        .expect("body");
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+fn wa_status(channel: &Channel, wamid: &str, send: Option<Uuid>, status: &str) -> Vec<u8> {
+    let mut s = json!({
+        "id": wamid, "status": status, "timestamp": "1767225600", "recipient_id": "15551234567"
+    });
+    if let Some(id) = send {
+        s["biz_opaque_callback_data"] = json!(id.to_string());
+    }
+    if status == "failed" {
+        s["errors"] = json!([{ "code": 131026, "title": "Message undeliverable" }]);
+    }
+    serde_json::to_vec(&json!({
+        "object": "whatsapp_business_account",
+        "entry": [{ "id": "waba", "changes": [{ "field": "messages", "value": {
+            "messaging_product": "whatsapp",
+            "metadata": { "display_phone_number": "15550000000", "phone_number_id": channel.sender_id },
+            "statuses": [s]
+        }}]}]
+    }))
+    .expect("json")
+}
+
+async fn status_of(store: &Arc<dyn Store>, id: Uuid) -> SendStatus {
+    store
+        .delivery()
+        .send(id)
+        .await
+        .expect("send")
+        .expect("exists")
+        .status
+}
+
+#[tokio::test]
+async fn verification_handshake() {
+    let f = fixture().await;
+    let ch = channel(&f.store, Platform::Whatsapp).await;
+    let get = |uri: String| {
+        let store = f.store.clone();
+        async move {
+            let r = app(AppState { store })
+                .oneshot(Request::get(uri).body(Body::empty()).expect("request"))
+                .await
+                .expect("response");
+            let status = r.status();
+            let body = axum::body::to_bytes(r.into_body(), 1 << 16)
+                .await
+                .expect("body");
+            (status, String::from_utf8_lossy(&body).into_owned())
+        }
+    };
+    let ok = get(format!(
+        "/webhooks/{}?hub.mode=subscribe&hub.verify_token=verify-me&hub.challenge=12345",
+        ch.id
+    ))
+    .await;
+    assert_eq!(ok, (StatusCode::OK, "12345".to_owned()));
+    let wrong = get(format!(
+        "/webhooks/{}?hub.mode=subscribe&hub.verify_token=nope&hub.challenge=12345",
+        ch.id
+    ))
+    .await;
+    assert_eq!(wrong.0, StatusCode::FORBIDDEN);
+    assert!(!wrong.1.contains("12345"), "no challenge echoed on refusal");
+    let missing = get(format!("/webhooks/{}?hub.mode=subscribe", ch.id)).await;
+    assert_eq!(missing.0, StatusCode::FORBIDDEN);
+    let unknown = get(format!(
+        "/webhooks/{}?hub.mode=subscribe&hub.verify_token=verify-me&hub.challenge=1",
+        Uuid::new_v4()
+    ))
+    .await;
+    assert_eq!(unknown.0, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn unsigned_or_badly_signed_posts_change_nothing() {
+    let f = fixture().await;
+    let ch = channel(&f.store, Platform::Whatsapp).await;
+    let send = accepted_send(&f.store, &ch, "wamid.A").await;
+    let body = wa_status(&ch, "wamid.A", Some(send), "delivered");
+    let id = ch.id.to_string();
+    let (status, problem) = post(&f.store, &id, body.clone(), None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(problem["type"], "https://herald.dev/problems/bad-signature");
+    let mut tampered = body.clone();
+    tampered.extend_from_slice(b" ");
+    let (status, _) = post(&f.store, &id, tampered, Some(sign(&body))).await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "signature of another body"
+    );
+    let (status, _) = post(&f.store, &id, body.clone(), Some("sha256=zz".into())).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "not hex");
+    let (status, _) = post(&f.store, &id, body.clone(), Some("md5=00".into())).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "wrong scheme");
+    assert_eq!(status_of(&f.store, send).await, SendStatus::Accepted);
+    let (status, _) = post(&f.store, &id, body.clone(), Some(sign(&body))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(status_of(&f.store, send).await, SendStatus::Delivered);
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_clear_status_and_nothing_is_stored() {
+    let f = fixture().await;
+    let ch = channel(&f.store, Platform::Whatsapp).await;
+    let id = ch.id.to_string();
+    for (body, want) in [
+        (b"{not json".to_vec(), StatusCode::BAD_REQUEST),
+        (vec![0xff, 0xfe, 0x00], StatusCode::BAD_REQUEST),
+        (
+            b"{\"object\":\"other\",\"entry\":[]}".to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (b"{\"object\":\"page\"}".to_vec(), StatusCode::BAD_REQUEST),
+    ] {
+        let (status, problem) = post(&f.store, &id, body.clone(), Some(sign(&body))).await;
+        assert_eq!(status, want, "body {:?}", String::from_utf8_lossy(&body));
+        assert!(problem["detail"].is_string(), "a problem+json body");
+    }
+    let huge = vec![b' '; herald_api::webhooks::MAX_BODY + 1];
+    let (status, _) = post(&f.store, &id, huge.clone(), Some(sign(&huge))).await;
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    let body = wa_status(&ch, "wamid.X", None, "read");
+    let (status, _) = post(&f.store, "not-a-uuid", body.clone(), Some(sign(&body))).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = post(
+        &f.store,
+        &Uuid::new_v4().to_string(),
+        body.clone(),
+        Some(sign(&body)),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    // A status for a message Herald never sent is accepted (Meta must not retry it) and
+    // changes nothing.
+    let (status, _) = post(&f.store, &id, body.clone(), Some(sign(&body))).await;
+    assert_eq!(status, StatusCode::OK);
+    let counts = f.store.delivery().send_counts(None).await.expect("counts");
+    assert!(counts.is_empty(), "nothing stored: {counts:?}");
+}
+
+#[tokio::test]
+async fn statuses_never_move_backwards() {
+    let f = fixture().await;
+    let ch = channel(&f.store, Platform::Whatsapp).await;
+    let id = ch.id.to_string();
+    let send = accepted_send(&f.store, &ch, "wamid.B").await;
+    for (status, expect) in [
+        ("read", SendStatus::Read),
+        ("delivered", SendStatus::Read),
+        ("sent", SendStatus::Read),
+        ("failed", SendStatus::Read),
+    ] {
+        let body = wa_status(&ch, "wamid.B", Some(send), status);
+        assert_eq!(
+            post(&f.store, &id, body.clone(), Some(sign(&body))).await.0,
+            StatusCode::OK
+        );
+        assert_eq!(status_of(&f.store, send).await, expect, "after {status}");
+    }
+    // Matched by Meta's id alone (no callback data), and a failure after `sent` is kept with
+    // its code.
+    let other = accepted_send(&f.store, &ch, "wamid.C").await;
+    let body = wa_status(&ch, "wamid.C", None, "failed");
+    assert_eq!(
+        post(&f.store, &id, body.clone(), Some(sign(&body))).await.0,
+        StatusCode::OK
+    );
+    let record = f
+        .store
+        .delivery()
+        .send(other)
+        .await
+        .expect("send")
+        .expect("exists");
+    assert_eq!(record.status, SendStatus::Failed);
+    assert_eq!(record.error_code, Some(131026));
+}
+
+#[tokio::test]
+async fn a_lost_answer_is_reconciled_by_the_callback_data() {
+    let f = fixture().await;
+    let ch = channel(&f.store, Platform::Whatsapp).await;
+    let ids = f
+        .store
+        .delivery()
+        .create_sends(
+            &[NewSend {
+                workspace_id: ch.workspace_id,
+                channel_id: ch.id,
+                recipient: "15551234567".into(),
+                message: Message::Template {
+                    name: "offer".into(),
+                    language: "en_US".into(),
+                    parameters: vec![],
+                },
+                lane: Lane::Broadcast,
+            }],
+            Utc::now(),
+        )
+        .await
+        .expect("send");
+    let delivery = f.store.delivery();
+    delivery
+        .update_send(ids[0], &SendUpdate::Requesting, Utc::now())
+        .await
+        .expect("requesting");
+    delivery
+        .update_send(
+            ids[0],
+            &SendUpdate::Unknown {
+                error: "timeout".into(),
+            },
+            Utc::now(),
+        )
+        .await
+        .expect("unknown");
+    let body = wa_status(&ch, "wamid.LOST", Some(ids[0]), "sent");
+    assert_eq!(
+        post(
+            &f.store,
+            &ch.id.to_string(),
+            body.clone(),
+            Some(sign(&body))
+        )
+        .await
+        .0,
+        StatusCode::OK
+    );
+    let record = delivery.send(ids[0]).await.expect("send").expect("exists");
+    assert_eq!(record.status, SendStatus::Sent);
+    assert_eq!(record.provider_message_id.as_deref(), Some("wamid.LOST"));
+    // A callback naming this send but arriving on another channel's URL changes nothing.
+    let other = channel(&f.store, Platform::Whatsapp).await;
+    let body = wa_status(&other, "wamid.LOST", Some(ids[0]), "read");
+    assert_eq!(
+        post(
+            &f.store,
+            &other.id.to_string(),
+            body.clone(),
+            Some(sign(&body))
+        )
+        .await
+        .0,
+        StatusCode::OK
+    );
+    assert_eq!(status_of(&f.store, ids[0]).await, SendStatus::Sent);
+}
+
+#[tokio::test]
+async fn inbound_messages_open_the_window_and_messenger_echoes_settle_sends() {
+    let f = fixture().await;
+    let wa = channel(&f.store, Platform::Whatsapp).await;
+    let body = serde_json::to_vec(&json!({
+        "object": "whatsapp_business_account",
+        "entry": [{ "id": "waba", "changes": [{ "field": "messages", "value": {
+            "messaging_product": "whatsapp",
+            "metadata": { "phone_number_id": wa.sender_id },
+            "contacts": [{ "profile": { "name": "Ann" }, "wa_id": "15557654321" }],
+            "messages": [{ "from": "15557654321", "id": "wamid.IN", "timestamp": "1767225600",
+                           "type": "text", "text": { "body": "hello" } }]
+        }}]}]
+    }))
+    .expect("json");
+    assert_eq!(
+        post(
+            &f.store,
+            &wa.id.to_string(),
+            body.clone(),
+            Some(sign(&body))
+        )
+        .await
+        .0,
+        StatusCode::OK
+    );
+    let last = f
+        .store
+        .delivery()
+        .last_inbound(wa.id, "15557654321")
+        .await
+        .expect("window");
+    assert_eq!(last.map(|t| t.timestamp()), Some(1_767_225_600));
+
+    let page = channel(&f.store, Platform::Messenger).await;
+    let ids = f
+        .store
+        .delivery()
+        .create_sends(
+            &[NewSend {
+                workspace_id: page.workspace_id,
+                channel_id: page.id,
+                recipient: "psid-1".into(),
+                message: Message::Text { body: "hi".into() },
+                lane: Lane::Interactive,
+            }],
+            Utc::now(),
+        )
+        .await
+        .expect("send");
+    let echo = serde_json::to_vec(&json!({
+        "object": "page",
+        "entry": [{ "id": "page", "time": 1767225600000i64, "messaging": [
+            { "sender": { "id": "page" }, "recipient": { "id": "psid-1" }, "timestamp": 1767225600000i64,
+              "message": { "is_echo": true, "mid": "mid.1", "metadata": ids[0].to_string(), "text": "hi" } },
+            { "sender": { "id": "psid-1" }, "recipient": { "id": "page" }, "timestamp": 1767225601000i64,
+              "delivery": { "mids": ["mid.1"], "watermark": 1767225601000i64 } }
+        ]}]
+    }))
+    .expect("json");
+    assert_eq!(
+        post(
+            &f.store,
+            &page.id.to_string(),
+            echo.clone(),
+            Some(sign(&echo))
+        )
+        .await
+        .0,
+        StatusCode::OK
+    );
+    let record = f
+        .store
+        .delivery()
+        .send(ids[0])
+        .await
+        .expect("send")
+        .expect("exists");
+    assert_eq!(record.provider_message_id.as_deref(), Some("mid.1"));
+    // The echo (sent) and the receipt (delivered) arrived in one batch; the receipt names only
+    // Meta's id, which the echo set earlier in the same request.
+    assert_eq!(record.status, SendStatus::Delivered);
+}
