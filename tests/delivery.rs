@@ -1,0 +1,181 @@
+//! The whole sending path with real processes: `herald bench delivery` starts the Meta sandbox
+//! and `herald serve` processes sharing one channel, and reports what the sandbox saw. These
+//! tests assert correctness only (no 130429, nothing lost, nothing doubled), never speed.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::{free_port, herald, pg_url, Proc, TestDir};
+use serde_json::Value;
+
+/// Runs the bench and returns its last line, parsed.
+async fn bench(dir: &TestDir, name: &str, args: &[&str], redis_url: Option<&str>) -> Value {
+    let mut cmd = herald();
+    cmd.args(["bench", "delivery"])
+        .args(args)
+        .current_dir(dir.path())
+        .env("HERALD_LOG", "warn,herald_engine::limit=info");
+    if let Some(url) = redis_url {
+        cmd.env("HERALD_REDIS_URL", url);
+    }
+    let mut proc = Proc::spawn(name, cmd, dir.path());
+    let status = proc.wait_for_exit(Duration::from_secs(240)).await;
+    assert!(status.success(), "the bench succeeds\n{}", proc.logs());
+    let stdout = proc.stdout();
+    let last = stdout.lines().last().unwrap_or_default().to_owned();
+    serde_json::from_str(&last)
+        .unwrap_or_else(|e| panic!("last line is JSON ({e}): {last:?}\n{}", proc.logs()))
+}
+
+fn assert_clean(result: &Value, what: &str) {
+    assert_eq!(result["limit_errors"], 0, "{what}: no 130429: {result}");
+    assert_eq!(
+        result["duplicates"], 0,
+        "{what}: nothing sent twice: {result}"
+    );
+    assert_eq!(result["lost"], 0, "{what}: nothing lost: {result}");
+}
+
+#[tokio::test]
+async fn two_processes_share_a_channel_through_redis_with_lost_answers() {
+    let dir = TestDir::new();
+    let result = bench(
+        &dir,
+        "bench-2p",
+        &[
+            "--messages",
+            "400",
+            "--mps",
+            "100",
+            "--processes",
+            "2",
+            "--interactive",
+            "10",
+            "--lose-responses",
+            "0.03",
+            "--database-url",
+            &pg_url(),
+        ],
+        None,
+    )
+    .await;
+    assert_clean(&result, "2 processes, 3% lost answers");
+    assert_eq!(result["processes"], 2);
+    assert!(
+        result["interactive_p99_ms"].is_number(),
+        "the interactive replies were delivered: {result}"
+    );
+}
+
+#[tokio::test]
+async fn one_process_on_the_embedded_store() {
+    let dir = TestDir::new();
+    let sqlite = dir.sqlite_url("bench");
+    let result = bench(
+        &dir,
+        "bench-sqlite",
+        &[
+            "--messages",
+            "300",
+            "--mps",
+            "150",
+            "--interactive",
+            "5",
+            "--database-url",
+            &sqlite,
+        ],
+        None,
+    )
+    .await;
+    assert_clean(&result, "SQLite, one process");
+}
+
+/// A private redis-server, killed when dropped.
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Redis {
+    fn start(port: u16) -> Redis {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server (is it installed?)");
+        Redis { child, port }
+    }
+
+    async fn wait_up(&self) {
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("redis-server on port {} did not come up", self.port);
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Redis goes away for a few seconds in the middle of a broadcast shared by two processes and
+/// comes back: both fall back to a conservative local share (slower, never faster) and return.
+#[tokio::test]
+async fn redis_stopped_and_restarted_mid_run() {
+    let dir = TestDir::new();
+    let port = free_port();
+    let redis = Redis::start(port);
+    redis.wait_up().await;
+    let url = format!("redis://127.0.0.1:{port}");
+    let args = [
+        "--messages",
+        "900",
+        "--mps",
+        "100",
+        "--processes",
+        "2",
+        "--database-url",
+        &pg_url(),
+        "--redis-url",
+        &url,
+    ];
+    let run = bench(&dir, "bench-redis", &args, None);
+    let chaos = async {
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        drop(redis);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let again = Redis::start(port);
+        again.wait_up().await;
+        again
+    };
+    let (result, _redis) = tokio::join!(run, chaos);
+    assert_clean(&result, "Redis stopped and restarted");
+    let dir_logs: String =
+        std::fs::read_to_string(dir.path().join("bench-redis.stderr")).unwrap_or_default();
+    assert!(
+        dir_logs.contains("Redis unreachable: rate limits fall back"),
+        "the processes said they fell back to local limits:\n{dir_logs}"
+    );
+    assert!(
+        dir_logs.contains("Redis reachable again"),
+        "the processes said they returned to Redis:\n{dir_logs}"
+    );
+}
