@@ -4,6 +4,7 @@
 mod bench;
 mod bench_delivery;
 mod demo;
+mod demo_delivery;
 mod jobs;
 mod sandbox_cmd;
 mod settings;

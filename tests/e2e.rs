@@ -368,7 +368,7 @@ async fn migrate_is_idempotent_and_concurrent() {
 async fn demo_runs_on_the_embedded_default() {
     let dir = TestDir::new();
     let mut cmd = herald();
-    cmd.args(["demo", "--jobs", "200"])
+    cmd.args(["demo", "--jobs", "200", "--messages", "160"])
         .current_dir(dir.path())
         .env("HERALD_LISTEN", format!("127.0.0.1:{}", free_port()));
     let mut demo = Proc::spawn("demo", cmd, dir.path());
@@ -382,5 +382,13 @@ async fn demo_runs_on_the_embedded_default() {
     assert!(
         stdout.contains("conversation:42 ran in order: [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]"),
         "the conversation's messages ran in order:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("130429 answers: 0; sent twice: 0"),
+        "the broadcast stayed within Meta's limit and sent nothing twice:\n{stdout}"
+    );
+    assert!(
+        stdout.contains("failed for good: 1 (the undeliverable number"),
+        "exactly the undeliverable recipient failed:\n{stdout}"
     );
 }
