@@ -501,6 +501,23 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn readme_lists_every_setting() {
+        let readme = include_str!("../README.md");
+        for (key, env, default, _) in KEYS {
+            let row = format!("| `{key}` | `{env}` |");
+            assert!(
+                readme.contains(&row),
+                "README's settings table lacks {key} ({env})"
+            );
+            assert!(
+                readme.contains(&format!("{row} `{default}` |"))
+                    || readme.contains(&format!("{row} {default} |")),
+                "README gives another default for {key} than KEYS ({default})"
+            );
+        }
+    }
+
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
