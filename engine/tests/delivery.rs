@@ -9,8 +9,8 @@ use std::sync::Arc;
 use chrono::{DateTime, TimeZone, Utc};
 use herald_engine::delivery::{
     channel_rate_key, Button, Channel, ChannelLimits, Lane, Message, NewChannel, NewSend, Platform,
-    SendCount, SendRecord, SendStatus, SendUpdate, StatusEvent, BROADCAST_PRIORITY,
-    INTERACTIVE_PRIORITY, META_API_VERSION, META_GRAPH_URL, SEND_KIND, SEND_QUEUE,
+    SendCount, SendRecord, SendStatus, SendUpdate, StatusEvent, META_API_VERSION, META_GRAPH_URL,
+    SEND_KIND, SEND_QUEUE,
 };
 use herald_engine::model::{JobFilter, QueueStat};
 use herald_engine::store::RateScope;
@@ -22,6 +22,7 @@ conformance!(
     channels_create_get_list_and_defaults,
     channels_pause_and_resume,
     invalid_channels_store_nothing,
+    channel_texts_with_nul_are_refused_alike,
     channel_debug_hides_secrets,
     create_sends_writes_one_job_per_send,
     invalid_send_in_a_batch_writes_nothing,
@@ -119,6 +120,18 @@ async fn get_send(store: &dyn Store, id: Uuid) -> SendRecord {
         .await
         .expect("read send")
         .unwrap_or_else(|| panic!("send {id} exists"))
+}
+
+async fn apply(store: &dyn Store, events: Vec<StatusEvent>) -> u64 {
+    store
+        .delivery()
+        .apply_statuses(&events)
+        .await
+        .expect("apply statuses")
+}
+
+async fn status_of(store: &dyn Store, id: Uuid) -> SendStatus {
+    get_send(store, id).await.status
 }
 
 fn event(
@@ -428,6 +441,55 @@ async fn invalid_channels_store_nothing(store: Arc<dyn Store>) {
     );
 }
 
+/// PostgreSQL cannot store NUL in text: both backends must refuse it the same way, before
+/// writing, in every text a channel stores (not only the ones checked for length).
+async fn channel_texts_with_nul_are_refused_alike(store: Arc<dyn Store>) {
+    let d = store.delivery();
+    let good = new_channel(Platform::Whatsapp, "1555000");
+    let cases: Vec<(&str, NewChannel)> = vec![
+        (
+            "NUL in verify_token",
+            NewChannel {
+                verify_token: "ver\u{0}ify".to_owned(),
+                ..good.clone()
+            },
+        ),
+        (
+            "NUL in portfolio_id",
+            NewChannel {
+                portfolio_id: Some("port\u{0}folio".to_owned()),
+                ..good.clone()
+            },
+        ),
+        (
+            "NUL in api_version",
+            NewChannel {
+                api_version: Some("v21\u{0}.0".to_owned()),
+                ..good.clone()
+            },
+        ),
+        (
+            "NUL in graph_base_url",
+            NewChannel {
+                graph_base_url: Some("https://graph\u{0}.example".to_owned()),
+                ..good.clone()
+            },
+        ),
+    ];
+    for (what, bad) in cases {
+        let res = d.create_channel(&bad, t0()).await;
+        assert!(
+            matches!(res, Err(StoreError::Invalid(_))),
+            "{what}: refused as invalid, got {res:?}"
+        );
+    }
+    assert_eq!(
+        d.channels().await.expect("list"),
+        Vec::<Channel>::new(),
+        "nothing stored for channels with NUL"
+    );
+}
+
 async fn channel_debug_hides_secrets(store: Arc<dyn Store>) {
     let new = new_channel(Platform::Whatsapp, "1555000");
     let ch = store
@@ -555,10 +617,13 @@ async fn create_sends_writes_one_job_per_send(store: Arc<dyn Store>) {
             "rate key matches channel_rate_key"
         );
         let expected_priority = match s.lane {
-            Lane::Interactive => INTERACTIVE_PRIORITY,
-            Lane::Broadcast => BROADCAST_PRIORITY,
+            Lane::Interactive => 0,
+            Lane::Broadcast => 10,
         };
-        assert_eq!(j.priority, expected_priority, "priority follows the lane");
+        assert_eq!(
+            j.priority, expected_priority,
+            "priority follows the lane (interactive 0 before broadcast 10)"
+        );
         assert_eq!(
             j.payload,
             json!({ "send_id": id.to_string(), "channel_id": s.channel_id.to_string() }),
@@ -570,15 +635,6 @@ async fn create_sends_writes_one_job_per_send(store: Arc<dyn Store>) {
             "unique key per send"
         );
     }
-    assert!(
-        INTERACTIVE_PRIORITY < BROADCAST_PRIORITY,
-        "interactive goes first"
-    );
-    assert_eq!(
-        (INTERACTIVE_PRIORITY, BROADCAST_PRIORITY),
-        (0, 10),
-        "lane priorities"
-    );
     assert_eq!(
         d.create_sends(&[], now).await.expect("empty batch"),
         Vec::<Uuid>::new(),
@@ -1022,45 +1078,45 @@ async fn apply_statuses_only_moves_forward(store: Arc<dyn Store>) {
     .await
     .expect("accept");
 
-    let apply = |events: Vec<StatusEvent>| async move {
-        store
-            .delivery()
-            .apply_statuses(&events)
-            .await
-            .expect("apply statuses")
-    };
-    let status = |id| {
-        let store = store.clone();
-        async move { get_send(&*store, id).await.status }
-    };
-
     // s1: delivered, then a late sent and a late failed change nothing; read moves on.
-    let n = apply(vec![event(
-        ch.id,
-        "wamid.1",
-        Some(s1),
-        SendStatus::Delivered,
-        t0() + secs(10),
-    )])
+    let n = apply(
+        &*store,
+        vec![event(
+            ch.id,
+            "wamid.1",
+            Some(s1),
+            SendStatus::Delivered,
+            t0() + secs(10),
+        )],
+    )
     .await;
     assert_eq!(n, 1, "delivered changed one send");
-    assert_eq!(status(s1).await, SendStatus::Delivered, "delivered");
-    let n = apply(vec![event(
-        ch.id,
-        "wamid.1",
-        Some(s1),
-        SendStatus::Sent,
-        t0() + secs(11),
-    )])
+    assert_eq!(
+        status_of(&*store, s1).await,
+        SendStatus::Delivered,
+        "delivered"
+    );
+    let n = apply(
+        &*store,
+        vec![event(
+            ch.id,
+            "wamid.1",
+            Some(s1),
+            SendStatus::Sent,
+            t0() + secs(11),
+        )],
+    )
     .await;
     assert_eq!(n, 0, "sent after delivered changes nothing");
-    assert_eq!(status(s1).await, SendStatus::Delivered, "still delivered");
-    let n = apply(vec![failed_event(
-        ch.id,
-        "wamid.1",
-        Some(s1),
-        t0() + secs(12),
-    )])
+    assert_eq!(
+        status_of(&*store, s1).await,
+        SendStatus::Delivered,
+        "still delivered"
+    );
+    let n = apply(
+        &*store,
+        vec![failed_event(ch.id, "wamid.1", Some(s1), t0() + secs(12))],
+    )
     .await;
     assert_eq!(n, 0, "failed after delivered changes nothing");
     let r = get_send(&*store, s1).await;
@@ -1075,13 +1131,16 @@ async fn apply_statuses_only_moves_forward(store: Arc<dyn Store>) {
         "the ignored failure left no error"
     );
     assert_eq!(r.updated_at, t0() + secs(10), "updated_at of the delivery");
-    let n = apply(vec![event(
-        ch.id,
-        "wamid.1",
-        Some(s1),
-        SendStatus::Read,
-        t0() + secs(13),
-    )])
+    let n = apply(
+        &*store,
+        vec![event(
+            ch.id,
+            "wamid.1",
+            Some(s1),
+            SendStatus::Read,
+            t0() + secs(13),
+        )],
+    )
     .await;
     assert_eq!(n, 1, "read after delivered changes the send");
     let r = get_send(&*store, s1).await;
@@ -1095,24 +1154,25 @@ async fn apply_statuses_only_moves_forward(store: Arc<dyn Store>) {
 
     // s2: sent, then failed (failed ranks above sent) with its code and reason.
     assert_eq!(
-        apply(vec![event(
-            ch.id,
-            "wamid.2",
-            Some(s2),
-            SendStatus::Sent,
-            t0() + secs(10)
-        )])
+        apply(
+            &*store,
+            vec![event(
+                ch.id,
+                "wamid.2",
+                Some(s2),
+                SendStatus::Sent,
+                t0() + secs(10)
+            )]
+        )
         .await,
         1,
         "sent changed s2"
     );
     assert_eq!(
-        apply(vec![failed_event(
-            ch.id,
-            "wamid.2",
-            Some(s2),
-            t0() + secs(11)
-        )])
+        apply(
+            &*store,
+            vec![failed_event(ch.id, "wamid.2", Some(s2), t0() + secs(11))]
+        )
         .await,
         1,
         "failed after sent changed s2"
@@ -1127,36 +1187,39 @@ async fn apply_statuses_only_moves_forward(store: Arc<dyn Store>) {
     );
 
     // s3: one batch with sent, delivered and read (out of order and repeated) ends at read.
-    let n = apply(vec![
-        event(
-            ch.id,
-            "wamid.3",
-            Some(s3),
-            SendStatus::Delivered,
-            t0() + secs(21),
-        ),
-        event(
-            ch.id,
-            "wamid.3",
-            Some(s3),
-            SendStatus::Read,
-            t0() + secs(22),
-        ),
-        event(
-            ch.id,
-            "wamid.3",
-            Some(s3),
-            SendStatus::Sent,
-            t0() + secs(20),
-        ),
-        event(
-            ch.id,
-            "wamid.3",
-            Some(s3),
-            SendStatus::Delivered,
-            t0() + secs(21),
-        ),
-    ])
+    let n = apply(
+        &*store,
+        vec![
+            event(
+                ch.id,
+                "wamid.3",
+                Some(s3),
+                SendStatus::Delivered,
+                t0() + secs(21),
+            ),
+            event(
+                ch.id,
+                "wamid.3",
+                Some(s3),
+                SendStatus::Read,
+                t0() + secs(22),
+            ),
+            event(
+                ch.id,
+                "wamid.3",
+                Some(s3),
+                SendStatus::Sent,
+                t0() + secs(20),
+            ),
+            event(
+                ch.id,
+                "wamid.3",
+                Some(s3),
+                SendStatus::Delivered,
+                t0() + secs(21),
+            ),
+        ],
+    )
     .await;
     assert_eq!(n, 1, "one send changed by the batch");
     let r = get_send(&*store, s3).await;
@@ -1166,43 +1229,46 @@ async fn apply_statuses_only_moves_forward(store: Arc<dyn Store>) {
     // A batch over several sends counts the sends it changed.
     let s4 = create_one(&*store, &ch, "+15550004").await;
     let s5 = create_one(&*store, &ch, "+15550005").await;
-    let n = apply(vec![
-        event(
-            ch.id,
-            "wamid.4",
-            Some(s4),
-            SendStatus::Sent,
-            t0() + secs(30),
-        ),
-        event(
-            ch.id,
-            "wamid.4",
-            Some(s4),
-            SendStatus::Delivered,
-            t0() + secs(31),
-        ),
-        event(
-            ch.id,
-            "wamid.5",
-            Some(s5),
-            SendStatus::Sent,
-            t0() + secs(30),
-        ),
-        event(
-            ch.id,
-            "wamid.1",
-            Some(s1),
-            SendStatus::Delivered,
-            t0() + secs(30),
-        ),
-        event(
-            ch.id,
-            "wamid.x",
-            Some(Uuid::new_v4()),
-            SendStatus::Read,
-            t0() + secs(30),
-        ),
-    ])
+    let n = apply(
+        &*store,
+        vec![
+            event(
+                ch.id,
+                "wamid.4",
+                Some(s4),
+                SendStatus::Sent,
+                t0() + secs(30),
+            ),
+            event(
+                ch.id,
+                "wamid.4",
+                Some(s4),
+                SendStatus::Delivered,
+                t0() + secs(31),
+            ),
+            event(
+                ch.id,
+                "wamid.5",
+                Some(s5),
+                SendStatus::Sent,
+                t0() + secs(30),
+            ),
+            event(
+                ch.id,
+                "wamid.1",
+                Some(s1),
+                SendStatus::Delivered,
+                t0() + secs(30),
+            ),
+            event(
+                ch.id,
+                "wamid.x",
+                Some(Uuid::new_v4()),
+                SendStatus::Read,
+                t0() + secs(30),
+            ),
+        ],
+    )
     .await;
     assert_eq!(
         n, 2,
@@ -1220,8 +1286,16 @@ async fn apply_statuses_only_moves_forward(store: Arc<dyn Store>) {
         SendStatus::Sent,
         "s5 sent"
     );
-    assert_eq!(status(s1).await, SendStatus::Read, "s1 still read");
-    assert_eq!(apply(vec![]).await, 0, "an empty batch changes nothing");
+    assert_eq!(
+        status_of(&*store, s1).await,
+        SendStatus::Read,
+        "s1 still read"
+    );
+    assert_eq!(
+        apply(&*store, vec![]).await,
+        0,
+        "an empty batch changes nothing"
+    );
 }
 
 async fn apply_statuses_by_provider_id_and_within_channel(store: Arc<dyn Store>) {

@@ -257,6 +257,19 @@ impl NewChannel {
                 return Err(format!("{name} must be 1 to {max} bytes without NUL"));
             }
         }
+        // PostgreSQL cannot store NUL in text: refused here so that both backends agree.
+        let others = [
+            Some(&self.verify_token),
+            self.portfolio_id.as_ref(),
+            self.graph_base_url.as_ref(),
+            self.api_version.as_ref(),
+        ];
+        if others.into_iter().flatten().any(|t| t.contains('\0')) {
+            return Err(
+                "verify_token, portfolio_id, graph_base_url and api_version must not contain NUL"
+                    .into(),
+            );
+        }
         if let Some(url) = &self.graph_base_url {
             if !(url.starts_with("https://") || url.starts_with("http://")) || url.len() > 512 {
                 return Err("graph_base_url must be an http(s) URL".into());
@@ -680,17 +693,19 @@ pub(crate) fn check_sends(sends: &[NewSend]) -> Result<()> {
     Ok(())
 }
 
-/// Reduces a batch of status events to the furthest one per send, split into those that name
-/// our send id and those that name only Meta's message id. One UPDATE can then apply each group
-/// (an UPDATE … FROM applies one arbitrary row per target when several match).
+/// Reduces a batch of status events to the furthest one per send (and channel), split into those
+/// that name our send id and those that name only Meta's message id. One UPDATE can then apply
+/// each group (an UPDATE … FROM applies one arbitrary row per target when several match).
 pub(crate) fn latest_statuses(events: &[StatusEvent]) -> (Vec<&StatusEvent>, Vec<&StatusEvent>) {
     use std::collections::HashMap;
-    let mut by_send: HashMap<Uuid, &StatusEvent> = HashMap::new();
+    // Keyed by channel too: an event naming our send under another channel is dropped by the
+    // UPDATE, and must not displace a real one for the same send.
+    let mut by_send: HashMap<(Uuid, Uuid), &StatusEvent> = HashMap::new();
     let mut by_provider: HashMap<(Uuid, &str), &StatusEvent> = HashMap::new();
     for e in events {
         match e.send_id {
             Some(id) => {
-                let slot = by_send.entry(id).or_insert(e);
+                let slot = by_send.entry((e.channel_id, id)).or_insert(e);
                 if e.status.rank() > slot.status.rank() {
                     *slot = e;
                 }

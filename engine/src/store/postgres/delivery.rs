@@ -246,7 +246,9 @@ impl DeliveryStore for PgStore {
                     SET status = CASE WHEN status_rank < $2 THEN 'accepted' ELSE status END,
                         status_rank = greatest(status_rank, $2),
                         provider_message_id = $4, accepted_at = coalesce(accepted_at, $3),
-                        error = NULL, error_code = NULL, updated_at = $3
+                        error = CASE WHEN status_rank < $2 THEN NULL ELSE error END,
+                        error_code = CASE WHEN status_rank < $2 THEN NULL ELSE error_code END,
+                        updated_at = $3
                   WHERE id = $1 RETURNING {SEND_COLUMNS}"
                 );
                 &sql
@@ -326,7 +328,9 @@ impl DeliveryStore for PgStore {
                 SET status = CASE WHEN s.status_rank < $4 THEN 'accepted' ELSE s.status END,
                     status_rank = greatest(s.status_rank, $4),
                     provider_message_id = t.pmid, accepted_at = coalesce(s.accepted_at, $3),
-                    error = NULL, error_code = NULL, updated_at = $3
+                    error = CASE WHEN s.status_rank < $4 THEN NULL ELSE s.error END,
+                    error_code = CASE WHEN s.status_rank < $4 THEN NULL ELSE s.error_code END,
+                    updated_at = $3
                FROM t JOIN locked USING (id)
               WHERE s.id = t.id",
         )
@@ -354,19 +358,34 @@ impl DeliveryStore for PgStore {
                     SET status = e.status, status_rank = e.rank,
                         provider_message_id = coalesce(s.provider_message_id, e.pmid),
                         accepted_at = coalesce(s.accepted_at, e.at),
-                        error_code = CASE WHEN e.status = 'failed' THEN e.code ELSE s.error_code END,
-                        error = CASE WHEN e.status = 'failed' THEN e.error ELSE s.error END,
+                        error_code = CASE WHEN e.status = 'failed' THEN e.code ELSE NULL END,
+                        error = CASE WHEN e.status = 'failed' THEN e.error ELSE NULL END,
                         updated_at = e.at
                    FROM e JOIN locked USING (id)
                   WHERE s.id = e.id AND s.channel_id = e.channel_id AND s.status_rank < e.rank",
             )
             .bind(by_send.iter().map(|e| e.send_id).collect::<Vec<_>>())
             .bind(by_send.iter().map(|e| e.channel_id).collect::<Vec<_>>())
-            .bind(by_send.iter().map(|e| e.provider_message_id.as_str()).collect::<Vec<_>>())
-            .bind(by_send.iter().map(|e| e.status.as_str()).collect::<Vec<_>>())
+            .bind(
+                by_send
+                    .iter()
+                    .map(|e| e.provider_message_id.as_str())
+                    .collect::<Vec<_>>(),
+            )
+            .bind(
+                by_send
+                    .iter()
+                    .map(|e| e.status.as_str())
+                    .collect::<Vec<_>>(),
+            )
             .bind(by_send.iter().map(|e| e.status.rank()).collect::<Vec<_>>())
             .bind(by_send.iter().map(|e| e.error_code).collect::<Vec<_>>())
-            .bind(by_send.iter().map(|e| e.error.as_deref()).collect::<Vec<_>>())
+            .bind(
+                by_send
+                    .iter()
+                    .map(|e| e.error.as_deref())
+                    .collect::<Vec<_>>(),
+            )
             .bind(by_send.iter().map(|e| e.at).collect::<Vec<_>>())
             .execute(&self.pool)
             .await?;
@@ -384,8 +403,8 @@ impl DeliveryStore for PgStore {
                                   ORDER BY s.id FOR UPDATE OF s)
                  UPDATE herald_sends s
                     SET status = e.status, status_rank = e.rank,
-                        error_code = CASE WHEN e.status = 'failed' THEN e.code ELSE s.error_code END,
-                        error = CASE WHEN e.status = 'failed' THEN e.error ELSE s.error END,
+                        error_code = CASE WHEN e.status = 'failed' THEN e.code ELSE NULL END,
+                        error = CASE WHEN e.status = 'failed' THEN e.error ELSE NULL END,
                         updated_at = e.at
                    FROM e JOIN locked ON locked.provider_message_id = e.pmid
                                      AND locked.channel_id = e.channel_id

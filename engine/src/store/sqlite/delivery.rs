@@ -254,7 +254,9 @@ impl DeliveryStore for SqliteStore {
                     SET status = CASE WHEN status_rank < ?2 THEN 'accepted' ELSE status END,
                         status_rank = max(status_rank, ?2),
                         provider_message_id = ?4, accepted_at = coalesce(accepted_at, ?3),
-                        error = NULL, error_code = NULL, updated_at = ?3
+                        error = CASE WHEN status_rank < ?2 THEN NULL ELSE error END,
+                        error_code = CASE WHEN status_rank < ?2 THEN NULL ELSE error_code END,
+                        updated_at = ?3
                   WHERE id = ?1 RETURNING {SEND_COLUMNS}"
                 );
                 &sql
@@ -329,7 +331,9 @@ impl DeliveryStore for SqliteStore {
                 SET status = CASE WHEN status_rank < ?3 THEN 'accepted' ELSE status END,
                     status_rank = max(status_rank, ?3),
                     provider_message_id = t.value->>1, accepted_at = coalesce(accepted_at, ?2),
-                    error = NULL, error_code = NULL, updated_at = ?2
+                    error = CASE WHEN status_rank < ?3 THEN NULL ELSE error END,
+                    error_code = CASE WHEN status_rank < ?3 THEN NULL ELSE error_code END,
+                    updated_at = ?2
                FROM json_each(?1) AS t
               WHERE herald_sends.id = t.value->>0",
         )
@@ -351,8 +355,8 @@ impl DeliveryStore for SqliteStore {
                     SET status = ?3, status_rank = ?4,
                         provider_message_id = coalesce(provider_message_id, ?5),
                         accepted_at = coalesce(accepted_at, ?8),
-                        error_code = CASE WHEN ?3 = 'failed' THEN ?6 ELSE error_code END,
-                        error = CASE WHEN ?3 = 'failed' THEN ?7 ELSE error END,
+                        error_code = CASE WHEN ?3 = 'failed' THEN ?6 ELSE NULL END,
+                        error = CASE WHEN ?3 = 'failed' THEN ?7 ELSE NULL END,
                         updated_at = ?8
                   WHERE id = ?1 AND channel_id = ?2 AND status_rank < ?4",
             )
@@ -372,8 +376,8 @@ impl DeliveryStore for SqliteStore {
             let done = sqlx::query(
                 "UPDATE herald_sends
                     SET status = ?3, status_rank = ?4,
-                        error_code = CASE WHEN ?3 = 'failed' THEN ?6 ELSE error_code END,
-                        error = CASE WHEN ?3 = 'failed' THEN ?7 ELSE error END,
+                        error_code = CASE WHEN ?3 = 'failed' THEN ?6 ELSE NULL END,
+                        error = CASE WHEN ?3 = 'failed' THEN ?7 ELSE NULL END,
                         updated_at = ?8
                   WHERE provider_message_id = ?1 AND channel_id = ?2 AND status_rank < ?4",
             )
