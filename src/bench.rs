@@ -307,7 +307,13 @@ async fn measure(
         .queues
         .insert("ping".into(), QueueConfig { concurrency: 10 });
     let started = Instant::now();
-    let engine = Engine::start(store.clone(), registry, config, Arc::new(SystemClock));
+    let engine = Engine::start_limited(
+        store.clone(),
+        registry,
+        config,
+        Arc::new(SystemClock),
+        Arc::new(herald_engine::admission::Unlimited),
+    );
     finished.notified().await;
     let handlers_secs = started.elapsed().as_secs_f64();
     let unfinished = |state| JobFilter {

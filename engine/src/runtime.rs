@@ -602,6 +602,10 @@ impl Producer {
             let free = self.free();
             let at = Instant::now();
             let key_due = keys.values().min().copied();
+            if free > 0 && (unkeyed_more || key_due.is_some_and(|k| k <= at)) {
+                // Slots freed while we claimed (short jobs finish that fast): go again at once.
+                continue;
+            }
             // Work is waiting for a slot, not for a permit: wake when one frees.
             let slot_bound = free == 0 && (unkeyed_more || key_due.is_some_and(|k| k <= at));
             let due_in = next_due.map(|d| {

@@ -30,6 +30,9 @@ pub struct AdmissionConfig {
     pub slowdown_recovery: Duration,
     /// The slowest a channel is ever slowed to, as a share of its rate.
     pub slowdown_floor: f64,
+    /// A rate key naming a channel missing from the cache reloads the channels, at most this
+    /// often.
+    pub miss_reload: Duration,
     /// Refusals within this long of a slowdown do not slow the channel further: they answer
     /// requests sent before it.
     pub slowdown_hold: Duration,
@@ -44,6 +47,7 @@ impl Default for AdmissionConfig {
             slowdown_recovery: Duration::from_secs(30),
             slowdown_floor: 0.1,
             slowdown_hold: Duration::from_secs(1),
+            miss_reload: Duration::from_millis(100),
         }
     }
 }
@@ -106,6 +110,20 @@ impl ChannelAdmission {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .loaded_at = None;
+    }
+
+    /// Forgets the cache after a miss unless it was loaded within `miss_reload`.
+    async fn reload_after_miss(&self) {
+        let fresh = self
+            .cache
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .loaded_at
+            .is_some_and(|at| at.elapsed() < self.config.miss_reload);
+        if !fresh {
+            self.invalidate();
+            self.refresh().await;
+        }
     }
 
     async fn refresh(&self) {
@@ -210,12 +228,21 @@ impl Admission for ChannelAdmission {
                 next_in: Duration::ZERO,
             };
         };
-        let Some(channel) = self.channel(id).await else {
-            // Unknown channel: let its jobs run, so their handler discards them with the reason
-            // instead of leaving them waiting for ever.
+        let channel = match self.channel(id).await {
+            Some(c) => Some(c),
+            None => {
+                // Connected since the last reload? Look again now (at most every
+                // `miss_reload`), so a new channel's first sends are paced like the rest.
+                self.reload_after_miss().await;
+                self.channel(id).await
+            }
+        };
+        let Some(channel) = channel else {
+            // Unknown channel: let its jobs run one at a time, so their handler fails them with
+            // the reason instead of leaving them waiting for ever.
             return Grant {
-                granted: want,
-                next_in: Duration::ZERO,
+                granted: want.min(1),
+                next_in: self.config.miss_reload,
             };
         };
         if channel.paused_reason.is_some() {

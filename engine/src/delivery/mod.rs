@@ -549,9 +549,15 @@ pub enum SendUpdate {
     Accepted {
         provider_message_id: String,
     },
-    /// The request never reached Meta (no connection, or Meta refused it without keeping it):
-    /// back to `queued`.
+    /// The request never reached Meta (Herald held it back, or there was no connection): back
+    /// to `queued`, and the request it began is not counted.
     Unsent,
+    /// Meta refused the request (a limit, a temporary error, a paused account): back to
+    /// `queued`, with Meta's code and reason kept for operators.
+    Refused {
+        code: Option<i64>,
+        error: String,
+    },
     Failed {
         code: Option<i64>,
         error: String,

@@ -151,10 +151,26 @@ impl Worker for SendWorker {
                 None => return Ok(()),
             },
         };
-        let Some(channel) = self.admission.channel(send.channel_id).await else {
-            return Err(self
-                .fail(send.id, None, "the channel no longer exists".into())
-                .await);
+        let channel = match self.admission.channel(send.channel_id).await {
+            Some(channel) => channel,
+            // The admission's cache may be older than the channel (connected since its last
+            // reload): only the database can say that the channel is gone.
+            None => match delivery
+                .channel(send.channel_id)
+                .await
+                .map_err(JobError::retry)?
+            {
+                Some(channel) => {
+                    self.admission.invalidate();
+                    Arc::new(channel)
+                }
+                None => {
+                    self.update(send.id, SendUpdate::Unsent).await?;
+                    return Err(self
+                        .fail(send.id, None, "the channel no longer exists".into())
+                        .await);
+                }
+            },
         };
         if channel.paused_reason.is_some() {
             self.update(send.id, SendUpdate::Unsent).await?;
@@ -173,6 +189,7 @@ impl Worker for SendWorker {
                 let window = herald_engine::model::chrono_duration(self.config.service_window);
                 let in_window = last.is_some_and(|at| now - at < window);
                 if !in_window && send.message.needs_window() {
+                    self.update(send.id, SendUpdate::Unsent).await?;
                     return Err(self
                         .fail(
                             send.id,
@@ -239,31 +256,36 @@ impl Worker for SendWorker {
                 self.update(send.id, SendUpdate::Unsent).await?;
                 Err(self.last_attempt(ctx, send.id, None, why).await)
             }
-            Err(SendError::Unsupported(why)) => Err(self.fail(send.id, None, why).await),
+            Err(SendError::Unsupported(why)) => {
+                self.update(send.id, SendUpdate::Unsent).await?;
+                Err(self.fail(send.id, None, why).await)
+            }
             Err(SendError::Meta { status, error }) => {
                 let code = error.code;
                 let why = format!("Meta error {}: {}", code.unwrap_or(0), error.message);
                 match classify(code, status) {
                     Action::Retry => {
-                        self.update(send.id, SendUpdate::Unsent).await?;
+                        self.update(send.id, refused(code, &why)).await?;
                         Err(self.last_attempt(ctx, send.id, code, why).await)
                     }
                     Action::SlowChannel { retry_after } => {
-                        self.update(send.id, SendUpdate::Unsent).await?;
+                        self.update(send.id, refused(code, &why)).await?;
                         self.admission.slow_down(channel.id);
                         Err(JobError::Snooze(jitter(retry_after)))
                     }
                     Action::RetryRecipient => {
-                        self.update(send.id, SendUpdate::Unsent).await?;
-                        let hits = u32::try_from(send.requests).unwrap_or(0);
+                        self.update(send.id, refused(code, &why)).await?;
+                        // `requests` counts this request too: the hits before it are one
+                        // fewer (the first 131056 waits 4^0 = 1 s).
+                        let hits = u32::try_from(send.requests.saturating_sub(1)).unwrap_or(0);
                         Err(JobError::Snooze(pair_backoff(hits)))
                     }
                     Action::Wait { retry_after } => {
-                        self.update(send.id, SendUpdate::Unsent).await?;
+                        self.update(send.id, refused(code, &why)).await?;
                         Err(JobError::Snooze(jitter(retry_after)))
                     }
                     Action::PauseChannel { reason } => {
-                        self.update(send.id, SendUpdate::Unsent).await?;
+                        self.update(send.id, refused(code, &why)).await?;
                         let reason = format!("{reason} [{why}]");
                         warn!(channel = %channel.id, %reason, "pausing the channel");
                         delivery
@@ -355,6 +377,14 @@ impl SendWorker {
                 .await;
         }
         JobError::retry(why)
+    }
+}
+
+/// Back to `queued` after Meta refused the request, keeping Meta's reason.
+fn refused(code: Option<i64>, why: &str) -> SendUpdate {
+    SendUpdate::Refused {
+        code,
+        error: why.to_owned(),
     }
 }
 

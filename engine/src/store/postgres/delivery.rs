@@ -259,7 +259,8 @@ impl DeliveryStore for PgStore {
             .bind(provider_message_id),
             SendUpdate::Unsent => sqlx::query({
                 sql = format!(
-                    "UPDATE herald_sends SET status = 'queued', status_rank = $2, updated_at = $3
+                    "UPDATE herald_sends SET status = 'queued', status_rank = $2, updated_at = $3,
+                            requests = greatest(requests - 1, 0)
                       WHERE id = $1 AND status_rank < $4 RETURNING {SEND_COLUMNS}"
                 );
                 &sql
@@ -268,6 +269,20 @@ impl DeliveryStore for PgStore {
             .bind(SendStatus::Queued.rank())
             .bind(now)
             .bind(SendStatus::Accepted.rank()),
+            SendUpdate::Refused { code, error } => sqlx::query({
+                sql = format!(
+                    "UPDATE herald_sends SET status = 'queued', status_rank = $2, error_code = $5,
+                            error = $6, updated_at = $3
+                      WHERE id = $1 AND status_rank < $4 RETURNING {SEND_COLUMNS}"
+                );
+                &sql
+            })
+            .bind(id)
+            .bind(SendStatus::Queued.rank())
+            .bind(now)
+            .bind(SendStatus::Accepted.rank())
+            .bind(code)
+            .bind(error),
             SendUpdate::Failed { code, error } => sqlx::query({
                 sql = format!(
                     "UPDATE herald_sends SET status = 'failed', status_rank = $2, error_code = $5,

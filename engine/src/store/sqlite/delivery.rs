@@ -267,7 +267,8 @@ impl DeliveryStore for SqliteStore {
             .bind(provider_message_id),
             SendUpdate::Unsent => sqlx::query({
                 sql = format!(
-                    "UPDATE herald_sends SET status = 'queued', status_rank = ?2, updated_at = ?3
+                    "UPDATE herald_sends SET status = 'queued', status_rank = ?2, updated_at = ?3,
+                            requests = max(requests - 1, 0)
                       WHERE id = ?1 AND status_rank < ?4 RETURNING {SEND_COLUMNS}"
                 );
                 &sql
@@ -276,6 +277,20 @@ impl DeliveryStore for SqliteStore {
             .bind(SendStatus::Queued.rank())
             .bind(to_micros(now))
             .bind(accepted),
+            SendUpdate::Refused { code, error } => sqlx::query({
+                sql = format!(
+                    "UPDATE herald_sends SET status = 'queued', status_rank = ?2, error_code = ?5,
+                            error = ?6, updated_at = ?3
+                      WHERE id = ?1 AND status_rank < ?4 RETURNING {SEND_COLUMNS}"
+                );
+                &sql
+            })
+            .bind(id.to_string())
+            .bind(SendStatus::Queued.rank())
+            .bind(to_micros(now))
+            .bind(accepted)
+            .bind(code)
+            .bind(error),
             SendUpdate::Failed { code, error } => sqlx::query({
                 sql = format!(
                     "UPDATE herald_sends SET status = 'failed', status_rank = ?2, error_code = ?5,
