@@ -1472,8 +1472,26 @@ async fn update_send_transitions(store: Arc<dyn Store>) {
 
     let r = upd(SendUpdate::Unsent, t0() + secs(3)).await;
     assert_eq!(r.status, SendStatus::Queued, "unknown -> queued (unsent)");
-    assert_eq!(r.requests, 1, "unsent keeps the request count");
+    assert_eq!(r.requests, 0, "unsent takes back the request it began");
     assert_eq!(r.updated_at, t0() + secs(3), "updated_at set");
+
+    let r = upd(SendUpdate::Requesting, t0() + secs(3)).await;
+    assert_eq!(r.requests, 1, "a request counted again");
+    let r = upd(
+        SendUpdate::Refused {
+            code: Some(130_429),
+            error: "rate limit".to_owned(),
+        },
+        t0() + secs(3),
+    )
+    .await;
+    assert_eq!(r.status, SendStatus::Queued, "refused -> queued");
+    assert_eq!(r.requests, 1, "a refused request still counts");
+    assert_eq!(
+        r.error_code,
+        Some(130_429),
+        "Meta's code kept for operators"
+    );
 
     let r = upd(SendUpdate::Requesting, t0() + secs(4)).await;
     assert_eq!(r.status, SendStatus::Sending, "queued -> sending again");
