@@ -181,7 +181,10 @@ pub async fn start_engine(
             FailSafeLimiter::connect(
                 url,
                 settings.engine.worker_id.clone(),
-                FailSafeConfig::default(),
+                FailSafeConfig {
+                    min_processes: settings.redis_min_processes,
+                    ..FailSafeConfig::default()
+                },
             )
             .await
             .map_err(|e| format!("redis_url (HERALD_REDIS_URL): {e}"))?,

@@ -174,6 +174,12 @@ pub const KEYS: &[(&str, &str, &str, &str)] = &[
         "Redis shared by processes that send through the same channels: `redis://host:port`",
     ),
     (
+        "redis_min_processes",
+        "HERALD_REDIS_MIN_PROCESSES",
+        "1",
+        "while Redis is away, each process takes at most 1/N of half a channel's rate, N being at least this (set it to the number of sending processes)",
+    ),
+    (
         "unknown_grace",
         "HERALD_UNKNOWN_GRACE",
         "10m",
@@ -201,6 +207,8 @@ pub struct Settings {
     pub engine: EngineConfig,
     /// None: rate limits are kept in this process only.
     pub redis_url: Option<String>,
+    /// The fewest processes the fail-safe limiter assumes share a channel while Redis is away.
+    pub redis_min_processes: u32,
     pub unknown_grace: Duration,
     pub meta_timeout: Duration,
     pub log: String,
@@ -358,6 +366,13 @@ impl Settings {
                     ))
                 }
                 None => None,
+            },
+            redis_min_processes: {
+                let n: u32 = r.num("redis_min_processes", 1)?;
+                if n == 0 {
+                    return Err(r.invalid("redis_min_processes", "must be at least 1".into()));
+                }
+                n
             },
             unknown_grace: r.dur(
                 "unknown_grace",

@@ -80,10 +80,47 @@ pub async fn receive(
             "X-Hub-Signature-256 is missing or does not match the body",
         );
     }
-    let events = match parse(&channel, &body) {
+    // Events carry the Meta id of the number or page they belong to: several channels of one
+    // Meta app share a callback URL, so each event goes to its own channel, not the URL's.
+    let own = |sender: &str| (sender == channel.sender_id).then_some(channel.id);
+    let mut events = match parse(&channel, &body, &own) {
         Ok(events) => events,
         Err(why) => return problem(StatusCode::BAD_REQUEST, "malformed-webhook", &why),
     };
+    if !events.foreign.is_empty() {
+        let siblings = match state.store.delivery().channels().await {
+            Ok(list) => list,
+            Err(e) => {
+                tracing::error!(error = %e, "webhook: cannot load channels");
+                return problem(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "storage-unavailable",
+                    "the event was not stored; Meta will deliver it again",
+                );
+            }
+        };
+        // Only channels that share the app secret that signed this body.
+        let by_sender: std::collections::HashMap<&str, Uuid> = siblings
+            .iter()
+            .filter(|c| {
+                c.platform == channel.platform
+                    && constant_time_eq(c.app_secret.as_bytes(), channel.app_secret.as_bytes())
+            })
+            .map(|c| (c.sender_id.as_str(), c.id))
+            .collect();
+        let resolve = |sender: &str| by_sender.get(sender).copied();
+        events = match parse(&channel, &body, &resolve) {
+            Ok(events) => events,
+            Err(why) => return problem(StatusCode::BAD_REQUEST, "malformed-webhook", &why),
+        };
+        if !events.foreign.is_empty() {
+            tracing::warn!(
+                channel = %channel.id,
+                senders = ?events.foreign,
+                "webhook: events for numbers or pages Herald does not know were ignored"
+            );
+        }
+    }
     let delivery = state.store.delivery();
     if !events.statuses.is_empty() {
         if let Err(e) = delivery.apply_statuses(&events.statuses).await {
@@ -95,8 +132,8 @@ pub async fn receive(
             );
         }
     }
-    for (from, at) in &events.inbound {
-        if let Err(e) = delivery.record_inbound(channel.id, from, *at).await {
+    for (channel_id, from, at) in &events.inbound {
+        if let Err(e) = delivery.record_inbound(*channel_id, from, *at).await {
             tracing::error!(error = %e, "webhook: cannot store an inbound message");
             return problem(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -142,13 +179,23 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[derive(Debug, Default, PartialEq)]
 pub struct Events {
     pub statuses: Vec<StatusEvent>,
-    /// Senders of inbound messages, and when they wrote.
-    pub inbound: Vec<(String, DateTime<Utc>)>,
+    /// Inbound messages: the channel, the user who wrote, and when.
+    pub inbound: Vec<(Uuid, String, DateTime<Utc>)>,
+    /// Meta ids (numbers, pages) that events named but the resolver did not know; their events
+    /// are left out.
+    pub foreign: Vec<String>,
 }
 
-/// Parses a webhook body of any of the three platforms. Unknown fields and event types are
-/// ignored (Meta adds them); a body that is not Meta's shape is an error.
-pub fn parse(channel: &Channel, body: &[u8]) -> Result<Events, String> {
+/// Parses a webhook body of any of the three platforms. `resolve` maps the Meta id an event
+/// belongs to (WhatsApp's `metadata.phone_number_id`, Messenger's and Instagram's `entry.id`) to
+/// its channel; events whose id it does not know are left out and listed in `foreign`. Unknown
+/// fields and event types are ignored (Meta adds them); a body that is not Meta's shape is an
+/// error.
+pub fn parse(
+    channel: &Channel,
+    body: &[u8],
+    resolve: &dyn Fn(&str) -> Option<Uuid>,
+) -> Result<Events, String> {
     let v: Value = serde_json::from_slice(body).map_err(|e| format!("body is not JSON: {e}"))?;
     let object = v.get("object").and_then(Value::as_str).unwrap_or("");
     let entries = v
@@ -168,13 +215,21 @@ pub fn parse(channel: &Channel, body: &[u8]) -> Result<Events, String> {
                     let Some(value) = change.get("value") else {
                         continue;
                     };
+                    let sender = value
+                        .pointer("/metadata/phone_number_id")
+                        .and_then(Value::as_str)
+                        .unwrap_or(&channel.sender_id);
+                    let Some(channel_id) = resolve(sender) else {
+                        out.foreign.push(sender.to_owned());
+                        continue;
+                    };
                     for s in value
                         .get("statuses")
                         .and_then(Value::as_array)
                         .into_iter()
                         .flatten()
                     {
-                        if let Some(e) = wa_status(channel, s) {
+                        if let Some(e) = wa_status(channel_id, s) {
                             out.statuses.push(e);
                         }
                     }
@@ -190,7 +245,7 @@ pub fn parse(channel: &Channel, body: &[u8]) -> Result<Events, String> {
                                 .and_then(Value::as_str)
                                 .and_then(unix_seconds),
                         ) {
-                            out.inbound.push((from.to_owned(), at));
+                            out.inbound.push((channel_id, from.to_owned(), at));
                         }
                     }
                 }
@@ -198,13 +253,21 @@ pub fn parse(channel: &Channel, body: &[u8]) -> Result<Events, String> {
         }
         "page" | "instagram" => {
             for entry in entries {
+                let sender = entry
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .unwrap_or(&channel.sender_id);
+                let Some(channel_id) = resolve(sender) else {
+                    out.foreign.push(sender.to_owned());
+                    continue;
+                };
                 for m in entry
                     .get("messaging")
                     .and_then(Value::as_array)
                     .into_iter()
                     .flatten()
                 {
-                    messenger_item(channel, m, &mut out);
+                    messenger_item(channel_id, m, &mut out);
                 }
             }
         }
@@ -222,7 +285,7 @@ fn unix_millis(v: &Value) -> Option<DateTime<Utc>> {
     Utc.timestamp_millis_opt(v.as_i64()?).single()
 }
 
-fn wa_status(channel: &Channel, s: &Value) -> Option<StatusEvent> {
+fn wa_status(channel_id: Uuid, s: &Value) -> Option<StatusEvent> {
     let status = match s.get("status").and_then(Value::as_str)? {
         "sent" => SendStatus::Sent,
         "delivered" => SendStatus::Delivered,
@@ -232,7 +295,7 @@ fn wa_status(channel: &Channel, s: &Value) -> Option<StatusEvent> {
     };
     let error = s.pointer("/errors/0");
     Some(StatusEvent {
-        channel_id: channel.id,
+        channel_id,
         provider_message_id: s.get("id").and_then(Value::as_str)?.to_owned(),
         send_id: s
             .get("biz_opaque_callback_data")
@@ -252,7 +315,7 @@ fn wa_status(channel: &Channel, s: &Value) -> Option<StatusEvent> {
     })
 }
 
-fn messenger_item(channel: &Channel, m: &Value, out: &mut Events) {
+fn messenger_item(channel_id: Uuid, m: &Value, out: &mut Events) {
     let at = m
         .get("timestamp")
         .and_then(unix_millis)
@@ -263,7 +326,7 @@ fn messenger_item(channel: &Channel, m: &Value, out: &mut Events) {
             // Our own message, echoed with the metadata we sent: Meta has it.
             if let Some(mid) = mid {
                 out.statuses.push(StatusEvent {
-                    channel_id: channel.id,
+                    channel_id,
                     provider_message_id: mid.to_owned(),
                     send_id: msg
                         .get("metadata")
@@ -276,13 +339,13 @@ fn messenger_item(channel: &Channel, m: &Value, out: &mut Events) {
                 });
             }
         } else if let Some(from) = m.pointer("/sender/id").and_then(Value::as_str) {
-            out.inbound.push((from.to_owned(), at));
+            out.inbound.push((channel_id, from.to_owned(), at));
         }
     }
     if let Some(mids) = m.pointer("/delivery/mids").and_then(Value::as_array) {
         for mid in mids.iter().filter_map(Value::as_str) {
             out.statuses.push(StatusEvent {
-                channel_id: channel.id,
+                channel_id,
                 provider_message_id: mid.to_owned(),
                 send_id: None,
                 status: SendStatus::Delivered,

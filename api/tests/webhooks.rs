@@ -52,7 +52,7 @@ async fn channel(store: &Arc<dyn Store>, platform: Platform) -> Channel {
                 workspace_id: Uuid::new_v4(),
                 platform,
                 name: "test".into(),
-                sender_id: "1555000100".into(),
+                sender_id: format!("1555{}", fastrand_digits()),
                 portfolio_id: None,
                 access_token: "token".into(),
                 app_secret: SECRET.into(),
@@ -95,6 +95,11 @@ async fn accepted_send(store: &Arc<dyn Store>, channel: &Channel, wamid: &str) -
         .await
         .expect("accept");
     ids[0]
+}
+
+/// Seven random digits: each channel its own Meta id.
+fn fastrand_digits() -> String {
+    format!("{:07}", Uuid::new_v4().as_u128() % 10_000_000)
 }
 
 fn sign(body: &[u8]) -> String {
@@ -411,6 +416,17 @@ async fn inbound_messages_open_the_window_and_messenger_echoes_settle_sends() {
         .await
         .expect("window");
     assert_eq!(last.map(|t| t.timestamp()), Some(1_767_225_600));
+    // The same user written as E.164 with separators is the same user.
+    let spelled = f
+        .store
+        .delivery()
+        .last_inbound(wa.id, "+1 555-765-4321")
+        .await
+        .expect("window");
+    assert_eq!(
+        spelled, last,
+        "one user, one window, however the number is written"
+    );
 
     let page = channel(&f.store, Platform::Messenger).await;
     let ids = f
@@ -430,10 +446,10 @@ async fn inbound_messages_open_the_window_and_messenger_echoes_settle_sends() {
         .expect("send");
     let echo = serde_json::to_vec(&json!({
         "object": "page",
-        "entry": [{ "id": "page", "time": 1767225600000i64, "messaging": [
-            { "sender": { "id": "page" }, "recipient": { "id": "psid-1" }, "timestamp": 1767225600000i64,
+        "entry": [{ "id": page.sender_id, "time": 1767225600000i64, "messaging": [
+            { "sender": { "id": page.sender_id }, "recipient": { "id": "psid-1" }, "timestamp": 1767225600000i64,
               "message": { "is_echo": true, "mid": "mid.1", "metadata": ids[0].to_string(), "text": "hi" } },
-            { "sender": { "id": "psid-1" }, "recipient": { "id": "page" }, "timestamp": 1767225601000i64,
+            { "sender": { "id": "psid-1" }, "recipient": { "id": page.sender_id }, "timestamp": 1767225601000i64,
               "delivery": { "mids": ["mid.1"], "watermark": 1767225601000i64 } }
         ]}]
     }))
@@ -460,4 +476,41 @@ async fn inbound_messages_open_the_window_and_messenger_echoes_settle_sends() {
     // The echo (sent) and the receipt (delivered) arrived in one batch; the receipt names only
     // Meta's id, which the echo set earlier in the same request.
     assert_eq!(record.status, SendStatus::Delivered);
+}
+
+/// Two numbers of one Meta app share the callback URL: each event goes to the channel of the
+/// number it names, and events for numbers Herald does not know are left out.
+#[tokio::test]
+async fn events_go_to_the_channel_they_name_not_the_url() {
+    let f = fixture().await;
+    let a = channel(&f.store, Platform::Whatsapp).await;
+    let b = channel(&f.store, Platform::Whatsapp).await;
+    let send_b = accepted_send(&f.store, &b, "wamid.B1").await;
+    let body = wa_status(&b, "wamid.B1", Some(send_b), "delivered");
+    assert_eq!(
+        post(&f.store, &a.id.to_string(), body.clone(), Some(sign(&body)))
+            .await
+            .0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        status_of(&f.store, send_b).await,
+        SendStatus::Delivered,
+        "B's status posted to A's URL settles B's send"
+    );
+    let mut stranger = b.clone();
+    stranger.sender_id = "19999999999".into();
+    let send_a = accepted_send(&f.store, &a, "wamid.A1").await;
+    let body = wa_status(&stranger, "wamid.A1", Some(send_a), "read");
+    assert_eq!(
+        post(&f.store, &a.id.to_string(), body.clone(), Some(sign(&body)))
+            .await
+            .0,
+        StatusCode::OK
+    );
+    assert_eq!(
+        status_of(&f.store, send_a).await,
+        SendStatus::Accepted,
+        "an event naming an unknown number changes nothing"
+    );
 }

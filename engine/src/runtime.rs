@@ -409,16 +409,9 @@ impl Producer {
             match step {
                 Ok(()) => failures = 0,
                 Err(e) => {
-                    failures += 1;
-                    let wait = Duration::from_millis(100 * 2u64.pow(failures.min(6)))
-                        .min(Duration::from_secs(5));
-                    warn!(error = %e, retry_in = ?wait, "producer: database error");
                     refresh_due = true;
                     more = true;
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = stop.changed() => {}
-                    }
+                    back_off(&mut failures, &e, &mut stop).await;
                     continue;
                 }
             }
@@ -479,6 +472,8 @@ impl Producer {
         let mut keys: BTreeMap<String, Instant> = BTreeMap::new();
         // Where the next round starts, so every key gets its turn at the free slots first.
         let mut cursor: Option<String> = None;
+        // Where the next scan for keys starts (None: from the first key).
+        let mut scan_after: Option<String> = None;
         let mut scan = true;
         let mut unkeyed_more = true;
         let mut refresh_due = true;
@@ -502,10 +497,18 @@ impl Producer {
                 if scan {
                     scan = false;
                     let found = store
-                        .ready_rate_keys(&self.queue, None, cfg.max_rate_keys)
+                        .ready_rate_keys(&self.queue, scan_after.as_deref(), cfg.max_rate_keys)
                         .await?;
+                    // More keys than one scan takes: the next scan goes on after the last one,
+                    // so every key is found in turn.
+                    scan_after = (found.len() == cfg.max_rate_keys)
+                        .then(|| found.last().cloned())
+                        .flatten();
                     let at = Instant::now();
                     for key in found {
+                        if keys.len() >= cfg.max_rate_keys && !keys.contains_key(&key) {
+                            break;
+                        }
                         keys.entry(key).or_insert(at);
                     }
                 }
@@ -585,17 +588,10 @@ impl Producer {
             match step {
                 Ok(()) => failures = 0,
                 Err(e) => {
-                    failures += 1;
-                    let wait = Duration::from_millis(100 * 2u64.pow(failures.min(6)))
-                        .min(Duration::from_secs(5));
-                    warn!(error = %e, retry_in = ?wait, "producer: database error");
                     refresh_due = true;
                     scan = true;
                     unkeyed_more = true;
-                    tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = stop.changed() => {}
-                    }
+                    back_off(&mut failures, &e, &mut stop).await;
                     continue;
                 }
             }
@@ -685,6 +681,22 @@ impl Producer {
                 },
             );
         }
+    }
+}
+
+/// A producer's pause after a database error: 200 ms doubling to 5 s, cut short by a stop.
+async fn back_off(
+    failures: &mut u32,
+    error: &crate::error::StoreError,
+    stop: &mut watch::Receiver<bool>,
+) {
+    *failures += 1;
+    let wait =
+        Duration::from_millis(100 * 2u64.pow((*failures).min(6))).min(Duration::from_secs(5));
+    warn!(error = %error, retry_in = ?wait, "producer: database error");
+    tokio::select! {
+        _ = tokio::time::sleep(wait) => {}
+        _ = stop.changed() => {}
     }
 }
 

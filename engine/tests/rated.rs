@@ -159,7 +159,10 @@ fn client(store: &Arc<dyn Store>) -> Client {
 // Tests
 
 /// 120 jobs on a key limited to 40/s with a burst of 4: in no window of any length do more
-/// start than the rate allows (plus the burst and one for the window's edge).
+/// start than the rate allows (plus the burst and one for the window's edge). Handlers start a
+/// moment after their permit, and on a loaded machine one claim's tasks may start late, next
+/// to the following claim's: windows get 50 ms of slack for that scheduling delay (about two
+/// jobs at this rate; the sandbox, like Meta, tolerates far more).
 async fn a_key_never_starts_faster_than_its_rate(store: Arc<dyn Store>) {
     let rate = Rate {
         per_second: 40.0,
@@ -176,7 +179,7 @@ async fn a_key_never_starts_faster_than_its_rate(store: Arc<dyn Store>) {
     for (i, first) in times.iter().enumerate() {
         for (j, last) in times.iter().enumerate().skip(i) {
             let window = last.duration_since(*first).as_secs_f64();
-            let allowed = rate.per_second * window + f64::from(rate.burst) + 1.0;
+            let allowed = rate.per_second * (window + 0.05) + f64::from(rate.burst) + 1.0;
             let started = (j - i + 1) as f64;
             assert!(
                 started <= allowed,

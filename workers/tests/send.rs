@@ -1469,8 +1469,8 @@ async fn the_messaging_tier_holds_sends_to_new_users() {
     assert_eq!(job.attempt, 0);
     let wait = secs(job.run_at - h.now());
     assert!(
-        (24.0 * 3600.0 - 120.0..=24.0 * 3600.0).contains(&wait),
-        "held until the oldest reach is 24 h old: {wait} s"
+        (24.0 * 3600.0 - 120.0..=24.0 * 3600.0 + 600.0).contains(&wait),
+        "held until the oldest reach is 24 h old (plus up to 10 minutes of spread): {wait} s"
     );
     assert_eq!(h.copies(held), 0);
     let stats = h.sandbox.stats();

@@ -253,8 +253,10 @@ impl NewChannel {
             ("app_secret", &self.app_secret, 512),
         ];
         for (name, value, max) in texts {
-            if value.is_empty() || value.len() > max || value.contains('\0') {
-                return Err(format!("{name} must be 1 to {max} bytes without NUL"));
+            if value.is_empty() || value.len() > max || value.chars().any(char::is_control) {
+                return Err(format!(
+                    "{name} must be 1 to {max} bytes without control characters"
+                ));
             }
         }
         // PostgreSQL cannot store NUL in text: refused here so that both backends agree.
@@ -271,8 +273,17 @@ impl NewChannel {
             );
         }
         if let Some(url) = &self.graph_base_url {
-            if !(url.starts_with("https://") || url.starts_with("http://")) || url.len() > 512 {
-                return Err("graph_base_url must be an http(s) URL".into());
+            let host = url
+                .strip_prefix("https://")
+                .or_else(|| url.strip_prefix("http://"))
+                .map(|rest| rest.split(['/', '?', '#']).next().unwrap_or(""));
+            let host_ok = host.is_some_and(|h| {
+                !h.is_empty()
+                    && h.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || ".-:[]_".contains(c))
+            });
+            if !host_ok || url.len() > 512 || url.chars().any(char::is_control) {
+                return Err("graph_base_url must be an http(s) URL with a host".into());
             }
         }
         if let Some(limits) = &self.limits {
@@ -675,6 +686,22 @@ impl FromStr for Lane {
     }
 }
 
+/// One spelling per user. WhatsApp's webhooks name users by wa_id (digits only) while callers
+/// write E.164 (`+1 555-123-4567`): a recipient made only of digits and phone separators loses
+/// the separators and the leading `+`. Anything else is kept as it is (PSIDs and IGSIDs are
+/// digits already). Windows, the messaging tier and the pair rate are keyed by this form.
+pub fn canonical_recipient(r: &str) -> std::borrow::Cow<'_, str> {
+    let r = r.trim();
+    let phone_like = r
+        .chars()
+        .all(|c| c.is_ascii_digit() || matches!(c, '+' | ' ' | '-' | '(' | ')' | '.'));
+    if phone_like && r.chars().any(|c| !c.is_ascii_digit()) {
+        std::borrow::Cow::Owned(r.chars().filter(char::is_ascii_digit).collect())
+    } else {
+        std::borrow::Cow::Borrowed(r)
+    }
+}
+
 /// Longest recipient id accepted (E.164 is at most 15 digits; PSIDs and IGSIDs are longer).
 pub const MAX_RECIPIENT: usize = 64;
 
@@ -682,7 +709,7 @@ pub const MAX_RECIPIENT: usize = 64;
 pub(crate) fn check_sends(sends: &[NewSend]) -> Result<()> {
     for (i, s) in sends.iter().enumerate() {
         let bad = |why: String| crate::model::InvalidJob(format!("send {i}: {why}"));
-        if s.recipient.is_empty()
+        if canonical_recipient(&s.recipient).is_empty()
             || s.recipient.len() > MAX_RECIPIENT
             || s.recipient.chars().any(|c| c.is_control())
         {

@@ -124,6 +124,42 @@ impl PgStore {
         })
     }
 
+    /// Runs one of the claim statements (`$6` is the rate key of a keyed claim).
+    #[allow(clippy::too_many_arguments)]
+    async fn claim_with(
+        &self,
+        sql: &str,
+        key: Option<&str>,
+        queue: &str,
+        worker: &str,
+        limit: usize,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> Result<Vec<Job>> {
+        let query = sqlx::query(sql)
+            .bind(queue)
+            .bind(limit as i64)
+            .bind(now)
+            .bind(worker)
+            .bind(lease_until);
+        let query = match key {
+            Some(key) => query.bind(key),
+            None => query,
+        };
+        let rows = query.fetch_all(&self.pool).await?;
+        let info = ClaimInfo {
+            worker,
+            now,
+            lease_until,
+        };
+        let mut jobs = rows
+            .iter()
+            .map(|r| job_from_row(r, Some(&info)))
+            .collect::<Result<Vec<_>>>()?;
+        jobs.sort_by_key(|j| (j.priority, j.run_at, j.id));
+        Ok(jobs)
+    }
+
     /// The connection pool, for callers that enqueue inside their own transactions.
     pub fn pool(&self) -> &PgPool {
         &self.pool
@@ -542,25 +578,16 @@ impl Store for PgStore {
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
     ) -> Result<Vec<Job>> {
-        let rows = sqlx::query(&self.claim_sql)
-            .bind(queue)
-            .bind(limit as i64)
-            .bind(now)
-            .bind(worker)
-            .bind(lease_until)
-            .fetch_all(&self.pool)
-            .await?;
-        let info = ClaimInfo {
+        self.claim_with(
+            &self.claim_sql,
+            None,
+            queue,
             worker,
+            limit,
             now,
             lease_until,
-        };
-        let mut jobs = rows
-            .iter()
-            .map(|r| job_from_row(r, Some(&info)))
-            .collect::<Result<Vec<_>>>()?;
-        jobs.sort_by_key(|j| (j.priority, j.run_at, j.id));
-        Ok(jobs)
+        )
+        .await
     }
 
     async fn claim_scoped(
@@ -572,32 +599,12 @@ impl Store for PgStore {
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
     ) -> Result<Vec<Job>> {
-        let query = match scope {
-            RateScope::Unlimited => sqlx::query(&self.claim_unkeyed_sql),
-            RateScope::Key(_) => sqlx::query(&self.claim_keyed_sql),
+        let (sql, key) = match scope {
+            RateScope::Unlimited => (&self.claim_unkeyed_sql, None),
+            RateScope::Key(key) => (&self.claim_keyed_sql, Some(key)),
         };
-        let query = query
-            .bind(queue)
-            .bind(limit as i64)
-            .bind(now)
-            .bind(worker)
-            .bind(lease_until);
-        let query = match scope {
-            RateScope::Unlimited => query,
-            RateScope::Key(key) => query.bind(key),
-        };
-        let rows = query.fetch_all(&self.pool).await?;
-        let info = ClaimInfo {
-            worker,
-            now,
-            lease_until,
-        };
-        let mut jobs = rows
-            .iter()
-            .map(|r| job_from_row(r, Some(&info)))
-            .collect::<Result<Vec<_>>>()?;
-        jobs.sort_by_key(|j| (j.priority, j.run_at, j.id));
-        Ok(jobs)
+        self.claim_with(sql, key, queue, worker, limit, now, lease_until)
+            .await
     }
 
     async fn ready_rate_keys(

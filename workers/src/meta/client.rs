@@ -69,6 +69,10 @@ pub enum SendError {
     /// The message cannot be expressed on the channel's platform.
     #[error("{0}")]
     Unsupported(String),
+    /// The channel's settings cannot make a request (a token with control characters, a URL
+    /// without a host): nothing was sent, and nothing on this channel can be until it is fixed.
+    #[error("{0}")]
+    BadChannel(String),
 }
 
 /// The Graph API client. Cheap to clone (one shared connection pool).
@@ -108,7 +112,13 @@ impl MetaClient {
             .send()
             .await
             .map_err(|e| {
-                if e.is_connect() {
+                if e.is_builder() {
+                    // Nothing left the process: the channel's token or URL cannot be used.
+                    SendError::BadChannel(format!(
+                        "the request cannot be built from the channel's access token and Graph \
+                         base URL: {e}"
+                    ))
+                } else if e.is_connect() {
                     SendError::NotSent(e.to_string())
                 } else {
                     SendError::Lost(e.to_string())
@@ -141,6 +151,11 @@ impl MetaClient {
                 status,
                 error: env.error,
             }),
+            // A 5xx without Meta's body comes from a proxy in front of Meta (a 502 or 504 after
+            // a timeout inside): Meta may have the message, as with a lost answer.
+            Err(_) if status >= 500 => Err(SendError::Lost(format!(
+                "HTTP {status} without Meta's error body"
+            ))),
             Err(_) => Err(SendError::Meta {
                 status,
                 error: MetaError {

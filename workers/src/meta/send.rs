@@ -136,6 +136,36 @@ impl Worker for SendWorker {
     }
 
     async fn work(&self, args: SendArgs, ctx: &JobContext) -> Result<(), JobError> {
+        let mut called = false;
+        let result = self.attempt(&args, ctx, &mut called).await;
+        let Err(JobError::Retry { error, .. }) = &result else {
+            return result;
+        };
+        if !called {
+            // Failed before Meta was called (a database error, say): the send must not look
+            // like a request whose answer was lost, or it would wait out the grace period.
+            let _ = self
+                .store
+                .delivery()
+                .update_send(args.send_id, &SendUpdate::Unsent, self.clock.now())
+                .await;
+        }
+        if ctx.job.attempt >= ctx.job.max_attempts {
+            // The job's last attempt: the send fails with it rather than stay open for ever.
+            let why = format!("gave up after {} attempts: {error}", ctx.job.attempt);
+            return Err(self.fail(args.send_id, None, why).await);
+        }
+        result
+    }
+}
+
+impl SendWorker {
+    async fn attempt(
+        &self,
+        args: &SendArgs,
+        ctx: &JobContext,
+        called: &mut bool,
+    ) -> Result<(), JobError> {
         let delivery = self.store.delivery();
         // The common case, batched with the other sends in flight: a queued send becomes
         // `sending` (recorded before the call). Anything else takes the careful path.
@@ -146,7 +176,7 @@ impl Worker for SendWorker {
             .map_err(JobError::retry)?
         {
             Some(send) => send,
-            None => match self.resume(&args).await? {
+            None => match self.resume(args).await? {
                 Some(send) => send,
                 None => return Ok(()),
             },
@@ -210,7 +240,10 @@ impl Worker for SendWorker {
                         .await
                         .map_err(JobError::retry)?;
                     if let Some(frees) = full {
-                        let wait = (frees - now).to_std().unwrap_or(Duration::from_secs(60));
+                        // Spread the waiters over the next minutes: they would all wake when
+                        // the first unit frees, and all but one would wait again.
+                        let wait = (frees - now).to_std().unwrap_or(Duration::from_secs(60))
+                            + Duration::from_secs(fastrand::u64(0..600));
                         info!(send = %send.id, ?wait, "messaging tier used up: waiting");
                         self.update(send.id, SendUpdate::Unsent).await?;
                         return Err(self.wait(channel.id, wait).await);
@@ -223,6 +256,7 @@ impl Worker for SendWorker {
             return Err(self.wait(channel.id, wait).await);
         }
         let callback = send.id.to_string();
+        *called = true;
         let result = self
             .client
             .send(
@@ -255,6 +289,16 @@ impl Worker for SendWorker {
             Err(SendError::NotSent(why)) => {
                 self.update(send.id, SendUpdate::Unsent).await?;
                 Err(self.last_attempt(ctx, send.id, None, why).await)
+            }
+            Err(SendError::BadChannel(why)) => {
+                self.update(send.id, SendUpdate::Unsent).await?;
+                warn!(channel = %channel.id, %why, "pausing the channel");
+                delivery
+                    .pause_channel(channel.id, Some(&why), self.clock.now())
+                    .await
+                    .map_err(JobError::retry)?;
+                self.admission.invalidate();
+                Err(JobError::Snooze(self.config.paused_recheck))
             }
             Err(SendError::Unsupported(why)) => {
                 self.update(send.id, SendUpdate::Unsent).await?;

@@ -13,9 +13,9 @@ use uuid::Uuid;
 
 use super::PgStore;
 use crate::delivery::{
-    check_sends, latest_statuses, send_job, Channel, ChannelLimits, DeliveryStore, NewChannel,
-    NewSend, SendCount, SendRecord, SendStatus, SendUpdate, StatusEvent, META_API_VERSION,
-    META_GRAPH_URL,
+    canonical_recipient, check_sends, latest_statuses, send_job, Channel, ChannelLimits,
+    DeliveryStore, NewChannel, NewSend, SendCount, SendRecord, SendStatus, SendUpdate, StatusEvent,
+    META_API_VERSION, META_GRAPH_URL,
 };
 use crate::error::{Result, StoreError};
 use crate::model::InvalidJob;
@@ -175,7 +175,7 @@ impl DeliveryStore for PgStore {
             .bind(
                 chunk
                     .iter()
-                    .map(|s| s.recipient.as_str())
+                    .map(|s| canonical_recipient(&s.recipient).into_owned())
                     .collect::<Vec<_>>(),
             )
             .bind(messages)
@@ -477,7 +477,7 @@ impl DeliveryStore for PgStore {
             "SELECT reached_at FROM herald_reach WHERE portfolio_id = $1 AND recipient = $2",
         )
         .bind(portfolio_id)
-        .bind(recipient)
+        .bind(canonical_recipient(recipient).as_ref())
         .fetch_optional(&mut *tx)
         .await?;
         if last.is_none_or(|at| at <= since) {
@@ -500,7 +500,7 @@ impl DeliveryStore for PgStore {
              ON CONFLICT (portfolio_id, recipient) DO UPDATE SET reached_at = excluded.reached_at",
         )
         .bind(portfolio_id)
-        .bind(recipient)
+        .bind(canonical_recipient(recipient).as_ref())
         .bind(now)
         .execute(&mut *tx)
         .await?;
@@ -520,7 +520,7 @@ impl DeliveryStore for PgStore {
                 SET last_inbound_at = greatest(herald_windows.last_inbound_at, excluded.last_inbound_at)",
         )
         .bind(channel_id)
-        .bind(recipient)
+        .bind(canonical_recipient(recipient).as_ref())
         .bind(at)
         .execute(&self.pool)
         .await?;
@@ -536,7 +536,7 @@ impl DeliveryStore for PgStore {
             "SELECT last_inbound_at FROM herald_windows WHERE channel_id = $1 AND recipient = $2",
         )
         .bind(channel_id)
-        .bind(recipient)
+        .bind(canonical_recipient(recipient).as_ref())
         .fetch_optional(&self.pool)
         .await?)
     }

@@ -10,9 +10,9 @@ use uuid::Uuid;
 use super::{parse_uuid, SqliteStore};
 use crate::clock::{from_micros, to_micros};
 use crate::delivery::{
-    check_sends, latest_statuses, send_job, Channel, ChannelLimits, DeliveryStore, NewChannel,
-    NewSend, SendCount, SendRecord, SendStatus, SendUpdate, StatusEvent, META_API_VERSION,
-    META_GRAPH_URL,
+    canonical_recipient, check_sends, latest_statuses, send_job, Channel, ChannelLimits,
+    DeliveryStore, NewChannel, NewSend, SendCount, SendRecord, SendStatus, SendUpdate, StatusEvent,
+    META_API_VERSION, META_GRAPH_URL,
 };
 use crate::error::{Result, StoreError};
 use crate::model::InvalidJob;
@@ -171,7 +171,7 @@ impl DeliveryStore for SqliteStore {
                         id.to_string(),
                         s.workspace_id.to_string(),
                         s.channel_id.to_string(),
-                        s.recipient,
+                        canonical_recipient(&s.recipient),
                         serde_json::to_string(&s.message).unwrap_or_default(),
                         s.lane.as_str(),
                     ])
@@ -446,7 +446,7 @@ impl DeliveryStore for SqliteStore {
             "SELECT reached_at FROM herald_reach WHERE portfolio_id = ?1 AND recipient = ?2",
         )
         .bind(portfolio_id)
-        .bind(recipient)
+        .bind(canonical_recipient(recipient).as_ref())
         .fetch_optional(&mut *tx)
         .await?;
         if last.is_none_or(|at| at <= since) {
@@ -469,7 +469,7 @@ impl DeliveryStore for SqliteStore {
              ON CONFLICT (portfolio_id, recipient) DO UPDATE SET reached_at = excluded.reached_at",
         )
         .bind(portfolio_id)
-        .bind(recipient)
+        .bind(canonical_recipient(recipient).as_ref())
         .bind(to_micros(now))
         .execute(&mut *tx)
         .await?;
@@ -489,7 +489,7 @@ impl DeliveryStore for SqliteStore {
                 SET last_inbound_at = max(herald_windows.last_inbound_at, excluded.last_inbound_at)",
         )
         .bind(channel_id.to_string())
-        .bind(recipient)
+        .bind(canonical_recipient(recipient).as_ref())
         .bind(to_micros(at))
         .execute(&self.pool)
         .await?;
@@ -505,7 +505,7 @@ impl DeliveryStore for SqliteStore {
             "SELECT last_inbound_at FROM herald_windows WHERE channel_id = ?1 AND recipient = ?2",
         )
         .bind(channel_id.to_string())
-        .bind(recipient)
+        .bind(canonical_recipient(recipient).as_ref())
         .fetch_optional(&self.pool)
         .await?;
         Ok(at.map(from_micros))
