@@ -468,6 +468,10 @@ impl Producer {
         let store = self.inner.store.clone();
         let signal = store.wakeups().signal(&self.queue);
         let batch = cfg.claim_batch.min(self.concurrency).max(1);
+        // Key-less jobs are claimed in batches, like the plain producer's: with fewer than
+        // `threshold` free slots, wait up to `fetch_cooldown` for more to free.
+        let threshold = cfg.claim_threshold.unwrap_or(batch / 2).clamp(1, batch);
+        let mut partial_since: Option<Instant> = None;
         // Rate keys with available jobs, and when each may ask for permits next.
         let mut keys: BTreeMap<String, Instant> = BTreeMap::new();
         // Where the next round starts, so every key gets its turn at the free slots first.
@@ -513,7 +517,15 @@ impl Producer {
                     }
                 }
                 let free = self.free();
-                if unkeyed_more && free > 0 {
+                if free == 0 || free >= threshold {
+                    partial_since = None;
+                } else if partial_since.is_none() {
+                    partial_since = Some(Instant::now());
+                }
+                let ready = free >= threshold
+                    || partial_since.is_some_and(|t| t.elapsed() >= cfg.fetch_cooldown);
+                if unkeyed_more && free > 0 && ready {
+                    partial_since = None;
                     let limit = free.min(batch);
                     let jobs = store
                         .claim_scoped(
@@ -598,12 +610,19 @@ impl Producer {
             let free = self.free();
             let at = Instant::now();
             let key_due = keys.values().min().copied();
-            if free > 0 && (unkeyed_more || key_due.is_some_and(|k| k <= at)) {
+            let key_ready = key_due.is_some_and(|k| k <= at);
+            if (free > 0 && key_ready) || (unkeyed_more && free >= threshold) {
                 // Slots freed while we claimed (short jobs finish that fast): go again at once.
                 continue;
             }
+            if unkeyed_more && free > 0 && partial_since.is_none() {
+                partial_since = Some(at);
+            }
+            let cooldown_at = partial_since
+                .filter(|_| unkeyed_more)
+                .map(|t| t + cfg.fetch_cooldown);
             // Work is waiting for a slot, not for a permit: wake when one frees.
-            let slot_bound = free == 0 && (unkeyed_more || key_due.is_some_and(|k| k <= at));
+            let slot_bound = (free == 0 && key_ready) || (unkeyed_more && free < threshold);
             let due_in = next_due.map(|d| {
                 (d - self.inner.now())
                     .to_std()
@@ -620,7 +639,8 @@ impl Producer {
                     }
                 }
                 _ = self.slots.freed.notified(), if slot_bound => {}
-                _ = tokio::time::sleep_until(key_due.unwrap_or(at)), if !slot_bound && key_due.is_some() => {}
+                _ = tokio::time::sleep_until(cooldown_at.unwrap_or(at)), if cooldown_at.is_some() => {}
+                _ = tokio::time::sleep_until(key_due.unwrap_or(at)), if free > 0 && key_due.is_some() => {}
                 _ = tokio::time::sleep(due_in.unwrap_or(Duration::ZERO)), if due_in.is_some() => {}
                 _ = tokio::time::sleep_until(next_poll) => {
                     scan = true;
