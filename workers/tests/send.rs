@@ -1662,3 +1662,112 @@ fn max_in_a_second_counts_a_sliding_window() {
     assert_eq!(max_in_a_second(&[]), 0);
     assert_eq!(max_in_a_second(&[0.0, 500.0, 999.0, 1000.0, 1500.0]), 3);
 }
+
+/// Messenger and Instagram go through `/me/messages` with the page token: text, media and
+/// quick-reply buttons are accepted with Meta's `mid`; a WhatsApp template cannot be expressed
+/// there and fails for good without a request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messenger_and_instagram_sends() {
+    let h = Harness::new(Setup::new(Backend::Sqlite)).await;
+    for platform in [Platform::Messenger, Platform::Instagram] {
+        let ch = h
+            .store
+            .delivery()
+            .create_channel(
+                &NewChannel {
+                    workspace_id: h.workspace,
+                    platform,
+                    name: format!("{platform}"),
+                    sender_id: "sandbox-page".into(),
+                    portfolio_id: None,
+                    access_token: "sandbox-token".into(),
+                    app_secret: "sandbox-secret".into(),
+                    verify_token: "verify".into(),
+                    graph_base_url: Some(h.sandbox.url()),
+                    api_version: None,
+                    limits: None,
+                },
+                h.now(),
+            )
+            .await
+            .expect("create channel");
+        assert_eq!(ch.limits.mps, 300.0, "Meta's default for {platform}");
+        let send = |recipient: &str, message: Message| NewSend {
+            workspace_id: h.workspace,
+            channel_id: ch.id,
+            recipient: recipient.to_owned(),
+            message,
+            lane: Lane::Interactive,
+        };
+        let ok = h
+            .create(&[
+                send(
+                    "psid-1",
+                    Message::Text {
+                        body: "hello".into(),
+                    },
+                ),
+                send(
+                    "psid-2",
+                    Message::Media {
+                        media: herald_engine::delivery::MediaKind::Document,
+                        link: "https://example.com/a.pdf".into(),
+                        caption: None,
+                    },
+                ),
+                send(
+                    "psid-3",
+                    Message::Buttons {
+                        body: "Pick one".into(),
+                        buttons: vec![herald_engine::delivery::Button {
+                            id: "yes".into(),
+                            title: "Yes".into(),
+                        }],
+                    },
+                ),
+            ])
+            .await;
+        let sends = h
+            .wait_sends(&ok, "Messenger sends accepted", |s| {
+                s.status == SendStatus::Accepted
+            })
+            .await;
+        for s in &sends {
+            assert!(
+                s.provider_message_id
+                    .as_deref()
+                    .is_some_and(|m| m.starts_with("mid.")),
+                "{platform}: Meta's mid recorded: {s:#?}"
+            );
+            assert_eq!(s.requests, 1);
+        }
+        let template = h
+            .create_one(send(
+                "psid-4",
+                Message::Template {
+                    name: "order_update".into(),
+                    language: "en_US".into(),
+                    parameters: vec![],
+                },
+            ))
+            .await;
+        let failed = h
+            .wait_send(template, "the template to fail", |s| {
+                s.status == SendStatus::Failed
+            })
+            .await;
+        assert!(
+            failed
+                .error
+                .as_deref()
+                .is_some_and(|e| e.contains("WhatsApp")),
+            "{platform}: the reason says templates are WhatsApp's: {failed:#?}"
+        );
+        assert_eq!(failed.requests, 0, "{platform}: nothing was sent");
+    }
+    let stats = h.sandbox.stats();
+    assert_eq!(
+        stats.accepted, 6,
+        "three sends per platform reached the sandbox"
+    );
+}

@@ -342,6 +342,125 @@ mod tests {
         assert_eq!(usage_percent(&bad), None);
     }
 
+    fn channel(platform: Platform) -> Channel {
+        let now = chrono::Utc::now();
+        Channel {
+            id: uuid::Uuid::nil(),
+            workspace_id: uuid::Uuid::nil(),
+            platform,
+            name: "t".into(),
+            sender_id: "123".into(),
+            portfolio_id: None,
+            access_token: "token".into(),
+            app_secret: "secret".into(),
+            verify_token: String::new(),
+            graph_base_url: "https://graph.example/".into(),
+            api_version: "v21.0".into(),
+            limits: herald_engine::delivery::ChannelLimits::default(),
+            paused_reason: None,
+            paused_at: None,
+            created_at: now,
+            updated_at: now,
+        }
+    }
+
+    #[test]
+    fn whatsapp_bodies_follow_the_cloud_api() {
+        let wa = channel(Platform::Whatsapp);
+        let (url, body) = request(
+            &wa,
+            "15551234567",
+            &Message::Template {
+                name: "order_update".into(),
+                language: "en_US".into(),
+                parameters: vec!["42".into()],
+            },
+            Lane::Broadcast,
+            "send-1",
+        )
+        .expect("template");
+        assert_eq!(url, "https://graph.example/v21.0/123/messages");
+        assert_eq!(
+            body,
+            json!({
+                "messaging_product": "whatsapp", "recipient_type": "individual",
+                "to": "15551234567", "biz_opaque_callback_data": "send-1", "type": "template",
+                "template": { "name": "order_update", "language": { "code": "en_US" },
+                    "components": [{ "type": "body",
+                        "parameters": [{ "type": "text", "text": "42" }] }] }
+            })
+        );
+        let (_, body) = request(
+            &wa,
+            "1",
+            &Message::Media {
+                media: herald_engine::delivery::MediaKind::Image,
+                link: "https://x/y.png".into(),
+                caption: Some("hi".into()),
+            },
+            Lane::Interactive,
+            "s",
+        )
+        .expect("media");
+        assert_eq!(body["type"], "image");
+        assert_eq!(
+            body["image"],
+            json!({ "link": "https://x/y.png", "caption": "hi" })
+        );
+        let (_, body) = request(
+            &wa,
+            "1",
+            &Message::Buttons {
+                body: "Pick".into(),
+                buttons: vec![herald_engine::delivery::Button {
+                    id: "a".into(),
+                    title: "A".into(),
+                }],
+            },
+            Lane::Interactive,
+            "s",
+        )
+        .expect("buttons");
+        assert_eq!(body["interactive"]["type"], "button");
+        assert_eq!(
+            body["interactive"]["action"]["buttons"][0],
+            json!({ "type": "reply", "reply": { "id": "a", "title": "A" } })
+        );
+    }
+
+    #[test]
+    fn messenger_bodies_carry_our_id_as_metadata() {
+        let page = channel(Platform::Messenger);
+        let (url, body) = request(
+            &page,
+            "psid",
+            &Message::Text { body: "hi".into() },
+            Lane::Interactive,
+            "send-2",
+        )
+        .expect("text");
+        assert_eq!(url, "https://graph.example/v21.0/me/messages");
+        assert_eq!(
+            body,
+            json!({ "recipient": { "id": "psid" }, "messaging_type": "RESPONSE",
+                    "message": { "text": "hi", "metadata": "send-2" } })
+        );
+        assert!(matches!(
+            request(
+                &page,
+                "psid",
+                &Message::Template {
+                    name: "x".into(),
+                    language: "en".into(),
+                    parameters: vec![]
+                },
+                Lane::Broadcast,
+                "s"
+            ),
+            Err(SendError::Unsupported(_))
+        ));
+    }
+
     #[test]
     fn message_ids_of_both_platforms() {
         assert_eq!(
