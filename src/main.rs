@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_delivery;
+mod channels;
 mod demo;
 mod demo_delivery;
 mod jobs;
@@ -53,6 +54,11 @@ enum Command {
     },
     /// Serve a stand-in for Meta's Graph API (sends, limits, signed status webhooks, faults).
     Sandbox(sandbox_cmd::SandboxArgs),
+    /// See channels (limits, why one is paused, sends by status) and resume a paused one.
+    Channels {
+        #[command(subcommand)]
+        which: channels::ChannelsCommand,
+    },
     /// Benchmarks that print their figures as a JSON line.
     Bench {
         #[command(subcommand)]
@@ -98,6 +104,7 @@ fn main() -> ExitCode {
                 .map(|_| info!("migrations applied")),
             Command::Demo(args) => demo::run(settings, args).await,
             Command::Jobs { which } => jobs::run(settings, which).await,
+            Command::Channels { which } => channels::run(settings, which).await,
             Command::Bench { which } => bench::run(which).await,
             Command::Sandbox(args) => sandbox_cmd::run(args).await,
         };

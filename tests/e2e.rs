@@ -392,3 +392,69 @@ async fn demo_runs_on_the_embedded_default() {
         "exactly the undeliverable recipient failed:\n{stdout}"
     );
 }
+
+/// `herald channels list` shows why Meta's answers paused a channel (never its secrets), and
+/// `herald channels resume` lets it send again; an unknown id is an error.
+#[tokio::test]
+async fn channels_show_pauses_and_resume() {
+    use herald_engine::delivery::{NewChannel, Platform};
+    let dir = TestDir::new();
+    let url = dir.sqlite_url("channels");
+    let store = common::sqlite_store(&url).await;
+    let channel = store
+        .delivery()
+        .create_channel(
+            &NewChannel {
+                workspace_id: uuid::Uuid::new_v4(),
+                platform: Platform::Whatsapp,
+                name: "support".into(),
+                sender_id: "1555000100".into(),
+                portfolio_id: None,
+                access_token: "EAAG-very-secret-token".into(),
+                app_secret: "app-secret-value".into(),
+                verify_token: "verify-token-value".into(),
+                graph_base_url: None,
+                api_version: None,
+                limits: None,
+            },
+            Utc::now(),
+        )
+        .await
+        .expect("create channel");
+    store
+        .delivery()
+        .pause_channel(
+            channel.id,
+            Some("the access token expired (190)"),
+            Utc::now(),
+        )
+        .await
+        .expect("pause");
+    let run = |args: &[&str]| {
+        let mut cmd = herald();
+        cmd.args(args).env("DATABASE_URL", &url);
+        cmd.output().expect("run herald")
+    };
+    let list = run(&["channels", "list"]);
+    assert!(list.status.success(), "{list:?}");
+    let out = String::from_utf8_lossy(&list.stdout);
+    assert!(out.contains("the access token expired (190)"), "{out}");
+    for secret in [
+        "EAAG-very-secret-token",
+        "app-secret-value",
+        "verify-token-value",
+    ] {
+        assert!(!out.contains(secret), "a secret is printed: {out}");
+    }
+    let resume = run(&["channels", "resume", &channel.id.to_string()]);
+    assert!(resume.status.success(), "{resume:?}");
+    let after = store
+        .delivery()
+        .channel(channel.id)
+        .await
+        .expect("read")
+        .expect("exists");
+    assert_eq!(after.paused_reason, None, "resumed");
+    let unknown = run(&["channels", "resume", &uuid::Uuid::new_v4().to_string()]);
+    assert!(!unknown.status.success(), "an unknown channel is an error");
+}
