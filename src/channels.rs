@@ -38,7 +38,10 @@ pub async fn run(
             }
         }
         ChannelsCommand::Resume { id } => {
-            if !delivery.pause_channel(id, None, SystemClock.now()).await? {
+            if !delivery
+                .pause_channel(id, None, false, SystemClock.now())
+                .await?
+            {
                 return Err(format!("no channel {id}").into());
             }
             println!("{}", json!({ "resumed": id }));

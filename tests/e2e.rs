@@ -426,6 +426,7 @@ async fn channels_show_pauses_and_resume() {
         .pause_channel(
             channel.id,
             Some("the access token expired (190)"),
+            false,
             Utc::now(),
         )
         .await

@@ -23,6 +23,12 @@ pub trait Admission: Send + Sync + 'static {
 
     /// Hands back permits granted by `acquire` for which no job was found.
     async fn refund(&self, rate_key: &str, n: u32);
+
+    /// The highest priority number (lowest urgency) of `rate_key`'s jobs that may start now;
+    /// None: all of them. A channel whose broadcasts are paused still sends its replies.
+    async fn max_priority(&self, _rate_key: &str) -> Option<i16> {
+        None
+    }
 }
 
 /// Grants everything at once: rate keys are then only labels. For tests and for processes that

@@ -567,10 +567,14 @@ impl Producer {
                     }
                     let granted = grant.granted as usize;
                     let now = self.inner.now();
+                    let scope = match admission.max_priority(&key).await {
+                        Some(cap) => RateScope::KeyUpTo(&key, cap),
+                        None => RateScope::Key(&key),
+                    };
                     let claimed = store
                         .claim_scoped(
                             &self.queue,
-                            RateScope::Key(&key),
+                            scope,
                             &cfg.worker_id,
                             granted,
                             now,

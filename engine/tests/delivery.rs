@@ -308,9 +308,14 @@ async fn channels_pause_and_resume(store: Arc<dyn Store>) {
     let ch = channel(&*store).await;
     let other = channel(&*store).await;
     assert!(
-        d.pause_channel(ch.id, Some("368: temporarily blocked"), t0() + secs(10))
-            .await
-            .expect("pause"),
+        d.pause_channel(
+            ch.id,
+            Some("368: temporarily blocked"),
+            false,
+            t0() + secs(10)
+        )
+        .await
+        .expect("pause"),
         "pause finds the channel"
     );
     let paused = d.channel(ch.id).await.expect("get").expect("exists");
@@ -329,7 +334,7 @@ async fn channels_pause_and_resume(store: Arc<dyn Store>) {
     );
 
     assert!(
-        d.pause_channel(ch.id, None, t0() + secs(20))
+        d.pause_channel(ch.id, None, false, t0() + secs(20))
             .await
             .expect("resume"),
         "resume finds the channel"
@@ -340,13 +345,13 @@ async fn channels_pause_and_resume(store: Arc<dyn Store>) {
     assert_eq!(resumed.updated_at, t0() + secs(20), "updated_at moved");
 
     assert!(
-        !d.pause_channel(Uuid::new_v4(), Some("x"), t0())
+        !d.pause_channel(Uuid::new_v4(), Some("x"), false, t0())
             .await
             .expect("pause unknown"),
         "pausing an unknown channel says false"
     );
     assert!(
-        !d.pause_channel(Uuid::new_v4(), None, t0())
+        !d.pause_channel(Uuid::new_v4(), None, false, t0())
             .await
             .expect("resume unknown"),
         "resuming an unknown channel says false"

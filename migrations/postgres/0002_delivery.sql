@@ -26,6 +26,8 @@ CREATE TABLE herald_channels (
     limits         jsonb       NOT NULL,
     -- Set when Meta told us to stop (190, 368, 131048): nothing is sent until an operator resumes.
     paused_reason  text,
+    -- 131048 (spam quality) pauses broadcasts only: interactive replies still go.
+    paused_broadcasts_only boolean NOT NULL DEFAULT false,
     paused_at      timestamptz,
     created_at     timestamptz NOT NULL,
     updated_at     timestamptz NOT NULL

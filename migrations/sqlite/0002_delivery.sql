@@ -19,6 +19,7 @@ CREATE TABLE herald_channels (
     api_version    TEXT    NOT NULL,
     limits         TEXT    NOT NULL,
     paused_reason  TEXT,
+    paused_broadcasts_only INTEGER NOT NULL DEFAULT 0,
     paused_at      INTEGER,
     created_at     INTEGER NOT NULL,
     updated_at     INTEGER NOT NULL

@@ -752,7 +752,7 @@ async fn permanent_errors_fail_the_send_after_one_request() {
     h.finish().await;
 }
 
-/// 190, 368, 131048 (and an expired token): the channel is paused with the code in its reason,
+/// 190 and 368 (and an expired token): the channel is paused with the code in its reason,
 /// the send goes back to `queued`, nothing more reaches Meta while paused; once an operator
 /// resumes the channel the send (and one enqueued during the pause) goes out.
 async fn pause_and_resume(h: &Harness, cases: &[(Channel, i64)]) {
@@ -815,7 +815,7 @@ async fn pause_and_resume(h: &Harness, cases: &[(Channel, i64)]) {
         assert!(h
             .store
             .delivery()
-            .pause_channel(ch.id, None, h.now())
+            .pause_channel(ch.id, None, false, h.now())
             .await
             .unwrap());
     }
@@ -849,11 +849,7 @@ async fn pause_and_resume(h: &Harness, cases: &[(Channel, i64)]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sender_errors_pause_the_channel_until_resumed() {
     let mut faults = Faults::default();
-    for (sender, code) in [
-        ("1555000190", 190),
-        ("1555000368", 368),
-        ("1555131048", 131048),
-    ] {
+    for (sender, code) in [("1555000190", 190), ("1555000368", 368)] {
         faults.sender_errors.insert(sender.into(), code);
     }
     let h = Harness::new(Setup::new(Backend::Sqlite).sandbox(SandboxConfig {
@@ -862,18 +858,90 @@ async fn sender_errors_pause_the_channel_until_resumed() {
     }))
     .await;
     let mut cases = Vec::new();
-    for (sender, code) in [
-        ("1555000190", 190),
-        ("1555000368", 368),
-        ("1555131048", 131048),
-    ] {
+    for (sender, code) in [("1555000190", 190), ("1555000368", 368)] {
         cases.push((h.channel(sender, None, None).await, code));
     }
     pause_and_resume(&h, &cases).await;
     let stats = h.sandbox.stats();
-    for code in [190, 368, 131048] {
+    for code in [190, 368] {
         assert_eq!(errors_of(&stats, code), 1, "{stats:?}");
     }
+    h.finish().await;
+}
+
+/// 131048 (spam quality) pauses the channel's broadcasts only: a reply to someone who wrote in
+/// still goes out during the pause, broadcast jobs are not even claimed, and after the resume
+/// the broadcast goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spam_quality_pauses_broadcasts_but_not_replies() {
+    let mut faults = Faults::default();
+    faults.sender_errors.insert("1555131048".into(), 131048);
+    let h = Harness::new(Setup::new(Backend::Sqlite).sandbox(SandboxConfig {
+        faults,
+        ..SandboxConfig::default()
+    }))
+    .await;
+    let ch = h.channel("1555131048", None, None).await;
+    let first = h
+        .create_one(h.template(&ch, "15556100001", Lane::Broadcast))
+        .await;
+    let paused = h.wait_paused(ch.id).await;
+    assert!(paused.paused_broadcasts_only, "{paused:?}");
+    assert!(paused
+        .paused_reason
+        .as_deref()
+        .is_some_and(|r| r.contains("131048")));
+    h.wait_send(first, "the broadcast back to queued", |s| {
+        s.status == SendStatus::Queued
+    })
+    .await;
+    // Meta stops refusing (the quality recovered) but the operator has not resumed yet.
+    h.sandbox.set_faults(Faults::default());
+    h.admission.invalidate();
+    let more: Vec<Uuid> = h
+        .create(&[
+            h.template(&ch, "15556100002", Lane::Broadcast),
+            h.template(&ch, "15556100003", Lane::Broadcast),
+        ])
+        .await;
+    h.store
+        .delivery()
+        .record_inbound(ch.id, "15556100009", h.now())
+        .await
+        .unwrap();
+    let reply = h.create_one(h.text(&ch, "15556100009")).await;
+    h.wait_send(reply, "the reply accepted during the pause", |s| {
+        s.status == SendStatus::Accepted
+    })
+    .await;
+    tokio::time::sleep(PAUSED_RECHECK * 3).await;
+    for id in std::iter::once(&first).chain(&more) {
+        assert_eq!(
+            h.send(*id).await.status,
+            SendStatus::Queued,
+            "broadcasts wait"
+        );
+    }
+    for id in &more {
+        assert_eq!(
+            h.job(*id).await.attempt,
+            0,
+            "a paused broadcast is not even claimed"
+        );
+    }
+    assert_eq!(h.sandbox.stats().accepted, 1, "only the reply reached Meta");
+    assert!(h
+        .store
+        .delivery()
+        .pause_channel(ch.id, None, false, h.now())
+        .await
+        .unwrap());
+    h.admission.invalidate();
+    let all: Vec<Uuid> = std::iter::once(first).chain(more).collect();
+    h.wait_sends(&all, "the broadcast goes on after the resume", |s| {
+        s.status == SendStatus::Accepted
+    })
+    .await;
     h.finish().await;
 }
 

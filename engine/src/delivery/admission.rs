@@ -245,7 +245,7 @@ impl Admission for ChannelAdmission {
                 next_in: self.config.miss_reload,
             };
         };
-        if channel.paused_reason.is_some() {
+        if channel.paused_reason.is_some() && !channel.paused_broadcasts_only {
             return Grant {
                 granted: 0,
                 next_in: self.config.paused_recheck,
@@ -253,6 +253,12 @@ impl Admission for ChannelAdmission {
         }
         let rate = self.rate_of(&channel);
         self.limiter.acquire(rate_key, rate, want).await
+    }
+
+    async fn max_priority(&self, rate_key: &str) -> Option<i16> {
+        let channel = self.channel(channel_of_rate_key(rate_key)?).await?;
+        (channel.paused_reason.is_some() && channel.paused_broadcasts_only)
+            .then_some(super::INTERACTIVE_PRIORITY)
     }
 
     async fn refund(&self, rate_key: &str, n: u32) {

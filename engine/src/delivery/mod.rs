@@ -197,9 +197,18 @@ pub struct Channel {
     pub limits: ChannelLimits,
     /// Why Meta's answers stopped the channel (190, 368, 131048), until an operator resumes it.
     pub paused_reason: Option<String>,
+    /// The pause holds broadcasts only (131048, spam quality): interactive replies still go.
+    pub paused_broadcasts_only: bool,
     pub paused_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+}
+
+impl Channel {
+    /// Whether a send in `lane` must wait for an operator to resume the channel.
+    pub fn paused_for(&self, lane: Lane) -> bool {
+        self.paused_reason.is_some() && (!self.paused_broadcasts_only || lane == Lane::Broadcast)
+    }
 }
 
 impl fmt::Debug for Channel {
@@ -609,11 +618,13 @@ pub trait DeliveryStore: Send + Sync + 'static {
     /// Every channel (the admission cache reloads them).
     async fn channels(&self) -> Result<Vec<Channel>>;
 
-    /// Pauses (`Some(reason)`) or resumes (`None`) a channel. False if there is no such channel.
+    /// Pauses (`Some(reason)`) or resumes (`None`) a channel: all of its sends, or with
+    /// `broadcasts_only` its broadcasts. False if there is no such channel.
     async fn pause_channel(
         &self,
         id: Uuid,
         reason: Option<&str>,
+        broadcasts_only: bool,
         now: DateTime<Utc>,
     ) -> Result<bool>;
 

@@ -54,6 +54,8 @@ pub enum RateScope<'a> {
     Unlimited,
     /// Jobs of this rate key.
     Key(&'a str),
+    /// Jobs of this rate key with a priority number at most this (the more urgent ones).
+    KeyUpTo(&'a str, i16),
 }
 
 /// What the rescuer did.

@@ -56,6 +56,7 @@ pub struct PgStore {
     claim_sql: String,
     claim_unkeyed_sql: String,
     claim_keyed_sql: String,
+    claim_keyed_capped_sql: String,
 }
 
 /// The claim statement; `scope` narrows it to jobs without a rate key or of one key (`$6`).
@@ -121,6 +122,7 @@ impl PgStore {
             claim_sql: claim_sql(""),
             claim_unkeyed_sql: claim_sql("AND j.rate_key IS NULL"),
             claim_keyed_sql: claim_sql("AND j.rate_key = $6"),
+            claim_keyed_capped_sql: claim_sql("AND j.rate_key = $6 AND j.priority <= $7"),
         })
     }
 
@@ -130,6 +132,7 @@ impl PgStore {
         &self,
         sql: &str,
         key: Option<&str>,
+        cap: Option<i16>,
         queue: &str,
         worker: &str,
         limit: usize,
@@ -144,6 +147,10 @@ impl PgStore {
             .bind(lease_until);
         let query = match key {
             Some(key) => query.bind(key),
+            None => query,
+        };
+        let query = match cap {
+            Some(cap) => query.bind(cap),
             None => query,
         };
         let rows = query.fetch_all(&self.pool).await?;
@@ -581,6 +588,7 @@ impl Store for PgStore {
         self.claim_with(
             &self.claim_sql,
             None,
+            None,
             queue,
             worker,
             limit,
@@ -599,11 +607,12 @@ impl Store for PgStore {
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
     ) -> Result<Vec<Job>> {
-        let (sql, key) = match scope {
-            RateScope::Unlimited => (&self.claim_unkeyed_sql, None),
-            RateScope::Key(key) => (&self.claim_keyed_sql, Some(key)),
+        let (sql, key, cap) = match scope {
+            RateScope::Unlimited => (&self.claim_unkeyed_sql, None, None),
+            RateScope::Key(key) => (&self.claim_keyed_sql, Some(key), None),
+            RateScope::KeyUpTo(key, cap) => (&self.claim_keyed_capped_sql, Some(key), Some(cap)),
         };
-        self.claim_with(sql, key, queue, worker, limit, now, lease_until)
+        self.claim_with(sql, key, cap, queue, worker, limit, now, lease_until)
             .await
     }
 

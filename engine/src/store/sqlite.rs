@@ -106,6 +106,7 @@ impl SqliteStore {
             None => "",
             Some(RateScope::Unlimited) => "AND j.rate_key IS NULL",
             Some(RateScope::Key(_)) => "AND j.rate_key = ?6",
+            Some(RateScope::KeyUpTo(..)) => "AND j.rate_key = ?6 AND j.priority <= ?7",
         };
         let sql = format!(
             "UPDATE herald_jobs SET state = 'running', attempt = attempt + 1, attempted_at = ?3,
@@ -129,6 +130,7 @@ impl SqliteStore {
             .bind(to_micros(lease_until));
         let query = match scope {
             Some(RateScope::Key(key)) => query.bind(key),
+            Some(RateScope::KeyUpTo(key, cap)) => query.bind(key).bind(cap),
             _ => query,
         };
         let rows = query.fetch_all(&self.pool).await?;

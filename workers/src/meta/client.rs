@@ -358,6 +358,7 @@ mod tests {
             api_version: "v21.0".into(),
             limits: herald_engine::delivery::ChannelLimits::default(),
             paused_reason: None,
+            paused_broadcasts_only: false,
             paused_at: None,
             created_at: now,
             updated_at: now,

@@ -19,8 +19,12 @@ pub enum Action {
     /// cap).
     Wait { retry_after: Duration },
     /// Nothing will succeed on this channel until a person acts (token, policy block, spam
-    /// quality): pause it with this reason.
-    PauseChannel { reason: &'static str },
+    /// quality): pause it with this reason; only its broadcasts for spam quality (replies to
+    /// people who wrote in still go).
+    PauseChannel {
+        reason: &'static str,
+        broadcasts_only: bool,
+    },
     /// This message to this recipient will never succeed.
     Permanent {
         reason: &'static str,
@@ -75,6 +79,7 @@ pub const TABLE: &[Row] = &[
         meaning: "spam rate limit (quality)",
         action: || Action::PauseChannel {
             reason: "Meta limited the number for spam (131048): broadcasts paused",
+            broadcasts_only: true,
         },
     },
     Row {
@@ -114,6 +119,7 @@ pub const TABLE: &[Row] = &[
         meaning: "blocked for policy violation",
         action: || Action::PauseChannel {
             reason: "Meta blocked the account for a policy violation (368)",
+            broadcasts_only: false,
         },
     },
     Row {
@@ -121,6 +127,7 @@ pub const TABLE: &[Row] = &[
         meaning: "access token expired or revoked",
         action: || Action::PauseChannel {
             reason: "the access token expired or was revoked (190): reconnect the channel",
+            broadcasts_only: false,
         },
     },
     Row {
@@ -164,6 +171,7 @@ pub fn classify(code: Option<i64>, http_status: u16) -> Action {
     match http_status {
         401 => Action::PauseChannel {
             reason: "Meta refused the access token (HTTP 401)",
+            broadcasts_only: false,
         },
         429 => Action::SlowChannel {
             retry_after: Duration::from_secs(1),
@@ -203,7 +211,10 @@ mod tests {
         }
         assert!(matches!(
             classify(Some(131048), 400),
-            Action::PauseChannel { .. }
+            Action::PauseChannel {
+                broadcasts_only: true,
+                ..
+            }
         ));
         assert!(matches!(
             classify(Some(131049), 400),

@@ -202,7 +202,7 @@ impl SendWorker {
                 }
             },
         };
-        if channel.paused_reason.is_some() {
+        if channel.paused_for(send.lane) {
             self.update(send.id, SendUpdate::Unsent).await?;
             return Err(self.wait(channel.id, self.config.paused_recheck).await);
         }
@@ -294,7 +294,7 @@ impl SendWorker {
                 self.update(send.id, SendUpdate::Unsent).await?;
                 warn!(channel = %channel.id, %why, "pausing the channel");
                 delivery
-                    .pause_channel(channel.id, Some(&why), self.clock.now())
+                    .pause_channel(channel.id, Some(&why), false, self.clock.now())
                     .await
                     .map_err(JobError::retry)?;
                 self.admission.invalidate();
@@ -328,12 +328,20 @@ impl SendWorker {
                         self.update(send.id, refused(code, &why)).await?;
                         Err(JobError::Snooze(jitter(retry_after)))
                     }
-                    Action::PauseChannel { reason } => {
+                    Action::PauseChannel {
+                        reason,
+                        broadcasts_only,
+                    } => {
                         self.update(send.id, refused(code, &why)).await?;
                         let reason = format!("{reason} [{why}]");
                         warn!(channel = %channel.id, %reason, "pausing the channel");
                         delivery
-                            .pause_channel(channel.id, Some(&reason), self.clock.now())
+                            .pause_channel(
+                                channel.id,
+                                Some(&reason),
+                                broadcasts_only,
+                                self.clock.now(),
+                            )
                             .await
                             .map_err(JobError::retry)?;
                         self.admission.invalidate();

@@ -23,7 +23,7 @@ use crate::store::postgres::notify_payloads;
 
 const CHANNEL_COLUMNS: &str = "id, workspace_id, platform, name, sender_id, portfolio_id, \
      access_token, app_secret, verify_token, graph_base_url, api_version, limits, paused_reason, \
-     paused_at, created_at, updated_at";
+     paused_broadcasts_only, paused_at, created_at, updated_at";
 
 const SEND_COLUMNS: &str = "id, workspace_id, channel_id, recipient, message, lane, status, \
      requests, provider_message_id, error_code, error, created_at, requested_at, accepted_at, \
@@ -46,6 +46,7 @@ fn channel_from_row(row: &PgRow) -> Result<Channel> {
         api_version: row.try_get("api_version")?,
         limits: limits.0,
         paused_reason: row.try_get("paused_reason")?,
+        paused_broadcasts_only: row.try_get("paused_broadcasts_only")?,
         paused_at: row.try_get("paused_at")?,
         created_at: row.try_get("created_at")?,
         updated_at: row.try_get("updated_at")?,
@@ -84,7 +85,7 @@ impl DeliveryStore for PgStore {
             .unwrap_or_else(|| ChannelLimits::for_platform(channel.platform));
         let row = sqlx::query(&format!(
             "INSERT INTO herald_channels ({CHANNEL_COLUMNS})
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, NULL, NULL, $13, $13)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, NULL, false, NULL, $13, $13)
              RETURNING {CHANNEL_COLUMNS}"
         ))
         .bind(Uuid::new_v4())
@@ -128,17 +129,19 @@ impl DeliveryStore for PgStore {
         &self,
         id: Uuid,
         reason: Option<&str>,
+        broadcasts_only: bool,
         now: DateTime<Utc>,
     ) -> Result<bool> {
         let done = sqlx::query(
             "UPDATE herald_channels
                 SET paused_reason = $2, paused_at = CASE WHEN $2::text IS NULL THEN NULL ELSE $3 END,
-                    updated_at = $3
+                    paused_broadcasts_only = $4, updated_at = $3
               WHERE id = $1",
         )
         .bind(id)
         .bind(reason)
         .bind(now)
+        .bind(reason.is_some() && broadcasts_only)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)

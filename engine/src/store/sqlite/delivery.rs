@@ -20,7 +20,7 @@ use crate::store::postgres::notify_payloads;
 
 const CHANNEL_COLUMNS: &str = "id, workspace_id, platform, name, sender_id, portfolio_id, \
      access_token, app_secret, verify_token, graph_base_url, api_version, limits, paused_reason, \
-     paused_at, created_at, updated_at";
+     paused_broadcasts_only, paused_at, created_at, updated_at";
 
 const SEND_COLUMNS: &str = "id, workspace_id, channel_id, recipient, message, lane, status, \
      requests, provider_message_id, error_code, error, created_at, requested_at, accepted_at, \
@@ -51,6 +51,7 @@ fn channel_from_row(row: &SqliteRow) -> Result<Channel> {
         api_version: row.try_get("api_version")?,
         limits: json::<ChannelLimits>(row, "limits")?,
         paused_reason: row.try_get("paused_reason")?,
+        paused_broadcasts_only: row.try_get("paused_broadcasts_only")?,
         paused_at: micros_opt(row, "paused_at")?,
         created_at: from_micros(row.try_get("created_at")?),
         updated_at: from_micros(row.try_get("updated_at")?),
@@ -90,7 +91,7 @@ impl DeliveryStore for SqliteStore {
             serde_json::to_string(&limits).map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let row = sqlx::query(&format!(
             "INSERT INTO herald_channels ({CHANNEL_COLUMNS})
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, NULL, NULL, ?13, ?13)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, NULL, 0, NULL, ?13, ?13)
              RETURNING {CHANNEL_COLUMNS}"
         ))
         .bind(Uuid::new_v4().to_string())
@@ -134,17 +135,19 @@ impl DeliveryStore for SqliteStore {
         &self,
         id: Uuid,
         reason: Option<&str>,
+        broadcasts_only: bool,
         now: DateTime<Utc>,
     ) -> Result<bool> {
         let done = sqlx::query(
             "UPDATE herald_channels
                 SET paused_reason = ?2, paused_at = CASE WHEN ?2 IS NULL THEN NULL ELSE ?3 END,
-                    updated_at = ?3
+                    paused_broadcasts_only = ?4, updated_at = ?3
               WHERE id = ?1",
         )
         .bind(id.to_string())
         .bind(reason)
         .bind(to_micros(now))
+        .bind(reason.is_some() && broadcasts_only)
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)
