@@ -360,15 +360,11 @@ impl Producer {
         let mut failures: u32 = 0;
         while !*stop.borrow() {
             let step: Result<(), crate::error::StoreError> = async {
-                if refresh_due {
-                    next_due = store.next_due(&self.queue).await?;
-                    refresh_due = false;
-                }
                 let now = self.inner.now();
-                if next_due.is_some_and(|d| d <= now) {
-                    let promoted = store.promote(&self.queue, now).await?;
-                    debug!(promoted, "promoted due jobs");
-                    next_due = store.next_due(&self.queue).await?;
+                if self
+                    .promote_due(now, &mut refresh_due, &mut next_due)
+                    .await?
+                {
                     more = true;
                 }
                 let free = self
@@ -486,15 +482,11 @@ impl Producer {
         let mut failures: u32 = 0;
         while !*stop.borrow() {
             let step: Result<(), crate::error::StoreError> = async {
-                if refresh_due {
-                    next_due = store.next_due(&self.queue).await?;
-                    refresh_due = false;
-                }
                 let now = self.inner.now();
-                if next_due.is_some_and(|d| d <= now) {
-                    let promoted = store.promote(&self.queue, now).await?;
-                    debug!(promoted, "promoted due jobs");
-                    next_due = store.next_due(&self.queue).await?;
+                if self
+                    .promote_due(now, &mut refresh_due, &mut next_due)
+                    .await?
+                {
                     scan = true;
                     unkeyed_more = true;
                 }
@@ -655,6 +647,28 @@ impl Producer {
             }
         }
         debug!("producer stopped");
+    }
+
+    /// Makes this queue's due scheduled and retryable jobs available, looking up the earliest
+    /// `run_at` again when asked to or after promoting. True if it promoted.
+    async fn promote_due(
+        &self,
+        now: DateTime<Utc>,
+        refresh_due: &mut bool,
+        next_due: &mut Option<DateTime<Utc>>,
+    ) -> Result<bool, crate::error::StoreError> {
+        let store = &self.inner.store;
+        if *refresh_due {
+            *next_due = store.next_due(&self.queue).await?;
+            *refresh_due = false;
+        }
+        if !next_due.is_some_and(|d| d <= now) {
+            return Ok(false);
+        }
+        let promoted = store.promote(&self.queue, now).await?;
+        debug!(promoted, "promoted due jobs");
+        *next_due = store.next_due(&self.queue).await?;
+        Ok(true)
     }
 
     fn free(&self) -> usize {
