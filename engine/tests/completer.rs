@@ -174,9 +174,11 @@ impl Store for RefusesOne {
 }
 
 /// Holds every job until told to go, so that the poisoned job finishes in the same completion
-/// batch as the others.
+/// batch as the others. A watch, not a `Notify`: a job counted in flight whose task has not
+/// reached the gate yet when it opens must still pass it (with `notify_waiters` it waited for
+/// ever, heartbeats renewing its lease; CI caught it once).
 struct Gate {
-    open: Arc<tokio::sync::Notify>,
+    open: tokio::sync::watch::Receiver<bool>,
 }
 
 #[async_trait]
@@ -186,7 +188,8 @@ impl Worker for Gate {
 
     async fn work(&self, _args: serde_json::Value, ctx: &JobContext) -> Result<(), JobError> {
         if ctx.job.attempt == 1 {
-            self.open.notified().await;
+            let mut open = self.open.clone();
+            let _ = open.wait_for(|o| *o).await;
         }
         Ok(())
     }
@@ -213,9 +216,9 @@ async fn a_refused_completion_does_not_stall_the_others(store: Arc<dyn Store>) {
     let poisoned = ids[17];
     *faulty.poisoned.lock().expect("lock") = Some(poisoned);
 
-    let open = Arc::new(tokio::sync::Notify::new());
+    let (open, gate) = tokio::sync::watch::channel(false);
     let mut registry = Registry::new();
-    registry.register(Gate { open: open.clone() });
+    registry.register(Gate { open: gate });
     let mut queues = BTreeMap::new();
     queues.insert(DEFAULT_QUEUE.to_owned(), QueueConfig { concurrency: 100 });
     let config = EngineConfig {
@@ -231,7 +234,7 @@ async fn a_refused_completion_does_not_stall_the_others(store: Arc<dyn Store>) {
     };
     let engine = Engine::start(faulty.clone(), registry, config, Arc::new(SystemClock));
     common::eventually("all 40 jobs running", || engine.in_flight() == 40).await;
-    open.notify_waiters();
+    open.send_replace(true);
 
     // Everyone else completes although their batch held the refused completion.
     for &id in ids.iter().filter(|&&id| id != poisoned) {
