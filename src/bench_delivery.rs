@@ -202,7 +202,7 @@ async fn bench(
         cmd.arg("serve")
             .env("DATABASE_URL", database_url)
             .env("HERALD_LISTEN", format!("127.0.0.1:{port}"))
-            .env("HERALD_QUEUES", "send=256")
+            .env("HERALD_QUEUES", "send=256,webhooks=8")
             .env("HERALD_WORKER_ID", format!("bench-delivery-{i}"))
             .env("HERALD_UNKNOWN_GRACE", "30s")
             .env("HERALD_META_TIMEOUT", "2s")

@@ -18,7 +18,7 @@ use clap::{Parser, Subcommand};
 use herald_engine::delivery::{AdmissionConfig, ChannelAdmission};
 use herald_engine::limit::{FailSafeConfig, FailSafeLimiter, Limiter, LocalLimiter};
 use herald_engine::{Engine, Store, SystemClock};
-use herald_workers::meta::{ClientConfig, MetaClient, SendConfig, SendWorker};
+use herald_workers::meta::{ClientConfig, MetaClient, SendConfig, SendWorker, WebhookWorker};
 use tracing::{error, info};
 
 use crate::settings::Settings;
@@ -219,6 +219,7 @@ pub async fn start_engine(
             ..SendConfig::default()
         },
     ));
+    registry.register(WebhookWorker::new(store.clone(), clock.clone()));
     Ok(Engine::start_limited(
         store,
         registry,
@@ -250,7 +251,11 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let engine = start_engine(store.clone(), settings).await?;
-    let app = herald_api::app(herald_api::AppState { store });
+    let app = herald_api::app(herald_api::AppState::new(
+        store,
+        Arc::new(SystemClock),
+        herald_api::IngestConfig::default(),
+    ));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {
         axum::serve(listener, app)

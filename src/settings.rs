@@ -44,7 +44,7 @@ pub const KEYS: &[(&str, &str, &str, &str)] = &[
     (
         "queues",
         "HERALD_QUEUES",
-        "default=100,send=256",
+        "default=100,send=256,webhooks=8",
         "queues this process works and their concurrency: `name=N,name=N`; empty: none",
     ),
     (

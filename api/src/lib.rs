@@ -1,5 +1,5 @@
-//! Herald's HTTP layer. Today: health checks and Meta's webhooks (statuses and inbound
-//! messages). The `/v1` API lands here.
+//! Herald's HTTP layer. Today: health checks and Meta's webhooks (verified, stored durably in
+//! batches, processed by the queue). The `/v1` API lands here.
 //!
 //! [`app`] builds the router from its state, so tests drive it with `oneshot`, no socket.
 
@@ -11,16 +11,39 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use herald_engine::Store;
+use herald_engine::{Clock, Store};
 use serde_json::json;
 
 /// What the handlers share.
 #[derive(Clone)]
 pub struct AppState {
     pub store: Arc<dyn Store>,
+    /// Stores webhook deliveries in batches.
+    pub ingest: Ingest,
+    /// Channels by id, for the webhook path (one lookup per request otherwise).
+    pub channels: Arc<ChannelCache>,
 }
 
+impl AppState {
+    /// The state over `store`; starts the ingest's writers on the current runtime.
+    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, ingest: IngestConfig) -> AppState {
+        AppState {
+            ingest: Ingest::start(store.clone(), clock, ingest),
+            channels: Arc::new(ChannelCache::new(
+                store.clone(),
+                ChannelCacheConfig::default(),
+            )),
+            store,
+        }
+    }
+}
+
+pub mod cache;
+pub mod ingest;
 pub mod webhooks;
+
+pub use cache::{ChannelCache, ChannelCacheConfig};
+pub use ingest::{Ingest, IngestConfig};
 
 pub fn app(state: AppState) -> Router {
     Router::new()
@@ -81,14 +104,18 @@ mod tests {
         )
         .await
         .expect("open sqlite");
-        let response = app(AppState { store })
-            .oneshot(
-                Request::get("/healthz")
-                    .body(Body::empty())
-                    .expect("request"),
-            )
-            .await
-            .expect("response");
+        let response = app(AppState::new(
+            store,
+            Arc::new(herald_engine::SystemClock),
+            IngestConfig::default(),
+        ))
+        .oneshot(
+            Request::get("/healthz")
+                .body(Body::empty())
+                .expect("request"),
+        )
+        .await
+        .expect("response");
         assert_eq!(response.status(), StatusCode::OK);
         let _ = std::fs::remove_file(&path);
     }

@@ -102,6 +102,14 @@ fn fastrand_digits() -> String {
     format!("{:07}", Uuid::new_v4().as_u128() % 10_000_000)
 }
 
+fn state(store: &Arc<dyn Store>) -> AppState {
+    AppState::new(
+        store.clone(),
+        Arc::new(herald_engine::SystemClock),
+        herald_api::IngestConfig::default(),
+    )
+}
+
 fn sign(body: &[u8]) -> String {
     let mut mac = Hmac::<Sha256>::new_from_slice(SECRET.as_bytes()).expect("key");
     mac.update(body);
@@ -119,13 +127,23 @@ async fn post(
     if let Some(sig) = signature {
         req = req.header("x-hub-signature-256", sig);
     }
-    let response = app(AppState {
-        store: store.clone(),
-    })
-    .oneshot(req.body(Body::from(body)).expect("request"))
-    .await
-    .expect("response");
+    let response = app(state(store))
+        .oneshot(req.body(Body::from(body)).expect("request"))
+        .await
+        .expect("response");
     let status = response.status();
+    if status == StatusCode::OK {
+        // What the `meta.webhook` job does, without waiting for the queue.
+        let pending = store
+            .inbox()
+            .pending_webhooks(1_000)
+            .await
+            .expect("pending");
+        assert!(!pending.is_empty(), "a 200 stored the delivery");
+        herald_workers::meta::webhook::process(store.as_ref(), chrono::Utc::now(), &pending)
+            .await
+            .expect("process");
+    }
     let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
         .await
         .expect("body");
@@ -173,7 +191,7 @@ async fn verification_handshake() {
     let get = |uri: String| {
         let store = f.store.clone();
         async move {
-            let r = app(AppState { store })
+            let r = app(state(&store))
                 .oneshot(Request::get(uri).body(Body::empty()).expect("request"))
                 .await
                 .expect("response");
@@ -513,4 +531,78 @@ async fn events_go_to_the_channel_they_name_not_the_url() {
         SendStatus::Accepted,
         "an event naming an unknown number changes nothing"
     );
+}
+
+fn wa_inbound(channel: &Channel, messages: &[(&str, &str, &str)]) -> Vec<u8> {
+    let messages: Vec<Value> = messages
+        .iter()
+        .map(|(from, id, text)| {
+            json!({ "from": from, "id": id, "timestamp": "1767225600",
+                    "type": "text", "text": { "body": text } })
+        })
+        .collect();
+    serde_json::to_vec(&json!({
+        "object": "whatsapp_business_account",
+        "entry": [{ "id": "waba", "changes": [{ "field": "messages", "value": {
+            "messaging_product": "whatsapp",
+            "metadata": { "phone_number_id": channel.sender_id },
+            "messages": messages
+        }}]}]
+    }))
+    .expect("json")
+}
+
+/// Meta delivers at least once: a message delivered twice (alone, or again inside a batch)
+/// is stored once. A 200 means the delivery and its processing job are committed.
+#[tokio::test]
+async fn redelivered_messages_are_stored_once() {
+    let f = fixture().await;
+    let wa = channel(&f.store, Platform::Whatsapp).await;
+    let id = wa.id.to_string();
+    let first = wa_inbound(&wa, &[("15550000001", "wamid.A", "hello")]);
+    let (status, _) = post(&f.store, &id, first.clone(), Some(sign(&first))).await;
+    assert_eq!(status, StatusCode::OK);
+    let jobs = f
+        .store
+        .list_jobs(&herald_engine::JobFilter {
+            kind: Some(herald_engine::inbox::WEBHOOK_KIND.into()),
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .expect("jobs");
+    assert_eq!(jobs.len(), 1, "one processing job per stored batch");
+    let (status, _) = post(&f.store, &id, first.clone(), Some(sign(&first))).await;
+    assert_eq!(status, StatusCode::OK, "a redelivery is acknowledged");
+    let batch = wa_inbound(
+        &wa,
+        &[
+            ("15550000001", "wamid.A", "hello"),
+            ("15550000002", "wamid.B", "STOP"),
+            ("15550000002", "wamid.B", "STOP"),
+        ],
+    );
+    let (status, _) = post(&f.store, &id, batch.clone(), Some(sign(&batch))).await;
+    assert_eq!(status, StatusCode::OK);
+    let stored = f
+        .store
+        .inbox()
+        .inbound_messages(wa.id, 100)
+        .await
+        .expect("messages");
+    let mut mids: Vec<&str> = stored
+        .iter()
+        .map(|m| m.provider_message_id.as_str())
+        .collect();
+    mids.sort();
+    assert_eq!(mids, ["wamid.A", "wamid.B"]);
+    let b = stored
+        .iter()
+        .find(|m| m.provider_message_id == "wamid.B")
+        .expect("B");
+    assert_eq!(b.text.as_deref(), Some("STOP"));
+    assert_eq!(b.kind, "text");
+    assert_eq!(b.workspace_id, wa.workspace_id);
+    let counts = f.store.inbox().webhook_counts().await.expect("counts");
+    assert_eq!((counts.stored, counts.pending), (3, 0));
 }

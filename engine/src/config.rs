@@ -80,6 +80,11 @@ impl Default for EngineConfig {
             crate::delivery::SEND_QUEUE.to_owned(),
             QueueConfig { concurrency: 256 },
         );
+        // Each webhook job applies a batch of up to a thousand stored deliveries.
+        queues.insert(
+            crate::inbox::WEBHOOK_QUEUE.to_owned(),
+            QueueConfig { concurrency: 8 },
+        );
         EngineConfig {
             worker_id: default_worker_id(),
             queues,

@@ -10,6 +10,7 @@ pub mod config;
 pub mod delivery;
 pub mod error;
 pub mod handler;
+pub mod inbox;
 pub mod limit;
 pub mod migrate;
 pub mod model;

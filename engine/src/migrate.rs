@@ -20,6 +20,11 @@ pub const POSTGRES: &[Migration] = &[
         name: "delivery",
         sql: include_str!("../../migrations/postgres/0002_delivery.sql"),
     },
+    Migration {
+        version: 3,
+        name: "inbox",
+        sql: include_str!("../../migrations/postgres/0003_inbox.sql"),
+    },
 ];
 
 pub const SQLITE: &[Migration] = &[
@@ -32,6 +37,11 @@ pub const SQLITE: &[Migration] = &[
         version: 2,
         name: "delivery",
         sql: include_str!("../../migrations/sqlite/0002_delivery.sql"),
+    },
+    Migration {
+        version: 3,
+        name: "inbox",
+        sql: include_str!("../../migrations/sqlite/0003_inbox.sql"),
     },
 ];
 

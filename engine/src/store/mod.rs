@@ -78,6 +78,9 @@ pub trait Store: Send + Sync + 'static {
     /// The same database's channels, sends, reach and windows.
     fn delivery(&self) -> &dyn DeliveryStore;
 
+    /// Webhook deliveries and inbound messages.
+    fn inbox(&self) -> &dyn crate::inbox::InboxStore;
+
     /// The in-process wake-up hub this store pokes on every enqueue (and, on PostgreSQL, on
     /// NOTIFYs from other processes once [`Store::listen`] runs).
     fn wakeups(&self) -> &Wakeups;

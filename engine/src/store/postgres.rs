@@ -16,6 +16,7 @@ use tracing::{info, warn};
 use uuid::Uuid;
 
 mod delivery;
+mod inbox;
 
 use super::{
     cancellation, finish_enqueue, match_holders, match_inserted, parse_state, split_completions,
@@ -543,6 +544,10 @@ impl Store for PgStore {
     }
 
     fn delivery(&self) -> &dyn crate::delivery::DeliveryStore {
+        self
+    }
+
+    fn inbox(&self) -> &dyn crate::inbox::InboxStore {
         self
     }
 

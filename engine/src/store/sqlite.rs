@@ -24,6 +24,7 @@ use tracing::info;
 use uuid::Uuid;
 
 mod delivery;
+mod inbox;
 
 use super::postgres::notify_payloads;
 use super::{
@@ -394,6 +395,10 @@ impl Store for SqliteStore {
     }
 
     fn delivery(&self) -> &dyn crate::delivery::DeliveryStore {
+        self
+    }
+
+    fn inbox(&self) -> &dyn crate::inbox::InboxStore {
         self
     }
 

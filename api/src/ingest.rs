@@ -1,0 +1,145 @@
+//! Durable webhook ingest with group commit.
+//!
+//! Each webhook request hands its verified body to [`Ingest::store`] and waits. A few writer
+//! tasks take whatever requests are waiting (up to [`IngestConfig::max_batch`]), store them with
+//! their processing job in one transaction, and only then answer each request. One commit
+//! serves hundreds of requests, so the rate is bounded by batches, not by commits, and a request
+//! is acknowledged only once its delivery is on disk: nothing is accepted and then lost.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use herald_engine::inbox::NewWebhookEvent;
+use herald_engine::{Clock, Store, StoreError};
+use tokio::sync::{mpsc, oneshot, Mutex};
+
+/// Settings of the [`Ingest`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IngestConfig {
+    /// Deliveries stored in one transaction at most.
+    pub max_batch: usize,
+    /// Transactions in flight at once: while one commits, the next batch fills and goes.
+    pub writers: usize,
+    /// Requests waiting for a writer at most; beyond this a request is refused with 503 (Meta
+    /// redelivers) instead of piling up memory.
+    pub max_waiting: usize,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            max_batch: 1_000,
+            writers: 4,
+            max_waiting: 50_000,
+        }
+    }
+}
+
+/// Why a delivery was not stored.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("too many deliveries are waiting to be stored")]
+    Overloaded,
+    #[error("the ingest stopped")]
+    Stopped,
+    #[error("the delivery was not stored: {0}")]
+    Store(String),
+}
+
+struct Pending {
+    event: NewWebhookEvent,
+    reply: oneshot::Sender<Result<(), String>>,
+}
+
+/// The handle; cheap to clone. Writers stop when the last handle is dropped.
+#[derive(Clone)]
+pub struct Ingest {
+    tx: mpsc::Sender<Pending>,
+}
+
+impl Ingest {
+    /// Starts the writers on the current runtime.
+    pub fn start(store: Arc<dyn Store>, clock: Arc<dyn Clock>, config: IngestConfig) -> Ingest {
+        let (tx, rx) = mpsc::channel(config.max_waiting.max(1));
+        let rx = Arc::new(Mutex::new(rx));
+        for _ in 0..config.writers.max(1) {
+            tokio::spawn(writer(
+                store.clone(),
+                clock.clone(),
+                rx.clone(),
+                config.max_batch.max(1),
+            ));
+        }
+        Ingest { tx }
+    }
+
+    /// Stores one delivery durably (with the job that will process it); returns once committed.
+    pub async fn store(&self, channel_id: uuid::Uuid, body: Vec<u8>) -> Result<(), IngestError> {
+        let (reply, answer) = oneshot::channel();
+        self.tx
+            .try_send(Pending {
+                event: NewWebhookEvent { channel_id, body },
+                reply,
+            })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => IngestError::Overloaded,
+                mpsc::error::TrySendError::Closed(_) => IngestError::Stopped,
+            })?;
+        answer
+            .await
+            .map_err(|_| IngestError::Stopped)?
+            .map_err(IngestError::Store)
+    }
+}
+
+async fn writer(
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    rx: Arc<Mutex<mpsc::Receiver<Pending>>>,
+    max_batch: usize,
+) {
+    let mut batch: Vec<Pending> = Vec::with_capacity(max_batch);
+    loop {
+        let n = {
+            let mut rx = rx.lock().await;
+            rx.recv_many(&mut batch, max_batch).await
+        };
+        if n == 0 {
+            return;
+        }
+        let (events, replies): (Vec<_>, Vec<_>) =
+            batch.drain(..).map(|p| (p.event, p.reply)).unzip();
+        let result = store_with_retry(store.as_ref(), clock.as_ref(), &events).await;
+        for reply in replies {
+            let _ = reply.send(result.clone());
+        }
+    }
+}
+
+/// One quick retry for a transient error (a connection dropped by a database restart); past
+/// that the requests get 503 and Meta delivers again later.
+async fn store_with_retry(
+    store: &dyn Store,
+    clock: &dyn Clock,
+    events: &[NewWebhookEvent],
+) -> Result<(), String> {
+    let mut tried = false;
+    loop {
+        match store.inbox().store_webhooks(events, clock.now()).await {
+            Ok(_) => return Ok(()),
+            Err(e) if !tried && is_transient(&e) => {
+                tracing::warn!(error = %e, deliveries = events.len(), "webhook ingest: write failed; retrying once");
+                tried = true;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, deliveries = events.len(), "webhook ingest: deliveries not stored (Meta will redeliver)");
+                return Err(e.to_string());
+            }
+        }
+    }
+}
+
+fn is_transient(e: &StoreError) -> bool {
+    e.is_transient()
+}

@@ -1,0 +1,119 @@
+//! The inbox: Meta's webhook deliveries and the messages users send us.
+//!
+//! A delivery is stored raw (the body exactly as Meta signed it) as soon as its signature checks
+//! out, and processed later through the queue: [`InboxStore::store_webhooks`] writes a batch of
+//! deliveries and one [`WEBHOOK_KIND`] job naming them in the same transaction, so a delivery
+//! that was acknowledged to Meta is never lost and is always processed.
+//!
+//! Architecture invariant: processing a delivery twice changes nothing. Inbound messages are
+//! keyed by (channel, Meta message id) and a redelivered one is dropped; windows only move
+//! forward; statuses never move a send backwards. That is what lets the job be retried after a
+//! crash at any point, and Meta deliver the same event as often as it likes.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::error::Result;
+use crate::model::NewJob;
+
+/// The job that processes stored deliveries.
+pub const WEBHOOK_KIND: &str = "meta.webhook";
+/// Its queue: webhooks never wait behind sends, nor sends behind webhooks.
+pub const WEBHOOK_QUEUE: &str = "webhooks";
+
+/// A delivery whose signature checked out, to be stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewWebhookEvent {
+    /// The channel whose URL Meta called (events inside may belong to its siblings).
+    pub channel_id: Uuid,
+    pub body: Vec<u8>,
+}
+
+/// A stored delivery not processed yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WebhookEvent {
+    pub id: i64,
+    pub channel_id: Uuid,
+    pub received_at: DateTime<Utc>,
+    pub body: Vec<u8>,
+}
+
+/// The payload of a [`WEBHOOK_KIND`] job: the deliveries to process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WebhookArgs {
+    pub events: Vec<i64>,
+}
+
+/// The job that processes deliveries `ids`.
+pub fn webhook_job(ids: &[i64]) -> NewJob {
+    NewJob::new(
+        WEBHOOK_KIND,
+        serde_json::json!(WebhookArgs {
+            events: ids.to_vec()
+        }),
+    )
+    .queue(WEBHOOK_QUEUE)
+    .max_attempts(25)
+}
+
+/// A message a user sent to one of our channels.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct InboundMessage {
+    pub channel_id: Uuid,
+    pub workspace_id: Uuid,
+    /// `wamid.…` or `mid.…`.
+    pub provider_message_id: String,
+    /// wa_id (WhatsApp), PSID (Messenger) or IGSID (Instagram).
+    pub sender: String,
+    /// Meta's message type: text, image, button, interactive, …
+    pub kind: String,
+    /// The text, a button's title or a media caption, when there is one.
+    pub text: Option<String>,
+    /// The message object as Meta sent it.
+    pub payload: serde_json::Value,
+    pub sent_at: DateTime<Utc>,
+}
+
+/// How many deliveries are stored, and how many of those wait for processing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct WebhookCounts {
+    pub stored: i64,
+    pub pending: i64,
+}
+
+/// Where deliveries and inbound messages live. Implemented by both stores.
+#[async_trait]
+pub trait InboxStore: Send + Sync + 'static {
+    /// Stores deliveries and one job to process them, in one transaction; returns their ids.
+    /// An empty slice stores nothing.
+    async fn store_webhooks(
+        &self,
+        events: &[NewWebhookEvent],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<i64>>;
+
+    /// The deliveries among `ids` that are not processed yet, in id order.
+    async fn webhook_events(&self, ids: &[i64]) -> Result<Vec<WebhookEvent>>;
+
+    /// In one transaction: stores `inbound` (dropping messages already stored), refreshes their
+    /// senders' service windows, and marks deliveries `ids` processed. Returns the messages that
+    /// were new.
+    async fn finish_webhooks(
+        &self,
+        ids: &[i64],
+        inbound: &[InboundMessage],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<InboundMessage>>;
+
+    /// The oldest deliveries not processed yet, at most `limit` (for operators, and for a
+    /// caller that processes them without the queue, as tests do).
+    async fn pending_webhooks(&self, limit: i64) -> Result<Vec<i64>>;
+
+    /// Deliveries stored and pending.
+    async fn webhook_counts(&self) -> Result<WebhookCounts>;
+
+    /// A channel's inbound messages, newest first, at most `limit`.
+    async fn inbound_messages(&self, channel_id: Uuid, limit: i64) -> Result<Vec<InboundMessage>>;
+}

@@ -1,0 +1,186 @@
+//! [`InboxStore`] on PostgreSQL.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::Row;
+use uuid::Uuid;
+
+use super::PgStore;
+use crate::delivery::canonical_recipient;
+use crate::error::Result;
+use crate::inbox::{
+    webhook_job, InboundMessage, InboxStore, NewWebhookEvent, WebhookCounts, WebhookEvent,
+};
+use crate::store::postgres::notify_payloads;
+
+#[async_trait]
+impl InboxStore for PgStore {
+    async fn store_webhooks(
+        &self,
+        events: &[NewWebhookEvent],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<i64>> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let channels: Vec<Uuid> = events.iter().map(|e| e.channel_id).collect();
+        let bodies: Vec<&[u8]> = events.iter().map(|e| e.body.as_slice()).collect();
+        let mut tx = self.pool.begin().await?;
+        let ids: Vec<i64> = sqlx::query_scalar(
+            "INSERT INTO herald_webhook_events (channel_id, received_at, body)
+             SELECT ch, $3, body FROM unnest($1::uuid[], $2::bytea[]) AS t(ch, body)
+             RETURNING id",
+        )
+        .bind(&channels)
+        .bind(&bodies)
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        let jobs = [webhook_job(&ids)];
+        let out = self.enqueue_in(&mut tx, &jobs, now).await?;
+        tx.commit().await?;
+        for p in notify_payloads(jobs.iter().zip(&out), now) {
+            self.wakeups.apply_payload(&p);
+        }
+        Ok(ids)
+    }
+
+    async fn webhook_events(&self, ids: &[i64]) -> Result<Vec<WebhookEvent>> {
+        let rows = sqlx::query(
+            "SELECT id, channel_id, received_at, body FROM herald_webhook_events
+              WHERE id = ANY($1) AND processed_at IS NULL ORDER BY id",
+        )
+        .bind(ids)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(WebhookEvent {
+                    id: r.try_get("id")?,
+                    channel_id: r.try_get("channel_id")?,
+                    received_at: r.try_get("received_at")?,
+                    body: r.try_get("body")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn finish_webhooks(
+        &self,
+        ids: &[i64],
+        inbound: &[InboundMessage],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<InboundMessage>> {
+        let mut tx = self.pool.begin().await?;
+        let mut fresh = Vec::new();
+        if !inbound.is_empty() {
+            let payloads: Vec<String> = inbound.iter().map(|m| m.payload.to_string()).collect();
+            let new_keys: Vec<(Uuid, String)> = sqlx::query_as(
+                "INSERT INTO herald_inbound_messages (channel_id, provider_message_id, workspace_id,
+                                                      sender, kind, text, payload, sent_at, received_at)
+                 SELECT ch, mid, ws, sender, kind, txt, payload::jsonb, sent, $9
+                   FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[],
+                               $6::text[], $7::text[], $8::timestamptz[])
+                        AS t(ch, mid, ws, sender, kind, txt, payload, sent)
+                 ON CONFLICT (channel_id, provider_message_id) DO NOTHING
+                 RETURNING channel_id, provider_message_id",
+            )
+            .bind(inbound.iter().map(|m| m.channel_id).collect::<Vec<_>>())
+            .bind(inbound.iter().map(|m| m.provider_message_id.as_str()).collect::<Vec<_>>())
+            .bind(inbound.iter().map(|m| m.workspace_id).collect::<Vec<_>>())
+            .bind(inbound.iter().map(|m| m.sender.as_str()).collect::<Vec<_>>())
+            .bind(inbound.iter().map(|m| m.kind.as_str()).collect::<Vec<_>>())
+            .bind(inbound.iter().map(|m| m.text.as_deref()).collect::<Vec<_>>())
+            .bind(&payloads)
+            .bind(inbound.iter().map(|m| m.sent_at).collect::<Vec<_>>())
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await?;
+            let new_keys: std::collections::HashSet<(Uuid, String)> =
+                new_keys.into_iter().collect();
+            // The same message twice in one batch: the first is the new one.
+            let mut seen = std::collections::HashSet::new();
+            for m in inbound {
+                let key = (m.channel_id, m.provider_message_id.clone());
+                if new_keys.contains(&key) && seen.insert(key) {
+                    fresh.push(m.clone());
+                }
+            }
+            // Latest message per (channel, user), in key order so concurrent batches lock the
+            // window rows in the same order.
+            let mut windows: std::collections::BTreeMap<(Uuid, String), DateTime<Utc>> =
+                Default::default();
+            for m in inbound {
+                let w = windows
+                    .entry((m.channel_id, canonical_recipient(&m.sender).into_owned()))
+                    .or_insert(m.sent_at);
+                *w = (*w).max(m.sent_at);
+            }
+            sqlx::query(
+                "INSERT INTO herald_windows (channel_id, recipient, last_inbound_at)
+                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::timestamptz[])
+                 ON CONFLICT (channel_id, recipient) DO UPDATE
+                    SET last_inbound_at = greatest(herald_windows.last_inbound_at, excluded.last_inbound_at)",
+            )
+            .bind(windows.keys().map(|k| k.0).collect::<Vec<_>>())
+            .bind(windows.keys().map(|k| k.1.as_str()).collect::<Vec<_>>())
+            .bind(windows.values().copied().collect::<Vec<_>>())
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query(
+            "UPDATE herald_webhook_events SET processed_at = $2
+              WHERE id = ANY($1) AND processed_at IS NULL",
+        )
+        .bind(ids)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(fresh)
+    }
+
+    async fn pending_webhooks(&self, limit: i64) -> Result<Vec<i64>> {
+        Ok(sqlx::query_scalar(
+            "SELECT id FROM herald_webhook_events WHERE processed_at IS NULL ORDER BY id LIMIT $1",
+        )
+        .bind(limit.clamp(0, 100_000))
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    async fn webhook_counts(&self) -> Result<WebhookCounts> {
+        let (stored, pending): (i64, i64) = sqlx::query_as(
+            "SELECT count(*), count(*) FILTER (WHERE processed_at IS NULL) FROM herald_webhook_events",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(WebhookCounts { stored, pending })
+    }
+
+    async fn inbound_messages(&self, channel_id: Uuid, limit: i64) -> Result<Vec<InboundMessage>> {
+        let rows = sqlx::query(
+            "SELECT channel_id, workspace_id, provider_message_id, sender, kind, text, payload, sent_at
+               FROM herald_inbound_messages WHERE channel_id = $1
+              ORDER BY sent_at DESC, provider_message_id DESC LIMIT $2",
+        )
+        .bind(channel_id)
+        .bind(limit.clamp(0, 10_000))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(InboundMessage {
+                    channel_id: r.try_get("channel_id")?,
+                    workspace_id: r.try_get("workspace_id")?,
+                    provider_message_id: r.try_get("provider_message_id")?,
+                    sender: r.try_get("sender")?,
+                    kind: r.try_get("kind")?,
+                    text: r.try_get("text")?,
+                    payload: r.try_get("payload")?,
+                    sent_at: r.try_get("sent_at")?,
+                })
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,200 @@
+//! The inbox store, conformance: webhook deliveries stored with their processing job, read back
+//! until processed, and inbound messages stored once per Meta message id. Every test runs
+//! against PostgreSQL and SQLite.
+
+mod common;
+
+use std::sync::Arc;
+
+use chrono::{DateTime, TimeZone, Utc};
+use herald_engine::inbox::{
+    InboundMessage, NewWebhookEvent, WebhookArgs, WEBHOOK_KIND, WEBHOOK_QUEUE,
+};
+use herald_engine::model::JobFilter;
+use herald_engine::Store;
+use serde_json::json;
+use uuid::Uuid;
+
+conformance!(
+    store_webhooks_writes_events_and_one_job,
+    processed_events_are_not_read_again,
+    inbound_messages_are_stored_once_and_open_windows,
+    a_big_batch_of_deliveries,
+);
+
+fn t0() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 1, 1, 12, 0, 0)
+        .single()
+        .expect("valid time")
+}
+
+fn event(channel_id: Uuid, n: usize) -> NewWebhookEvent {
+    NewWebhookEvent {
+        channel_id,
+        body: format!("{{\"object\":\"page\",\"entry\":[],\"n\":{n}}}").into_bytes(),
+    }
+}
+
+fn message(channel_id: Uuid, mid: &str, from: &str, secs: i64) -> InboundMessage {
+    InboundMessage {
+        channel_id,
+        workspace_id: Uuid::nil(),
+        provider_message_id: mid.to_owned(),
+        sender: from.to_owned(),
+        kind: "text".into(),
+        text: Some(format!("text of {mid}")),
+        payload: json!({ "id": mid, "text": { "body": "x" } }),
+        sent_at: t0() + chrono::Duration::seconds(secs),
+    }
+}
+
+async fn store_webhooks_writes_events_and_one_job(store: Arc<dyn Store>) {
+    let ch = Uuid::new_v4();
+    let inbox = store.inbox();
+    assert!(inbox
+        .store_webhooks(&[], t0())
+        .await
+        .expect("empty")
+        .is_empty());
+    let events: Vec<_> = (0..3).map(|n| event(ch, n)).collect();
+    let ids = inbox.store_webhooks(&events, t0()).await.expect("store");
+    assert_eq!(ids.len(), 3);
+    let jobs = store
+        .list_jobs(&JobFilter {
+            kind: Some(WEBHOOK_KIND.into()),
+            limit: 10,
+            ..Default::default()
+        })
+        .await
+        .expect("jobs");
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].queue, WEBHOOK_QUEUE);
+    let args: WebhookArgs = serde_json::from_value(jobs[0].payload.clone()).expect("args");
+    let mut named = args.events.clone();
+    named.sort();
+    let mut sorted = ids.clone();
+    sorted.sort();
+    assert_eq!(named, sorted, "the job names exactly the stored deliveries");
+    let read = inbox.webhook_events(&ids).await.expect("read");
+    assert_eq!(read.len(), 3);
+    let mut bodies: Vec<_> = read.iter().map(|e| e.body.clone()).collect();
+    bodies.sort();
+    let mut want: Vec<_> = events.iter().map(|e| e.body.clone()).collect();
+    want.sort();
+    assert_eq!(bodies, want, "bodies come back byte for byte");
+    assert!(read
+        .iter()
+        .all(|e| e.channel_id == ch && e.received_at == t0()));
+    let counts = inbox.webhook_counts().await.expect("counts");
+    assert_eq!((counts.stored, counts.pending), (3, 3));
+    let mut pending = inbox.pending_webhooks(10).await.expect("pending");
+    pending.sort();
+    assert_eq!(pending, sorted);
+}
+
+async fn processed_events_are_not_read_again(store: Arc<dyn Store>) {
+    let ch = Uuid::new_v4();
+    let inbox = store.inbox();
+    let ids = inbox
+        .store_webhooks(&[event(ch, 1), event(ch, 2)], t0())
+        .await
+        .expect("store");
+    inbox
+        .finish_webhooks(&ids[..1], &[], t0())
+        .await
+        .expect("finish one");
+    let left = inbox.webhook_events(&ids).await.expect("read");
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].id, ids[1]);
+    // Finishing again (a retried job) changes nothing.
+    inbox
+        .finish_webhooks(&ids, &[], t0())
+        .await
+        .expect("finish all");
+    inbox
+        .finish_webhooks(&ids, &[], t0())
+        .await
+        .expect("finish again");
+    assert!(inbox.webhook_events(&ids).await.expect("read").is_empty());
+    let counts = inbox.webhook_counts().await.expect("counts");
+    assert_eq!((counts.stored, counts.pending), (2, 0));
+    assert!(inbox
+        .pending_webhooks(10)
+        .await
+        .expect("pending")
+        .is_empty());
+}
+
+async fn inbound_messages_are_stored_once_and_open_windows(store: Arc<dyn Store>) {
+    let ch = Uuid::new_v4();
+    let other = Uuid::new_v4();
+    let inbox = store.inbox();
+    let first = [
+        message(ch, "wamid.1", "15550000001", 10),
+        message(ch, "wamid.2", "15550000002", 20),
+        // The same Meta id on another channel is another message.
+        message(other, "wamid.1", "15550000001", 5),
+        // Twice in one batch: stored once.
+        message(ch, "wamid.2", "15550000002", 20),
+    ];
+    let fresh = inbox
+        .finish_webhooks(&[], &first, t0())
+        .await
+        .expect("first");
+    let mut got: Vec<_> = fresh
+        .iter()
+        .map(|m| (m.channel_id == ch, m.provider_message_id.clone()))
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            (false, "wamid.1".to_owned()),
+            (true, "wamid.1".to_owned()),
+            (true, "wamid.2".to_owned())
+        ]
+    );
+    // A redelivery (with a later copy of one message) stores nothing new.
+    let again = [
+        message(ch, "wamid.1", "15550000001", 10),
+        message(ch, "wamid.3", "15550000001", 30),
+    ];
+    let fresh = inbox
+        .finish_webhooks(&[], &again, t0())
+        .await
+        .expect("again");
+    assert_eq!(fresh.len(), 1);
+    assert_eq!(fresh[0].provider_message_id, "wamid.3");
+    let stored = inbox.inbound_messages(ch, 10).await.expect("list");
+    let mids: Vec<_> = stored
+        .iter()
+        .map(|m| m.provider_message_id.as_str())
+        .collect();
+    assert_eq!(mids, ["wamid.3", "wamid.2", "wamid.1"], "newest first");
+    assert_eq!(stored[2].text.as_deref(), Some("text of wamid.1"));
+    assert_eq!(stored[2].payload["id"], "wamid.1");
+    assert_eq!(stored[2].sent_at, t0() + chrono::Duration::seconds(10));
+    let d = store.delivery();
+    assert_eq!(
+        d.last_inbound(ch, "+15550000001").await.expect("window"),
+        Some(t0() + chrono::Duration::seconds(30)),
+        "the window follows the latest message, whatever the spelling"
+    );
+    assert_eq!(
+        d.last_inbound(other, "15550000001").await.expect("window"),
+        Some(t0() + chrono::Duration::seconds(5))
+    );
+}
+
+async fn a_big_batch_of_deliveries(store: Arc<dyn Store>) {
+    let ch = Uuid::new_v4();
+    let events: Vec<_> = (0..2_500).map(|n| event(ch, n)).collect();
+    let ids = store
+        .inbox()
+        .store_webhooks(&events, t0())
+        .await
+        .expect("store");
+    assert_eq!(ids.len(), 2_500);
+    let counts = store.inbox().webhook_counts().await.expect("counts");
+    assert_eq!(counts.stored, 2_500);
+}

@@ -1,0 +1,347 @@
+//! Processing Meta's webhook deliveries: the `meta.webhook` job.
+//!
+//! The HTTP layer stores each signed delivery raw and answers Meta at once; a job per stored
+//! batch comes here. For each delivery it parses the events of all three platforms, routes each
+//! to the channel it names, and applies them: statuses move sends forward (and reconcile sends
+//! whose answer was lost, by the send id echoed in `biz_opaque_callback_data` / `metadata`);
+//! inbound messages are stored once per Meta message id and refresh the service window.
+//!
+//! Everything here is idempotent (see [`herald_engine::inbox`]), so a job that fails half way is
+//! simply run again.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use chrono::{DateTime, TimeZone, Utc};
+use herald_engine::delivery::{Channel, SendStatus, StatusEvent};
+use herald_engine::inbox::{InboundMessage, WebhookArgs, WEBHOOK_KIND};
+use herald_engine::{Clock, JobContext, JobError, Store, StoreError, Worker};
+use serde_json::Value;
+use tracing::warn;
+use uuid::Uuid;
+
+/// What one delivery carried.
+#[derive(Debug, Default, PartialEq)]
+pub struct Events {
+    pub statuses: Vec<StatusEvent>,
+    pub inbound: Vec<InboundMessage>,
+    /// Meta ids (numbers, pages) that events named but the resolver did not know; their events
+    /// are left out.
+    pub foreign: Vec<String>,
+}
+
+/// Maps the Meta id an event belongs to (WhatsApp's `metadata.phone_number_id`, Messenger's
+/// and Instagram's `entry.id`) to its channel and workspace.
+pub type Resolve<'a> = dyn Fn(&str) -> Option<(Uuid, Uuid)> + 'a;
+
+/// Parses a delivery of any of the three platforms. `channel` is the one whose URL Meta called:
+/// events without a Meta id go to it. Unknown fields and event types are ignored (Meta adds
+/// them); a body that is not Meta's shape is an error.
+pub fn parse(channel: &Channel, body: &[u8], resolve: &Resolve<'_>) -> Result<Events, String> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| format!("body is not JSON: {e}"))?;
+    let object = v.get("object").and_then(Value::as_str).unwrap_or("");
+    let entries = v
+        .get("entry")
+        .and_then(Value::as_array)
+        .ok_or("no entry array")?;
+    let mut out = Events::default();
+    match object {
+        "whatsapp_business_account" => {
+            for entry in entries {
+                for change in entry
+                    .get("changes")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    let Some(value) = change.get("value") else {
+                        continue;
+                    };
+                    let sender = value
+                        .pointer("/metadata/phone_number_id")
+                        .and_then(Value::as_str)
+                        .unwrap_or(&channel.sender_id);
+                    let Some((channel_id, workspace_id)) = resolve(sender) else {
+                        out.foreign.push(sender.to_owned());
+                        continue;
+                    };
+                    for s in array(value, "statuses") {
+                        if let Some(e) = wa_status(channel_id, s) {
+                            out.statuses.push(e);
+                        }
+                    }
+                    for m in array(value, "messages") {
+                        if let Some(m) = wa_message(channel_id, workspace_id, m) {
+                            out.inbound.push(m);
+                        }
+                    }
+                }
+            }
+        }
+        "page" | "instagram" => {
+            for entry in entries {
+                let sender = entry
+                    .get("id")
+                    .and_then(Value::as_str)
+                    .unwrap_or(&channel.sender_id);
+                let Some((channel_id, workspace_id)) = resolve(sender) else {
+                    out.foreign.push(sender.to_owned());
+                    continue;
+                };
+                for m in array(entry, "messaging") {
+                    messenger_item(channel_id, workspace_id, m, &mut out);
+                }
+            }
+        }
+        other => return Err(format!("unknown webhook object {other:?}")),
+    }
+    Ok(out)
+}
+
+fn array<'a>(v: &'a Value, key: &str) -> impl Iterator<Item = &'a Value> {
+    v.get(key).and_then(Value::as_array).into_iter().flatten()
+}
+
+fn unix_seconds(s: &str) -> Option<DateTime<Utc>> {
+    let secs: i64 = s.parse().ok()?;
+    Utc.timestamp_opt(secs, 0).single()
+}
+
+fn unix_millis(v: &Value) -> Option<DateTime<Utc>> {
+    Utc.timestamp_millis_opt(v.as_i64()?).single()
+}
+
+fn wa_status(channel_id: Uuid, s: &Value) -> Option<StatusEvent> {
+    let status = match s.get("status").and_then(Value::as_str)? {
+        "sent" => SendStatus::Sent,
+        "delivered" => SendStatus::Delivered,
+        "read" => SendStatus::Read,
+        "failed" => SendStatus::Failed,
+        _ => return None,
+    };
+    let error = s.pointer("/errors/0");
+    Some(StatusEvent {
+        channel_id,
+        provider_message_id: s.get("id").and_then(Value::as_str)?.to_owned(),
+        send_id: s
+            .get("biz_opaque_callback_data")
+            .and_then(Value::as_str)
+            .and_then(|c| c.parse().ok()),
+        status,
+        error_code: error.and_then(|e| e.get("code")).and_then(Value::as_i64),
+        error: error
+            .and_then(|e| e.get("title").or_else(|| e.get("message")))
+            .and_then(Value::as_str)
+            .map(str::to_owned),
+        at: s
+            .get("timestamp")
+            .and_then(Value::as_str)
+            .and_then(unix_seconds)
+            .unwrap_or_else(Utc::now),
+    })
+}
+
+/// A WhatsApp message; None without a sender, id or timestamp.
+fn wa_message(channel_id: Uuid, workspace_id: Uuid, m: &Value) -> Option<InboundMessage> {
+    let kind = m.get("type").and_then(Value::as_str).unwrap_or("unknown");
+    let text = match kind {
+        "text" => m.pointer("/text/body"),
+        "button" => m.pointer("/button/text"),
+        "interactive" => m
+            .pointer("/interactive/button_reply/title")
+            .or_else(|| m.pointer("/interactive/list_reply/title")),
+        "image" | "video" | "document" => m.get(kind).and_then(|x| x.get("caption")),
+        _ => None,
+    }
+    .and_then(Value::as_str)
+    .map(str::to_owned);
+    Some(InboundMessage {
+        channel_id,
+        workspace_id,
+        provider_message_id: m.get("id").and_then(Value::as_str)?.to_owned(),
+        sender: m.get("from").and_then(Value::as_str)?.to_owned(),
+        kind: kind.to_owned(),
+        text,
+        payload: m.clone(),
+        sent_at: m
+            .get("timestamp")
+            .and_then(Value::as_str)
+            .and_then(unix_seconds)?,
+    })
+}
+
+fn messenger_item(channel_id: Uuid, workspace_id: Uuid, m: &Value, out: &mut Events) {
+    let at = m
+        .get("timestamp")
+        .and_then(unix_millis)
+        .unwrap_or_else(Utc::now);
+    if let Some(msg) = m.get("message") {
+        let mid = msg.get("mid").and_then(Value::as_str);
+        if msg.get("is_echo").and_then(Value::as_bool) == Some(true) {
+            // Our own message, echoed with the metadata we sent: Meta has it.
+            if let Some(mid) = mid {
+                out.statuses.push(StatusEvent {
+                    channel_id,
+                    provider_message_id: mid.to_owned(),
+                    send_id: msg
+                        .get("metadata")
+                        .and_then(Value::as_str)
+                        .and_then(|c| c.parse().ok()),
+                    status: SendStatus::Sent,
+                    error_code: None,
+                    error: None,
+                    at,
+                });
+            }
+        } else if let (Some(from), Some(mid)) =
+            (m.pointer("/sender/id").and_then(Value::as_str), mid)
+        {
+            let (kind, text) = if let Some(t) = msg.get("text").and_then(Value::as_str) {
+                (
+                    if msg.get("quick_reply").is_some() {
+                        "quick_reply"
+                    } else {
+                        "text"
+                    },
+                    Some(t.to_owned()),
+                )
+            } else if msg.get("attachments").is_some() {
+                ("attachment", None)
+            } else {
+                ("unknown", None)
+            };
+            out.inbound.push(InboundMessage {
+                channel_id,
+                workspace_id,
+                provider_message_id: mid.to_owned(),
+                sender: from.to_owned(),
+                kind: kind.to_owned(),
+                text,
+                payload: msg.clone(),
+                sent_at: at,
+            });
+        }
+    }
+    if let Some(mids) = m.pointer("/delivery/mids").and_then(Value::as_array) {
+        for mid in mids.iter().filter_map(Value::as_str) {
+            out.statuses.push(StatusEvent {
+                channel_id,
+                provider_message_id: mid.to_owned(),
+                send_id: None,
+                status: SendStatus::Delivered,
+                error_code: None,
+                error: None,
+                at,
+            });
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// What one job did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Processed {
+    pub deliveries: usize,
+    pub statuses: usize,
+    /// Inbound messages stored for the first time (redeliveries are not counted).
+    pub new_messages: usize,
+    pub duplicates: usize,
+}
+
+/// Applies stored deliveries `ids` (those not processed yet).
+pub async fn process(
+    store: &dyn Store,
+    now: DateTime<Utc>,
+    ids: &[i64],
+) -> Result<Processed, StoreError> {
+    let inbox = store.inbox();
+    let deliveries = inbox.webhook_events(ids).await?;
+    if deliveries.is_empty() {
+        return Ok(Processed::default());
+    }
+    let channels = store.delivery().channels().await?;
+    let by_id: HashMap<Uuid, &Channel> = channels.iter().map(|c| (c.id, c)).collect();
+    let mut statuses = Vec::new();
+    let mut inbound = Vec::new();
+    for d in &deliveries {
+        let Some(channel) = by_id.get(&d.channel_id) else {
+            warn!(delivery = d.id, channel = %d.channel_id, "webhook: the channel is gone; its delivery is dropped");
+            continue;
+        };
+        // Several channels of one Meta app share a callback URL, so each event goes to the
+        // channel it names, among those signed by the same app secret (the delivery was
+        // signed with this channel's).
+        let resolve = |sender: &str| {
+            if sender == channel.sender_id {
+                return Some((channel.id, channel.workspace_id));
+            }
+            channels
+                .iter()
+                .find(|c| {
+                    c.sender_id == sender
+                        && c.platform == channel.platform
+                        && constant_time_eq(c.app_secret.as_bytes(), channel.app_secret.as_bytes())
+                })
+                .map(|c| (c.id, c.workspace_id))
+        };
+        match parse(channel, &d.body, &resolve) {
+            Ok(events) => {
+                if !events.foreign.is_empty() {
+                    warn!(delivery = d.id, senders = ?events.foreign, "webhook: events for numbers or pages Herald does not know were ignored");
+                }
+                statuses.extend(events.statuses);
+                inbound.extend(events.inbound);
+            }
+            // The HTTP layer checked the envelope; a body that passes it but not this is kept
+            // (for inspection) and marked processed, never retried forever.
+            Err(why) => warn!(delivery = d.id, error = %why, "webhook: delivery cannot be parsed"),
+        }
+    }
+    if !statuses.is_empty() {
+        store.delivery().apply_statuses(&statuses).await?;
+    }
+    let ids: Vec<i64> = deliveries.iter().map(|d| d.id).collect();
+    let fresh = inbox.finish_webhooks(&ids, &inbound, now).await?;
+    Ok(Processed {
+        deliveries: deliveries.len(),
+        statuses: statuses.len(),
+        new_messages: fresh.len(),
+        duplicates: inbound.len() - fresh.len(),
+    })
+}
+
+/// Performs [`WEBHOOK_KIND`] jobs.
+pub struct WebhookWorker {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+}
+
+impl WebhookWorker {
+    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Self {
+        WebhookWorker { store, clock }
+    }
+}
+
+#[async_trait]
+impl Worker for WebhookWorker {
+    type Args = WebhookArgs;
+    const KIND: &'static str = WEBHOOK_KIND;
+
+    async fn work(&self, args: WebhookArgs, _ctx: &JobContext) -> Result<(), JobError> {
+        let done = process(self.store.as_ref(), self.clock.now(), &args.events)
+            .await
+            .map_err(|e| JobError::retry(format!("webhook processing: {e}")))?;
+        tracing::debug!(
+            deliveries = done.deliveries,
+            statuses = done.statuses,
+            new_messages = done.new_messages,
+            duplicates = done.duplicates,
+            "webhooks processed"
+        );
+        Ok(())
+    }
+}
