@@ -194,6 +194,7 @@ async fn queue(args: QueueArgs) -> Result<(), Box<dyn std::error::Error>> {
         BackendArg::Postgres => {
             let schema = format!("herald_bench_{}", rand_suffix());
             let store = PgStore::connect(&PgStoreConfig {
+                keyring: None,
                 url: args.database_url.clone(),
                 max_connections: 16,
                 acquire_timeout: Duration::from_secs(30),
@@ -209,6 +210,7 @@ async fn queue(args: QueueArgs) -> Result<(), Box<dyn std::error::Error>> {
         BackendArg::Sqlite => {
             let path = std::env::temp_dir().join(format!("herald_bench_{}.db", rand_suffix()));
             let store = SqliteStore::connect(&SqliteStoreConfig {
+                keyring: None,
                 url: format!("sqlite:{}", path.display()),
                 acquire_timeout: Duration::from_secs(30),
                 synchronous_full: true,

@@ -117,6 +117,8 @@ pub async fn run(args: DeliveryArgs) -> Result<(), Box<dyn std::error::Error>> {
         &Uuid::new_v4().simple().to_string()[..8]
     );
     let sqlite_path = std::env::temp_dir().join(format!("{schema}.db"));
+    // A key of the run's own, for its fresh schema and its processes.
+    let master_key = herald_engine::crypto::generate_key();
     let database_url = if pg {
         args.database_url.clone()
     } else {
@@ -126,11 +128,15 @@ pub async fn run(args: DeliveryArgs) -> Result<(), Box<dyn std::error::Error>> {
         &database_url,
         &ConnectOptions {
             schema: pg.then(|| schema.clone()),
+            keyring: Some(Arc::new(herald_engine::crypto::Keyring::parse(
+                &master_key,
+                &[],
+            )?)),
             ..ConnectOptions::default()
         },
     )
     .await?;
-    let result = bench(&args, store.clone(), &database_url, &schema).await;
+    let result = bench(&args, store.clone(), &database_url, &schema, &master_key).await;
     if pg {
         if let Ok(pool) = sqlx::PgPool::connect(&args.database_url).await {
             let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
@@ -150,6 +156,7 @@ async fn bench(
     store: Arc<dyn Store>,
     database_url: &str,
     schema: &str,
+    master_key: &str,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let delivery = store.delivery();
     let sandbox_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -201,6 +208,8 @@ async fn bench(
         let mut cmd = Command::new(&exe);
         cmd.arg("serve")
             .env("DATABASE_URL", database_url)
+            .env("HERALD_MASTER_KEY", master_key)
+            .env_remove("HERALD_PREVIOUS_MASTER_KEYS")
             .env("HERALD_LISTEN", format!("127.0.0.1:{port}"))
             .env("HERALD_QUEUES", "send=256,webhooks=8")
             .env("HERALD_WORKER_ID", format!("bench-delivery-{i}"))

@@ -68,15 +68,27 @@ pub async fn run(args: WebhooksArgs) -> Result<(), Box<dyn std::error::Error>> {
         "herald_bench_webhooks_{}",
         &Uuid::new_v4().simple().to_string()[..8]
     );
+    // A key of the run's own, for the channel it creates and the server it starts.
+    let master_key = herald_engine::crypto::generate_key();
     let store = herald_engine::connect(
         &args.database_url,
         &ConnectOptions {
             schema: own_schema.then(|| schema.clone()),
+            keyring: Some(Arc::new(herald_engine::crypto::Keyring::parse(
+                &master_key,
+                &[],
+            )?)),
             ..ConnectOptions::default()
         },
     )
     .await?;
-    let result = bench(&args, store, own_schema.then_some(schema.as_str())).await;
+    let result = bench(
+        &args,
+        store,
+        own_schema.then_some(schema.as_str()),
+        &master_key,
+    )
+    .await;
     if own_schema {
         if let Ok(pool) = sqlx::PgPool::connect(&args.database_url).await {
             let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
@@ -128,6 +140,7 @@ async fn bench(
     args: &WebhooksArgs,
     store: Arc<dyn Store>,
     schema: Option<&str>,
+    master_key: &str,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let mut server = Proc(None);
     let (base, channel_id, secret) = match &args.url {
@@ -163,6 +176,8 @@ async fn bench(
             let mut cmd = Command::new(std::env::current_exe()?);
             cmd.arg("serve")
                 .env("DATABASE_URL", &args.database_url)
+                .env("HERALD_MASTER_KEY", master_key)
+                .env_remove("HERALD_PREVIOUS_MASTER_KEYS")
                 .env("HERALD_LISTEN", format!("127.0.0.1:{port}"))
                 .env("HERALD_QUEUES", "webhooks=8")
                 .env("HERALD_WORKER_ID", "bench-webhooks")

@@ -8,8 +8,10 @@ mod channels;
 mod demo;
 mod demo_delivery;
 mod jobs;
+mod keys;
 mod sandbox_cmd;
 mod settings;
+mod workspaces;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -60,6 +62,16 @@ enum Command {
         #[command(subcommand)]
         which: channels::ChannelsCommand,
     },
+    /// Tenants: create one (with its first API key) or list them.
+    Workspace {
+        #[command(subcommand)]
+        which: workspaces::WorkspaceCommand,
+    },
+    /// The master key that encrypts channel secrets: generate one, rotate to a new one.
+    Keys {
+        #[command(subcommand)]
+        which: keys::KeysCommand,
+    },
     /// Benchmarks that print their figures as a JSON line.
     Bench {
         #[command(subcommand)]
@@ -106,6 +118,8 @@ fn main() -> ExitCode {
             Command::Demo(args) => demo::run(settings, args).await,
             Command::Jobs { which } => jobs::run(settings, which).await,
             Command::Channels { which } => channels::run(settings, which).await,
+            Command::Keys { which } => keys::run(settings, which).await,
+            Command::Workspace { which } => workspaces::run(settings, which).await,
             Command::Bench { which } => bench::run(which).await,
             Command::Sandbox(args) => sandbox_cmd::run(args).await,
         };
@@ -135,10 +149,31 @@ fn init_tracing(filter: &str) {
 }
 
 async fn open_store(settings: &Settings) -> Result<Arc<dyn Store>, Box<dyn std::error::Error>> {
-    let store = herald_engine::connect(&settings.database_url, &settings.connect)
+    let keyring = keys::keyring(settings)?;
+    let has_key = keyring.is_some();
+    let options = herald_engine::ConnectOptions {
+        keyring,
+        ..settings.connect.clone()
+    };
+    let store = herald_engine::connect(&settings.database_url, &options)
         .await
         .map_err(|e| format!("cannot open {}: {e}", redact(&settings.database_url)))?;
+    if has_key {
+        keys::seal_legacy(store.as_ref()).await;
+    }
     Ok(store)
+}
+
+/// Serving and working read channels' secrets: they need the key.
+fn require_key(settings: &Settings) -> Result<(), Box<dyn std::error::Error>> {
+    if settings.master_key.is_none() && !settings.database_url.starts_with("sqlite:") {
+        return Err(
+            "master_key (HERALD_MASTER_KEY) must be set with PostgreSQL: every process \
+                    sharing the database encrypts channel secrets with it (`herald keys generate`)"
+                .into(),
+        );
+    }
+    Ok(())
 }
 
 /// A database URL without its password, for messages.
@@ -231,6 +266,7 @@ pub async fn start_engine(
 }
 
 async fn serve(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
+    require_key(&settings)?;
     let store = open_store(&settings).await?;
     let listener = tokio::net::TcpListener::bind(settings.listen)
         .await
@@ -255,7 +291,10 @@ pub async fn run(
     let app = herald_api::app(herald_api::AppState::new(
         store,
         Arc::new(SystemClock),
-        herald_api::IngestConfig::default(),
+        herald_api::ApiConfig {
+            admin_token: settings.admin_token.as_ref().map(|t| t.0.clone()),
+            ..herald_api::ApiConfig::default()
+        },
     ));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {
@@ -274,6 +313,7 @@ pub async fn run(
 }
 
 async fn worker(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
+    require_key(&settings)?;
     let store = open_store(&settings).await?;
     info!(database = store.backend().as_str(), "herald worker running");
     let engine = start_engine(store, &settings).await?;

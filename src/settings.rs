@@ -192,6 +192,30 @@ pub const KEYS: &[(&str, &str, &str, &str)] = &[
         "a request to Meta without an answer after this long counts as lost",
     ),
     (
+        "admin_token",
+        "HERALD_ADMIN_TOKEN",
+        "(none: admin routes closed)",
+        "bearer token for the admin API (`POST /v1/workspaces`); at least 16 characters",
+    ),
+    (
+        "master_key",
+        "HERALD_MASTER_KEY",
+        "(none: see master_key_file)",
+        "32-byte key (base64 or 64 hex digits, `herald keys generate`) that encrypts channel secrets; required with PostgreSQL",
+    ),
+    (
+        "previous_master_keys",
+        "HERALD_PREVIOUS_MASTER_KEYS",
+        "(none)",
+        "comma-separated older keys, still accepted to decrypt until `herald keys rotate` has re-encrypted everything",
+    ),
+    (
+        "master_key_file",
+        "HERALD_MASTER_KEY_FILE",
+        "herald.key",
+        "on SQLite without master_key: the key's file, created with a new key (mode 0600) if missing; back it up with the database",
+    ),
+    (
         "log",
         "HERALD_LOG",
         "info",
@@ -211,7 +235,23 @@ pub struct Settings {
     pub redis_min_processes: u32,
     pub unknown_grace: Duration,
     pub meta_timeout: Duration,
+    /// The bearer token of the admin API routes (creating workspaces); None closes them.
+    pub admin_token: Option<Secret>,
+    /// The key that encrypts channel secrets, as given (validated).
+    pub master_key: Option<Secret>,
+    pub previous_master_keys: Vec<Secret>,
+    pub master_key_file: std::path::PathBuf,
     pub log: String,
+}
+
+/// A setting that must never be printed: `Debug` shows `***`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("\"***\"")
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -367,6 +407,42 @@ impl Settings {
                 }
                 None => None,
             },
+            admin_token: match r.str("admin_token").filter(|t| !t.is_empty()) {
+                Some(t) if t.len() < 16 => {
+                    return Err(r.invalid(
+                        "admin_token",
+                        "must be at least 16 characters (it guards every workspace)".into(),
+                    ))
+                }
+                t => t.map(Secret),
+            },
+            master_key: match r.str("master_key").filter(|k| !k.trim().is_empty()) {
+                Some(k) => {
+                    herald_engine::crypto::parse_key(&k)
+                        .map_err(|e| r.invalid("master_key", e.to_string()))?;
+                    Some(Secret(k))
+                }
+                None => None,
+            },
+            previous_master_keys: {
+                let keys: Vec<String> = r
+                    .str("previous_master_keys")
+                    .unwrap_or_default()
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|k| !k.is_empty())
+                    .map(str::to_owned)
+                    .collect();
+                for k in &keys {
+                    herald_engine::crypto::parse_key(k)
+                        .map_err(|e| r.invalid("previous_master_keys", e.to_string()))?;
+                }
+                keys.into_iter().map(Secret).collect()
+            },
+            master_key_file: r
+                .str("master_key_file")
+                .unwrap_or_else(|| "herald.key".to_owned())
+                .into(),
             redis_min_processes: {
                 let n: u32 = r.num("redis_min_processes", 1)?;
                 if n == 0 {

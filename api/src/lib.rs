@@ -22,17 +22,28 @@ pub struct AppState {
     pub ingest: Ingest,
     /// Channels by id, for the webhook path (one lookup per request otherwise).
     pub channels: Arc<ChannelCache>,
+    /// Opens the admin routes (workspaces); None closes them.
+    pub admin_token: Option<Arc<str>>,
+}
+
+/// Settings of the HTTP layer.
+#[derive(Debug, Clone, Default)]
+pub struct ApiConfig {
+    pub ingest: IngestConfig,
+    /// `HERALD_ADMIN_TOKEN`: the bearer token of the admin routes.
+    pub admin_token: Option<String>,
 }
 
 impl AppState {
     /// The state over `store`; starts the ingest's writers on the current runtime.
-    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, ingest: IngestConfig) -> AppState {
+    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, config: ApiConfig) -> AppState {
         AppState {
-            ingest: Ingest::start(store.clone(), clock, ingest),
+            ingest: Ingest::start(store.clone(), clock, config.ingest),
             channels: Arc::new(ChannelCache::new(
                 store.clone(),
                 ChannelCacheConfig::default(),
             )),
+            admin_token: config.admin_token.filter(|t| !t.is_empty()).map(Arc::from),
             store,
         }
     }
@@ -40,6 +51,7 @@ impl AppState {
 
 pub mod cache;
 pub mod ingest;
+pub mod v1;
 pub mod webhooks;
 
 pub use cache::{ChannelCache, ChannelCacheConfig};
@@ -47,6 +59,7 @@ pub use ingest::{Ingest, IngestConfig};
 
 pub fn app(state: AppState) -> Router {
     Router::new()
+        .merge(v1::routes())
         .route("/healthz", get(healthz))
         .route(
             "/webhooks/{channel_id}",
@@ -107,7 +120,7 @@ mod tests {
         let response = app(AppState::new(
             store,
             Arc::new(herald_engine::SystemClock),
-            IngestConfig::default(),
+            ApiConfig::default(),
         ))
         .oneshot(
             Request::get("/healthz")

@@ -37,7 +37,16 @@ async fn fixture() -> Fixture {
     let path = std::env::temp_dir().join(format!("herald_api_wh_{}.db", Uuid::new_v4().simple()));
     let store = herald_engine::connect(
         &format!("sqlite:{}", path.display()),
-        &ConnectOptions::default(),
+        &ConnectOptions {
+            keyring: Some(std::sync::Arc::new(
+                herald_engine::crypto::Keyring::parse(
+                    "abababababababababababababababababababababababababababababababab",
+                    &[],
+                )
+                .expect("test key"),
+            )),
+            ..ConnectOptions::default()
+        },
     )
     .await
     .expect("open sqlite");
@@ -106,7 +115,7 @@ fn state(store: &Arc<dyn Store>) -> AppState {
     AppState::new(
         store.clone(),
         Arc::new(herald_engine::SystemClock),
-        herald_api::IngestConfig::default(),
+        herald_api::ApiConfig::default(),
     )
 }
 

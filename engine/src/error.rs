@@ -20,6 +20,10 @@ pub enum StoreError {
     },
     #[error("unsupported database URL {0:?}: use postgres://… or sqlite:…")]
     UnsupportedUrl(String),
+    /// A secret could not be encrypted or decrypted (no master key, a key that is not
+    /// configured, altered data).
+    #[error("channel secrets: {0}")]
+    Secrets(#[from] crate::crypto::CryptoError),
 }
 
 impl StoreError {
@@ -55,7 +59,8 @@ impl StoreError {
             | StoreError::Invalid(_)
             | StoreError::Corrupt(_)
             | StoreError::Migration { .. }
-            | StoreError::UnsupportedUrl(_) => false,
+            | StoreError::UnsupportedUrl(_)
+            | StoreError::Secrets(_) => false,
         }
     }
 }

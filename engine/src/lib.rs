@@ -7,6 +7,7 @@ pub mod admission;
 pub mod backoff;
 pub mod clock;
 pub mod config;
+pub mod crypto;
 pub mod delivery;
 pub mod error;
 pub mod handler;
@@ -16,6 +17,7 @@ pub mod migrate;
 pub mod model;
 pub mod runtime;
 pub mod store;
+pub mod tenancy;
 pub mod wakeup;
 
 use std::sync::Arc;

@@ -25,6 +25,16 @@ pub const POSTGRES: &[Migration] = &[
         name: "inbox",
         sql: include_str!("../../migrations/postgres/0003_inbox.sql"),
     },
+    Migration {
+        version: 4,
+        name: "sealed_secrets",
+        sql: include_str!("../../migrations/postgres/0004_sealed_secrets.sql"),
+    },
+    Migration {
+        version: 5,
+        name: "tenancy",
+        sql: include_str!("../../migrations/postgres/0005_tenancy.sql"),
+    },
 ];
 
 pub const SQLITE: &[Migration] = &[
@@ -42,6 +52,16 @@ pub const SQLITE: &[Migration] = &[
         version: 3,
         name: "inbox",
         sql: include_str!("../../migrations/sqlite/0003_inbox.sql"),
+    },
+    Migration {
+        version: 4,
+        name: "sealed_secrets",
+        sql: include_str!("../../migrations/sqlite/0004_sealed_secrets.sql"),
+    },
+    Migration {
+        version: 5,
+        name: "tenancy",
+        sql: include_str!("../../migrations/sqlite/0005_tenancy.sql"),
     },
 ];
 

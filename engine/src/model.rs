@@ -306,9 +306,9 @@ fn has_nul(v: &serde_json::Value) -> bool {
     }
 }
 
-/// A job that cannot be enqueued as given.
+/// Input the store refuses as given (a job, a channel, a workspace): the message says why.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid job: {0}")]
+#[error("invalid: {0}")]
 pub struct InvalidJob(pub String);
 
 /// What enqueueing one job did.

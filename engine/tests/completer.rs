@@ -39,6 +39,12 @@ impl Store for RefusesOne {
     fn delivery(&self) -> &dyn herald_engine::delivery::DeliveryStore {
         self.inner.delivery()
     }
+    fn inbox(&self) -> &dyn herald_engine::inbox::InboxStore {
+        self.inner.inbox()
+    }
+    fn tenancy(&self) -> &dyn herald_engine::tenancy::TenancyStore {
+        self.inner.tenancy()
+    }
     async fn claim_scoped(
         &self,
         queue: &str,

@@ -1208,6 +1208,13 @@ async fn engine_survives_a_postgresql_restart() {
 
     let cluster = tokio::task::block_in_place(restart::PrivateCluster::start);
     let store = PgStore::connect(&PgStoreConfig {
+        keyring: Some(std::sync::Arc::new(
+            herald_engine::crypto::Keyring::parse(
+                "abababababababababababababababababababababababababababababababab",
+                &[],
+            )
+            .expect("test key"),
+        )),
         url: cluster.url(),
         max_connections: 8,
         acquire_timeout: secs(5),

@@ -88,6 +88,13 @@ impl PgSchema {
     /// A store on this schema, migrated.
     pub async fn store(&self) -> PgStore {
         let store = PgStore::connect(&PgStoreConfig {
+            keyring: Some(std::sync::Arc::new(
+                herald_engine::crypto::Keyring::parse(
+                    "abababababababababababababababababababababababababababababababab",
+                    &[],
+                )
+                .expect("test key"),
+            )),
             url: self.url.clone(),
             max_connections: 4,
             acquire_timeout: Duration::from_secs(10),
@@ -153,6 +160,13 @@ impl Drop for PgSchema {
 /// A SQLite store on `url`, migrated.
 pub async fn sqlite_store(url: &str) -> SqliteStore {
     let store = SqliteStore::connect(&SqliteStoreConfig {
+        keyring: Some(std::sync::Arc::new(
+            herald_engine::crypto::Keyring::parse(
+                "abababababababababababababababababababababababababababababababab",
+                &[],
+            )
+            .expect("test key"),
+        )),
         url: url.to_owned(),
         acquire_timeout: Duration::from_secs(10),
         synchronous_full: true,
@@ -165,6 +179,10 @@ pub async fn sqlite_store(url: &str) -> SqliteStore {
 
 /// `herald` with an environment free of Herald settings inherited from whoever runs the tests,
 /// so that each test sets exactly what it means.
+/// The master key of every test process and store.
+pub const TEST_MASTER_KEY: &str =
+    "abababababababababababababababababababababababababababababababab";
+
 pub fn herald() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
     for (key, _) in std::env::vars_os() {
@@ -173,7 +191,10 @@ pub fn herald() -> Command {
             cmd.env_remove(key.as_ref());
         }
     }
-    cmd.stdin(Stdio::null()).env("NO_COLOR", "1");
+    // The key the test fixtures' stores use too (tests/common's stores).
+    cmd.stdin(Stdio::null())
+        .env("NO_COLOR", "1")
+        .env("HERALD_MASTER_KEY", TEST_MASTER_KEY);
     cmd
 }
 

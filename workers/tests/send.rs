@@ -159,6 +159,13 @@ impl Harness {
                     format!("sqlite:{}", path.display()),
                     ConnectOptions {
                         sqlite_synchronous_full: false,
+                        keyring: Some(std::sync::Arc::new(
+                            herald_engine::crypto::Keyring::parse(
+                                "abababababababababababababababababababababababababababababababab",
+                                &[],
+                            )
+                            .expect("test key"),
+                        )),
                         ..ConnectOptions::default()
                     },
                     DbGuard::File(path),
@@ -170,6 +177,13 @@ impl Harness {
                     pg_url(),
                     ConnectOptions {
                         schema: Some(schema.clone()),
+                        keyring: Some(std::sync::Arc::new(
+                            herald_engine::crypto::Keyring::parse(
+                                "abababababababababababababababababababababababababababababababab",
+                                &[],
+                            )
+                            .expect("test key"),
+                        )),
                         max_connections: 8,
                         ..ConnectOptions::default()
                     },

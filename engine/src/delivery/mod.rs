@@ -10,6 +10,7 @@
 //! status webhooks arrive out of order and more than once; applying one never undoes a later
 //! one.
 
+pub(crate) mod secrets;
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
@@ -584,6 +585,9 @@ pub enum SendUpdate {
     },
 }
 
+/// The pause reason of a disconnected channel (its secrets are gone).
+pub const DISCONNECTED: &str = "disconnected: its access token and secrets were deleted";
+
 /// How long an unknown send waits for a status webhook before it is sent again.
 pub const DEFAULT_UNKNOWN_GRACE: Duration = Duration::from_secs(600);
 
@@ -617,6 +621,28 @@ pub trait DeliveryStore: Send + Sync + 'static {
 
     /// Every channel (the admission cache reloads them).
     async fn channels(&self) -> Result<Vec<Channel>>;
+
+    /// A workspace's channels in id order after `after`, at most `limit`.
+    async fn workspace_channels(
+        &self,
+        workspace_id: Uuid,
+        after: Option<Uuid>,
+        limit: i64,
+    ) -> Result<Vec<Channel>>;
+
+    /// Disconnects a channel of the workspace: its secrets are deleted and it is paused with
+    /// [`DISCONNECTED`] (nothing is sent through it again); its sends stay for their history.
+    /// False if the workspace has no such channel.
+    async fn disconnect_channel(
+        &self,
+        workspace_id: Uuid,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<bool>;
+
+    /// Encrypts every channel's secrets under the keyring's current key: rows sealed with an
+    /// older key (a rotation) and rows written before encryption. Returns how many changed.
+    async fn seal_secrets(&self) -> Result<u64>;
 
     /// Pauses (`Some(reason)`) or resumes (`None`) a channel: all of its sends, or with
     /// `broadcasts_only` its broadcasts. False if there is no such channel.

@@ -81,6 +81,9 @@ pub trait Store: Send + Sync + 'static {
     /// Webhook deliveries and inbound messages.
     fn inbox(&self) -> &dyn crate::inbox::InboxStore;
 
+    /// Workspaces and API keys.
+    fn tenancy(&self) -> &dyn crate::tenancy::TenancyStore;
+
     /// The in-process wake-up hub this store pokes on every enqueue (and, on PostgreSQL, on
     /// NOTIFYs from other processes once [`Store::listen`] runs).
     fn wakeups(&self) -> &Wakeups;
@@ -219,6 +222,9 @@ pub struct ConnectOptions {
     pub schema: Option<String>,
     /// SQLite `synchronous` pragma: FULL survives power loss, NORMAL only process crashes.
     pub sqlite_synchronous_full: bool,
+    /// Encrypts channel secrets at rest (`HERALD_MASTER_KEY`). Without one, channels cannot be
+    /// created or read; everything else works.
+    pub keyring: Option<Arc<crate::crypto::Keyring>>,
 }
 
 impl Default for ConnectOptions {
@@ -228,6 +234,7 @@ impl Default for ConnectOptions {
             acquire_timeout: Duration::from_secs(10),
             schema: None,
             sqlite_synchronous_full: true,
+            keyring: None,
         }
     }
 }
@@ -241,6 +248,7 @@ pub async fn connect(url: &str, options: &ConnectOptions) -> Result<Arc<dyn Stor
                 max_connections: options.max_connections,
                 acquire_timeout: options.acquire_timeout,
                 schema: options.schema.clone(),
+                keyring: options.keyring.clone(),
             })
             .await?,
         ),
@@ -249,6 +257,7 @@ pub async fn connect(url: &str, options: &ConnectOptions) -> Result<Arc<dyn Stor
                 url: url.to_owned(),
                 acquire_timeout: options.acquire_timeout,
                 synchronous_full: options.sqlite_synchronous_full,
+                keyring: options.keyring.clone(),
             })
             .await?,
         ),

@@ -17,6 +17,7 @@ use uuid::Uuid;
 
 mod delivery;
 mod inbox;
+mod tenancy;
 
 use super::{
     cancellation, finish_enqueue, match_holders, match_inserted, parse_state, split_completions,
@@ -35,6 +36,8 @@ pub struct PgStoreConfig {
     pub acquire_timeout: Duration,
     /// Schema for Herald's tables; None uses the connection's default (normally `public`).
     pub schema: Option<String>,
+    /// Encrypts channel secrets; without one, channels cannot be created or read.
+    pub keyring: Option<std::sync::Arc<crate::crypto::Keyring>>,
 }
 
 /// Rows per INSERT statement in a bulk enqueue (the whole call is still one transaction).
@@ -58,6 +61,7 @@ pub struct PgStore {
     claim_unkeyed_sql: String,
     claim_keyed_sql: String,
     claim_keyed_capped_sql: String,
+    keyring: Option<std::sync::Arc<crate::crypto::Keyring>>,
 }
 
 /// The claim statement; `scope` narrows it to jobs without a rate key or of one key (`$6`).
@@ -124,6 +128,7 @@ impl PgStore {
             claim_unkeyed_sql: claim_sql("AND j.rate_key IS NULL"),
             claim_keyed_sql: claim_sql("AND j.rate_key = $6"),
             claim_keyed_capped_sql: claim_sql("AND j.rate_key = $6 AND j.priority <= $7"),
+            keyring: config.keyring.clone(),
         })
     }
 
@@ -548,6 +553,10 @@ impl Store for PgStore {
     }
 
     fn inbox(&self) -> &dyn crate::inbox::InboxStore {
+        self
+    }
+
+    fn tenancy(&self) -> &dyn crate::tenancy::TenancyStore {
         self
     }
 

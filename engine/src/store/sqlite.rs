@@ -25,6 +25,7 @@ use uuid::Uuid;
 
 mod delivery;
 mod inbox;
+mod tenancy;
 
 use super::postgres::notify_payloads;
 use super::{
@@ -44,6 +45,8 @@ pub struct SqliteStoreConfig {
     pub acquire_timeout: Duration,
     /// `synchronous=FULL` (survives power loss) rather than NORMAL (survives process crashes).
     pub synchronous_full: bool,
+    /// Encrypts channel secrets; without one, channels cannot be created or read.
+    pub keyring: Option<std::sync::Arc<crate::crypto::Keyring>>,
 }
 
 /// Rows per INSERT statement in a bulk enqueue (the call is still one transaction).
@@ -59,6 +62,7 @@ const DONE_COLUMNS: &str = "id, workspace_id, kind, queue, payload, priority, st
 pub struct SqliteStore {
     pool: SqlitePool,
     wakeups: Wakeups,
+    keyring: Option<std::sync::Arc<crate::crypto::Keyring>>,
 }
 
 impl SqliteStore {
@@ -86,6 +90,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             pool,
             wakeups: Wakeups::default(),
+            keyring: config.keyring.clone(),
         })
     }
 
@@ -399,6 +404,10 @@ impl Store for SqliteStore {
     }
 
     fn inbox(&self) -> &dyn crate::inbox::InboxStore {
+        self
+    }
+
+    fn tenancy(&self) -> &dyn crate::tenancy::TenancyStore {
         self
     }
 

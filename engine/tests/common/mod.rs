@@ -25,6 +25,13 @@ pub fn unique_name(prefix: &str) -> String {
 
 pub async fn pg_store_in(schema: &str) -> PgStore {
     let store = PgStore::connect(&PgStoreConfig {
+        keyring: Some(std::sync::Arc::new(
+            herald_engine::crypto::Keyring::parse(
+                "abababababababababababababababababababababababababababababababab",
+                &[],
+            )
+            .expect("test key"),
+        )),
         url: pg_url(),
         max_connections: 8,
         acquire_timeout: std::time::Duration::from_secs(10),
@@ -84,6 +91,13 @@ pub fn sqlite_path() -> std::path::PathBuf {
 
 pub async fn sqlite_at(path: &std::path::Path) -> SqliteStore {
     let store = SqliteStore::connect(&SqliteStoreConfig {
+        keyring: Some(std::sync::Arc::new(
+            herald_engine::crypto::Keyring::parse(
+                "abababababababababababababababababababababababababababababababab",
+                &[],
+            )
+            .expect("test key"),
+        )),
         url: format!("sqlite:{}", path.display()),
         acquire_timeout: std::time::Duration::from_secs(10),
         synchronous_full: false,

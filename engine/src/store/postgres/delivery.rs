@@ -12,10 +12,12 @@ use sqlx::Row;
 use uuid::Uuid;
 
 use super::PgStore;
+use crate::crypto::{CryptoError, Keyring};
+use crate::delivery::secrets::{self, ChannelSecrets};
 use crate::delivery::{
     canonical_recipient, check_sends, latest_statuses, send_job, Channel, ChannelLimits,
     DeliveryStore, NewChannel, NewSend, SendCount, SendRecord, SendStatus, SendUpdate, StatusEvent,
-    META_API_VERSION, META_GRAPH_URL,
+    DISCONNECTED, META_API_VERSION, META_GRAPH_URL,
 };
 use crate::error::{Result, StoreError};
 use crate::model::InvalidJob;
@@ -23,25 +25,43 @@ use crate::store::postgres::notify_payloads;
 
 const CHANNEL_COLUMNS: &str = "id, workspace_id, platform, name, sender_id, portfolio_id, \
      access_token, app_secret, verify_token, graph_base_url, api_version, limits, paused_reason, \
-     paused_broadcasts_only, paused_at, created_at, updated_at";
+     paused_broadcasts_only, paused_at, created_at, updated_at, secrets, secrets_key_id";
 
 const SEND_COLUMNS: &str = "id, workspace_id, channel_id, recipient, message, lane, status, \
      requests, provider_message_id, error_code, error, created_at, requested_at, accepted_at, \
      updated_at";
 
-fn channel_from_row(row: &PgRow) -> Result<Channel> {
+fn channel_from_row(keyring: Option<&Keyring>, row: &PgRow) -> Result<Channel> {
     let platform: String = row.try_get("platform")?;
     let limits: sqlx::types::Json<ChannelLimits> = row.try_get("limits")?;
+    let id: Uuid = row.try_get("id")?;
+    let sealed = match (
+        row.try_get::<Option<String>, _>("secrets_key_id")?,
+        row.try_get::<Option<Vec<u8>>, _>("secrets")?,
+    ) {
+        (Some(k), Some(b)) => Some((k, b)),
+        _ => None,
+    };
+    let secrets = secrets::open(
+        keyring,
+        id,
+        sealed,
+        ChannelSecrets {
+            access_token: row.try_get("access_token")?,
+            app_secret: row.try_get("app_secret")?,
+            verify_token: row.try_get("verify_token")?,
+        },
+    )?;
     Ok(Channel {
-        id: row.try_get("id")?,
+        id,
         workspace_id: row.try_get("workspace_id")?,
         platform: platform.parse().map_err(StoreError::Corrupt)?,
         name: row.try_get("name")?,
         sender_id: row.try_get("sender_id")?,
         portfolio_id: row.try_get("portfolio_id")?,
-        access_token: row.try_get("access_token")?,
-        app_secret: row.try_get("app_secret")?,
-        verify_token: row.try_get("verify_token")?,
+        access_token: secrets.access_token,
+        app_secret: secrets.app_secret,
+        verify_token: secrets.verify_token,
         graph_base_url: row.try_get("graph_base_url")?,
         api_version: row.try_get("api_version")?,
         limits: limits.0,
@@ -83,27 +103,38 @@ impl DeliveryStore for PgStore {
         let limits = channel
             .limits
             .unwrap_or_else(|| ChannelLimits::for_platform(channel.platform));
+        let id = Uuid::new_v4();
+        let sealed = secrets::seal(
+            self.keyring.as_deref(),
+            id,
+            &ChannelSecrets {
+                access_token: channel.access_token.clone(),
+                app_secret: channel.app_secret.clone(),
+                verify_token: channel.verify_token.clone(),
+            },
+        )?;
+        // The plaintext columns stay empty: the secrets exist only as the ciphertext.
         let row = sqlx::query(&format!(
             "INSERT INTO herald_channels ({CHANNEL_COLUMNS})
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, NULL, false, NULL, $13, $13)
+             VALUES ($1, $2, $3, $4, $5, $6, '', '', '', $7, $8, $9, NULL, false, NULL, $10, $10,
+                     $11, $12)
              RETURNING {CHANNEL_COLUMNS}"
         ))
-        .bind(Uuid::new_v4())
+        .bind(id)
         .bind(channel.workspace_id)
         .bind(channel.platform.as_str())
         .bind(&channel.name)
         .bind(&channel.sender_id)
         .bind(&channel.portfolio_id)
-        .bind(&channel.access_token)
-        .bind(&channel.app_secret)
-        .bind(&channel.verify_token)
         .bind(channel.graph_base_url.as_deref().unwrap_or(META_GRAPH_URL))
         .bind(channel.api_version.as_deref().unwrap_or(META_API_VERSION))
         .bind(sqlx::types::Json(limits))
         .bind(now)
+        .bind(&sealed.blob)
+        .bind(&sealed.key_id)
         .fetch_one(&self.pool)
         .await?;
-        channel_from_row(&row)
+        channel_from_row(self.keyring.as_deref(), &row)
     }
 
     async fn channel(&self, id: Uuid) -> Result<Option<Channel>> {
@@ -113,7 +144,9 @@ impl DeliveryStore for PgStore {
         .bind(id)
         .fetch_optional(&self.pool)
         .await?;
-        row.as_ref().map(channel_from_row).transpose()
+        row.as_ref()
+            .map(|r| channel_from_row(self.keyring.as_deref(), r))
+            .transpose()
     }
 
     async fn channels(&self) -> Result<Vec<Channel>> {
@@ -122,7 +155,91 @@ impl DeliveryStore for PgStore {
         ))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(channel_from_row).collect()
+        rows.iter()
+            .map(|r| channel_from_row(self.keyring.as_deref(), r))
+            .collect()
+    }
+
+    async fn workspace_channels(
+        &self,
+        workspace_id: Uuid,
+        after: Option<Uuid>,
+        limit: i64,
+    ) -> Result<Vec<Channel>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {CHANNEL_COLUMNS} FROM herald_channels
+              WHERE workspace_id = $1 AND ($2::uuid IS NULL OR id > $2) ORDER BY id LIMIT $3"
+        ))
+        .bind(workspace_id)
+        .bind(after)
+        .bind(limit.clamp(0, 1_000))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| channel_from_row(self.keyring.as_deref(), r))
+            .collect()
+    }
+
+    async fn disconnect_channel(
+        &self,
+        workspace_id: Uuid,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE herald_channels
+                SET secrets = NULL, secrets_key_id = NULL,
+                    access_token = '', app_secret = '', verify_token = '',
+                    paused_reason = $4, paused_broadcasts_only = false, paused_at = $3,
+                    updated_at = $3
+              WHERE workspace_id = $1 AND id = $2",
+        )
+        .bind(workspace_id)
+        .bind(id)
+        .bind(now)
+        .bind(DISCONNECTED)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn seal_secrets(&self) -> Result<u64> {
+        let keyring = self.keyring.as_deref().ok_or(CryptoError::NoKey)?;
+        let rows = sqlx::query(&format!(
+            "SELECT {CHANNEL_COLUMNS} FROM herald_channels
+              WHERE (secrets IS NULL AND access_token <> '')
+                 OR (secrets IS NOT NULL AND secrets_key_id IS DISTINCT FROM $1)
+              ORDER BY id"
+        ))
+        .bind(keyring.current_id())
+        .fetch_all(&self.pool)
+        .await?;
+        let mut changed = 0;
+        for row in &rows {
+            let c = channel_from_row(Some(keyring), row)?;
+            let sealed = secrets::seal(
+                Some(keyring),
+                c.id,
+                &ChannelSecrets {
+                    access_token: c.access_token,
+                    app_secret: c.app_secret,
+                    verify_token: c.verify_token,
+                },
+            )?;
+            changed += sqlx::query(
+                "UPDATE herald_channels
+                    SET secrets = $2, secrets_key_id = $3,
+                        access_token = '', app_secret = '', verify_token = ''
+                  WHERE id = $1",
+            )
+            .bind(c.id)
+            .bind(&sealed.blob)
+            .bind(&sealed.key_id)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        }
+        Ok(changed)
     }
 
     async fn pause_channel(

@@ -9,10 +9,12 @@ use uuid::Uuid;
 
 use super::{parse_uuid, SqliteStore};
 use crate::clock::{from_micros, to_micros};
+use crate::crypto::{CryptoError, Keyring};
+use crate::delivery::secrets::{self, ChannelSecrets};
 use crate::delivery::{
     canonical_recipient, check_sends, latest_statuses, send_job, Channel, ChannelLimits,
     DeliveryStore, NewChannel, NewSend, SendCount, SendRecord, SendStatus, SendUpdate, StatusEvent,
-    META_API_VERSION, META_GRAPH_URL,
+    DISCONNECTED, META_API_VERSION, META_GRAPH_URL,
 };
 use crate::error::{Result, StoreError};
 use crate::model::InvalidJob;
@@ -20,7 +22,7 @@ use crate::store::postgres::notify_payloads;
 
 const CHANNEL_COLUMNS: &str = "id, workspace_id, platform, name, sender_id, portfolio_id, \
      access_token, app_secret, verify_token, graph_base_url, api_version, limits, paused_reason, \
-     paused_broadcasts_only, paused_at, created_at, updated_at";
+     paused_broadcasts_only, paused_at, created_at, updated_at, secrets, secrets_key_id";
 
 const SEND_COLUMNS: &str = "id, workspace_id, channel_id, recipient, message, lane, status, \
      requests, provider_message_id, error_code, error, created_at, requested_at, accepted_at, \
@@ -35,18 +37,36 @@ fn json<T: serde::de::DeserializeOwned>(row: &SqliteRow, col: &str) -> Result<T>
     serde_json::from_str(&text).map_err(|e| StoreError::Corrupt(format!("{col}: {e}")))
 }
 
-fn channel_from_row(row: &SqliteRow) -> Result<Channel> {
+fn channel_from_row(keyring: Option<&Keyring>, row: &SqliteRow) -> Result<Channel> {
     let platform: String = row.try_get("platform")?;
+    let id = parse_uuid(&row.try_get::<String, _>("id")?)?;
+    let sealed = match (
+        row.try_get::<Option<String>, _>("secrets_key_id")?,
+        row.try_get::<Option<Vec<u8>>, _>("secrets")?,
+    ) {
+        (Some(k), Some(b)) => Some((k, b)),
+        _ => None,
+    };
+    let secrets = secrets::open(
+        keyring,
+        id,
+        sealed,
+        ChannelSecrets {
+            access_token: row.try_get("access_token")?,
+            app_secret: row.try_get("app_secret")?,
+            verify_token: row.try_get("verify_token")?,
+        },
+    )?;
     Ok(Channel {
-        id: parse_uuid(&row.try_get::<String, _>("id")?)?,
+        id,
         workspace_id: parse_uuid(&row.try_get::<String, _>("workspace_id")?)?,
         platform: platform.parse().map_err(StoreError::Corrupt)?,
         name: row.try_get("name")?,
         sender_id: row.try_get("sender_id")?,
         portfolio_id: row.try_get("portfolio_id")?,
-        access_token: row.try_get("access_token")?,
-        app_secret: row.try_get("app_secret")?,
-        verify_token: row.try_get("verify_token")?,
+        access_token: secrets.access_token,
+        app_secret: secrets.app_secret,
+        verify_token: secrets.verify_token,
         graph_base_url: row.try_get("graph_base_url")?,
         api_version: row.try_get("api_version")?,
         limits: json::<ChannelLimits>(row, "limits")?,
@@ -89,27 +109,38 @@ impl DeliveryStore for SqliteStore {
             .unwrap_or_else(|| ChannelLimits::for_platform(channel.platform));
         let limits =
             serde_json::to_string(&limits).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let id = Uuid::new_v4();
+        let sealed = secrets::seal(
+            self.keyring.as_deref(),
+            id,
+            &ChannelSecrets {
+                access_token: channel.access_token.clone(),
+                app_secret: channel.app_secret.clone(),
+                verify_token: channel.verify_token.clone(),
+            },
+        )?;
+        // The plaintext columns stay empty: the secrets exist only as the ciphertext.
         let row = sqlx::query(&format!(
             "INSERT INTO herald_channels ({CHANNEL_COLUMNS})
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, NULL, 0, NULL, ?13, ?13)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, '', '', '', ?7, ?8, ?9, NULL, 0, NULL, ?10, ?10,
+                     ?11, ?12)
              RETURNING {CHANNEL_COLUMNS}"
         ))
-        .bind(Uuid::new_v4().to_string())
+        .bind(id.to_string())
         .bind(channel.workspace_id.to_string())
         .bind(channel.platform.as_str())
         .bind(&channel.name)
         .bind(&channel.sender_id)
         .bind(&channel.portfolio_id)
-        .bind(&channel.access_token)
-        .bind(&channel.app_secret)
-        .bind(&channel.verify_token)
         .bind(channel.graph_base_url.as_deref().unwrap_or(META_GRAPH_URL))
         .bind(channel.api_version.as_deref().unwrap_or(META_API_VERSION))
         .bind(limits)
         .bind(to_micros(now))
+        .bind(&sealed.blob)
+        .bind(&sealed.key_id)
         .fetch_one(&self.pool)
         .await?;
-        channel_from_row(&row)
+        channel_from_row(self.keyring.as_deref(), &row)
     }
 
     async fn channel(&self, id: Uuid) -> Result<Option<Channel>> {
@@ -119,7 +150,9 @@ impl DeliveryStore for SqliteStore {
         .bind(id.to_string())
         .fetch_optional(&self.pool)
         .await?;
-        row.as_ref().map(channel_from_row).transpose()
+        row.as_ref()
+            .map(|r| channel_from_row(self.keyring.as_deref(), r))
+            .transpose()
     }
 
     async fn channels(&self) -> Result<Vec<Channel>> {
@@ -128,7 +161,91 @@ impl DeliveryStore for SqliteStore {
         ))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(channel_from_row).collect()
+        rows.iter()
+            .map(|r| channel_from_row(self.keyring.as_deref(), r))
+            .collect()
+    }
+
+    async fn workspace_channels(
+        &self,
+        workspace_id: Uuid,
+        after: Option<Uuid>,
+        limit: i64,
+    ) -> Result<Vec<Channel>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {CHANNEL_COLUMNS} FROM herald_channels
+              WHERE workspace_id = ?1 AND (?2 IS NULL OR id > ?2) ORDER BY id LIMIT ?3"
+        ))
+        .bind(workspace_id.to_string())
+        .bind(after.map(|a| a.to_string()))
+        .bind(limit.clamp(0, 1_000))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| channel_from_row(self.keyring.as_deref(), r))
+            .collect()
+    }
+
+    async fn disconnect_channel(
+        &self,
+        workspace_id: Uuid,
+        id: Uuid,
+        now: DateTime<Utc>,
+    ) -> Result<bool> {
+        let done = sqlx::query(
+            "UPDATE herald_channels
+                SET secrets = NULL, secrets_key_id = NULL,
+                    access_token = '', app_secret = '', verify_token = '',
+                    paused_reason = ?4, paused_broadcasts_only = false, paused_at = ?3,
+                    updated_at = ?3
+              WHERE workspace_id = ?1 AND id = ?2",
+        )
+        .bind(workspace_id.to_string())
+        .bind(id.to_string())
+        .bind(to_micros(now))
+        .bind(DISCONNECTED)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn seal_secrets(&self) -> Result<u64> {
+        let keyring = self.keyring.as_deref().ok_or(CryptoError::NoKey)?;
+        let rows = sqlx::query(&format!(
+            "SELECT {CHANNEL_COLUMNS} FROM herald_channels
+              WHERE (secrets IS NULL AND access_token <> '')
+                 OR (secrets IS NOT NULL AND secrets_key_id IS NOT ?1)
+              ORDER BY id"
+        ))
+        .bind(keyring.current_id())
+        .fetch_all(&self.pool)
+        .await?;
+        let mut changed = 0;
+        for row in &rows {
+            let c = channel_from_row(Some(keyring), row)?;
+            let sealed = secrets::seal(
+                Some(keyring),
+                c.id,
+                &ChannelSecrets {
+                    access_token: c.access_token,
+                    app_secret: c.app_secret,
+                    verify_token: c.verify_token,
+                },
+            )?;
+            changed += sqlx::query(
+                "UPDATE herald_channels
+                    SET secrets = ?2, secrets_key_id = ?3,
+                        access_token = '', app_secret = '', verify_token = ''
+                  WHERE id = ?1",
+            )
+            .bind(c.id.to_string())
+            .bind(&sealed.blob)
+            .bind(&sealed.key_id)
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        }
+        Ok(changed)
     }
 
     async fn pause_channel(
