@@ -50,6 +50,7 @@ impl AppState {
 }
 
 pub mod cache;
+pub mod contacts;
 pub mod ingest;
 pub mod v1;
 pub mod webhooks;
@@ -60,6 +61,7 @@ pub use ingest::{Ingest, IngestConfig};
 pub fn app(state: AppState) -> Router {
     Router::new()
         .merge(v1::routes())
+        .merge(contacts::routes())
         .route("/healthz", get(healthz))
         .route(
             "/webhooks/{channel_id}",

@@ -60,6 +60,12 @@ pub enum ApiError {
     BadRequest(String),
     /// Read, but refused (a rule of the data).
     Invalid(String),
+    /// It would duplicate something unique.
+    Conflict(String),
+    /// The body is not of a type the route takes.
+    Unsupported(String),
+    /// The body is larger than the route takes.
+    TooLarge(String),
     /// The database is away; retry later.
     Unavailable,
     /// A bug or corrupt data; logged where it happened.
@@ -81,6 +87,15 @@ impl IntoResponse for ApiError {
             ),
             ApiError::BadRequest(why) => problem(StatusCode::BAD_REQUEST, "bad-request", &why),
             ApiError::Invalid(why) => problem(StatusCode::UNPROCESSABLE_ENTITY, "invalid", &why),
+            ApiError::Conflict(why) => problem(StatusCode::CONFLICT, "conflict", &why),
+            ApiError::Unsupported(why) => problem(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported-media-type",
+                &why,
+            ),
+            ApiError::TooLarge(why) => {
+                problem(StatusCode::PAYLOAD_TOO_LARGE, "body-too-large", &why)
+            }
             ApiError::Unavailable => problem(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "unavailable",
@@ -99,6 +114,7 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Invalid(why) => ApiError::Invalid(why.0),
+            StoreError::Conflict(why) => ApiError::Conflict(why),
             e if e.is_transient() => {
                 tracing::warn!(error = %e, "api: database unavailable");
                 ApiError::Unavailable
@@ -201,13 +217,18 @@ pub struct PageQuery {
 impl PageQuery {
     fn parse(q: Result<Query<PageQuery>, QueryRejection>) -> ApiResult<(Option<Uuid>, i64)> {
         let Query(q) = q?;
-        let limit = q.limit.unwrap_or(DEFAULT_PAGE);
+        PageQuery::check(q.limit, q.after)
+    }
+
+    /// The cursor and page size of `?limit=&after=`, checked.
+    pub fn check(limit: Option<i64>, after: Option<String>) -> ApiResult<(Option<Uuid>, i64)> {
+        let limit = limit.unwrap_or(DEFAULT_PAGE);
         if !(1..=MAX_PAGE).contains(&limit) {
             return Err(ApiError::BadRequest(format!(
                 "limit must be between 1 and {MAX_PAGE}"
             )));
         }
-        let after = match q.after {
+        let after = match after {
             None => None,
             Some(c) => Some(c.parse::<Uuid>().map_err(|_| {
                 ApiError::BadRequest("after is not a cursor from a previous page".into())
@@ -222,6 +243,13 @@ impl PageQuery {
 pub struct Page<T> {
     pub data: Vec<T>,
     pub next_cursor: Option<String>,
+}
+
+impl<T> Page<T> {
+    /// The page of `limit + 1` fetched rows.
+    pub fn of(rows: Vec<T>, limit: i64, id: impl Fn(&T) -> Uuid) -> Page<T> {
+        page(rows, limit, id)
+    }
 }
 
 /// Builds a page from `limit + 1` fetched rows.

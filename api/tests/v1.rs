@@ -348,20 +348,36 @@ async fn another_workspaces_ids_answer_404_everywhere() {
         .to_owned();
     let (_, a_keys) = f.call("GET", "/v1/api-keys", Some(&a_key), None).await;
     let a_key_id = a_keys["data"][0]["id"].as_str().expect("id").to_owned();
+    let (status, a_contact) = f
+        .call(
+            "POST",
+            "/v1/contacts",
+            Some(&a_key),
+            Some(json!({ "phone": "+15550009999" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let a_contact = a_contact["id"].as_str().expect("id").to_owned();
     let missing = Uuid::new_v4().to_string();
     for (method, template) in [
         ("GET", "/v1/channels/{}"),
         ("DELETE", "/v1/channels/{}"),
         ("DELETE", "/v1/api-keys/{}"),
+        ("GET", "/v1/contacts/{}"),
+        ("PATCH", "/v1/contacts/{}"),
+        ("DELETE", "/v1/contacts/{}"),
     ] {
         let foreign = if template.contains("channels") {
             &a_channel
+        } else if template.contains("contacts") {
+            &a_contact
         } else {
             &a_key_id
         };
         for id in [foreign.as_str(), missing.as_str(), "not-an-id"] {
+            let body = (method == "PATCH").then(|| json!({ "opted_out": true }));
             let (status, body) = f
-                .call(method, &template.replace("{}", id), Some(&b_key), None)
+                .call(method, &template.replace("{}", id), Some(&b_key), body)
                 .await;
             assert_eq!(
                 status,
@@ -387,4 +403,198 @@ async fn another_workspaces_ids_answer_404_everywhere() {
     assert_eq!(status, StatusCode::OK);
     let (status, _) = f.call("GET", "/v1/workspace", Some(&a_key), None).await;
     assert_eq!(status, StatusCode::OK);
+    let (status, contact) = f
+        .call(
+            "GET",
+            &format!("/v1/contacts/{a_contact}"),
+            Some(&a_key),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(contact["opted_out"], false, "B's PATCH changed nothing");
+    let (_, list) = f.call("GET", "/v1/contacts", Some(&b_key), None).await;
+    assert_eq!(list["data"].as_array().map(Vec::len), Some(0));
+}
+
+#[tokio::test]
+async fn contacts_crud_labels_and_conflicts() {
+    let f = fixture().await;
+    let (_, key) = f.workspace("Acme").await;
+    let (status, ann) = f
+        .call(
+            "POST",
+            "/v1/contacts",
+            Some(&key),
+            Some(
+                json!({ "phone": "+1 (555) 000-0001", "name": "Ann", "labels": ["vip"],
+                          "attributes": { "plan": "gold" } }),
+            ),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{ann}");
+    assert_eq!(ann["phone"], "+15550000001");
+    let id = ann["id"].as_str().expect("id").to_owned();
+    let (status, _) = f
+        .call(
+            "POST",
+            "/v1/contacts",
+            Some(&key),
+            Some(json!({ "phone": "+15550000001" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
+    for bad in [
+        json!({ "phone": "555-0001" }),
+        json!({ "phone": "+15550000002", "labels": [""] }),
+        json!({ "phone": "+15550000002", "colour": "red" }),
+        json!({ "name": "no phone" }),
+    ] {
+        let (status, body) = f
+            .call("POST", "/v1/contacts", Some(&key), Some(bad.clone()))
+            .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {body}");
+    }
+    let (status, patched) = f
+        .call(
+            "PATCH",
+            &format!("/v1/contacts/{id}"),
+            Some(&key),
+            Some(json!({ "labels": ["vip", "beta"], "opted_out": true })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(patched["labels"], json!(["beta", "vip"]));
+    assert_eq!(patched["opted_out"], true);
+    assert_eq!(patched["name"], "Ann");
+    f.call(
+        "POST",
+        "/v1/contacts",
+        Some(&key),
+        Some(json!({ "phone": "+15550000003" })),
+    )
+    .await;
+    let (_, beta) = f
+        .call("GET", "/v1/contacts?label=beta", Some(&key), None)
+        .await;
+    assert_eq!(beta["data"].as_array().map(Vec::len), Some(1));
+    let (status, _) = f
+        .call("DELETE", &format!("/v1/contacts/{id}"), Some(&key), None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = f
+        .call("GET", &format!("/v1/contacts/{id}"), Some(&key), None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+}
+
+impl Fixture {
+    /// Posts an import body in chunks of `chunk` bytes, so that rows and quoted fields span
+    /// chunk boundaries.
+    async fn import(
+        &self,
+        key: &str,
+        content_type: &str,
+        body: &str,
+        chunk: usize,
+    ) -> (StatusCode, Value) {
+        let chunks: Vec<Result<Vec<u8>, std::io::Error>> = body
+            .as_bytes()
+            .chunks(chunk)
+            .map(|c| Ok(c.to_vec()))
+            .collect();
+        let req = Request::post("/v1/contacts/import")
+            .header("authorization", format!("Bearer {key}"))
+            .header("content-type", content_type)
+            .body(Body::from_stream(futures_util::stream::iter(chunks)))
+            .expect("request");
+        let state = AppState::new(
+            self.store.clone(),
+            Arc::new(herald_engine::SystemClock),
+            ApiConfig::default(),
+        );
+        let response = app(state).oneshot(req).await.expect("response");
+        let status = response.status();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 22)
+            .await
+            .expect("body");
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
+    }
+}
+
+#[tokio::test]
+async fn ndjson_import_stores_valid_rows_and_reports_bad_ones() {
+    let f = fixture().await;
+    let (ws, key) = f.workspace("Acme").await;
+    let mut body = String::new();
+    for n in 0..1_000 {
+        body.push_str(&format!(
+            "{{\"phone\":\"+1444{n:07}\",\"name\":\"Person {n}\",\"labels\":[\"imported\"]}}\n"
+        ));
+    }
+    body.push_str("{\"phone\":\"12345\"}\n");
+    body.push_str("not json\n");
+    body.push('\n');
+    body.push_str("{\"phone\":\"+15550001111\",\"labels\":[\"last\"]}"); // no final newline
+    for chunk in [7, 4096] {
+        let (status, report) = f.import(&key, "application/x-ndjson", &body, chunk).await;
+        assert_eq!(status, StatusCode::OK, "{report}");
+        assert_eq!(report["rows"], 1_003, "{report}");
+        assert_eq!(report["stored"], 1_001);
+        assert_eq!(report["rejected"], 2);
+        assert_eq!(report["errors"][0]["line"], 1_001);
+        assert_eq!(report["errors"][1]["line"], 1_002);
+    }
+    assert_eq!(
+        f.store.contacts().contact_count(ws).await.expect("count"),
+        1_001,
+        "importing twice changes nothing"
+    );
+    let (status, _) = f.import(&key, "application/json", "{}", 10).await;
+    assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+}
+
+#[tokio::test]
+async fn csv_import_with_quotes_labels_and_attributes() {
+    let f = fixture().await;
+    let (ws, key) = f.workspace("Acme").await;
+    let body = "\u{feff}phone,name,labels,opted_out,city\r\n\
+                +15550000001,\"Doe, Jane\",vip;beta,no,Lisbon\r\n\
+                +15550000002,\"Multi\nLine\",,yes,\r\n\
+                bad-phone,X,,,\r\n\
+                +15550000003,Y,,maybe,\r\n\
+                +15550000004,Last,,,Porto";
+    for chunk in [3, 1 << 16] {
+        let (status, report) = f.import(&key, "text/csv; charset=utf-8", body, chunk).await;
+        assert_eq!(status, StatusCode::OK, "{report}");
+        assert_eq!(report["rows"], 5, "{report}");
+        assert_eq!(report["stored"], 3);
+        assert_eq!(report["rejected"], 2);
+        assert_eq!(report["errors"][0]["line"], 4);
+        assert_eq!(report["errors"][1]["line"], 5);
+    }
+    let all = f
+        .store
+        .contacts()
+        .contacts(ws, None, None, 10)
+        .await
+        .expect("list");
+    let jane = all
+        .iter()
+        .find(|c| c.phone == "+15550000001")
+        .expect("jane");
+    assert_eq!(jane.name.as_deref(), Some("Doe, Jane"));
+    assert_eq!(jane.labels, ["beta", "vip"]);
+    assert_eq!(jane.attributes["city"], "Lisbon");
+    let multi = all
+        .iter()
+        .find(|c| c.phone == "+15550000002")
+        .expect("multi");
+    assert_eq!(multi.name.as_deref(), Some("Multi\nLine"));
+    assert!(multi.opted_out);
+    let (status, problem) = f.import(&key, "text/csv", "name,city\nX,Y\n", 100).await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
 }

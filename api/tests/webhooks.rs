@@ -614,4 +614,23 @@ async fn redelivered_messages_are_stored_once() {
     assert_eq!(b.workspace_id, wa.workspace_id);
     let counts = f.store.inbox().webhook_counts().await.expect("counts");
     assert_eq!((counts.stored, counts.pending), (3, 0));
+    // Each sender is a contact; the one who wrote STOP is opted out.
+    let contacts = f
+        .store
+        .contacts()
+        .contacts(wa.workspace_id, None, None, 10)
+        .await
+        .expect("contacts");
+    let mut by_phone: Vec<(String, bool)> = contacts
+        .iter()
+        .map(|c| (c.phone.clone(), c.opted_out))
+        .collect();
+    by_phone.sort();
+    assert_eq!(
+        by_phone,
+        [
+            ("+15550000001".to_owned(), false),
+            ("+15550000002".to_owned(), true)
+        ]
+    );
 }

@@ -20,6 +20,9 @@ pub enum StoreError {
     },
     #[error("unsupported database URL {0:?}: use postgres://… or sqlite:…")]
     UnsupportedUrl(String),
+    /// The row would duplicate one that must be unique (a contact's phone in its workspace).
+    #[error("conflict: {0}")]
+    Conflict(String),
     /// A secret could not be encrypted or decrypted (no master key, a key that is not
     /// configured, altered data).
     #[error("channel secrets: {0}")]
@@ -60,7 +63,8 @@ impl StoreError {
             | StoreError::Corrupt(_)
             | StoreError::Migration { .. }
             | StoreError::UnsupportedUrl(_)
-            | StoreError::Secrets(_) => false,
+            | StoreError::Secrets(_)
+            | StoreError::Conflict(_) => false,
         }
     }
 }

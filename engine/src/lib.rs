@@ -7,6 +7,7 @@ pub mod admission;
 pub mod backoff;
 pub mod clock;
 pub mod config;
+pub mod contacts;
 pub mod crypto;
 pub mod delivery;
 pub mod error;

@@ -35,6 +35,11 @@ pub const POSTGRES: &[Migration] = &[
         name: "tenancy",
         sql: include_str!("../../migrations/postgres/0005_tenancy.sql"),
     },
+    Migration {
+        version: 6,
+        name: "contacts",
+        sql: include_str!("../../migrations/postgres/0006_contacts.sql"),
+    },
 ];
 
 pub const SQLITE: &[Migration] = &[
@@ -62,6 +67,11 @@ pub const SQLITE: &[Migration] = &[
         version: 5,
         name: "tenancy",
         sql: include_str!("../../migrations/sqlite/0005_tenancy.sql"),
+    },
+    Migration {
+        version: 6,
+        name: "contacts",
+        sql: include_str!("../../migrations/sqlite/0006_contacts.sql"),
     },
 ];
 

@@ -45,6 +45,9 @@ impl Store for RefusesOne {
     fn tenancy(&self) -> &dyn herald_engine::tenancy::TenancyStore {
         self.inner.tenancy()
     }
+    fn contacts(&self) -> &dyn herald_engine::contacts::ContactStore {
+        self.inner.contacts()
+    }
     async fn claim_scoped(
         &self,
         queue: &str,

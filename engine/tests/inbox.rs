@@ -45,6 +45,7 @@ fn message(channel_id: Uuid, mid: &str, from: &str, secs: i64) -> InboundMessage
         text: Some(format!("text of {mid}")),
         payload: json!({ "id": mid, "text": { "body": "x" } }),
         sent_at: t0() + chrono::Duration::seconds(secs),
+        profile_name: None,
     }
 }
 

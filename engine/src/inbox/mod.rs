@@ -74,6 +74,10 @@ pub struct InboundMessage {
     /// The message object as Meta sent it.
     pub payload: serde_json::Value,
     pub sent_at: DateTime<Utc>,
+    /// The sender's profile name, when the delivery carried it (WhatsApp's `contacts[]`). Not
+    /// stored with the message: it names the contact.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile_name: Option<String>,
 }
 
 /// How many deliveries are stored, and how many of those wait for processing.

@@ -84,6 +84,9 @@ pub trait Store: Send + Sync + 'static {
     /// Workspaces and API keys.
     fn tenancy(&self) -> &dyn crate::tenancy::TenancyStore;
 
+    /// Contacts.
+    fn contacts(&self) -> &dyn crate::contacts::ContactStore;
+
     /// The in-process wake-up hub this store pokes on every enqueue (and, on PostgreSQL, on
     /// NOTIFYs from other processes once [`Store::listen`] runs).
     fn wakeups(&self) -> &Wakeups;

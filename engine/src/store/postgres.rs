@@ -15,6 +15,7 @@ use sqlx::{Executor, PgConnection, QueryBuilder, Row};
 use tracing::{info, warn};
 use uuid::Uuid;
 
+mod contacts;
 mod delivery;
 mod inbox;
 mod tenancy;
@@ -557,6 +558,10 @@ impl Store for PgStore {
     }
 
     fn tenancy(&self) -> &dyn crate::tenancy::TenancyStore {
+        self
+    }
+
+    fn contacts(&self) -> &dyn crate::contacts::ContactStore {
         self
     }
 

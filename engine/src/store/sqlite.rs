@@ -23,6 +23,7 @@ use sqlx::{Executor, QueryBuilder, Row};
 use tracing::info;
 use uuid::Uuid;
 
+mod contacts;
 mod delivery;
 mod inbox;
 mod tenancy;
@@ -408,6 +409,10 @@ impl Store for SqliteStore {
     }
 
     fn tenancy(&self) -> &dyn crate::tenancy::TenancyStore {
+        self
+    }
+
+    fn contacts(&self) -> &dyn crate::contacts::ContactStore {
         self
     }
 

@@ -72,7 +72,12 @@ pub fn parse(channel: &Channel, body: &[u8], resolve: &Resolve<'_>) -> Result<Ev
                         }
                     }
                     for m in array(value, "messages") {
-                        if let Some(m) = wa_message(channel_id, workspace_id, m) {
+                        if let Some(mut m) = wa_message(channel_id, workspace_id, m) {
+                            m.profile_name = array(value, "contacts")
+                                .find(|c| c.get("wa_id").and_then(Value::as_str) == Some(&m.sender))
+                                .and_then(|c| c.pointer("/profile/name"))
+                                .and_then(Value::as_str)
+                                .map(str::to_owned);
                             out.inbound.push(m);
                         }
                     }
@@ -168,6 +173,7 @@ fn wa_message(channel_id: Uuid, workspace_id: Uuid, m: &Value) -> Option<Inbound
             .get("timestamp")
             .and_then(Value::as_str)
             .and_then(unix_seconds)?,
+        profile_name: None,
     })
 }
 
@@ -220,6 +226,7 @@ fn messenger_item(channel_id: Uuid, workspace_id: Uuid, m: &Value, out: &mut Eve
                 text,
                 payload: msg.clone(),
                 sent_at: at,
+                profile_name: None,
             });
         }
     }
@@ -250,6 +257,8 @@ pub struct Processed {
     /// Inbound messages stored for the first time (redeliveries are not counted).
     pub new_messages: usize,
     pub duplicates: usize,
+    /// Inbound messages that were a STOP keyword.
+    pub opted_out: usize,
 }
 
 /// Applies stored deliveries `ids` (those not processed yet).
@@ -304,6 +313,30 @@ pub async fn process(
     if !statuses.is_empty() {
         store.delivery().apply_statuses(&statuses).await?;
     }
+    // Contacts before the deliveries are marked processed: a crash in between repeats this,
+    // which changes nothing. WhatsApp senders are phone numbers (wa_id); Messenger's and
+    // Instagram's are page-scoped ids, which contacts do not hold yet.
+    let whatsapp: std::collections::HashSet<Uuid> = channels
+        .iter()
+        .filter(|c| c.platform == herald_engine::delivery::Platform::Whatsapp)
+        .map(|c| c.id)
+        .collect();
+    let mut opted_out = 0;
+    for m in inbound.iter().filter(|m| whatsapp.contains(&m.channel_id)) {
+        let Ok(phone) = herald_engine::contacts::e164(&format!("+{}", m.sender)) else {
+            warn!(sender = %m.sender, "webhook: a WhatsApp sender that is not a phone number");
+            continue;
+        };
+        let stop = m.kind == "text"
+            && m.text
+                .as_deref()
+                .is_some_and(herald_engine::contacts::is_opt_out_keyword);
+        opted_out += usize::from(stop);
+        store
+            .contacts()
+            .upsert_inbound_contact(m.workspace_id, &phone, m.profile_name.as_deref(), stop, now)
+            .await?;
+    }
     let ids: Vec<i64> = deliveries.iter().map(|d| d.id).collect();
     let fresh = inbox.finish_webhooks(&ids, &inbound, now).await?;
     Ok(Processed {
@@ -311,6 +344,7 @@ pub async fn process(
         statuses: statuses.len(),
         new_messages: fresh.len(),
         duplicates: inbound.len() - fresh.len(),
+        opted_out,
     })
 }
 

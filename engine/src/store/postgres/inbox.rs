@@ -179,6 +179,7 @@ impl InboxStore for PgStore {
                     text: r.try_get("text")?,
                     payload: r.try_get("payload")?,
                     sent_at: r.try_get("sent_at")?,
+                    profile_name: None,
                 })
             })
             .collect()

@@ -173,6 +173,7 @@ impl InboxStore for SqliteStore {
                     payload: serde_json::from_str(&payload)
                         .map_err(|e| StoreError::Corrupt(e.to_string()))?,
                     sent_at: from_micros(r.try_get("sent_at")?),
+                    profile_name: None,
                 })
             })
             .collect()

@@ -1,0 +1,599 @@
+//! `/v1/contacts`: create, read, list (by label), update, delete, and the streamed bulk import.
+//!
+//! `POST /v1/contacts/import` takes NDJSON (`application/x-ndjson`: one contact object a line)
+//! or CSV (`text/csv`: a header row naming `phone` and optionally `name`, `labels` (separated by
+//! `;`) and `opted_out`; every other column becomes a string attribute). The body is parsed as
+//! it arrives and stored in batches while the rest streams in, each batch one transaction that
+//! creates or updates contacts by phone. A bad row (not E.164, bad JSON, too many labels…) is
+//! reported with its line number and skipped; it never costs a valid row its place. Importing
+//! the same file twice changes nothing, so an import cut short by an error can be sent again.
+
+use axum::body::Body;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::Utc;
+use futures_util::StreamExt;
+use herald_engine::contacts::{Contact, ContactPatch, NewContact};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::v1::{ApiError, Caller, Page, PageQuery};
+use crate::AppState;
+
+/// Rows stored per transaction during an import.
+const IMPORT_BATCH: usize = 50_000;
+/// Rejected rows listed in an import's answer at most (all are counted).
+const MAX_REPORTED: usize = 1_000;
+/// Largest import body.
+pub const MAX_IMPORT_BYTES: u64 = 2 * 1024 * 1024 * 1024;
+/// Longest line (NDJSON) or record (CSV).
+const MAX_LINE: usize = 64 * 1024;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/contacts", post(create).get(list))
+        .route("/v1/contacts/import", post(import))
+        .route("/v1/contacts/{id}", get(read).patch(update).delete(remove))
+}
+
+async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    body: Result<Json<NewContact>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(c) = body?;
+    let contact = state
+        .store
+        .contacts()
+        .create_contact(caller.workspace_id, &c, Utc::now())
+        .await?;
+    Ok((StatusCode::CREATED, Json(contact)).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    limit: Option<i64>,
+    after: Option<String>,
+    label: Option<String>,
+}
+
+async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    q: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<Page<Contact>>, ApiError> {
+    let Query(q) = q?;
+    let (after, limit) = PageQuery::check(q.limit, q.after)?;
+    let rows = state
+        .store
+        .contacts()
+        .contacts(caller.workspace_id, q.label.as_deref(), after, limit + 1)
+        .await?;
+    Ok(Json(Page::of(rows, limit, |c| c.id)))
+}
+
+fn contact_id(raw: &str) -> Result<Uuid, ApiError> {
+    raw.parse().map_err(|_| ApiError::NotFound("contact"))
+}
+
+async fn read(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Contact>, ApiError> {
+    state
+        .store
+        .contacts()
+        .contact(caller.workspace_id, contact_id(&id)?)
+        .await?
+        .map(Json)
+        .ok_or(ApiError::NotFound("contact"))
+}
+
+async fn update(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: Result<Json<ContactPatch>, JsonRejection>,
+) -> Result<Json<Contact>, ApiError> {
+    let id = contact_id(&id)?;
+    let Json(patch) = body?;
+    state
+        .store
+        .contacts()
+        .update_contact(caller.workspace_id, id, &patch, Utc::now())
+        .await?
+        .map(Json)
+        .ok_or(ApiError::NotFound("contact"))
+}
+
+async fn remove(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    if state
+        .store
+        .contacts()
+        .delete_contact(caller.workspace_id, contact_id(&id)?)
+        .await?
+    {
+        Ok(StatusCode::NO_CONTENT)
+    } else {
+        Err(ApiError::NotFound("contact"))
+    }
+}
+
+/// A row an import refused.
+#[derive(Debug, Clone, Serialize)]
+pub struct Rejected {
+    /// 1-based line (NDJSON) or record (CSV, the header being record 1).
+    pub line: u64,
+    pub error: String,
+}
+
+/// An import's answer.
+#[derive(Debug, Default, Serialize)]
+pub struct ImportReport {
+    /// Rows read (not counting the CSV header or blank lines).
+    pub rows: u64,
+    /// Rows stored (created, or updated by phone).
+    pub stored: u64,
+    pub rejected: u64,
+    /// The first rejected rows, with why.
+    pub errors: Vec<Rejected>,
+}
+
+impl ImportReport {
+    fn reject(&mut self, line: u64, error: String) {
+        self.rejected += 1;
+        if self.errors.len() < MAX_REPORTED {
+            self.errors.push(Rejected { line, error });
+        }
+    }
+}
+
+enum Format {
+    Ndjson,
+    Csv,
+}
+
+async fn import(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let content_type = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let format = match content_type.as_str() {
+        "application/x-ndjson" | "application/ndjson" | "application/jsonl" => Format::Ndjson,
+        "text/csv" => Format::Csv,
+        _ => {
+            return Err(ApiError::Unsupported(
+                "send contacts as application/x-ndjson or text/csv".into(),
+            ))
+        }
+    };
+    let mut report = ImportReport::default();
+    let mut parser = match format {
+        Format::Ndjson => Parser::Ndjson(Lines::default()),
+        Format::Csv => Parser::Csv(Box::default()),
+    };
+    // Batches go to a writer task, so the next batch is parsed while this one is stored.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<NewContact>>(2);
+    let store = state.store.clone();
+    let workspace_id = caller.workspace_id;
+    let writer = tokio::spawn(async move {
+        let mut stored = 0u64;
+        while let Some(batch) = rx.recv().await {
+            stored += store
+                .contacts()
+                .import_contacts(workspace_id, &batch, Utc::now())
+                .await?
+                .stored;
+        }
+        Ok::<u64, herald_engine::StoreError>(stored)
+    });
+    let mut batch = Vec::with_capacity(IMPORT_BATCH);
+    let mut bytes = 0u64;
+    let mut stream = body.into_data_stream();
+    let mut failed: Option<ApiError> = None;
+    while let Some(chunk) = stream.next().await {
+        let chunk = match chunk {
+            Ok(c) => c,
+            Err(e) => {
+                failed = Some(ApiError::BadRequest(format!("the upload broke off: {e}")));
+                break;
+            }
+        };
+        bytes += chunk.len() as u64;
+        if bytes > MAX_IMPORT_BYTES {
+            failed = Some(ApiError::TooLarge(format!(
+                "an import may have at most {MAX_IMPORT_BYTES} bytes"
+            )));
+            break;
+        }
+        if let Err(e) = parser.feed(&chunk, &mut report, &mut batch) {
+            failed = Some(e);
+            break;
+        }
+        if batch.len() >= IMPORT_BATCH {
+            let full = std::mem::replace(&mut batch, Vec::with_capacity(IMPORT_BATCH));
+            if tx.send(full).await.is_err() {
+                break;
+            }
+        }
+    }
+    if failed.is_none() {
+        if let Err(e) = parser.finish(&mut report, &mut batch) {
+            failed = Some(e);
+        }
+    }
+    if failed.is_none() && !batch.is_empty() {
+        let _ = tx.send(std::mem::take(&mut batch)).await;
+    }
+    drop(tx);
+    let stored = match writer.await {
+        Ok(stored) => stored.map_err(ApiError::from),
+        Err(e) => {
+            tracing::error!(error = %e, "contact import: writer task failed");
+            Err(ApiError::Internal)
+        }
+    };
+    // Batches stored before a failure stay stored; sending the file again is harmless.
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    report.stored = stored?;
+    Ok((StatusCode::OK, Json(report)).into_response())
+}
+
+enum Parser {
+    Ndjson(Lines),
+    Csv(Box<CsvParser>),
+}
+
+impl Parser {
+    fn feed(
+        &mut self,
+        chunk: &[u8],
+        report: &mut ImportReport,
+        out: &mut Vec<NewContact>,
+    ) -> Result<(), ApiError> {
+        match self {
+            Parser::Ndjson(lines) => lines.feed(chunk, |n, line| ndjson_row(n, line, report, out)),
+            Parser::Csv(csv) => csv.feed(chunk, report, out),
+        }
+    }
+
+    fn finish(
+        &mut self,
+        report: &mut ImportReport,
+        out: &mut Vec<NewContact>,
+    ) -> Result<(), ApiError> {
+        match self {
+            Parser::Ndjson(lines) => lines.finish(|n, line| ndjson_row(n, line, report, out)),
+            Parser::Csv(csv) => csv.finish(report, out),
+        }
+    }
+}
+
+/// Splits a byte stream into lines across chunk boundaries.
+#[derive(Default)]
+struct Lines {
+    pending: Vec<u8>,
+    line: u64,
+}
+
+impl Lines {
+    fn feed(&mut self, chunk: &[u8], mut each: impl FnMut(u64, &[u8])) -> Result<(), ApiError> {
+        let mut rest = chunk;
+        while let Some(pos) = rest.iter().position(|&b| b == b'\n') {
+            self.line += 1;
+            if self.pending.is_empty() {
+                each(self.line, &rest[..pos]);
+            } else {
+                self.pending.extend_from_slice(&rest[..pos]);
+                let line = std::mem::take(&mut self.pending);
+                each(self.line, &line);
+            }
+            rest = &rest[pos + 1..];
+        }
+        self.pending.extend_from_slice(rest);
+        if self.pending.len() > MAX_LINE {
+            return Err(ApiError::BadRequest(format!(
+                "line {} is longer than {MAX_LINE} bytes",
+                self.line + 1
+            )));
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, mut each: impl FnMut(u64, &[u8])) -> Result<(), ApiError> {
+        if !self.pending.is_empty() {
+            self.line += 1;
+            let line = std::mem::take(&mut self.pending);
+            each(self.line, &line);
+        }
+        Ok(())
+    }
+}
+
+fn ndjson_row(n: u64, line: &[u8], report: &mut ImportReport, out: &mut Vec<NewContact>) {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    if line.iter().all(u8::is_ascii_whitespace) {
+        return;
+    }
+    report.rows += 1;
+    match serde_json::from_slice::<NewContact>(line)
+        .map_err(|e| e.to_string())
+        .and_then(|c| c.normalized())
+    {
+        Ok(c) => out.push(c),
+        Err(e) => report.reject(n, e),
+    }
+}
+
+/// CSV through csv-core: records may span chunks (and quoted fields may hold newlines).
+struct CsvParser {
+    reader: csv_core::Reader,
+    /// The current record's field bytes and where each field ends.
+    fields: Vec<u8>,
+    ends: Vec<usize>,
+    fields_len: usize,
+    ends_len: usize,
+    record: u64,
+    /// Column positions, from the header.
+    header: Option<Columns>,
+    /// The first bytes, held until it is clear whether they are a byte order mark.
+    head: Vec<u8>,
+    started: bool,
+}
+
+impl Default for CsvParser {
+    fn default() -> Self {
+        CsvParser {
+            // `Reader::new`, not `Reader::default`: only the former builds the DFA.
+            reader: csv_core::Reader::new(),
+            fields: Vec::new(),
+            ends: Vec::new(),
+            fields_len: 0,
+            ends_len: 0,
+            record: 0,
+            header: None,
+            head: Vec::new(),
+            started: false,
+        }
+    }
+}
+
+struct Columns {
+    phone: usize,
+    name: Option<usize>,
+    labels: Option<usize>,
+    opted_out: Option<usize>,
+    /// Other columns: attributes.
+    others: Vec<(usize, String)>,
+}
+
+impl CsvParser {
+    fn feed(
+        &mut self,
+        input: &[u8],
+        report: &mut ImportReport,
+        out: &mut Vec<NewContact>,
+    ) -> Result<(), ApiError> {
+        // csv-core reads an empty input as the end of the data, and strips a byte order mark
+        // only when it arrives whole; so the mark is taken off here, and nothing empty is fed.
+        if self.started {
+            if input.is_empty() {
+                return Ok(());
+            }
+            return self.parse(input, report, out);
+        }
+        self.head.extend_from_slice(input);
+        if self.head.len() < 3 {
+            return Ok(());
+        }
+        self.started = true;
+        let head = std::mem::take(&mut self.head);
+        let rest = head.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&head);
+        if rest.is_empty() {
+            return Ok(());
+        }
+        self.parse(rest, report, out)
+    }
+
+    fn parse(
+        &mut self,
+        mut input: &[u8],
+        report: &mut ImportReport,
+        out: &mut Vec<NewContact>,
+    ) -> Result<(), ApiError> {
+        loop {
+            if self.fields.len() < self.fields_len + 1024 {
+                self.fields.resize((self.fields.len() * 2).max(4096), 0);
+            }
+            if self.ends.len() < self.ends_len + 16 {
+                self.ends.resize((self.ends.len() * 2).max(64), 0);
+            }
+            let (result, nin, nout, nend) = self.reader.read_record(
+                input,
+                &mut self.fields[self.fields_len..],
+                &mut self.ends[self.ends_len..],
+            );
+            // Field ends count from the record's start (csv-core keeps the position across
+            // calls), so they index `fields` as they are.
+            input = &input[nin..];
+            self.fields_len += nout;
+            self.ends_len += nend;
+            match result {
+                csv_core::ReadRecordResult::InputEmpty => {
+                    if self.fields_len > MAX_LINE {
+                        return Err(ApiError::BadRequest(format!(
+                            "record {} is longer than {MAX_LINE} bytes",
+                            self.record + 1
+                        )));
+                    }
+                    return Ok(());
+                }
+                csv_core::ReadRecordResult::OutputFull
+                | csv_core::ReadRecordResult::OutputEndsFull => continue,
+                csv_core::ReadRecordResult::Record => {
+                    self.record += 1;
+                    self.record_done(report, out)?;
+                }
+                csv_core::ReadRecordResult::End => return Ok(()),
+            }
+        }
+    }
+
+    fn finish(
+        &mut self,
+        report: &mut ImportReport,
+        out: &mut Vec<NewContact>,
+    ) -> Result<(), ApiError> {
+        if !self.started {
+            // Fewer than three bytes in all.
+            self.started = true;
+            let head = std::mem::take(&mut self.head);
+            if !head.is_empty() {
+                self.parse(&head, report, out)?;
+            }
+        }
+        // An empty input tells csv-core the data ended: it completes a last record without a
+        // trailing newline.
+        self.parse(&[], report, out)?;
+        if self.header.is_none() {
+            return Err(ApiError::Invalid(
+                "a CSV import needs a header row naming the phone column".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    fn record_done(
+        &mut self,
+        report: &mut ImportReport,
+        out: &mut Vec<NewContact>,
+    ) -> Result<(), ApiError> {
+        let mut fields: Vec<&[u8]> = Vec::with_capacity(self.ends_len);
+        let mut start = 0;
+        for &end in &self.ends[..self.ends_len] {
+            fields.push(&self.fields[start..end]);
+            start = end;
+        }
+        let line = self.record;
+        let result = match &self.header {
+            None => {
+                self.header = Some(columns(&fields)?);
+                None
+            }
+            Some(cols) => {
+                if fields.len() == 1 && fields[0].is_empty() {
+                    None // a blank line
+                } else {
+                    Some(csv_contact(cols, &fields))
+                }
+            }
+        };
+        self.fields_len = 0;
+        self.ends_len = 0;
+        if let Some(result) = result {
+            report.rows += 1;
+            match result.and_then(|c| c.normalized()) {
+                Ok(c) => out.push(c),
+                Err(e) => report.reject(line, e),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn columns(header: &[&[u8]]) -> Result<Columns, ApiError> {
+    let names: Vec<String> = header
+        .iter()
+        .map(|h| {
+            String::from_utf8_lossy(h)
+                .trim()
+                .trim_start_matches('\u{feff}')
+                .to_owned()
+        })
+        .collect();
+    let find = |n: &str| names.iter().position(|h| h.eq_ignore_ascii_case(n));
+    let phone = find("phone")
+        .ok_or_else(|| ApiError::Invalid("the CSV header must name a phone column".into()))?;
+    let (name, labels, opted_out) = (find("name"), find("labels"), find("opted_out"));
+    let others = names
+        .iter()
+        .enumerate()
+        .filter(|(i, h)| {
+            Some(*i) != Some(phone)
+                && Some(*i) != name
+                && Some(*i) != labels
+                && Some(*i) != opted_out
+                && !h.is_empty()
+        })
+        .map(|(i, h)| (i, h.clone()))
+        .collect();
+    Ok(Columns {
+        phone,
+        name,
+        labels,
+        opted_out,
+        others,
+    })
+}
+
+fn csv_contact(cols: &Columns, fields: &[&[u8]]) -> Result<NewContact, String> {
+    let text = |i: usize| -> Result<&str, String> {
+        let raw = fields.get(i).copied().unwrap_or(b"");
+        std::str::from_utf8(raw).map_err(|_| "the row is not UTF-8".to_owned())
+    };
+    let opt = |i: Option<usize>| -> Result<Option<&str>, String> {
+        match i {
+            Some(i) => Ok(Some(text(i)?.trim()).filter(|s| !s.is_empty())),
+            None => Ok(None),
+        }
+    };
+    let opted_out = match opt(cols.opted_out)?.map(str::to_ascii_lowercase).as_deref() {
+        None | Some("false" | "0" | "no" | "n") => false,
+        Some("true" | "1" | "yes" | "y") => true,
+        Some(other) => return Err(format!("opted_out {other:?} is not true or false")),
+    };
+    let mut attributes = serde_json::Map::new();
+    for (i, name) in &cols.others {
+        let v = text(*i)?;
+        if !v.is_empty() {
+            attributes.insert(name.clone(), serde_json::Value::String(v.to_owned()));
+        }
+    }
+    Ok(NewContact {
+        phone: text(cols.phone)?.to_owned(),
+        name: opt(cols.name)?.map(str::to_owned),
+        labels: opt(cols.labels)?
+            .map(|l| {
+                l.split(';')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default(),
+        attributes,
+        opted_out,
+    })
+}
