@@ -26,6 +26,8 @@ pub enum BenchCommand {
     /// Send N signed WhatsApp webhooks from C connections to a server on PostgreSQL (or SQLite)
     /// and measure how fast they are stored durably.
     Webhooks(crate::bench_webhooks::WebhooksArgs),
+    /// Import N contacts as one CSV or NDJSON upload through `herald serve`.
+    Import(crate::bench_import::ImportArgs),
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -68,6 +70,7 @@ pub async fn run(which: BenchCommand) -> Result<(), Box<dyn std::error::Error>> 
         BenchCommand::Queue(args) => queue(args).await,
         BenchCommand::Delivery(args) => crate::bench_delivery::run(args).await,
         BenchCommand::Webhooks(args) => crate::bench_webhooks::run(args).await,
+        BenchCommand::Import(args) => crate::bench_import::run(args).await,
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod bench;
 mod bench_delivery;
+mod bench_import;
 mod bench_webhooks;
 mod channels;
 mod demo;

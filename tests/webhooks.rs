@@ -1,6 +1,7 @@
 //! Meta's webhooks through a real `herald serve`: `herald bench webhooks` sends signed
 //! deliveries from many connections; every delivery acknowledged with 200 must be stored and
-//! then processed by the queue. Correctness only, never speed.
+//! then processed by the queue; and `herald bench import`, whose every valid row must be stored.
+//! Correctness only, never speed.
 
 mod common;
 
@@ -54,4 +55,55 @@ async fn every_acknowledged_delivery_is_stored_and_processed_on_sqlite() {
     let dir = TestDir::new();
     let result = bench(&dir, "bench-webhooks-sqlite", &dir.sqlite_url("webhooks")).await;
     assert_all_stored_and_processed(&result);
+}
+
+/// `herald bench import` through a real server: every valid row stored, every bad one reported.
+async fn import(dir: &TestDir, name: &str, database_url: &str, format: &str) -> Value {
+    let mut cmd = herald();
+    cmd.args([
+        "bench",
+        "import",
+        "--contacts",
+        "5000",
+        "--format",
+        format,
+        "--database-url",
+        database_url,
+    ])
+    .current_dir(dir.path())
+    .env("HERALD_LOG", "warn");
+    let mut proc = Proc::spawn(name, cmd, dir.path());
+    let status = proc.wait_for_exit(Duration::from_secs(240)).await;
+    assert!(
+        status.success(),
+        "the import bench succeeds\n{}",
+        proc.logs()
+    );
+    let stdout = proc.stdout();
+    let last = stdout.lines().last().unwrap_or_default().to_owned();
+    serde_json::from_str(&last)
+        .unwrap_or_else(|e| panic!("last line is JSON ({e}): {last:?}\n{}", proc.logs()))
+}
+
+#[tokio::test]
+async fn contact_imports_store_every_valid_row_on_both_backends() {
+    let dir = TestDir::new();
+    let pg = import(&dir, "import-pg-csv", &pg_url(), "csv").await;
+    assert_eq!(
+        (pg["stored"].as_u64(), pg["rejected"].as_u64()),
+        (Some(4995), Some(5)),
+        "{pg}"
+    );
+    let sqlite = import(
+        &dir,
+        "import-sqlite-ndjson",
+        &dir.sqlite_url("import"),
+        "ndjson",
+    )
+    .await;
+    assert_eq!(
+        (sqlite["in_database"].as_u64(), sqlite["rejected"].as_u64()),
+        (Some(4995), Some(5)),
+        "{sqlite}"
+    );
 }

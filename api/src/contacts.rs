@@ -24,8 +24,10 @@ use uuid::Uuid;
 use crate::v1::{ApiError, Caller, Page, PageQuery};
 use crate::AppState;
 
-/// Rows stored per transaction during an import.
+/// Rows stored per transaction during an import, across the writers.
 const IMPORT_BATCH: usize = 50_000;
+/// Transactions of one import in flight at once (database connections it takes).
+const IMPORT_WRITERS: usize = 2;
 /// Rejected rows listed in an import's answer at most (all are counted).
 const MAX_REPORTED: usize = 1_000;
 /// Largest import body.
@@ -192,73 +194,112 @@ async fn import(
         Format::Ndjson => Parser::Ndjson(Lines::default()),
         Format::Csv => Parser::Csv(Box::default()),
     };
-    // Batches go to a writer task, so the next batch is parsed while this one is stored.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<NewContact>>(2);
-    let store = state.store.clone();
-    let workspace_id = caller.workspace_id;
-    let writer = tokio::spawn(async move {
-        let mut stored = 0u64;
-        while let Some(batch) = rx.recv().await {
-            stored += store
-                .contacts()
-                .import_contacts(workspace_id, &batch, Utc::now())
-                .await?
-                .stored;
-        }
-        Ok::<u64, herald_engine::StoreError>(stored)
-    });
-    let mut batch = Vec::with_capacity(IMPORT_BATCH);
+    // Rows go to IMPORT_WRITERS writer tasks by a hash of their phone, so the next batch is
+    // parsed while others are stored, on as many database connections. A phone always goes to
+    // the same writer: its rows are applied in file order (the last wins), and two writers
+    // never wait on each other's rows.
+    let mut senders = Vec::with_capacity(IMPORT_WRITERS);
+    let mut writers = Vec::with_capacity(IMPORT_WRITERS);
+    for _ in 0..IMPORT_WRITERS {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<NewContact>>(1);
+        let store = state.store.clone();
+        let workspace_id = caller.workspace_id;
+        senders.push(tx);
+        writers.push(tokio::spawn(async move {
+            let mut stored = 0u64;
+            while let Some(batch) = rx.recv().await {
+                stored += store
+                    .contacts()
+                    .import_contacts(workspace_id, &batch, Utc::now())
+                    .await?
+                    .stored;
+            }
+            Ok::<u64, herald_engine::StoreError>(stored)
+        }));
+    }
+    let per_writer = IMPORT_BATCH / IMPORT_WRITERS;
+    let mut parsed: Vec<NewContact> = Vec::with_capacity(4096);
+    let mut batches: Vec<Vec<NewContact>> = (0..IMPORT_WRITERS)
+        .map(|_| Vec::with_capacity(per_writer))
+        .collect();
     let mut bytes = 0u64;
     let mut stream = body.into_data_stream();
     let mut failed: Option<ApiError> = None;
-    while let Some(chunk) = stream.next().await {
-        let chunk = match chunk {
-            Ok(c) => c,
-            Err(e) => {
+    let mut more = true;
+    while more {
+        let chunk = match stream.next().await {
+            Some(Ok(c)) => Some(c),
+            Some(Err(e)) => {
                 failed = Some(ApiError::BadRequest(format!("the upload broke off: {e}")));
                 break;
             }
+            None => None,
         };
-        bytes += chunk.len() as u64;
-        if bytes > MAX_IMPORT_BYTES {
-            failed = Some(ApiError::TooLarge(format!(
-                "an import may have at most {MAX_IMPORT_BYTES} bytes"
-            )));
-            break;
+        match &chunk {
+            Some(chunk) => {
+                bytes += chunk.len() as u64;
+                if bytes > MAX_IMPORT_BYTES {
+                    failed = Some(ApiError::TooLarge(format!(
+                        "an import may have at most {MAX_IMPORT_BYTES} bytes"
+                    )));
+                    break;
+                }
+                if let Err(e) = parser.feed(chunk, &mut report, &mut parsed) {
+                    failed = Some(e);
+                    break;
+                }
+            }
+            None => {
+                more = false;
+                if let Err(e) = parser.finish(&mut report, &mut parsed) {
+                    failed = Some(e);
+                    break;
+                }
+            }
         }
-        if let Err(e) = parser.feed(&chunk, &mut report, &mut batch) {
-            failed = Some(e);
-            break;
+        for c in parsed.drain(..) {
+            let w = writer_of(&c.phone);
+            batches[w].push(c);
         }
-        if batch.len() >= IMPORT_BATCH {
-            let full = std::mem::replace(&mut batch, Vec::with_capacity(IMPORT_BATCH));
-            if tx.send(full).await.is_err() {
-                break;
+        for (w, batch) in batches.iter_mut().enumerate() {
+            if batch.len() >= per_writer || (!more && !batch.is_empty()) {
+                let full = std::mem::replace(batch, Vec::with_capacity(per_writer));
+                if senders[w].send(full).await.is_err() {
+                    // The writer stopped on an error; its result says which.
+                    more = false;
+                }
             }
         }
     }
-    if failed.is_none() {
-        if let Err(e) = parser.finish(&mut report, &mut batch) {
-            failed = Some(e);
-        }
+    drop(senders);
+    let mut stored: Result<u64, ApiError> = Ok(0);
+    for writer in writers {
+        let result = match writer.await {
+            Ok(r) => r.map_err(ApiError::from),
+            Err(e) => {
+                tracing::error!(error = %e, "contact import: writer task failed");
+                Err(ApiError::Internal)
+            }
+        };
+        stored = match (stored, result) {
+            (Ok(a), Ok(b)) => Ok(a + b),
+            (Err(e), _) | (_, Err(e)) => Err(e),
+        };
     }
-    if failed.is_none() && !batch.is_empty() {
-        let _ = tx.send(std::mem::take(&mut batch)).await;
-    }
-    drop(tx);
-    let stored = match writer.await {
-        Ok(stored) => stored.map_err(ApiError::from),
-        Err(e) => {
-            tracing::error!(error = %e, "contact import: writer task failed");
-            Err(ApiError::Internal)
-        }
-    };
     // Batches stored before a failure stay stored; sending the file again is harmless.
     if let Some(e) = failed {
         return Err(e);
     }
     report.stored = stored?;
     Ok((StatusCode::OK, Json(report)).into_response())
+}
+
+/// The writer a phone's rows go to.
+fn writer_of(phone: &str) -> usize {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    phone.hash(&mut h);
+    (h.finish() % IMPORT_WRITERS as u64) as usize
 }
 
 enum Parser {

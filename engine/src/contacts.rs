@@ -242,18 +242,44 @@ pub trait ContactStore: Send + Sync + 'static {
         contacts: &[NewContact],
         now: DateTime<Utc>,
     ) -> Result<ImportCounts>;
-    /// Creates the contact of an inbound WhatsApp message if it is new (with its profile name),
-    /// and sets its opt-out when `opt_out` (a STOP keyword).
-    async fn upsert_inbound_contact(
+    /// Creates the contacts of inbound WhatsApp messages that are new (with their profile
+    /// names), and opts out those whose message was a STOP keyword; in one transaction.
+    async fn upsert_inbound_contacts(
         &self,
-        workspace_id: Uuid,
-        phone: &str,
-        name: Option<&str>,
-        opt_out: bool,
+        contacts: &[InboundContact],
         now: DateTime<Utc>,
     ) -> Result<()>;
     /// Contacts in the workspace.
     async fn contact_count(&self, workspace_id: Uuid) -> Result<i64>;
+}
+
+/// The sender of an inbound message, as a contact.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboundContact {
+    pub workspace_id: Uuid,
+    /// E.164.
+    pub phone: String,
+    pub name: Option<String>,
+    /// The message was a STOP keyword.
+    pub opt_out: bool,
+}
+
+/// One entry per (workspace, phone), in key order (so concurrent batches lock rows in the same
+/// order): opted out if any message was STOP, the first name given.
+pub(crate) fn merge_inbound(contacts: &[InboundContact]) -> Vec<InboundContact> {
+    let mut by_key: std::collections::BTreeMap<(Uuid, &str), InboundContact> = Default::default();
+    for c in contacts {
+        by_key
+            .entry((c.workspace_id, c.phone.as_str()))
+            .and_modify(|e| {
+                e.opt_out |= c.opt_out;
+                if e.name.is_none() {
+                    e.name = c.name.clone();
+                }
+            })
+            .or_insert_with(|| c.clone());
+    }
+    by_key.into_values().collect()
 }
 
 /// Attribute maps are stored as JSON objects.

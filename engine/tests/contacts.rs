@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 
 use chrono::{TimeZone, Utc};
-use herald_engine::contacts::{ContactPatch, NewContact};
+use herald_engine::contacts::{ContactPatch, InboundContact, NewContact};
 use herald_engine::{Store, StoreError};
 use serde_json::json;
 use uuid::Uuid;
@@ -187,20 +187,27 @@ async fn import_upserts_and_never_resubscribes(store: Arc<dyn Store>) {
 async fn inbound_contacts_and_stop(store: Arc<dyn Store>) {
     let c = store.contacts();
     let ws = Uuid::new_v4();
-    c.upsert_inbound_contact(ws, "+15550000031", Some("Bob"), false, now())
+    let sender = |name: Option<&str>, opt_out: bool| InboundContact {
+        workspace_id: ws,
+        phone: "+15550000031".into(),
+        name: name.map(str::to_owned),
+        opt_out,
+    };
+    c.upsert_inbound_contacts(&[sender(Some("Bob"), false)], now())
         .await
         .expect("first message");
-    c.upsert_inbound_contact(ws, "+15550000031", Some("Robert"), false, now())
+    c.upsert_inbound_contacts(&[sender(Some("Robert"), false), sender(None, false)], now())
         .await
         .expect("again");
     let list = c.contacts(ws, None, None, 10).await.expect("list");
     assert_eq!(list.len(), 1);
     assert_eq!(list[0].name.as_deref(), Some("Bob"), "a known name is kept");
     assert!(!list[0].opted_out);
-    c.upsert_inbound_contact(ws, "+15550000031", None, true, now())
+    // STOP and a later message in one batch: opted out.
+    c.upsert_inbound_contacts(&[sender(None, true), sender(None, false)], now())
         .await
         .expect("stop");
-    c.upsert_inbound_contact(ws, "+15550000031", None, false, now())
+    c.upsert_inbound_contacts(&[sender(None, false)], now())
         .await
         .expect("hello again");
     let list = c.contacts(ws, None, None, 10).await.expect("list");

@@ -321,22 +321,27 @@ pub async fn process(
         .filter(|c| c.platform == herald_engine::delivery::Platform::Whatsapp)
         .map(|c| c.id)
         .collect();
-    let mut opted_out = 0;
+    let mut senders = Vec::new();
     for m in inbound.iter().filter(|m| whatsapp.contains(&m.channel_id)) {
         let Ok(phone) = herald_engine::contacts::e164(&format!("+{}", m.sender)) else {
             warn!(sender = %m.sender, "webhook: a WhatsApp sender that is not a phone number");
             continue;
         };
-        let stop = m.kind == "text"
-            && m.text
-                .as_deref()
-                .is_some_and(herald_engine::contacts::is_opt_out_keyword);
-        opted_out += usize::from(stop);
-        store
-            .contacts()
-            .upsert_inbound_contact(m.workspace_id, &phone, m.profile_name.as_deref(), stop, now)
-            .await?;
+        senders.push(herald_engine::contacts::InboundContact {
+            workspace_id: m.workspace_id,
+            phone,
+            name: m.profile_name.clone(),
+            opt_out: m.kind == "text"
+                && m.text
+                    .as_deref()
+                    .is_some_and(herald_engine::contacts::is_opt_out_keyword),
+        });
     }
+    let opted_out = senders.iter().filter(|c| c.opt_out).count();
+    store
+        .contacts()
+        .upsert_inbound_contacts(&senders, now)
+        .await?;
     let ids: Vec<i64> = deliveries.iter().map(|d| d.id).collect();
     let fresh = inbox.finish_webhooks(&ids, &inbound, now).await?;
     Ok(Processed {

@@ -10,7 +10,8 @@ use uuid::Uuid;
 
 use super::PgStore;
 use crate::contacts::{
-    attributes_from, attributes_json, Contact, ContactPatch, ContactStore, ImportCounts, NewContact,
+    attributes_from, attributes_json, merge_inbound, Contact, ContactPatch, ContactStore,
+    ImportCounts, InboundContact, NewContact,
 };
 use crate::error::{Result, StoreError};
 use crate::model::InvalidJob;
@@ -55,7 +56,7 @@ impl ContactStore for PgStore {
              VALUES ($1, $2, $3, $4, $5, $6::jsonb, $7, CASE WHEN $7 THEN $8 END, $8, $8)
              RETURNING {COLUMNS}"
         ))
-        .bind(Uuid::new_v4())
+        .bind(Uuid::now_v7())
         .bind(workspace_id)
         .bind(&c.phone)
         .bind(&c.name)
@@ -169,7 +170,7 @@ impl ContactStore for PgStore {
             let pick = |f: &dyn Fn(&NewContact) -> String| -> Vec<String> {
                 chunk.iter().map(|&i| f(&contacts[i])).collect()
             };
-            let ids: Vec<Uuid> = chunk.iter().map(|_| Uuid::new_v4()).collect();
+            let ids: Vec<Uuid> = chunk.iter().map(|_| Uuid::now_v7()).collect();
             let names: Vec<Option<&str>> =
                 chunk.iter().map(|&i| contacts[i].name.as_deref()).collect();
             let opted: Vec<bool> = chunk.iter().map(|&i| contacts[i].opted_out).collect();
@@ -207,18 +208,21 @@ impl ContactStore for PgStore {
         Ok(ImportCounts { stored })
     }
 
-    async fn upsert_inbound_contact(
+    async fn upsert_inbound_contacts(
         &self,
-        workspace_id: Uuid,
-        phone: &str,
-        name: Option<&str>,
-        opt_out: bool,
+        contacts: &[InboundContact],
         now: DateTime<Utc>,
     ) -> Result<()> {
+        let merged = merge_inbound(contacts);
+        if merged.is_empty() {
+            return Ok(());
+        }
         sqlx::query(
             "INSERT INTO herald_contacts (id, workspace_id, phone, name, opted_out, opted_out_at,
                                           created_at, updated_at)
-             VALUES ($1, $2, $3, $4, $5, CASE WHEN $5 THEN $6 END, $6, $6)
+             SELECT id, ws, phone, name, stop, CASE WHEN stop THEN $6 END, $6, $6
+               FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::bool[])
+                    AS t(id, ws, phone, name, stop)
              ON CONFLICT (workspace_id, phone) DO UPDATE SET
                 name = coalesce(herald_contacts.name, excluded.name),
                 opted_out = herald_contacts.opted_out OR excluded.opted_out,
@@ -226,11 +230,11 @@ impl ContactStore for PgStore {
                 updated_at = CASE WHEN excluded.opted_out AND NOT herald_contacts.opted_out
                                   THEN excluded.updated_at ELSE herald_contacts.updated_at END",
         )
-        .bind(Uuid::new_v4())
-        .bind(workspace_id)
-        .bind(phone)
-        .bind(name)
-        .bind(opt_out)
+        .bind(merged.iter().map(|_| Uuid::now_v7()).collect::<Vec<_>>())
+        .bind(merged.iter().map(|c| c.workspace_id).collect::<Vec<_>>())
+        .bind(merged.iter().map(|c| c.phone.as_str()).collect::<Vec<_>>())
+        .bind(merged.iter().map(|c| c.name.as_deref()).collect::<Vec<_>>())
+        .bind(merged.iter().map(|c| c.opt_out).collect::<Vec<_>>())
         .bind(now)
         .execute(&self.pool)
         .await?;

@@ -11,7 +11,8 @@ use uuid::Uuid;
 use super::{parse_uuid, SqliteStore};
 use crate::clock::{from_micros, to_micros};
 use crate::contacts::{
-    attributes_from, attributes_json, Contact, ContactPatch, ContactStore, ImportCounts, NewContact,
+    attributes_from, attributes_json, merge_inbound, Contact, ContactPatch, ContactStore,
+    ImportCounts, InboundContact, NewContact,
 };
 use crate::error::{Result, StoreError};
 use crate::model::InvalidJob;
@@ -60,7 +61,7 @@ impl ContactStore for SqliteStore {
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, CASE WHEN ?7 THEN ?8 END, ?8, ?8)
              RETURNING {COLUMNS}"
         ))
-        .bind(Uuid::new_v4().to_string())
+        .bind(Uuid::now_v7().to_string())
         .bind(workspace_id.to_string())
         .bind(&c.phone)
         .bind(&c.name)
@@ -174,7 +175,7 @@ impl ContactStore for SqliteStore {
                 .map(|&i| {
                     let c = &contacts[i];
                     serde_json::json!([
-                        Uuid::new_v4().to_string(),
+                        Uuid::now_v7().to_string(),
                         c.phone,
                         c.name,
                         labels_json(&c.labels),
@@ -208,33 +209,38 @@ impl ContactStore for SqliteStore {
         Ok(ImportCounts { stored })
     }
 
-    async fn upsert_inbound_contact(
+    async fn upsert_inbound_contacts(
         &self,
-        workspace_id: Uuid,
-        phone: &str,
-        name: Option<&str>,
-        opt_out: bool,
+        contacts: &[InboundContact],
         now: DateTime<Utc>,
     ) -> Result<()> {
-        sqlx::query(
-            "INSERT INTO herald_contacts (id, workspace_id, phone, name, opted_out, opted_out_at,
-                                          created_at, updated_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, CASE WHEN ?5 THEN ?6 END, ?6, ?6)
-             ON CONFLICT (workspace_id, phone) DO UPDATE SET
-                name = coalesce(herald_contacts.name, excluded.name),
-                opted_out = herald_contacts.opted_out OR excluded.opted_out,
-                opted_out_at = coalesce(herald_contacts.opted_out_at, excluded.opted_out_at),
-                updated_at = CASE WHEN excluded.opted_out AND NOT herald_contacts.opted_out
-                                  THEN excluded.updated_at ELSE herald_contacts.updated_at END",
-        )
-        .bind(Uuid::new_v4().to_string())
-        .bind(workspace_id.to_string())
-        .bind(phone)
-        .bind(name)
-        .bind(opt_out)
-        .bind(to_micros(now))
-        .execute(&self.pool)
-        .await?;
+        let merged = merge_inbound(contacts);
+        if merged.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for c in &merged {
+            sqlx::query(
+                "INSERT INTO herald_contacts (id, workspace_id, phone, name, opted_out, opted_out_at,
+                                              created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, CASE WHEN ?5 THEN ?6 END, ?6, ?6)
+                 ON CONFLICT (workspace_id, phone) DO UPDATE SET
+                    name = coalesce(herald_contacts.name, excluded.name),
+                    opted_out = herald_contacts.opted_out OR excluded.opted_out,
+                    opted_out_at = coalesce(herald_contacts.opted_out_at, excluded.opted_out_at),
+                    updated_at = CASE WHEN excluded.opted_out AND NOT herald_contacts.opted_out
+                                      THEN excluded.updated_at ELSE herald_contacts.updated_at END",
+            )
+            .bind(Uuid::now_v7().to_string())
+            .bind(c.workspace_id.to_string())
+            .bind(&c.phone)
+            .bind(c.name.as_deref())
+            .bind(c.opt_out)
+            .bind(to_micros(now))
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 
