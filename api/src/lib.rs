@@ -24,6 +24,8 @@ pub struct AppState {
     pub channels: Arc<ChannelCache>,
     /// Opens the admin routes (workspaces); None closes them.
     pub admin_token: Option<Arc<str>>,
+    /// Counters for `/metrics`.
+    pub metrics: Arc<ops::Metrics>,
 }
 
 /// Settings of the HTTP layer.
@@ -44,6 +46,7 @@ impl AppState {
                 ChannelCacheConfig::default(),
             )),
             admin_token: config.admin_token.filter(|t| !t.is_empty()).map(Arc::from),
+            metrics: Arc::new(ops::Metrics::default()),
             store,
         }
     }
@@ -52,6 +55,7 @@ impl AppState {
 pub mod cache;
 pub mod contacts;
 pub mod ingest;
+pub mod ops;
 pub mod v1;
 pub mod webhooks;
 
@@ -62,6 +66,7 @@ pub fn app(state: AppState) -> Router {
     Router::new()
         .merge(v1::routes())
         .merge(contacts::routes())
+        .merge(ops::routes())
         .route("/healthz", get(healthz))
         .route(
             "/webhooks/{channel_id}",

@@ -66,18 +66,28 @@ pub async fn receive(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let started = std::time::Instant::now();
+    let m = state.metrics.clone();
+    let count = |c: &std::sync::atomic::AtomicU64| {
+        c.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    };
     let body = match body {
         Ok(body) => body,
         Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            count(&m.webhooks_too_large);
             return problem(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "body-too-large",
                 &format!("a webhook body may have at most {MAX_BODY} bytes"),
-            )
+            );
         }
-        Err(e) => return problem(e.status(), "unreadable-body", &e.body_text()),
+        Err(e) => {
+            count(&m.webhooks_malformed);
+            return problem(e.status(), "unreadable-body", &e.body_text());
+        }
     };
     let Some(channel) = channel_of(&state, &channel_id).await else {
+        count(&m.webhooks_unknown_channel);
         return problem(StatusCode::NOT_FOUND, "unknown-channel", "no such channel");
     };
     let signature = headers
@@ -85,6 +95,7 @@ pub async fn receive(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     if !signature_valid(&channel.app_secret, &body, signature) {
+        count(&m.webhooks_bad_signature);
         return problem(
             StatusCode::UNAUTHORIZED,
             "bad-signature",
@@ -92,11 +103,17 @@ pub async fn receive(
         );
     }
     if let Err(why) = check_envelope(&body) {
+        count(&m.webhooks_malformed);
         return problem(StatusCode::BAD_REQUEST, "malformed-webhook", &why);
     }
     match state.ingest.store(channel.id, body.to_vec()).await {
-        Ok(()) => StatusCode::OK.into_response(),
+        Ok(()) => {
+            count(&m.webhooks_accepted);
+            m.webhook_latency.observe(started.elapsed());
+            StatusCode::OK.into_response()
+        }
         Err(e) => {
+            count(&m.webhooks_unavailable);
             // Logged by the ingest (or here, when it refused to queue).
             if matches!(e, crate::ingest::IngestError::Overloaded) {
                 tracing::warn!(channel = %channel.id, "webhook: ingest overloaded; refused");

@@ -366,6 +366,8 @@ async fn another_workspaces_ids_answer_404_everywhere() {
         ("GET", "/v1/contacts/{}"),
         ("PATCH", "/v1/contacts/{}"),
         ("DELETE", "/v1/contacts/{}"),
+        ("POST", "/v1/channels/{}/pause"),
+        ("POST", "/v1/channels/{}/resume"),
     ] {
         let foreign = if template.contains("channels") {
             &a_channel
@@ -597,4 +599,143 @@ async fn csv_import_with_quotes_labels_and_attributes() {
     assert!(multi.opted_out);
     let (status, problem) = f.import(&key, "text/csv", "name,city\nX,Y\n", 100).await;
     assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{problem}");
+}
+
+#[tokio::test]
+async fn operators_see_metrics_queues_and_jobs_and_pause_channels() {
+    let f = fixture().await;
+    let (_, key) = f.workspace("Acme").await;
+    let (status, ready) = f.call("GET", "/readyz", None, None).await;
+    assert_eq!(status, StatusCode::OK, "{ready}");
+
+    let enqueued = f
+        .store
+        .enqueue(
+            &herald_engine::NewJob::new("noop", json!({}))
+                .run_at(chrono::Utc::now() + chrono::Duration::hours(1)),
+            chrono::Utc::now(),
+        )
+        .await
+        .expect("enqueue");
+    let id = enqueued.id;
+    let (status, _) = f.call("GET", "/v1/admin/queues", Some(&key), None).await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "a workspace key is not the admin token"
+    );
+    let (status, queues) = f.call("GET", "/v1/admin/queues", Some(ADMIN), None).await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(queues.to_string().contains("scheduled"), "{queues}");
+    let (status, list) = f
+        .call(
+            "GET",
+            "/v1/admin/jobs?state=scheduled&limit=10",
+            Some(ADMIN),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(list["data"][0]["id"], id);
+    let (status, _) = f
+        .call("GET", "/v1/admin/jobs?state=nonsense", Some(ADMIN), None)
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let (status, cancelled) = f
+        .call(
+            "POST",
+            &format!("/v1/admin/jobs/{id}/cancel"),
+            Some(ADMIN),
+            Some(json!({ "reason": "not needed" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{cancelled}");
+    assert_eq!(cancelled["state"], "cancelled");
+    let (status, _) = f
+        .call(
+            "POST",
+            &format!("/v1/admin/jobs/{id}/cancel"),
+            Some(ADMIN),
+            None,
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::CONFLICT,
+        "a final job cannot be cancelled"
+    );
+    let (status, retried) = f
+        .call(
+            "POST",
+            &format!("/v1/admin/jobs/{id}/retry"),
+            Some(ADMIN),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(retried["state"], "available");
+    let (status, _) = f
+        .call("GET", "/v1/admin/jobs/999999999", Some(ADMIN), None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    let channel = f.channel(&key, "1555000301").await;
+    let cid = channel["id"].as_str().expect("id").to_owned();
+    let (status, _) = f
+        .call(
+            "POST",
+            &format!("/v1/channels/{cid}/pause"),
+            Some(&key),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (_, paused) = f
+        .call("GET", &format!("/v1/channels/{cid}"), Some(&key), None)
+        .await;
+    assert_eq!(paused["paused_reason"], "paused by an operator");
+    let (status, _) = f
+        .call(
+            "POST",
+            &format!("/v1/channels/{cid}/resume"),
+            Some(&key),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (_, resumed) = f
+        .call("GET", &format!("/v1/channels/{cid}"), Some(&key), None)
+        .await;
+    assert_eq!(resumed["paused_reason"], Value::Null);
+
+    // Metrics: Prometheus text with the job gauges and webhook counters.
+    let response = app(AppState::new(
+        f.store.clone(),
+        Arc::new(herald_engine::SystemClock),
+        ApiConfig::default(),
+    ))
+    .oneshot(
+        Request::get("/metrics")
+            .body(Body::empty())
+            .expect("request"),
+    )
+    .await
+    .expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    let text = String::from_utf8(
+        axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .expect("body")
+            .to_vec(),
+    )
+    .expect("utf-8");
+    for want in [
+        "herald_jobs{queue=\"default\",state=\"available\"} 1",
+        "herald_webhook_requests_total{outcome=\"bad_signature\"} 0",
+        "herald_webhook_response_seconds_bucket{le=\"+Inf\"} 0",
+        "herald_webhook_deliveries{state=\"pending\"} 0",
+        "herald_metrics_database_up 1",
+    ] {
+        assert!(text.contains(want), "{want} in\n{text}");
+    }
 }
