@@ -4,13 +4,13 @@
 //! as its last line `{"contacts":N,"format":..,"seconds":..,"rows_per_sec":..,"stored":..,
 //! "rejected":..}`.
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use clap::{Args, ValueEnum};
 use herald_engine::ConnectOptions;
 use serde_json::{json, Value};
-use uuid::Uuid;
+
+use crate::bench_server::{drop_schema, fresh_schema, ServeOptions, Server};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum ImportFormat {
@@ -34,24 +34,12 @@ pub struct ImportArgs {
     database_url: String,
 }
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 pub async fn run(args: ImportArgs) -> Result<(), Box<dyn std::error::Error>> {
     if args.contacts == 0 {
         return Err("--contacts must be above zero".into());
     }
     let pg = args.database_url.starts_with("postgres");
-    let schema = format!(
-        "herald_bench_import_{}",
-        &Uuid::new_v4().simple().to_string()[..8]
-    );
+    let schema = fresh_schema("import");
     let master_key = herald_engine::crypto::generate_key();
     let store = herald_engine::connect(
         &args.database_url,
@@ -63,11 +51,7 @@ pub async fn run(args: ImportArgs) -> Result<(), Box<dyn std::error::Error>> {
     .await?;
     let result = bench(&args, store, pg.then_some(schema.as_str()), &master_key).await;
     if pg {
-        if let Ok(pool) = sqlx::PgPool::connect(&args.database_url).await {
-            let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
-                .execute(&pool)
-                .await;
-        }
+        drop_schema(&args.database_url, &schema).await;
     }
     result
 }
@@ -110,44 +94,18 @@ async fn bench(
         .tenancy()
         .create_api_key(workspace.id, "bench", chrono::Utc::now())
         .await?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.arg("serve")
-        .env("DATABASE_URL", &args.database_url)
-        .env("HERALD_LISTEN", format!("127.0.0.1:{port}"))
-        .env("HERALD_QUEUES", "")
-        .env("HERALD_MASTER_KEY", master_key)
-        .env(
-            "HERALD_LOG",
-            std::env::var("HERALD_LOG").unwrap_or_else(|_| "warn".into()),
-        )
-        .env_remove("HERALD_CONFIG")
-        .env_remove("HERALD_REDIS_URL")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null());
-    match schema {
-        Some(s) => cmd.env("HERALD_PG_SCHEMA", s),
-        None => cmd.env_remove("HERALD_PG_SCHEMA"),
-    };
-    let _server = Proc(cmd.spawn()?);
-    let base = format!("http://127.0.0.1:{port}");
+    let server = Server::spawn(&ServeOptions {
+        database_url: &args.database_url,
+        schema,
+        master_key,
+        queues: "",
+        worker_id: "bench-import",
+    })?;
+    server.wait_ready().await?;
+    let base = server.base.clone();
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(600))
         .build()?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !http
-        .get(format!("{base}/healthz"))
-        .send()
-        .await
-        .is_ok_and(|r| r.status().is_success())
-    {
-        if Instant::now() > deadline {
-            return Err("herald serve did not come up".into());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
     let upload = body(args.format, args.contacts);
     let bytes = upload.len();
     let content_type = match args.format {

@@ -5,7 +5,6 @@
 //! `{"requests":N,"rps":..,"p50_ms":..,"p99_ms":..,"errors":..,"stored":..}` plus the
 //! processing figures.
 
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,6 +15,8 @@ use hmac::{Hmac, Mac};
 use serde_json::json;
 use sha2::Sha256;
 use uuid::Uuid;
+
+use crate::bench_server::{drop_schema, fresh_schema, wait_ready, ServeOptions, Server};
 
 #[derive(Args, Debug)]
 pub struct WebhooksArgs {
@@ -40,17 +41,10 @@ pub struct WebhooksArgs {
     channel_id: Option<Uuid>,
     #[arg(long, requires = "url")]
     app_secret: Option<String>,
-}
-
-struct Proc(Option<Child>);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(c) = &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+    /// Apply the stored deliveries only after the upload, not while it runs: measures the
+    /// ingest alone (an API node's work), then how long the queue takes to catch up.
+    #[arg(long, conflicts_with = "url")]
+    process_after: bool,
 }
 
 const SENDER_ID: &str = "1555000200";
@@ -64,10 +58,7 @@ pub async fn run(args: WebhooksArgs) -> Result<(), Box<dyn std::error::Error>> {
     }
     let pg = args.database_url.starts_with("postgres");
     let own_schema = args.url.is_none() && pg;
-    let schema = format!(
-        "herald_bench_webhooks_{}",
-        &Uuid::new_v4().simple().to_string()[..8]
-    );
+    let schema = fresh_schema("webhooks");
     // A key of the run's own, for the channel it creates and the server it starts.
     let master_key = herald_engine::crypto::generate_key();
     let store = herald_engine::connect(
@@ -90,11 +81,7 @@ pub async fn run(args: WebhooksArgs) -> Result<(), Box<dyn std::error::Error>> {
     )
     .await;
     if own_schema {
-        if let Ok(pool) = sqlx::PgPool::connect(&args.database_url).await {
-            let _ = sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
-                .execute(&pool)
-                .await;
-        }
+        drop_schema(&args.database_url, &schema).await;
     }
     result
 }
@@ -142,7 +129,7 @@ async fn bench(
     schema: Option<&str>,
     master_key: &str,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let mut server = Proc(None);
+    let mut server: Option<Server> = None;
     let (base, channel_id, secret) = match &args.url {
         Some(url) => (
             url.trim_end_matches('/').to_owned(),
@@ -170,46 +157,19 @@ async fn bench(
                     chrono::Utc::now(),
                 )
                 .await?;
-            let port = std::net::TcpListener::bind("127.0.0.1:0")?
-                .local_addr()?
-                .port();
-            let mut cmd = Command::new(std::env::current_exe()?);
-            cmd.arg("serve")
-                .env("DATABASE_URL", &args.database_url)
-                .env("HERALD_MASTER_KEY", master_key)
-                .env_remove("HERALD_PREVIOUS_MASTER_KEYS")
-                .env("HERALD_LISTEN", format!("127.0.0.1:{port}"))
-                .env("HERALD_QUEUES", "webhooks=8")
-                .env("HERALD_WORKER_ID", "bench-webhooks")
-                .env(
-                    "HERALD_LOG",
-                    std::env::var("HERALD_LOG").unwrap_or_else(|_| "warn".into()),
-                )
-                .env_remove("HERALD_CONFIG")
-                .env_remove("HERALD_REDIS_URL")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null());
-            match schema {
-                Some(s) => cmd.env("HERALD_PG_SCHEMA", s),
-                None => cmd.env_remove("HERALD_PG_SCHEMA"),
-            };
-            server.0 = Some(cmd.spawn()?);
-            (format!("http://127.0.0.1:{port}"), channel.id, secret)
+            let spawned = Server::spawn(&ServeOptions {
+                database_url: &args.database_url,
+                schema,
+                master_key,
+                queues: if args.process_after { "" } else { "webhooks=8" },
+                worker_id: "bench-webhooks",
+            })?;
+            let base = spawned.base.clone();
+            server = Some(spawned);
+            (base, channel.id, secret)
         }
     };
-    let http = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !http
-        .get(format!("{base}/healthz"))
-        .send()
-        .await
-        .is_ok_and(|r| r.status().is_success())
-    {
-        if Instant::now() > deadline {
-            return Err(format!("the server at {base} did not come up").into());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_ready(&base).await?;
     let before = store.inbox().webhook_counts().await?;
 
     // Signed bodies are made before the clock starts: signing is Meta's work, not ours.
@@ -293,7 +253,23 @@ async fn bench(
         percentile(&latencies, 0.50),
         percentile(&latencies, 0.99)
     );
-    // Then wait for the queue to apply them (bounded, in case processing is broken).
+    // Then wait for the queue to apply them (bounded, in case processing is broken); with
+    // --process-after, a second server that only works the queue starts now.
+    let mut worker = None;
+    if args.process_after {
+        if let Some(s) = server.as_mut() {
+            s.stop().await;
+        }
+        let w = Server::spawn(&ServeOptions {
+            database_url: &args.database_url,
+            schema,
+            master_key,
+            queues: "webhooks=8",
+            worker_id: "bench-webhooks-worker",
+        })?;
+        w.wait_ready().await?;
+        worker = Some(w);
+    }
     let process_deadline = Instant::now() + Duration::from_secs(300);
     let pending = loop {
         let c = store.inbox().webhook_counts().await?;
@@ -304,21 +280,11 @@ async fn bench(
     };
     let processed_s = started.elapsed().as_secs_f64();
     let messages = store.inbox().inbound_messages(channel_id, 1).await?.len();
-    if let Some(c) = &server.0 {
-        // SIGTERM, so the server drains like in production.
-        let _ = Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status();
-        for _ in 0..100 {
-            if server
-                .0
-                .as_mut()
-                .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))))
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+    if let Some(w) = worker.as_mut() {
+        w.stop().await;
+    }
+    if let Some(server) = server.as_mut() {
+        server.stop().await;
     }
     eprintln!(
         "bench webhooks: {} requests from {} connections in {elapsed:.2}s; {accepted} accepted, {stored} stored; all processed after {processed_s:.2}s ({pending} pending){}",

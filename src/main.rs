@@ -4,6 +4,7 @@
 mod bench;
 mod bench_delivery;
 mod bench_import;
+mod bench_server;
 mod bench_webhooks;
 mod channels;
 mod demo;

@@ -7,26 +7,18 @@ mod common;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{free_port, herald, pg_url, Proc, TestDir};
+use common::{free_port, pg_url, run_bench, TestDir};
 use serde_json::Value;
 
-/// Runs the bench and returns its last line, parsed.
+/// Runs `herald bench delivery` and returns its last line, parsed.
 async fn bench(dir: &TestDir, name: &str, args: &[&str], redis_url: Option<&str>) -> Value {
-    let mut cmd = herald();
-    cmd.args(["bench", "delivery"])
-        .args(args)
-        .current_dir(dir.path())
-        .env("HERALD_LOG", "warn,herald_engine::limit=info");
+    let mut full = vec!["bench", "delivery"];
+    full.extend_from_slice(args);
+    let mut env = vec![("HERALD_LOG", "warn,herald_engine::limit=info")];
     if let Some(url) = redis_url {
-        cmd.env("HERALD_REDIS_URL", url);
+        env.push(("HERALD_REDIS_URL", url));
     }
-    let mut proc = Proc::spawn(name, cmd, dir.path());
-    let status = proc.wait_for_exit(Duration::from_secs(240)).await;
-    assert!(status.success(), "the bench succeeds\n{}", proc.logs());
-    let stdout = proc.stdout();
-    let last = stdout.lines().last().unwrap_or_default().to_owned();
-    serde_json::from_str(&last)
-        .unwrap_or_else(|e| panic!("last line is JSON ({e}): {last:?}\n{}", proc.logs()))
+    run_bench(dir, name, &full, &env).await
 }
 
 fn assert_clean(result: &Value, what: &str) {

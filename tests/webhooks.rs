@@ -5,14 +5,11 @@
 
 mod common;
 
-use std::time::Duration;
-
-use common::{herald, pg_url, Proc, TestDir};
+use common::{pg_url, run_bench, TestDir};
 use serde_json::Value;
 
 async fn bench(dir: &TestDir, name: &str, database_url: &str) -> Value {
-    let mut cmd = herald();
-    cmd.args([
+    let args = [
         "bench",
         "webhooks",
         "--requests",
@@ -21,16 +18,8 @@ async fn bench(dir: &TestDir, name: &str, database_url: &str) -> Value {
         "32",
         "--database-url",
         database_url,
-    ])
-    .current_dir(dir.path())
-    .env("HERALD_LOG", "warn");
-    let mut proc = Proc::spawn(name, cmd, dir.path());
-    let status = proc.wait_for_exit(Duration::from_secs(240)).await;
-    assert!(status.success(), "the bench succeeds\n{}", proc.logs());
-    let stdout = proc.stdout();
-    let last = stdout.lines().last().unwrap_or_default().to_owned();
-    serde_json::from_str(&last)
-        .unwrap_or_else(|e| panic!("last line is JSON ({e}): {last:?}\n{}", proc.logs()))
+    ];
+    run_bench(dir, name, &args, &[]).await
 }
 
 fn assert_all_stored_and_processed(result: &Value) {
@@ -59,8 +48,7 @@ async fn every_acknowledged_delivery_is_stored_and_processed_on_sqlite() {
 
 /// `herald bench import` through a real server: every valid row stored, every bad one reported.
 async fn import(dir: &TestDir, name: &str, database_url: &str, format: &str) -> Value {
-    let mut cmd = herald();
-    cmd.args([
+    let args = [
         "bench",
         "import",
         "--contacts",
@@ -69,20 +57,8 @@ async fn import(dir: &TestDir, name: &str, database_url: &str, format: &str) -> 
         format,
         "--database-url",
         database_url,
-    ])
-    .current_dir(dir.path())
-    .env("HERALD_LOG", "warn");
-    let mut proc = Proc::spawn(name, cmd, dir.path());
-    let status = proc.wait_for_exit(Duration::from_secs(240)).await;
-    assert!(
-        status.success(),
-        "the import bench succeeds\n{}",
-        proc.logs()
-    );
-    let stdout = proc.stdout();
-    let last = stdout.lines().last().unwrap_or_default().to_owned();
-    serde_json::from_str(&last)
-        .unwrap_or_else(|e| panic!("last line is JSON ({e}): {last:?}\n{}", proc.logs()))
+    ];
+    run_bench(dir, name, &args, &[]).await
 }
 
 #[tokio::test]

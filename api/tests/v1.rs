@@ -1,6 +1,10 @@
 //! The `/v1` API through `app(state)` with `oneshot`: workspaces and keys, channels, pagination,
 //! bad input, and the walk that proves another workspace's ids answer 404 everywhere.
 
+mod common;
+
+use common::{fixture, Fixture};
+
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -12,35 +16,6 @@ use tower::ServiceExt;
 use uuid::Uuid;
 
 const ADMIN: &str = "admin-token-for-tests-0123456789";
-
-struct Fixture {
-    store: Arc<dyn Store>,
-    path: std::path::PathBuf,
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", self.path.display()));
-        }
-    }
-}
-
-async fn fixture() -> Fixture {
-    let path = std::env::temp_dir().join(format!("herald_api_v1_{}.db", Uuid::new_v4().simple()));
-    let store = herald_engine::connect(
-        &format!("sqlite:{}", path.display()),
-        &ConnectOptions {
-            keyring: Some(Arc::new(
-                herald_engine::crypto::Keyring::parse(&"cd".repeat(32), &[]).expect("key"),
-            )),
-            ..ConnectOptions::default()
-        },
-    )
-    .await
-    .expect("open sqlite");
-    Fixture { store, path }
-}
 
 impl Fixture {
     async fn call(

@@ -2,6 +2,10 @@
 //! handshake, the signature check before anything is parsed, bad input, and statuses applied
 //! monotonically.
 
+mod common;
+
+use common::{fixture, Fixture};
+
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -19,39 +23,6 @@ use tower::ServiceExt;
 use uuid::Uuid;
 
 const SECRET: &str = "app-secret-for-tests";
-
-struct Fixture {
-    store: Arc<dyn Store>,
-    path: std::path::PathBuf,
-}
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        for suffix in ["", "-wal", "-shm"] {
-            let _ = std::fs::remove_file(format!("{}{suffix}", self.path.display()));
-        }
-    }
-}
-
-async fn fixture() -> Fixture {
-    let path = std::env::temp_dir().join(format!("herald_api_wh_{}.db", Uuid::new_v4().simple()));
-    let store = herald_engine::connect(
-        &format!("sqlite:{}", path.display()),
-        &ConnectOptions {
-            keyring: Some(std::sync::Arc::new(
-                herald_engine::crypto::Keyring::parse(
-                    "abababababababababababababababababababababababababababababababab",
-                    &[],
-                )
-                .expect("test key"),
-            )),
-            ..ConnectOptions::default()
-        },
-    )
-    .await
-    .expect("open sqlite");
-    Fixture { store, path }
-}
 
 async fn channel(store: &Arc<dyn Store>, platform: Platform) -> Channel {
     store

@@ -404,3 +404,29 @@ pub async fn running_ids(store: &dyn Store) -> std::collections::BTreeSet<JobId>
         .map(|j| j.id)
         .collect()
 }
+
+/// Runs `herald <args>` (a bench) in `dir` until it exits (at most 240 s), requires success,
+/// and returns its last stdout line parsed as JSON.
+pub async fn run_bench(
+    dir: &TestDir,
+    name: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> serde_json::Value {
+    let mut cmd = herald();
+    cmd.args(args)
+        .current_dir(dir.path())
+        .env("HERALD_LOG", "warn");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut proc = Proc::spawn(name, cmd, dir.path());
+    let status = proc
+        .wait_for_exit(std::time::Duration::from_secs(240))
+        .await;
+    assert!(status.success(), "{name} succeeds\n{}", proc.logs());
+    let stdout = proc.stdout();
+    let last = stdout.lines().last().unwrap_or_default().to_owned();
+    serde_json::from_str(&last)
+        .unwrap_or_else(|e| panic!("last line is JSON ({e}): {last:?}\n{}", proc.logs()))
+}
