@@ -10,7 +10,6 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use herald_api::{app, ApiConfig, AppState};
-use herald_engine::{ConnectOptions, Store};
 use serde_json::{json, Value};
 use tower::ServiceExt;
 use uuid::Uuid;

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{fixture, Fixture};
+use common::fixture;
 
 use std::sync::Arc;
 
@@ -15,7 +15,7 @@ use herald_api::{app, AppState};
 use herald_engine::delivery::{
     Channel, Lane, Message, NewChannel, NewSend, Platform, SendStatus, SendUpdate,
 };
-use herald_engine::{ConnectOptions, Store};
+use herald_engine::Store;
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;
