@@ -10,6 +10,11 @@ use std::time::Duration;
 use common::{free_port, pg_url, run_bench, TestDir};
 use serde_json::Value;
 
+/// The benches here run one at a time (each test holds this for its whole run). Each starts the sandbox and one or two engine processes
+/// that send at a measured rate; three at once on a two-core machine starve each other of CPU,
+/// and a starved process sends the requests of several permit grants in one burst.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Runs `herald bench delivery` and returns its last line, parsed.
 async fn bench(dir: &TestDir, name: &str, args: &[&str], redis_url: Option<&str>) -> Value {
     let mut full = vec!["bench", "delivery"];
@@ -32,6 +37,7 @@ fn assert_clean(result: &Value, what: &str) {
 
 #[tokio::test]
 async fn two_processes_share_a_channel_through_redis_with_lost_answers() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let dir = TestDir::new();
     let result = bench(
         &dir,
@@ -63,6 +69,7 @@ async fn two_processes_share_a_channel_through_redis_with_lost_answers() {
 
 #[tokio::test]
 async fn one_process_on_the_embedded_store() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let dir = TestDir::new();
     let sqlite = dir.sqlite_url("bench");
     let result = bench(
@@ -132,6 +139,8 @@ impl Drop for Redis {
 /// comes back: both fall back to a conservative local share (slower, never faster) and return.
 #[tokio::test]
 async fn redis_stopped_and_restarted_mid_run() {
+    // Held before Redis is started, so the outage below falls in this bench's run.
+    let _turn = ONE_AT_A_TIME.lock().await;
     let dir = TestDir::new();
     let port = free_port();
     let redis = Redis::start(port);
