@@ -31,7 +31,7 @@ pub use error::{Result, StoreError};
 pub use handler::{JobContext, JobError, KindPolicy, Registry, Worker};
 pub use model::{Enqueued, Job, JobFilter, JobId, JobState, NewJob};
 pub use runtime::{Engine, ShutdownReport};
-pub use store::{connect, Backend, ConnectOptions, PgStore, SqliteStore, Store};
+pub use store::{connect, Backend, ConnectOptions, PausedQueue, PgStore, SqliteStore, Store};
 
 /// Enqueues jobs with the engine's clock. Cheap to clone.
 #[derive(Clone)]

@@ -40,6 +40,11 @@ pub const POSTGRES: &[Migration] = &[
         name: "contacts",
         sql: include_str!("../../migrations/postgres/0006_contacts.sql"),
     },
+    Migration {
+        version: 7,
+        name: "queues_templates",
+        sql: include_str!("../../migrations/postgres/0007_queues_templates.sql"),
+    },
 ];
 
 pub const SQLITE: &[Migration] = &[
@@ -72,6 +77,11 @@ pub const SQLITE: &[Migration] = &[
         version: 6,
         name: "contacts",
         sql: include_str!("../../migrations/sqlite/0006_contacts.sql"),
+    },
+    Migration {
+        version: 7,
+        name: "queues_templates",
+        sql: include_str!("../../migrations/sqlite/0007_queues_templates.sql"),
     },
 ];
 

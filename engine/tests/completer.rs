@@ -171,6 +171,28 @@ impl Store for RefusesOne {
     ) -> herald_engine::Result<Option<Job>> {
         self.inner.cancel_job(id, now, reason).await
     }
+    async fn discard_job(
+        &self,
+        id: JobId,
+        now: DateTime<Utc>,
+        reason: &str,
+    ) -> herald_engine::Result<Option<Job>> {
+        self.inner.discard_job(id, now, reason).await
+    }
+    async fn pause_queue(
+        &self,
+        queue: &str,
+        reason: &str,
+        now: DateTime<Utc>,
+    ) -> herald_engine::Result<bool> {
+        self.inner.pause_queue(queue, reason, now).await
+    }
+    async fn resume_queue(&self, queue: &str) -> herald_engine::Result<bool> {
+        self.inner.resume_queue(queue).await
+    }
+    async fn paused_queues(&self) -> herald_engine::Result<Vec<herald_engine::PausedQueue>> {
+        self.inner.paused_queues().await
+    }
     async fn stats(&self) -> herald_engine::Result<Vec<QueueStat>> {
         self.inner.stats().await
     }

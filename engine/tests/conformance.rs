@@ -61,6 +61,8 @@ conformance!(
     completion_moves_job_to_archive,
     retry_and_snooze_transitions,
     discard_cancel_and_operator_retry,
+    operator_discard,
+    paused_queue_is_not_claimed,
     stale_completions_change_nothing,
     rescue_hands_back_expired_leases,
     heartbeat_keeps_the_lease,
@@ -619,6 +621,127 @@ async fn discard_cancel_and_operator_retry(store: Arc<dyn Store>) {
         .expect("e");
     assert!(store.retry_job(a, t0()).await.expect("retry").is_none());
     assert_eq!(state_of(&*store, a).await, JobState::Cancelled);
+}
+
+async fn operator_discard(store: Arc<dyn Store>) {
+    let a = store.enqueue(&job(1), t0()).await.expect("e").id;
+    let j = store
+        .discard_job(a, t0() + secs(1), "bad payload")
+        .await
+        .expect("discard")
+        .expect("discarded");
+    assert_eq!(j.state, JobState::Discarded);
+    assert_eq!(j.finalized_at, Some(t0() + secs(1)));
+    assert!(j
+        .errors
+        .last()
+        .is_some_and(|e| e.message == "discarded: bad payload"));
+    assert!(claim(&*store, 10, t0() + secs(2)).await.is_empty());
+    // Final jobs and running ones are left alone; unknown ids too.
+    assert!(store
+        .discard_job(a, t0(), "again")
+        .await
+        .expect("d")
+        .is_none());
+    let b = store.enqueue(&job(2), t0()).await.expect("e").id;
+    claim(&*store, 1, t0()).await;
+    assert!(store.discard_job(b, t0(), "x").await.expect("d").is_none());
+    assert_eq!(state_of(&*store, b).await, JobState::Running);
+    assert!(store
+        .discard_job(b + 1000, t0(), "x")
+        .await
+        .expect("d")
+        .is_none());
+    // A scheduled job can be discarded, and an operator may bring a discarded job back.
+    let c = store
+        .enqueue(&job(3).run_at(t0() + secs(60)), t0())
+        .await
+        .expect("e")
+        .id;
+    store
+        .discard_job(c, t0(), "x")
+        .await
+        .expect("d")
+        .expect("discarded");
+    let again = store
+        .retry_job(c, t0())
+        .await
+        .expect("retry")
+        .expect("retried");
+    assert_eq!((again.state, again.attempt), (JobState::Available, 0));
+}
+
+async fn paused_queue_is_not_claimed(store: Arc<dyn Store>) {
+    let a = store
+        .enqueue(&job(1).rate_key("channel:1"), t0())
+        .await
+        .expect("e")
+        .id;
+    let b = store.enqueue(&job(2), t0()).await.expect("e").id;
+    store
+        .enqueue(&job(3).queue("other"), t0())
+        .await
+        .expect("e");
+    assert!(store
+        .pause_queue("default", "maintenance", t0())
+        .await
+        .expect("pause"));
+    // Pausing twice keeps the first reason.
+    assert!(!store
+        .pause_queue("default", "again", t0() + secs(1))
+        .await
+        .expect("pause"));
+    assert_eq!(
+        store.paused_queues().await.expect("list"),
+        vec![herald_engine::PausedQueue {
+            queue: "default".into(),
+            paused_at: t0(),
+            reason: "maintenance".into(),
+        }]
+    );
+    assert!(claim(&*store, 10, t0()).await.is_empty());
+    for scope in [
+        herald_engine::store::RateScope::Unlimited,
+        herald_engine::store::RateScope::Key("channel:1"),
+    ] {
+        let got = store
+            .claim_scoped("default", scope, "w1", 10, t0(), t0() + secs(30))
+            .await
+            .expect("claim");
+        assert!(got.is_empty(), "a paused queue's jobs are not claimed");
+    }
+    assert!(store
+        .ready_rate_keys("default", None, 10)
+        .await
+        .expect("keys")
+        .is_empty());
+    // Other queues go on.
+    let other = store
+        .claim("other", "w1", 10, t0(), t0() + secs(30))
+        .await
+        .expect("claim");
+    assert_eq!(other.len(), 1);
+    // Bad input is refused and changes nothing.
+    assert!(store.pause_queue("", "x", t0()).await.is_err());
+    assert!(store
+        .pause_queue("q", &"x".repeat(501), t0())
+        .await
+        .is_err());
+    assert_eq!(store.paused_queues().await.expect("list").len(), 1);
+    // Resuming wakes the queue's producers and lets claims through.
+    let signal = store.wakeups().signal("default");
+    assert!(store.resume_queue("default").await.expect("resume"));
+    assert!(!store.resume_queue("default").await.expect("resume"));
+    tokio::time::timeout(Duration::from_secs(1), signal.notify.notified())
+        .await
+        .expect("resume wakes the producers");
+    let ids: Vec<i64> = claim(&*store, 10, t0())
+        .await
+        .iter()
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(ids, vec![a, b]);
+    assert!(store.paused_queues().await.expect("list").is_empty());
 }
 
 async fn stale_completions_change_nothing(store: Arc<dyn Store>) {

@@ -58,6 +58,31 @@ pub enum RateScope<'a> {
     KeyUpTo(&'a str, i16),
 }
 
+/// A queue an operator paused.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PausedQueue {
+    pub queue: String,
+    pub paused_at: DateTime<Utc>,
+    pub reason: String,
+}
+
+/// Longest pause reason kept.
+pub const MAX_PAUSE_REASON: usize = 500;
+
+/// Checks a queue name and pause reason given by an operator.
+pub(crate) fn check_pause(queue: &str, reason: &str) -> Result<()> {
+    if queue.is_empty() || queue.len() > 100 {
+        return Err(crate::model::InvalidJob("a queue name is 1 to 100 bytes".into()).into());
+    }
+    if reason.len() > MAX_PAUSE_REASON {
+        return Err(crate::model::InvalidJob(format!(
+            "a pause reason is at most {MAX_PAUSE_REASON} bytes"
+        ))
+        .into());
+    }
+    Ok(())
+}
+
 /// What the rescuer did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RescueReport {
@@ -205,6 +230,23 @@ pub trait Store: Send + Sync + 'static {
     /// Operator: cancels a job that is not running and not final. Returns the job if cancelled.
     async fn cancel_job(&self, id: JobId, now: DateTime<Utc>, reason: &str) -> Result<Option<Job>>;
 
+    /// Operator: discards a job that is not running and not final: it will not run, and stays
+    /// for inspection (and [`Store::retry_job`]) like a job whose attempts ran out. Returns the
+    /// job if discarded.
+    async fn discard_job(&self, id: JobId, now: DateTime<Utc>, reason: &str)
+        -> Result<Option<Job>>;
+
+    /// Operator: stops every producer, in every process, from claiming `queue`'s jobs until
+    /// [`Store::resume_queue`]; running jobs finish, enqueues and promotions go on. Returns false
+    /// if the queue was paused already (its reason is kept).
+    async fn pause_queue(&self, queue: &str, reason: &str, now: DateTime<Utc>) -> Result<bool>;
+
+    /// Operator: lets producers claim `queue` again, and wakes them. False if it was not paused.
+    async fn resume_queue(&self, queue: &str) -> Result<bool>;
+
+    /// The paused queues, by name.
+    async fn paused_queues(&self) -> Result<Vec<PausedQueue>>;
+
     /// Jobs per queue and state.
     async fn stats(&self) -> Result<Vec<QueueStat>>;
 
@@ -336,8 +378,14 @@ pub(crate) fn split_completions(completions: &[Completion]) -> (Vec<Finalize>, V
 /// The states an operator may cancel a job from.
 pub(crate) const CANCELLABLE: &[&str] = &["scheduled", "available", "retryable"];
 
-/// What an operator cancel writes for `job`, or None if the job is running or final.
-pub(crate) fn cancellation(job: &Job, now: DateTime<Utc>, reason: &str) -> Option<Finalize> {
+/// What an operator's cancel or discard (`state`) writes for `job`, or None if the job is
+/// running or final.
+pub(crate) fn operator_final(
+    job: &Job,
+    state: crate::model::JobState,
+    now: DateTime<Utc>,
+    reason: &str,
+) -> Option<Finalize> {
     if job.state.is_final() || job.state == crate::model::JobState::Running {
         return None;
     }
@@ -345,13 +393,13 @@ pub(crate) fn cancellation(job: &Job, now: DateTime<Utc>, reason: &str) -> Optio
     errors.push(crate::model::AttemptError {
         at: now,
         attempt: job.attempt,
-        message: crate::model::clean_message(format!("cancelled: {reason}")),
+        message: crate::model::clean_message(format!("{}: {reason}", state.as_str())),
     });
     trim_errors(&mut errors);
     Some(Finalize {
         id: job.id,
         attempt: Some(job.attempt),
-        state: crate::model::JobState::Cancelled,
+        state,
         errors: errors_json(&Some(errors)),
         at: now,
     })

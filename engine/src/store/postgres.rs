@@ -21,12 +21,15 @@ mod inbox;
 mod tenancy;
 
 use super::{
-    cancellation, finish_enqueue, match_holders, match_inserted, parse_state, split_completions,
-    Backend, ClaimInfo, Finalize, Inserted, RateScope, Store, CANCELLABLE, CLAIM_COLUMNS,
+    check_pause, finish_enqueue, match_holders, match_inserted, operator_final, parse_state,
+    split_completions, Backend, ClaimInfo, Finalize, Inserted, PausedQueue, RateScope, Store,
+    CANCELLABLE, CLAIM_COLUMNS,
 };
 use crate::error::{Result, StoreError};
 use crate::migrate;
-use crate::model::{AttemptError, Completion, Enqueued, Job, JobFilter, JobId, NewJob, QueueStat};
+use crate::model::{
+    AttemptError, Completion, Enqueued, Job, JobFilter, JobId, JobState, NewJob, QueueStat,
+};
 use crate::wakeup::Wakeups;
 
 /// How to reach PostgreSQL.
@@ -76,6 +79,7 @@ fn claim_sql(scope: &str) -> String {
         "WITH picked AS (
             SELECT id FROM herald_jobs j
              WHERE j.state = 'available' AND j.queue = $1 {scope}
+               AND NOT EXISTS (SELECT 1 FROM herald_paused_queues p WHERE p.queue = $1)
                AND (j.ordering_key IS NULL OR NOT EXISTS (
                     SELECT 1 FROM herald_jobs o
                      WHERE o.workspace_id = j.workspace_id
@@ -99,9 +103,31 @@ const READY_KEYS_SQL_PG: &str = "WITH RECURSIVE k(rate_key) AS (
         SELECT (SELECT min(rate_key) FROM herald_jobs
                  WHERE queue = $1 AND state = 'available' AND rate_key > k.rate_key)
           FROM k WHERE k.rate_key IS NOT NULL)
-    SELECT rate_key FROM k WHERE rate_key IS NOT NULL LIMIT $3";
+    SELECT rate_key FROM k WHERE rate_key IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM herald_paused_queues p WHERE p.queue = $1)
+     LIMIT $3";
 
 impl PgStore {
+    /// An operator's cancel or discard of a job that is not running and not final.
+    async fn end_job(
+        &self,
+        id: JobId,
+        state: JobState,
+        now: DateTime<Utc>,
+        reason: &str,
+    ) -> Result<Option<Job>> {
+        let Some(job) = self.get_job(id).await? else {
+            return Ok(None);
+        };
+        let Some(row) = operator_final(&job, state, now, reason) else {
+            return Ok(None);
+        };
+        if self.finalize(&[row], CANCELLABLE).await?.is_empty() {
+            return Ok(None);
+        }
+        self.get_job(id).await
+    }
+
     pub async fn connect(config: &PgStoreConfig) -> Result<Self> {
         let mut options: PgConnectOptions = config.url.parse()?;
         options = options.application_name("herald");
@@ -959,16 +985,58 @@ impl Store for PgStore {
     }
 
     async fn cancel_job(&self, id: JobId, now: DateTime<Utc>, reason: &str) -> Result<Option<Job>> {
-        let Some(job) = self.get_job(id).await? else {
-            return Ok(None);
-        };
-        let Some(row) = cancellation(&job, now, reason) else {
-            return Ok(None);
-        };
-        if self.finalize(&[row], CANCELLABLE).await?.is_empty() {
-            return Ok(None);
+        self.end_job(id, JobState::Cancelled, now, reason).await
+    }
+
+    async fn discard_job(
+        &self,
+        id: JobId,
+        now: DateTime<Utc>,
+        reason: &str,
+    ) -> Result<Option<Job>> {
+        self.end_job(id, JobState::Discarded, now, reason).await
+    }
+
+    async fn pause_queue(&self, queue: &str, reason: &str, now: DateTime<Utc>) -> Result<bool> {
+        check_pause(queue, reason)?;
+        let done = sqlx::query(
+            "INSERT INTO herald_paused_queues (queue, paused_at, reason) VALUES ($1, $2, $3)
+             ON CONFLICT (queue) DO NOTHING",
+        )
+        .bind(queue)
+        .bind(now)
+        .bind(reason)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn resume_queue(&self, queue: &str) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM herald_paused_queues WHERE queue = $1")
+            .bind(queue)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Ok(false);
         }
-        self.get_job(id).await
+        self.notify(vec![Wakeups::payload(queue, None)]).await?;
+        Ok(true)
+    }
+
+    async fn paused_queues(&self) -> Result<Vec<PausedQueue>> {
+        let rows =
+            sqlx::query("SELECT queue, paused_at, reason FROM herald_paused_queues ORDER BY queue")
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(PausedQueue {
+                    queue: r.try_get("queue")?,
+                    paused_at: r.try_get("paused_at")?,
+                    reason: r.try_get("reason")?,
+                })
+            })
+            .collect()
     }
 
     async fn stats(&self) -> Result<Vec<QueueStat>> {

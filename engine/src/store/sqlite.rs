@@ -30,8 +30,9 @@ mod tenancy;
 
 use super::postgres::notify_payloads;
 use super::{
-    cancellation, finish_enqueue, match_holders, match_inserted, parse_state, split_completions,
-    Backend, ClaimInfo, Finalize, Inserted, RateScope, Store, CANCELLABLE, CLAIM_COLUMNS,
+    check_pause, finish_enqueue, match_holders, match_inserted, operator_final, parse_state,
+    split_completions, Backend, ClaimInfo, Finalize, Inserted, PausedQueue, RateScope, Store,
+    CANCELLABLE, CLAIM_COLUMNS,
 };
 use crate::clock::{from_micros, to_micros};
 use crate::error::{Result, StoreError};
@@ -67,6 +68,26 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
+    /// An operator's cancel or discard of a job that is not running and not final.
+    async fn end_job(
+        &self,
+        id: JobId,
+        state: JobState,
+        now: DateTime<Utc>,
+        reason: &str,
+    ) -> Result<Option<Job>> {
+        let Some(job) = self.get_job(id).await? else {
+            return Ok(None);
+        };
+        let Some(row) = operator_final(&job, state, now, reason) else {
+            return Ok(None);
+        };
+        if self.finalize(&[row], CANCELLABLE).await?.is_empty() {
+            return Ok(None);
+        }
+        self.get_job(id).await
+    }
+
     pub async fn connect(config: &SqliteStoreConfig) -> Result<Self> {
         let options = SqliteConnectOptions::from_str(&config.url)?
             .create_if_missing(true)
@@ -121,6 +142,7 @@ impl SqliteStore {
               WHERE id IN (
                 SELECT id FROM herald_jobs j
                  WHERE j.state = 'available' AND j.queue = ?1 {scope_sql}
+                   AND NOT EXISTS (SELECT 1 FROM herald_paused_queues p WHERE p.queue = ?1)
                    AND (j.ordering_key IS NULL OR NOT EXISTS (
                         SELECT 1 FROM herald_jobs o
                          WHERE o.workspace_id = j.workspace_id
@@ -526,7 +548,9 @@ impl Store for SqliteStore {
                 SELECT (SELECT min(rate_key) FROM herald_jobs
                          WHERE queue = ?1 AND state = 'available' AND rate_key > k.rate_key)
                   FROM k WHERE k.rate_key IS NOT NULL)
-            SELECT rate_key FROM k WHERE rate_key IS NOT NULL LIMIT ?3",
+            SELECT rate_key FROM k WHERE rate_key IS NOT NULL
+               AND NOT EXISTS (SELECT 1 FROM herald_paused_queues p WHERE p.queue = ?1)
+             LIMIT ?3",
         )
         .bind(queue)
         .bind(after.unwrap_or(""))
@@ -844,16 +868,58 @@ impl Store for SqliteStore {
     }
 
     async fn cancel_job(&self, id: JobId, now: DateTime<Utc>, reason: &str) -> Result<Option<Job>> {
-        let Some(job) = self.get_job(id).await? else {
-            return Ok(None);
-        };
-        let Some(row) = cancellation(&job, now, reason) else {
-            return Ok(None);
-        };
-        if self.finalize(&[row], CANCELLABLE).await?.is_empty() {
-            return Ok(None);
+        self.end_job(id, JobState::Cancelled, now, reason).await
+    }
+
+    async fn discard_job(
+        &self,
+        id: JobId,
+        now: DateTime<Utc>,
+        reason: &str,
+    ) -> Result<Option<Job>> {
+        self.end_job(id, JobState::Discarded, now, reason).await
+    }
+
+    async fn pause_queue(&self, queue: &str, reason: &str, now: DateTime<Utc>) -> Result<bool> {
+        check_pause(queue, reason)?;
+        let done = sqlx::query(
+            "INSERT INTO herald_paused_queues (queue, paused_at, reason) VALUES (?1, ?2, ?3)
+             ON CONFLICT (queue) DO NOTHING",
+        )
+        .bind(queue)
+        .bind(to_micros(now))
+        .bind(reason)
+        .execute(&self.pool)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn resume_queue(&self, queue: &str) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM herald_paused_queues WHERE queue = ?1")
+            .bind(queue)
+            .execute(&self.pool)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Ok(false);
         }
-        self.get_job(id).await
+        self.wakeups.due(queue);
+        Ok(true)
+    }
+
+    async fn paused_queues(&self) -> Result<Vec<PausedQueue>> {
+        let rows =
+            sqlx::query("SELECT queue, paused_at, reason FROM herald_paused_queues ORDER BY queue")
+                .fetch_all(&self.pool)
+                .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(PausedQueue {
+                    queue: r.try_get("queue")?,
+                    paused_at: from_micros(r.try_get("paused_at")?),
+                    reason: r.try_get("reason")?,
+                })
+            })
+            .collect()
     }
 
     async fn stats(&self) -> Result<Vec<QueueStat>> {
