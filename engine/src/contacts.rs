@@ -16,7 +16,7 @@ pub const MAX_LABEL_CHARS: usize = 100;
 /// Bytes of a contact's attributes, as JSON, at most.
 pub const MAX_ATTRIBUTES_BYTES: usize = 16 * 1024;
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Contact {
     pub id: Uuid,
     pub workspace_id: Uuid,
@@ -32,7 +32,7 @@ pub struct Contact {
 }
 
 /// A contact to create (or, in an import, to create or update by phone).
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewContact {
     pub phone: String,
@@ -47,7 +47,7 @@ pub struct NewContact {
 }
 
 /// Changes to a contact; absent fields stay as they are.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ContactPatch {
     #[serde(default)]

@@ -14,10 +14,12 @@ pub mod error;
 pub mod handler;
 pub mod inbox;
 pub mod limit;
+pub mod metrics;
 pub mod migrate;
 pub mod model;
 pub mod runtime;
 pub mod store;
+pub mod templates;
 pub mod tenancy;
 pub mod wakeup;
 

@@ -47,7 +47,7 @@ use uuid::Uuid;
 pub type JobId = i64;
 
 /// Where a job is in its life. See the module documentation for the transitions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     /// Waiting for its `run_at`.
@@ -121,7 +121,7 @@ impl FromStr for JobState {
 }
 
 /// One failed attempt, as kept on the job (the last [`MAX_ERRORS_KEPT`] of them).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AttemptError {
     pub at: DateTime<Utc>,
     pub attempt: i32,
@@ -155,8 +155,9 @@ pub fn clean_message(message: String) -> String {
 pub const MAX_ERRORS_KEPT: usize = 10;
 
 /// A job as stored.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Job {
+    #[schema(value_type = i64)]
     pub id: JobId,
     /// The tenant the job belongs to. The nil UUID marks Herald's own system jobs.
     pub workspace_id: Uuid,
@@ -355,7 +356,7 @@ pub struct Completion {
 }
 
 /// Jobs per state, per queue (unfinished) or in the archive (final).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct QueueStat {
     pub queue: String,
     pub state: JobState,

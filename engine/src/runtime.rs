@@ -58,6 +58,8 @@ struct Inner {
     is_leader: AtomicBool,
     /// Present: jobs with a rate key start only with a permit from it (see [`Producer::run_limited`]).
     admission: Option<Arc<dyn Admission>>,
+    /// Throughput, wait and run times, permits: read by `/metrics`.
+    metrics: Arc<crate::metrics::EngineMetrics>,
 }
 
 impl Inner {
@@ -140,6 +142,7 @@ impl Engine {
             completions: tx,
             is_leader: AtomicBool::new(false),
             admission,
+            metrics: Arc::new(crate::metrics::EngineMetrics::default()),
         });
         let (stop_claiming, claiming_rx) = watch::channel(false);
         let (stop_services, services_rx) = watch::channel(false);
@@ -197,6 +200,11 @@ impl Engine {
 
     pub fn store(&self) -> &Arc<dyn Store> {
         &self.inner.store
+    }
+
+    /// This engine's measurements, for `/metrics`.
+    pub fn metrics(&self) -> Arc<crate::metrics::EngineMetrics> {
+        self.inner.metrics.clone()
     }
 
     pub fn worker_id(&self) -> &str {
@@ -329,11 +337,13 @@ struct Producer {
     queue: String,
     concurrency: usize,
     slots: Arc<Slots>,
+    metrics: Arc<crate::metrics::QueueMetrics>,
 }
 
 impl Producer {
     fn new(inner: Arc<Inner>, queue: String, config: QueueConfig) -> Self {
         Producer {
+            metrics: inner.metrics.queue(&queue),
             inner,
             queue,
             concurrency: config.concurrency,
@@ -553,10 +563,16 @@ impl Producer {
                     cursor = Some(key.clone());
                     let grant = admission.acquire(&key, share as u32).await;
                     let next = Instant::now() + grant.next_in.max(cfg.rate_tick);
+                    let permits = self.inner.metrics.key(&key);
+                    permits.requested.fetch_add(share as u64, Ordering::Relaxed);
                     if grant.granted == 0 {
+                        permits.denied.fetch_add(1, Ordering::Relaxed);
                         keys.insert(key, next);
                         continue;
                     }
+                    permits
+                        .granted
+                        .fetch_add(u64::from(grant.granted), Ordering::Relaxed);
                     let granted = grant.granted as usize;
                     let now = self.inner.now();
                     let scope = match admission.max_priority(&key).await {
@@ -577,12 +593,18 @@ impl Producer {
                         Ok(jobs) => jobs,
                         Err(e) => {
                             admission.refund(&key, grant.granted).await;
+                            permits
+                                .refunded
+                                .fetch_add(u64::from(grant.granted), Ordering::Relaxed);
                             return Err(e);
                         }
                     };
                     debug!(key = %key, granted, claimed = jobs.len(), "claimed for rate key");
                     if jobs.len() < granted {
                         admission.refund(&key, (granted - jobs.len()) as u32).await;
+                        permits
+                            .refunded
+                            .fetch_add((granted - jobs.len()) as u64, Ordering::Relaxed);
                         // The key ran out of available jobs; the next scan finds it again.
                         keys.remove(&key);
                     } else {
@@ -691,6 +713,12 @@ impl Producer {
             let (id, attempt) = (job.id, job.attempt);
             let inner = self.inner.clone();
             let slots = self.slots.clone();
+            let metrics = self.metrics.clone();
+            if let Some(claimed) = job.attempted_at {
+                metrics
+                    .wait
+                    .observe((claimed - job.run_at).to_std().unwrap_or_default());
+            }
             let span = info_span!("job", id, kind = %job.kind, attempt);
             let handle = tokio::spawn(
                 async move {
@@ -699,7 +727,17 @@ impl Producer {
                         slots,
                         id,
                     };
+                    let started = Instant::now();
                     let completion = execute(&inner, job).await;
+                    metrics.run.observe(started.elapsed());
+                    let counter = match completion.outcome {
+                        Outcome::Completed => &metrics.completed,
+                        Outcome::Retry { .. } => &metrics.retried,
+                        Outcome::Snooze { .. } => &metrics.snoozed,
+                        Outcome::Discard { .. } => &metrics.discarded,
+                        Outcome::Cancel { .. } => &metrics.cancelled,
+                    };
+                    counter.fetch_add(1, Ordering::Relaxed);
                     // Leaving the map and handing over the result is one step: if shutdown
                     // released this claim meanwhile, the claim is no longer ours to finish.
                     let mut in_flight = inner.in_flight.lock().unwrap_or_else(|e| e.into_inner());

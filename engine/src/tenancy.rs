@@ -17,7 +17,7 @@ use uuid::Uuid;
 use crate::error::Result;
 
 /// A tenant: its channels, contacts, sends and keys are its own.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Workspace {
     pub id: Uuid,
     pub name: String,
@@ -25,7 +25,7 @@ pub struct Workspace {
 }
 
 /// An API key as listed (never its secret).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ApiKey {
     pub id: Uuid,
     pub workspace_id: Uuid,

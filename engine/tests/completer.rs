@@ -48,6 +48,9 @@ impl Store for RefusesOne {
     fn contacts(&self) -> &dyn herald_engine::contacts::ContactStore {
         self.inner.contacts()
     }
+    fn templates(&self) -> &dyn herald_engine::templates::TemplateStore {
+        self.inner.templates()
+    }
     async fn claim_scoped(
         &self,
         queue: &str,

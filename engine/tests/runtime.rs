@@ -40,6 +40,7 @@ conformance!(
     different_ordering_keys_run_in_parallel,
     graceful_shutdown_releases_stuck_jobs,
     crashed_worker_jobs_are_rescued,
+    paused_queue_runs_nothing_until_resumed,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -451,6 +452,47 @@ impl Worker for Succeeds {
 
 // ---------------------------------------------------------------------------------------------
 // Tests on both backends
+
+async fn paused_queue_runs_nothing_until_resumed(store: Arc<dyn Store>) {
+    let (registry, _seen) = record_registry();
+    let clock = system_clock();
+    let client = Client::new(store.clone(), clock.clone());
+    store
+        .pause_queue(DEFAULT_QUEUE, "deploying", Utc::now())
+        .await
+        .expect("pause");
+    let engine = Engine::start(store.clone(), registry, config(10), clock);
+    let jobs: Vec<NewJob> = (0..20).map(|n| numbered(Record::KIND, n)).collect();
+    client.enqueue_many(&jobs).await.expect("enqueue");
+    // Several polls go by (50 ms each); nothing may be claimed meanwhile.
+    tokio::time::sleep(ms(400)).await;
+    wait_for_count(&*store, JobState::Available, 20).await;
+    let metrics = engine.metrics();
+    assert_eq!(
+        metrics
+            .queue(DEFAULT_QUEUE)
+            .completed
+            .load(Ordering::Relaxed),
+        0
+    );
+    assert!(store.resume_queue(DEFAULT_QUEUE).await.expect("resume"));
+    wait_for_count(&*store, JobState::Completed, 20).await;
+    let q = metrics.queue(DEFAULT_QUEUE);
+    eventually("20 completions counted", || {
+        q.completed.load(Ordering::Relaxed) == 20
+    })
+    .await;
+    assert_eq!(q.run.count(), 20);
+    assert_eq!(q.wait.count(), 20);
+    let mut text = String::new();
+    metrics.render(&mut text);
+    assert!(
+        text.contains("herald_jobs_finished_total{queue=\"default\",outcome=\"completed\"} 20"),
+        "{text}"
+    );
+    assert!(text.contains("herald_job_wait_seconds_count{queue=\"default\"} 20"));
+    stop(engine).await;
+}
 
 async fn jobs_run_to_completion(store: Arc<dyn Store>) {
     let (registry, seen) = record_registry();

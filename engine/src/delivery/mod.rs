@@ -46,7 +46,7 @@ pub fn channel_of_rate_key(key: &str) -> Option<Uuid> {
 }
 
 /// Meta's messaging products.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Platform {
     Whatsapp,
@@ -89,7 +89,7 @@ pub const META_API_VERSION: &str = "v21.0";
 
 /// A channel's limits. Defaults are Meta's published values (see `shared/domain/meta-platform.md`);
 /// every one is a per-channel setting because Meta raises and lowers them per number.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct ChannelLimits {
     /// Messages a second Meta accepts from this sender: WhatsApp 80 (1,000 once upgraded, 20
@@ -175,7 +175,7 @@ impl Default for ChannelLimits {
 }
 
 /// A connected sender.
-#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Channel {
     pub id: Uuid,
     pub workspace_id: Uuid,
@@ -417,7 +417,7 @@ pub struct NewSend {
 
 /// The content of a message, platform-neutral where it can be. The Meta client turns it into
 /// each platform's body.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Message {
     Text {
@@ -445,7 +445,7 @@ pub enum Message {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum MediaKind {
     Image,
@@ -465,7 +465,7 @@ impl MediaKind {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Button {
     pub id: String,
     pub title: String,

@@ -112,6 +112,9 @@ pub trait Store: Send + Sync + 'static {
     /// Contacts.
     fn contacts(&self) -> &dyn crate::contacts::ContactStore;
 
+    /// WhatsApp template references.
+    fn templates(&self) -> &dyn crate::templates::TemplateStore;
+
     /// The in-process wake-up hub this store pokes on every enqueue (and, on PostgreSQL, on
     /// NOTIFYs from other processes once [`Store::listen`] runs).
     fn wakeups(&self) -> &Wakeups;

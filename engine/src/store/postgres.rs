@@ -18,6 +18,7 @@ use uuid::Uuid;
 mod contacts;
 mod delivery;
 mod inbox;
+mod templates;
 mod tenancy;
 
 use super::{
@@ -588,6 +589,10 @@ impl Store for PgStore {
     }
 
     fn contacts(&self) -> &dyn crate::contacts::ContactStore {
+        self
+    }
+
+    fn templates(&self) -> &dyn crate::templates::TemplateStore {
         self
     }
 

@@ -26,6 +26,7 @@ use uuid::Uuid;
 mod contacts;
 mod delivery;
 mod inbox;
+mod templates;
 mod tenancy;
 
 use super::postgres::notify_payloads;
@@ -435,6 +436,10 @@ impl Store for SqliteStore {
     }
 
     fn contacts(&self) -> &dyn crate::contacts::ContactStore {
+        self
+    }
+
+    fn templates(&self) -> &dyn crate::templates::TemplateStore {
         self
     }
 

@@ -1,0 +1,153 @@
+//! [`TemplateStore`] on SQLite.
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use sqlx::sqlite::SqliteRow;
+use sqlx::Row;
+use uuid::Uuid;
+
+use super::{parse_uuid, SqliteStore};
+use crate::clock::{from_micros, to_micros};
+use crate::error::{Result, StoreError};
+use crate::model::InvalidJob;
+use crate::templates::{
+    category_from, parameters_from_json, parameters_json, NewTemplate, Template, TemplatePatch,
+    TemplateStore,
+};
+
+const COLUMNS: &str =
+    "id, workspace_id, name, language, category, parameters, created_at, updated_at";
+
+fn template_from_row(r: &SqliteRow) -> Result<Template> {
+    Ok(Template {
+        id: parse_uuid(&r.try_get::<String, _>("id")?)?,
+        workspace_id: parse_uuid(&r.try_get::<String, _>("workspace_id")?)?,
+        name: r.try_get("name")?,
+        language: r.try_get("language")?,
+        category: category_from(r.try_get("category")?)?,
+        parameters: parameters_from_json(r.try_get("parameters")?)?,
+        created_at: from_micros(r.try_get("created_at")?),
+        updated_at: from_micros(r.try_get("updated_at")?),
+    })
+}
+
+fn conflict(t: &NewTemplate) -> impl FnOnce(sqlx::Error) -> StoreError + '_ {
+    move |e| match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => {
+            StoreError::Conflict(format!("a template {} in {} exists", t.name, t.language))
+        }
+        _ => e.into(),
+    }
+}
+
+#[async_trait]
+impl TemplateStore for SqliteStore {
+    async fn create_template(
+        &self,
+        workspace_id: Uuid,
+        template: &NewTemplate,
+        now: DateTime<Utc>,
+    ) -> Result<Template> {
+        template.check().map_err(InvalidJob)?;
+        let row = sqlx::query(&format!(
+            "INSERT INTO herald_templates (id, workspace_id, name, language, category, parameters,
+                    created_at, updated_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)
+             RETURNING {COLUMNS}"
+        ))
+        .bind(Uuid::now_v7().to_string())
+        .bind(workspace_id.to_string())
+        .bind(&template.name)
+        .bind(&template.language)
+        .bind(template.category.as_str())
+        .bind(parameters_json(&template.parameters))
+        .bind(to_micros(now))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(conflict(template))?;
+        template_from_row(&row)
+    }
+
+    async fn template(&self, workspace_id: Uuid, id: Uuid) -> Result<Option<Template>> {
+        let row = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM herald_templates WHERE workspace_id = ?1 AND id = ?2"
+        ))
+        .bind(workspace_id.to_string())
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(template_from_row).transpose()
+    }
+
+    async fn template_named(
+        &self,
+        workspace_id: Uuid,
+        name: &str,
+        language: &str,
+    ) -> Result<Option<Template>> {
+        let row = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM herald_templates
+              WHERE workspace_id = ?1 AND name = ?2 AND language = ?3"
+        ))
+        .bind(workspace_id.to_string())
+        .bind(name)
+        .bind(language)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(template_from_row).transpose()
+    }
+
+    async fn templates(
+        &self,
+        workspace_id: Uuid,
+        after: Option<Uuid>,
+        limit: i64,
+    ) -> Result<Vec<Template>> {
+        let rows = sqlx::query(&format!(
+            "SELECT {COLUMNS} FROM herald_templates
+              WHERE workspace_id = ?1 AND (?2 IS NULL OR id > ?2)
+              ORDER BY id LIMIT ?3"
+        ))
+        .bind(workspace_id.to_string())
+        .bind(after.map(|a| a.to_string()))
+        .bind(limit.clamp(0, 1_000))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(template_from_row).collect()
+    }
+
+    async fn update_template(
+        &self,
+        workspace_id: Uuid,
+        id: Uuid,
+        patch: &TemplatePatch,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Template>> {
+        patch.check().map_err(InvalidJob)?;
+        let row = sqlx::query(&format!(
+            "UPDATE herald_templates
+                SET category = COALESCE(?3, category),
+                    parameters = COALESCE(?4, parameters),
+                    updated_at = ?5
+              WHERE workspace_id = ?1 AND id = ?2
+             RETURNING {COLUMNS}"
+        ))
+        .bind(workspace_id.to_string())
+        .bind(id.to_string())
+        .bind(patch.category.map(|c| c.as_str()))
+        .bind(patch.parameters.as_deref().map(parameters_json))
+        .bind(to_micros(now))
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(template_from_row).transpose()
+    }
+
+    async fn delete_template(&self, workspace_id: Uuid, id: Uuid) -> Result<bool> {
+        let done = sqlx::query("DELETE FROM herald_templates WHERE workspace_id = ?1 AND id = ?2")
+            .bind(workspace_id.to_string())
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+}
