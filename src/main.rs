@@ -238,7 +238,7 @@ pub async fn start_engine(
     };
     let admission = Arc::new(ChannelAdmission::new(
         store.clone(),
-        limiter,
+        limiter.clone(),
         AdmissionConfig::default(),
     ));
     let client = MetaClient::new(ClientConfig {
@@ -258,13 +258,9 @@ pub async fn start_engine(
         },
     ));
     registry.register(WebhookWorker::new(store.clone(), clock.clone()));
-    Ok(Engine::start_limited(
-        store,
-        registry,
-        settings.engine.clone(),
-        clock,
-        admission,
-    ))
+    let engine = Engine::start_limited(store, registry, settings.engine.clone(), clock, admission);
+    engine.metrics().set_limiter(limiter);
+    Ok(engine)
 }
 
 async fn serve(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
@@ -295,6 +291,7 @@ pub async fn run(
         Arc::new(SystemClock),
         herald_api::ApiConfig {
             admin_token: settings.admin_token.as_ref().map(|t| t.0.clone()),
+            engine_metrics: Some(engine.metrics()),
             ..herald_api::ApiConfig::default()
         },
     ));

@@ -13,16 +13,19 @@ use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use chrono::Utc;
 use futures_util::StreamExt;
 use herald_engine::contacts::{Contact, ContactPatch, NewContact};
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
+use crate::openapi::PROBLEM;
 use crate::v1::{ApiError, Caller, Page, PageQuery};
-use crate::AppState;
+use crate::{AppState, Problem};
 
 /// Rows stored per transaction during an import, across the writers.
 const IMPORT_BATCH: usize = 50_000;
@@ -35,13 +38,30 @@ pub const MAX_IMPORT_BYTES: u64 = 2 * 1024 * 1024 * 1024;
 /// Longest line (NDJSON) or record (CSV).
 const MAX_LINE: usize = 64 * 1024;
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/v1/contacts", post(create).get(list))
-        .route("/v1/contacts/import", post(import))
-        .route("/v1/contacts/{id}", get(read).patch(update).delete(remove))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create, list))
+        .routes(routes!(import))
+        .routes(routes!(read, update, remove))
 }
 
+/// Creates a contact in the caller's workspace.
+#[utoipa::path(
+    post,
+    path = "/v1/contacts",
+    operation_id = "create_contact",
+    tag = "contacts",
+    security(("api_key" = [])),
+    request_body = NewContact,
+    responses(
+        (status = 201, description = "The contact, normalised (E.164 phone, sorted labels)", body = Contact),
+        (status = 400, description = "The body is not JSON", body = Problem, content_type = PROBLEM),
+        (status = 401, description = "No API key, or not a valid one", body = Problem, content_type = PROBLEM),
+        (status = 409, description = "The workspace has a contact with this phone", body = Problem, content_type = PROBLEM),
+        (status = 422, description = "The body has the wrong shape, or a value is refused (phone not E.164, labels, attributes)", body = Problem, content_type = PROBLEM),
+        (status = "5XX", description = "The database is unavailable (503) or something failed on our side (500)", body = Problem, content_type = PROBLEM),
+    ),
+)]
 async fn create(
     State(state): State<AppState>,
     caller: Caller,
@@ -56,14 +76,35 @@ async fn create(
     Ok((StatusCode::CREATED, Json(contact)).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+/// `?limit=&after=&label=`.
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct ListQuery {
+    /// Page size: 1 to 200, default 50.
+    #[param(minimum = 1, maximum = 200)]
     limit: Option<i64>,
+    /// The `next_cursor` of the previous page.
     after: Option<String>,
+    /// Only the contacts with this label.
     label: Option<String>,
 }
 
+/// Lists the caller's workspace's contacts, by id, optionally those with a label.
+#[utoipa::path(
+    get,
+    path = "/v1/contacts",
+    operation_id = "list_contacts",
+    tag = "contacts",
+    security(("api_key" = [])),
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page of contacts", body = Page<Contact>),
+        (status = 400, description = "A bad `limit` or `after`, or an unknown parameter", body = Problem, content_type = PROBLEM),
+        (status = 401, description = "No API key, or not a valid one", body = Problem, content_type = PROBLEM),
+        (status = "5XX", description = "The database is unavailable (503) or something failed on our side (500)", body = Problem, content_type = PROBLEM),
+    ),
+)]
 async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -83,6 +124,21 @@ fn contact_id(raw: &str) -> Result<Uuid, ApiError> {
     raw.parse().map_err(|_| ApiError::NotFound("contact"))
 }
 
+/// One of the caller's contacts.
+#[utoipa::path(
+    get,
+    path = "/v1/contacts/{id}",
+    operation_id = "get_contact",
+    tag = "contacts",
+    security(("api_key" = [])),
+    params(("id" = Uuid, Path, description = "The contact's id")),
+    responses(
+        (status = 200, description = "The contact", body = Contact),
+        (status = 401, description = "No API key, or not a valid one", body = Problem, content_type = PROBLEM),
+        (status = 404, description = "No such contact in the caller's workspace", body = Problem, content_type = PROBLEM),
+        (status = "5XX", description = "The database is unavailable (503) or something failed on our side (500)", body = Problem, content_type = PROBLEM),
+    ),
+)]
 async fn read(
     State(state): State<AppState>,
     caller: Caller,
@@ -97,6 +153,24 @@ async fn read(
         .ok_or(ApiError::NotFound("contact"))
 }
 
+/// Changes one of the caller's contacts; absent fields stay as they are.
+#[utoipa::path(
+    patch,
+    path = "/v1/contacts/{id}",
+    operation_id = "update_contact",
+    tag = "contacts",
+    security(("api_key" = [])),
+    params(("id" = Uuid, Path, description = "The contact's id")),
+    request_body = ContactPatch,
+    responses(
+        (status = 200, description = "The contact, changed", body = Contact),
+        (status = 400, description = "The body is not JSON", body = Problem, content_type = PROBLEM),
+        (status = 401, description = "No API key, or not a valid one", body = Problem, content_type = PROBLEM),
+        (status = 404, description = "No such contact in the caller's workspace", body = Problem, content_type = PROBLEM),
+        (status = 422, description = "The body has the wrong shape, or a value is refused", body = Problem, content_type = PROBLEM),
+        (status = "5XX", description = "The database is unavailable (503) or something failed on our side (500)", body = Problem, content_type = PROBLEM),
+    ),
+)]
 async fn update(
     State(state): State<AppState>,
     caller: Caller,
@@ -114,6 +188,21 @@ async fn update(
         .ok_or(ApiError::NotFound("contact"))
 }
 
+/// Deletes one of the caller's contacts.
+#[utoipa::path(
+    delete,
+    path = "/v1/contacts/{id}",
+    operation_id = "delete_contact",
+    tag = "contacts",
+    security(("api_key" = [])),
+    params(("id" = Uuid, Path, description = "The contact's id")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 401, description = "No API key, or not a valid one", body = Problem, content_type = PROBLEM),
+        (status = 404, description = "No such contact in the caller's workspace", body = Problem, content_type = PROBLEM),
+        (status = "5XX", description = "The database is unavailable (503) or something failed on our side (500)", body = Problem, content_type = PROBLEM),
+    ),
+)]
 async fn remove(
     State(state): State<AppState>,
     caller: Caller,
@@ -132,7 +221,7 @@ async fn remove(
 }
 
 /// A row an import refused.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct Rejected {
     /// 1-based line (NDJSON) or record (CSV, the header being record 1).
     pub line: u64,
@@ -140,14 +229,15 @@ pub struct Rejected {
 }
 
 /// An import's answer.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, ToSchema)]
 pub struct ImportReport {
     /// Rows read (not counting the CSV header or blank lines).
     pub rows: u64,
     /// Rows stored (created, or updated by phone).
     pub stored: u64,
+    /// Rows refused (all of them counted).
     pub rejected: u64,
-    /// The first rejected rows, with why.
+    /// The first 1,000 rejected rows, with why.
     pub errors: Vec<Rejected>,
 }
 
@@ -165,6 +255,40 @@ enum Format {
     Csv,
 }
 
+/// Imports contacts from NDJSON or CSV.
+///
+/// Creates or updates contacts by phone from a streamed body, stored in batches while the rest
+/// arrives. A bad row is reported with its line and skipped; importing the same file twice
+/// changes nothing, so an import cut short can be sent again.
+#[utoipa::path(
+    post,
+    path = "/v1/contacts/import",
+    operation_id = "import_contacts",
+    tag = "contacts",
+    security(("api_key" = [])),
+    request_body(
+        description = "Up to 2 GiB, parsed as it arrives. NDJSON (`application/x-ndjson`, also \
+            accepted as `application/ndjson` or `application/jsonl`): one `NewContact` object a \
+            line (the `NewContact` schema). CSV (`text/csv`): a header row naming `phone` and optionally `name`, `labels` \
+            (separated by `;`) and `opted_out`; every other column becomes a string attribute. \
+            Lines (records) of at most 64 KiB.",
+        content(
+            (String = "application/x-ndjson", example = json!("{\"phone\": \"+14155550100\", \"name\": \"Ada\", \"labels\": [\"vip\"]}\n{\"phone\": \"+14155550101\"}\n")),
+            (String = "application/ndjson"),
+            (String = "application/jsonl"),
+            (String = "text/csv", example = json!("phone,name,labels,opted_out,city\n+14155550100,Ada,vip;beta,false,Paris\n")),
+        ),
+    ),
+    responses(
+        (status = 200, description = "Every row read: the stored ones counted, the refused ones listed with their line", body = ImportReport),
+        (status = 400, description = "A line (record) longer than 64 KiB, or the upload broke off", body = Problem, content_type = PROBLEM),
+        (status = 401, description = "No API key, or not a valid one", body = Problem, content_type = PROBLEM),
+        (status = 413, description = "The body is larger than 2 GiB", body = Problem, content_type = PROBLEM),
+        (status = 415, description = "The body is neither NDJSON nor CSV", body = Problem, content_type = PROBLEM),
+        (status = 422, description = "A CSV body without a header naming the phone column", body = Problem, content_type = PROBLEM),
+        (status = "5XX", description = "The database is unavailable (503) or something failed on our side (500); batches stored before stay stored, and sending the file again is harmless", body = Problem, content_type = PROBLEM),
+    ),
+)]
 async fn import(
     State(state): State<AppState>,
     caller: Caller,

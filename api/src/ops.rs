@@ -1,36 +1,44 @@
 //! Operators' routes: readiness, Prometheus metrics, and the jobs and queues behind the admin
 //! token (`/v1/admin/...`), plus pausing and resuming a channel with a workspace key.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
-use axum::extract::rejection::QueryRejection;
+use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use chrono::Utc;
 use herald_engine::model::QueueStat;
 use herald_engine::{Job, JobFilter, JobId, JobState};
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
 
+use herald_engine::metrics::{label, Histogram};
+
+use crate::openapi::PROBLEM;
 use crate::v1::{Admin, ApiError, Caller, MAX_PAGE};
-use crate::AppState;
+use crate::{AppState, Problem};
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .route("/v1/admin/queues", get(queues))
-        .route("/v1/admin/jobs", get(jobs))
-        .route("/v1/admin/jobs/{id}", get(job))
-        .route("/v1/admin/jobs/{id}/retry", post(retry))
-        .route("/v1/admin/jobs/{id}/cancel", post(cancel))
-        .route("/v1/channels/{id}/pause", post(pause_channel))
-        .route("/v1/channels/{id}/resume", post(resume_channel))
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(readyz))
+        .routes(routes!(metrics))
+        .routes(routes!(queues))
+        .routes(routes!(jobs))
+        .routes(routes!(job))
+        .routes(routes!(retry))
+        .routes(routes!(cancel))
+        .routes(routes!(discard))
+        .routes(routes!(pause_queue))
+        .routes(routes!(resume_queue))
+        .routes(routes!(pause_channel))
+        .routes(routes!(resume_channel))
 }
 
 /// Webhook outcomes, counted since the process started.
@@ -46,57 +54,29 @@ pub struct Metrics {
     pub webhook_latency: Histogram,
 }
 
-/// Upper bounds of the latency buckets, in seconds.
-const BUCKETS: [f64; 12] = [
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-];
-
-/// A Prometheus histogram with fixed buckets.
-#[derive(Debug, Default)]
-pub struct Histogram {
-    counts: [AtomicU64; BUCKETS.len()],
-    count: AtomicU64,
-    /// Sum in microseconds.
-    sum_us: AtomicU64,
+/// `/readyz`'s answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Ready {
+    /// Always `ready`.
+    #[schema(example = "ready")]
+    pub status: &'static str,
 }
 
-impl Histogram {
-    pub fn observe(&self, d: Duration) {
-        let s = d.as_secs_f64();
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if s <= *b {
-                self.counts[i].fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_us
-            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
-    }
-
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        for (i, b) in BUCKETS.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "{name}_bucket{{le=\"{b}\"}} {}",
-                self.counts[i].load(Ordering::Relaxed)
-            );
-        }
-        let count = self.count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(
-            out,
-            "{name}_sum {}",
-            self.sum_us.load(Ordering::Relaxed) as f64 / 1e6
-        );
-        let _ = writeln!(out, "{name}_count {count}");
-    }
-}
-
-/// 200 once the database answers; 503 otherwise (a load balancer sends no traffic then).
+/// Readiness: 200 once the database answers, 503 otherwise.
+///
+/// A load balancer sends no traffic while it answers 503.
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "health",
+    responses(
+        (status = 200, description = "Ready: the database answers", body = Ready),
+        (status = 503, description = "Not ready: the database does not answer", body = Problem, content_type = PROBLEM),
+    ),
+)]
 async fn readyz(State(state): State<AppState>) -> Response {
     match state.store.ping().await {
-        Ok(()) => (StatusCode::OK, Json(json!({ "status": "ready" }))).into_response(),
+        Ok(()) => (StatusCode::OK, Json(Ready { status: "ready" })).into_response(),
         Err(e) => {
             tracing::warn!(error = %e, "readyz: database unreachable");
             crate::problem(
@@ -108,13 +88,22 @@ async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
-/// Label values are queue and state names; escape anyway.
-fn label(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
+/// Prometheus metrics.
+///
+/// Webhook requests by outcome and their latency, jobs by queue and state, paused queues, stored
+/// and pending webhook deliveries, and whether the database answered this scrape; with an
+/// engine in the process, jobs finished per queue and outcome (throughput), their wait and run
+/// time histograms, and rate-limit permits per channel with the limiter's mode. Always 200: what the
+/// database could not tell is left out, and `herald_metrics_database_up` is 0.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operators",
+    responses(
+        (status = 200, description = "The Prometheus text exposition format (0.0.4)", body = String,
+            content_type = METRICS_CONTENT_TYPE),
+    ),
+)]
 async fn metrics(State(state): State<AppState>) -> Response {
     let mut out = String::new();
     let m = &state.metrics;
@@ -180,6 +169,28 @@ async fn metrics(State(state): State<AppState>) -> Response {
             ok = false;
         }
     }
+    match state.store.paused_queues().await {
+        Ok(paused) => {
+            let _ = writeln!(
+                out,
+                "# HELP herald_queue_paused Queues an operator paused (1 while paused).\n# TYPE herald_queue_paused gauge"
+            );
+            for p in paused {
+                let _ = writeln!(
+                    out,
+                    "herald_queue_paused{{queue=\"{}\"}} 1",
+                    label(&p.queue)
+                );
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics: cannot read paused queues");
+            ok = false;
+        }
+    }
+    if let Some(engine) = &state.engine_metrics {
+        engine.render(&mut out);
+    }
     let _ = writeln!(
         out,
         "# HELP herald_metrics_database_up Whether the database answered this scrape.\n# TYPE herald_metrics_database_up gauge\nherald_metrics_database_up {}",
@@ -187,38 +198,229 @@ async fn metrics(State(state): State<AppState>) -> Response {
     );
     (
         StatusCode::OK,
-        [(
-            axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+        [(axum::http::header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
         out,
     )
         .into_response()
 }
 
+/// Prometheus's text format.
+const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// A queue: whether it is paused, and its jobs per state.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct QueueView {
+    pub queue: String,
+    pub paused: bool,
+    /// When and why an operator paused it.
+    #[schema(required = true)]
+    pub paused_at: Option<chrono::DateTime<Utc>>,
+    #[schema(required = true)]
+    pub paused_reason: Option<String>,
+    /// Jobs per state (final states: in the archive); states without jobs are left out.
+    pub jobs: BTreeMap<String, i64>,
+}
+
+/// Queues with their jobs per state, and whether each is paused.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/queues",
+    operation_id = "list_queues",
+    tag = "operators",
+    security(("admin_token" = [])),
+    responses(
+        (status = 200, description = "Every queue that has jobs or is paused, by name", body = Vec<QueueView>),
+        (status = 401, description = "No admin token, or a wrong one", body = Problem, content_type = PROBLEM),
+        (status = 404, description = "The admin routes are closed (no `HERALD_ADMIN_TOKEN`)", body = Problem, content_type = PROBLEM),
+        (status = "5XX", description = "The database is unavailable (503) or something failed on our side (500)", body = Problem, content_type = PROBLEM),
+    ),
+)]
 async fn queues(
     State(state): State<AppState>,
     _admin: Admin,
-) -> Result<Json<Vec<QueueStat>>, ApiError> {
-    Ok(Json(state.store.stats().await?))
+) -> Result<Json<Vec<QueueView>>, ApiError> {
+    let mut views: BTreeMap<String, QueueView> = BTreeMap::new();
+    let view = |queue: &str| QueueView {
+        queue: queue.to_owned(),
+        paused: false,
+        paused_at: None,
+        paused_reason: None,
+        jobs: BTreeMap::new(),
+    };
+    for QueueStat {
+        queue,
+        state,
+        count,
+    } in state.store.stats().await?
+    {
+        views
+            .entry(queue.clone())
+            .or_insert_with(|| view(&queue))
+            .jobs
+            .insert(state.as_str().to_owned(), count);
+    }
+    for p in state.store.paused_queues().await? {
+        let v = views
+            .entry(p.queue.clone())
+            .or_insert_with(|| view(&p.queue));
+        v.paused = true;
+        v.paused_at = Some(p.paused_at);
+        v.paused_reason = Some(p.reason);
+    }
+    Ok(Json(views.into_values().collect()))
 }
 
-#[derive(Debug, Deserialize)]
+/// Why a queue is paused.
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
+pub struct PauseBody {
+    /// Shown with the queue (at most 500 bytes); `paused by an operator` when absent.
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// Pauses a queue in every process: no job of it starts until it is resumed.
+///
+/// Running jobs finish; jobs are still enqueued and come due meanwhile. Pausing a paused queue
+/// keeps its first reason.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/queues/{name}/pause",
+    operation_id = "pause_queue",
+    tag = "operators",
+    security(("admin_token" = [])),
+    params(("name" = String, Path, description = "The queue's name")),
+    request_body(
+        content = Option<PauseBody>,
+        description = "Optional: without a JSON body, or with `null`, the reason is `paused by an operator`",
+    ),
+    responses(
+        (status = 200, description = "The queue, paused", body = QueueView),
+        (status = 400, description = "The body is declared JSON but is not JSON", body = Problem, content_type = PROBLEM),
+        (status = 401, description = "No admin token, or a wrong one", body = Problem, content_type = PROBLEM),
+        (status = 404, description = "The admin routes are closed (no `HERALD_ADMIN_TOKEN`)", body = Problem, content_type = PROBLEM),
+        (status = 422, description = "The body has the wrong shape, the reason is too long, or the name is not 1 to 100 bytes", body = Problem, content_type = PROBLEM),
+        (status = "5XX", description = "The database is unavailable (503) or something failed on our side (500)", body = Problem, content_type = PROBLEM),
+    ),
+)]
+async fn pause_queue(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(name): Path<String>,
+    body: Result<Option<Json<Option<PauseBody>>>, JsonRejection>,
+) -> Result<Json<QueueView>, ApiError> {
+    let reason = body?
+        .and_then(|b| b.0)
+        .and_then(|b| b.reason)
+        .unwrap_or_else(|| "paused by an operator".into());
+    state.store.pause_queue(&name, &reason, Utc::now()).await?;
+    queue_view(&state, &name).await.map(Json)
+}
+
+/// Resumes a paused queue: its producers claim again at once.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/queues/{name}/resume",
+    operation_id = "resume_queue",
+    tag = "operators",
+    security(("admin_token" = [])),
+    params(("name" = String, Path, description = "The queue's name")),
+    responses(
+        (status = 200, description = "The queue, running", body = QueueView),
+        (status = 401, description = "No admin token, or a wrong one", body = Problem, content_type = PROBLEM),
+        (status = 404, description = "The queue is not paused, or the admin routes are closed (no `HERALD_ADMIN_TOKEN`)", body = Problem, content_type = PROBLEM),
+        (status = "5XX", description = "The database is unavailable (503) or something failed on our side (500)", body = Problem, content_type = PROBLEM),
+    ),
+)]
+async fn resume_queue(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(name): Path<String>,
+) -> Result<Json<QueueView>, ApiError> {
+    if !state.store.resume_queue(&name).await? {
+        return Err(ApiError::NotFound("paused queue"));
+    }
+    queue_view(&state, &name).await.map(Json)
+}
+
+/// One queue's view (counts from the same statistics as the list).
+async fn queue_view(state: &AppState, name: &str) -> Result<QueueView, ApiError> {
+    let mut view = QueueView {
+        queue: name.to_owned(),
+        paused: false,
+        paused_at: None,
+        paused_reason: None,
+        jobs: BTreeMap::new(),
+    };
+    for s in state.store.stats().await? {
+        if s.queue == name {
+            view.jobs.insert(s.state.as_str().to_owned(), s.count);
+        }
+    }
+    if let Some(p) = state
+        .store
+        .paused_queues()
+        .await?
+        .into_iter()
+        .find(|p| p.queue == name)
+    {
+        view.paused = true;
+        view.paused_at = Some(p.paused_at);
+        view.paused_reason = Some(p.reason);
+    }
+    Ok(view)
+}
+
+/// `?queue=&state=&kind=&after=&limit=`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct JobsQuery {
+    /// Only the jobs of this queue.
     queue: Option<String>,
+    /// Only the jobs in this state.
+    #[param(value_type = Option<JobState>)]
     state: Option<String>,
+    /// Only the jobs of this kind.
     kind: Option<String>,
-    /// The last job id of the previous page.
+    /// The last job id of the previous page (its `next_cursor`).
+    #[param(value_type = Option<i64>)]
     after: Option<JobId>,
+    /// Page size: 1 to 200, default 50.
+    #[param(minimum = 1, maximum = 200)]
     limit: Option<i64>,
 }
 
+/// A page of jobs.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct JobPage {
+    pub data: Vec<Job>,
+    /// `?after=` for the next page (a job id); null on the last page.
+    #[schema(value_type = Option<i64>, required = true)]
+    pub next_cursor: Option<JobId>,
+}
+
+/// Jobs by ascending id, unfinished and archived, with their error history.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/jobs",
+    operation_id = "list_jobs",
+    tag = "operators",
+    security(("admin_token" = [])),
+    params(JobsQuery),
+    responses(
+        (status = 200, description = "A page of jobs", body = JobPage),
+        (status = 400, description = "A bad `limit`, `state` or `after`, or an unknown parameter", body = Problem, content_type = PROBLEM),
+        (status = 401, description = "No admin token, or a wrong one", body = Problem, content_type = PROBLEM),
+        (status = 404, description = "The admin routes are closed (no `HERALD_ADMIN_TOKEN`)", body = Problem, content_type = PROBLEM),
+        (status = "5XX", description = "The database is unavailable (503) or something failed on our side (500)", body = Problem, content_type = PROBLEM),
+    ),
+)]
 async fn jobs(
     State(state): State<AppState>,
     _admin: Admin,
     q: Result<Query<JobsQuery>, QueryRejection>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<JobPage>, ApiError> {
     let Query(q) = q?;
     let limit = q.limit.unwrap_or(50);
     if !(1..=MAX_PAGE).contains(&limit) {
@@ -251,13 +453,31 @@ async fn jobs(
     } else {
         None
     };
-    Ok(Json(json!({ "data": rows, "next_cursor": next })))
+    Ok(Json(JobPage {
+        data: rows,
+        next_cursor: next,
+    }))
 }
 
 fn job_id(raw: &str) -> Result<JobId, ApiError> {
     raw.parse().map_err(|_| ApiError::NotFound("job"))
 }
 
+/// One job, with its error history.
+#[utoipa::path(
+    get,
+    path = "/v1/admin/jobs/{id}",
+    operation_id = "get_job",
+    tag = "operators",
+    security(("admin_token" = [])),
+    params(("id" = i64, Path, description = "The job's id")),
+    responses(
+        (status = 200, description = "The job", body = Job),
+        (status = 401, description = "No admin token, or a wrong one", body = Problem, content_type = PROBLEM),
+        (status = 404, description = "No such job, or the admin routes are closed (no `HERALD_ADMIN_TOKEN`)", body = Problem, content_type = PROBLEM),
+        (status = "5XX", description = "The database is unavailable (503) or something failed on our side (500)", body = Problem, content_type = PROBLEM),
+    ),
+)]
 async fn job(
     State(state): State<AppState>,
     _admin: Admin,
@@ -271,6 +491,25 @@ async fn job(
         .ok_or(ApiError::NotFound("job"))
 }
 
+/// Runs a job again now (operator retry).
+///
+/// For a discarded, cancelled, scheduled or retryable job; a discarded or cancelled one gets a
+/// fresh set of attempts.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/jobs/{id}/retry",
+    operation_id = "retry_job",
+    tag = "operators",
+    security(("admin_token" = [])),
+    params(("id" = i64, Path, description = "The job's id")),
+    responses(
+        (status = 200, description = "The job, available again", body = Job),
+        (status = 401, description = "No admin token, or a wrong one", body = Problem, content_type = PROBLEM),
+        (status = 404, description = "No such job, or the admin routes are closed (no `HERALD_ADMIN_TOKEN`)", body = Problem, content_type = PROBLEM),
+        (status = 409, description = "The job is running or completed, or another job holds its unique key", body = Problem, content_type = PROBLEM),
+        (status = "5XX", description = "The database is unavailable (503) or something failed on our side (500)", body = Problem, content_type = PROBLEM),
+    ),
+)]
 async fn retry(
     State(state): State<AppState>,
     _admin: Admin,
@@ -286,27 +525,97 @@ async fn retry(
     }
 }
 
-#[derive(Debug, Default, Deserialize)]
+/// Why a job is cancelled.
+#[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CancelBody {
+    /// Kept on the job's error history; a default reason when absent.
     #[serde(default)]
     reason: Option<String>,
 }
 
+/// Cancels a job that is waiting (not running, not final).
+#[utoipa::path(
+    post,
+    path = "/v1/admin/jobs/{id}/cancel",
+    operation_id = "cancel_job",
+    tag = "operators",
+    security(("admin_token" = [])),
+    params(("id" = i64, Path, description = "The job's id")),
+    request_body(
+        content = Option<CancelBody>,
+        description = "Optional: without a JSON body (no `Content-Type: application/json`), or with `null`, the reason is `cancelled by an operator`",
+    ),
+    responses(
+        (status = 200, description = "The job, cancelled", body = Job),
+        (status = 400, description = "The body is declared JSON but is not JSON", body = Problem, content_type = PROBLEM),
+        (status = 401, description = "No admin token, or a wrong one", body = Problem, content_type = PROBLEM),
+        (status = 404, description = "No such job, or the admin routes are closed (no `HERALD_ADMIN_TOKEN`)", body = Problem, content_type = PROBLEM),
+        (status = 409, description = "The job is running or final", body = Problem, content_type = PROBLEM),
+        (status = 422, description = "The body has the wrong shape", body = Problem, content_type = PROBLEM),
+        (status = "5XX", description = "The database is unavailable (503) or something failed on our side (500)", body = Problem, content_type = PROBLEM),
+    ),
+)]
 async fn cancel(
     State(state): State<AppState>,
     _admin: Admin,
     Path(id): Path<String>,
-    body: Option<Json<CancelBody>>,
+    body: Result<Option<Json<Option<CancelBody>>>, JsonRejection>,
 ) -> Result<Json<Job>, ApiError> {
     let id = job_id(&id)?;
-    let reason = body
-        .and_then(|b| b.0.reason)
+    let reason = body?
+        .and_then(|b| b.0)
+        .and_then(|b| b.reason)
         .unwrap_or_else(|| "cancelled by an operator".into());
     match state.store.cancel_job(id, Utc::now(), &reason).await? {
         Some(job) => Ok(Json(job)),
         None if state.store.get_job(id).await?.is_some() => Err(ApiError::Conflict(
             "only a job that is waiting (not running, not final) can be cancelled".into(),
+        )),
+        None => Err(ApiError::NotFound("job")),
+    }
+}
+
+/// Discards a job that is waiting (not running, not final).
+///
+/// It will not run, and stays for inspection and operator retry, like a job whose attempts ran
+/// out.
+#[utoipa::path(
+    post,
+    path = "/v1/admin/jobs/{id}/discard",
+    operation_id = "discard_job",
+    tag = "operators",
+    security(("admin_token" = [])),
+    params(("id" = i64, Path, description = "The job's id")),
+    request_body(
+        content = Option<CancelBody>,
+        description = "Optional: without a JSON body, or with `null`, the reason is `discarded by an operator`",
+    ),
+    responses(
+        (status = 200, description = "The job, discarded", body = Job),
+        (status = 400, description = "The body is declared JSON but is not JSON", body = Problem, content_type = PROBLEM),
+        (status = 401, description = "No admin token, or a wrong one", body = Problem, content_type = PROBLEM),
+        (status = 404, description = "No such job, or the admin routes are closed (no `HERALD_ADMIN_TOKEN`)", body = Problem, content_type = PROBLEM),
+        (status = 409, description = "The job is running or final", body = Problem, content_type = PROBLEM),
+        (status = 422, description = "The body has the wrong shape", body = Problem, content_type = PROBLEM),
+        (status = "5XX", description = "The database is unavailable (503) or something failed on our side (500)", body = Problem, content_type = PROBLEM),
+    ),
+)]
+async fn discard(
+    State(state): State<AppState>,
+    _admin: Admin,
+    Path(id): Path<String>,
+    body: Result<Option<Json<Option<CancelBody>>>, JsonRejection>,
+) -> Result<Json<Job>, ApiError> {
+    let id = job_id(&id)?;
+    let reason = body?
+        .and_then(|b| b.0)
+        .and_then(|b| b.reason)
+        .unwrap_or_else(|| "discarded by an operator".into());
+    match state.store.discard_job(id, Utc::now(), &reason).await? {
+        Some(job) => Ok(Json(job)),
+        None if state.store.get_job(id).await?.is_some() => Err(ApiError::Conflict(
+            "only a job that is waiting (not running, not final) can be discarded".into(),
         )),
         None => Err(ApiError::NotFound("job")),
     }
@@ -318,7 +627,7 @@ async fn set_paused(
     raw: &str,
     reason: Option<&str>,
 ) -> Result<StatusCode, ApiError> {
-    let id: uuid::Uuid = raw.parse().map_err(|_| ApiError::NotFound("channel"))?;
+    let id: Uuid = raw.parse().map_err(|_| ApiError::NotFound("channel"))?;
     let delivery = state.store.delivery();
     match delivery.channel(id).await? {
         Some(c) if c.workspace_id == caller.workspace_id => {
@@ -337,6 +646,22 @@ async fn set_paused(
     }
 }
 
+/// Pauses one of the caller's channels: it sends nothing until resumed.
+#[utoipa::path(
+    post,
+    path = "/v1/channels/{id}/pause",
+    operation_id = "pause_channel",
+    tag = "channels",
+    security(("api_key" = [])),
+    params(("id" = Uuid, Path, description = "The channel's id")),
+    responses(
+        (status = 204, description = "Paused"),
+        (status = 401, description = "No API key, or not a valid one", body = Problem, content_type = PROBLEM),
+        (status = 404, description = "No such channel in the caller's workspace", body = Problem, content_type = PROBLEM),
+        (status = 409, description = "The channel is disconnected", body = Problem, content_type = PROBLEM),
+        (status = "5XX", description = "The database is unavailable (503) or something failed on our side (500)", body = Problem, content_type = PROBLEM),
+    ),
+)]
 async fn pause_channel(
     State(state): State<AppState>,
     caller: Caller,
@@ -345,6 +670,25 @@ async fn pause_channel(
     set_paused(&state, caller, &id, Some("paused by an operator")).await
 }
 
+/// Resumes one of the caller's channels.
+///
+/// Paused by an operator or by Meta's answers (190, 368, 131048): resume it once the cause is
+/// fixed.
+#[utoipa::path(
+    post,
+    path = "/v1/channels/{id}/resume",
+    operation_id = "resume_channel",
+    tag = "channels",
+    security(("api_key" = [])),
+    params(("id" = Uuid, Path, description = "The channel's id")),
+    responses(
+        (status = 204, description = "Resumed"),
+        (status = 401, description = "No API key, or not a valid one", body = Problem, content_type = PROBLEM),
+        (status = 404, description = "No such channel in the caller's workspace", body = Problem, content_type = PROBLEM),
+        (status = 409, description = "The channel is disconnected", body = Problem, content_type = PROBLEM),
+        (status = "5XX", description = "The database is unavailable (503) or something failed on our side (500)", body = Problem, content_type = PROBLEM),
+    ),
+)]
 async fn resume_channel(
     State(state): State<AppState>,
     caller: Caller,

@@ -11,42 +11,41 @@
 //!
 //! Errors are RFC 9457 problem documents with a stable `type`; internals are logged, never
 //! returned.
+//!
+//! Each route is documented where it is defined (`#[utoipa::path]`); see [`crate::openapi`].
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
-use axum::{Json, Router};
-use chrono::Utc;
+use axum::Json;
+use chrono::{DateTime, Utc};
 use herald_engine::delivery::{Channel, ChannelLimits, NewChannel, Platform};
+use herald_engine::tenancy::{ApiKey, Workspace};
 use herald_engine::StoreError;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
-use crate::{problem, AppState};
+use crate::openapi::PROBLEM;
+use crate::{problem, AppState, Problem};
 
 /// Largest page a list returns.
 pub const MAX_PAGE: i64 = 200;
 /// Page size without `?limit`.
 pub const DEFAULT_PAGE: i64 = 50;
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route(
-            "/v1/workspaces",
-            post(create_workspace).get(list_workspaces),
-        )
-        .route("/v1/workspace", get(own_workspace))
-        .route("/v1/api-keys", post(create_key).get(list_keys))
-        .route("/v1/api-keys/{id}", delete(revoke_key))
-        .route("/v1/channels", post(create_channel).get(list_channels))
-        .route(
-            "/v1/channels/{id}",
-            get(get_channel).delete(disconnect_channel),
-        )
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(create_workspace, list_workspaces))
+        .routes(routes!(own_workspace))
+        .routes(routes!(create_key, list_keys))
+        .routes(routes!(revoke_key))
+        .routes(routes!(create_channel, list_channels))
+        .routes(routes!(get_channel, disconnect_channel))
 }
 
 /// An error of the API, answered as a problem document.
@@ -207,15 +206,21 @@ impl FromRequestParts<AppState> for Admin {
 }
 
 /// `?limit=&after=`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct PageQuery {
+    /// Page size: 1 to 200, default 50.
+    #[param(minimum = 1, maximum = 200)]
     limit: Option<i64>,
+    /// The `next_cursor` of the previous page.
     after: Option<String>,
 }
 
 impl PageQuery {
-    fn parse(q: Result<Query<PageQuery>, QueryRejection>) -> ApiResult<(Option<Uuid>, i64)> {
+    pub(crate) fn parse(
+        q: Result<Query<PageQuery>, QueryRejection>,
+    ) -> ApiResult<(Option<Uuid>, i64)> {
         let Query(q) = q?;
         PageQuery::check(q.limit, q.after)
     }
@@ -239,9 +244,11 @@ impl PageQuery {
 }
 
 /// A page of a list.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, ToSchema)]
 pub struct Page<T> {
     pub data: Vec<T>,
+    /// `?after=` for the next page; null on the last page.
+    #[schema(required = true)]
     pub next_cursor: Option<String>,
 }
 
@@ -274,12 +281,58 @@ fn path_id(raw: &str, what: &'static str) -> ApiResult<Uuid> {
 // ---------------------------------------------------------------------------------------------
 // Workspaces and keys
 
-#[derive(Debug, Deserialize)]
+/// A name: 1 to 200 characters, no control characters.
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NameBody {
+    #[schema(min_length = 1, max_length = 200, example = "Acme")]
     name: String,
 }
 
+/// A workspace just created, with its first API key.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreatedWorkspace {
+    pub workspace: Workspace,
+    pub api_key: InitialKey,
+}
+
+/// A workspace's first API key (named `initial`).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct InitialKey {
+    pub id: Uuid,
+    pub prefix: String,
+    /// The whole key, `hk_<id>_<secret>`: the only time it is shown.
+    pub key: String,
+}
+
+/// An API key just created.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CreatedKey {
+    pub id: Uuid,
+    pub name: String,
+    /// `hk_<id>_`: enough to recognise the key in a list.
+    pub prefix: String,
+    pub created_at: DateTime<Utc>,
+    /// The whole key, `hk_<id>_<secret>`: the only time it is shown.
+    pub key: String,
+}
+
+/// Creates a workspace and its first API key.
+#[utoipa::path(
+    post,
+    path = "/v1/workspaces",
+    tag = "workspaces",
+    security(("admin_token" = [])),
+    request_body = NameBody,
+    responses(
+        (status = 201, description = "The workspace, and its first API key (shown once)", body = CreatedWorkspace),
+        (status = 400, description = "The body is not JSON", body = Problem, content_type = PROBLEM),
+        (status = 401, description = "No admin token, or a wrong one", body = Problem, content_type = PROBLEM),
+        (status = 404, description = "The admin routes are closed (no `HERALD_ADMIN_TOKEN`)", body = Problem, content_type = PROBLEM),
+        (status = 422, description = "The body has the wrong shape, or the name is refused", body = Problem, content_type = PROBLEM),
+        (status = "5XX", description = "The database is unavailable (503) or something failed on our side (500)", body = Problem, content_type = PROBLEM),
+    ),
+)]
 async fn create_workspace(
     State(state): State<AppState>,
     _admin: Admin,
@@ -293,28 +346,60 @@ async fn create_workspace(
         .await?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({
-            "workspace": workspace,
-            "api_key": { "id": key.key.id, "prefix": key.key.prefix, "key": key.secret },
-        })),
+        Json(CreatedWorkspace {
+            workspace,
+            api_key: InitialKey {
+                id: key.key.id,
+                prefix: key.key.prefix,
+                key: key.secret,
+            },
+        }),
     )
         .into_response())
 }
 
+/// Lists the workspaces, by id.
+#[utoipa::path(
+    get,
+    path = "/v1/workspaces",
+    tag = "workspaces",
+    security(("admin_token" = [])),
+    params(PageQuery),
+    responses(
+        (status = 200, description = "A page of workspaces", body = Page<Workspace>),
+        (status = 400, description = "A bad `limit` or `after`, or an unknown parameter", body = Problem, content_type = PROBLEM),
+        (status = 401, description = "No admin token, or a wrong one", body = Problem, content_type = PROBLEM),
+        (status = 404, description = "The admin routes are closed (no `HERALD_ADMIN_TOKEN`)", body = Problem, content_type = PROBLEM),
+        (status = "5XX", description = "The database is unavailable (503) or something failed on our side (500)", body = Problem, content_type = PROBLEM),
+    ),
+)]
 async fn list_workspaces(
     State(state): State<AppState>,
     _admin: Admin,
     q: Result<Query<PageQuery>, QueryRejection>,
-) -> ApiResult<Json<Page<herald_engine::tenancy::Workspace>>> {
+) -> ApiResult<Json<Page<Workspace>>> {
     let (after, limit) = PageQuery::parse(q)?;
     let rows = state.store.tenancy().workspaces(after, limit + 1).await?;
     Ok(Json(page(rows, limit, |w| w.id)))
 }
 
+/// The workspace of the caller's API key.
+#[utoipa::path(
+    get,
+    path = "/v1/workspace",
+    tag = "workspaces",
+    security(("api_key" = [])),
+    responses(
+        (status = 200, description = "The caller's workspace", body = Workspace),
+        (status = 401, description = "No API key, or not a valid one", body = Problem, content_type = PROBLEM),
+        (status = 404, description = "The workspace is gone", body = Problem, content_type = PROBLEM),
+        (status = "5XX", description = "The database is unavailable (503) or something failed on our side (500)", body = Problem, content_type = PROBLEM),
+    ),
+)]
 async fn own_workspace(
     State(state): State<AppState>,
     caller: Caller,
-) -> ApiResult<Json<herald_engine::tenancy::Workspace>> {
+) -> ApiResult<Json<Workspace>> {
     let w = state
         .store
         .tenancy()
@@ -324,6 +409,21 @@ async fn own_workspace(
     Ok(Json(w))
 }
 
+/// Creates an API key in the caller's workspace.
+#[utoipa::path(
+    post,
+    path = "/v1/api-keys",
+    tag = "api-keys",
+    security(("api_key" = [])),
+    request_body = NameBody,
+    responses(
+        (status = 201, description = "The key, with its secret (shown once)", body = CreatedKey),
+        (status = 400, description = "The body is not JSON", body = Problem, content_type = PROBLEM),
+        (status = 401, description = "No API key, or not a valid one", body = Problem, content_type = PROBLEM),
+        (status = 422, description = "The body has the wrong shape, or the name is refused", body = Problem, content_type = PROBLEM),
+        (status = "5XX", description = "The database is unavailable (503) or something failed on our side (500)", body = Problem, content_type = PROBLEM),
+    ),
+)]
 async fn create_key(
     State(state): State<AppState>,
     caller: Caller,
@@ -337,22 +437,36 @@ async fn create_key(
         .await?;
     Ok((
         StatusCode::CREATED,
-        Json(json!({
-            "id": key.key.id,
-            "name": key.key.name,
-            "prefix": key.key.prefix,
-            "created_at": key.key.created_at,
-            "key": key.secret,
-        })),
+        Json(CreatedKey {
+            id: key.key.id,
+            name: key.key.name,
+            prefix: key.key.prefix,
+            created_at: key.key.created_at,
+            key: key.secret,
+        }),
     )
         .into_response())
 }
 
+/// Lists the caller's workspace's API keys (revoked ones too), by id; never their secrets.
+#[utoipa::path(
+    get,
+    path = "/v1/api-keys",
+    tag = "api-keys",
+    security(("api_key" = [])),
+    params(PageQuery),
+    responses(
+        (status = 200, description = "A page of API keys", body = Page<ApiKey>),
+        (status = 400, description = "A bad `limit` or `after`, or an unknown parameter", body = Problem, content_type = PROBLEM),
+        (status = 401, description = "No API key, or not a valid one", body = Problem, content_type = PROBLEM),
+        (status = "5XX", description = "The database is unavailable (503) or something failed on our side (500)", body = Problem, content_type = PROBLEM),
+    ),
+)]
 async fn list_keys(
     State(state): State<AppState>,
     caller: Caller,
     q: Result<Query<PageQuery>, QueryRejection>,
-) -> ApiResult<Json<Page<herald_engine::tenancy::ApiKey>>> {
+) -> ApiResult<Json<Page<ApiKey>>> {
     let (after, limit) = PageQuery::parse(q)?;
     let rows = state
         .store
@@ -362,6 +476,20 @@ async fn list_keys(
     Ok(Json(page(rows, limit, |k| k.id)))
 }
 
+/// Revokes an API key of the caller's workspace (the caller's own key too).
+#[utoipa::path(
+    delete,
+    path = "/v1/api-keys/{id}",
+    tag = "api-keys",
+    security(("api_key" = [])),
+    params(("id" = Uuid, Path, description = "The key's id")),
+    responses(
+        (status = 204, description = "Revoked"),
+        (status = 401, description = "No API key, or not a valid one", body = Problem, content_type = PROBLEM),
+        (status = 404, description = "No such key in the caller's workspace, or already revoked", body = Problem, content_type = PROBLEM),
+        (status = "5XX", description = "The database is unavailable (503) or something failed on our side (500)", body = Problem, content_type = PROBLEM),
+    ),
+)]
 async fn revoke_key(
     State(state): State<AppState>,
     caller: Caller,
@@ -384,31 +512,40 @@ async fn revoke_key(
 // Channels
 
 /// What connects a channel. Secrets go in and never come out.
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ChannelBody {
     platform: Platform,
     name: String,
+    /// phone_number_id (WhatsApp), page id (Messenger) or Instagram account id.
     sender_id: String,
+    /// The business portfolio whose messaging tier the channel shares (WhatsApp).
     #[serde(default)]
     portfolio_id: Option<String>,
+    /// Secret: the Graph API token sends use. Stored encrypted; never returned.
     access_token: String,
+    /// Secret: checks the signature of Meta's webhooks. Stored encrypted; never returned.
     app_secret: String,
+    /// Secret: Meta's subscription handshake presents it. Random when absent; never returned.
     #[serde(default)]
     verify_token: Option<String>,
+    /// Meta's Graph API when absent (another base: the sandbox).
     #[serde(default)]
     graph_base_url: Option<String>,
+    /// The Graph API version, `v21.0` when absent.
     #[serde(default)]
     api_version: Option<String>,
+    /// Meta's defaults for the platform when absent; absent fields take the defaults.
     #[serde(default)]
     limits: Option<ChannelLimits>,
 }
 
 /// A channel as the API shows it: no secrets, and where Meta must send its webhooks.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 pub struct ChannelView {
     #[serde(flatten)]
     channel: Channel,
+    /// The path of the channel's webhooks, `/webhooks/<id>`, to give Meta.
     webhook_path: String,
 }
 
@@ -419,6 +556,21 @@ fn view(channel: Channel) -> ChannelView {
     }
 }
 
+/// Connects a channel to the caller's workspace.
+#[utoipa::path(
+    post,
+    path = "/v1/channels",
+    tag = "channels",
+    security(("api_key" = [])),
+    request_body = ChannelBody,
+    responses(
+        (status = 201, description = "The channel (without its secrets)", body = ChannelView),
+        (status = 400, description = "The body is not JSON", body = Problem, content_type = PROBLEM),
+        (status = 401, description = "No API key, or not a valid one", body = Problem, content_type = PROBLEM),
+        (status = 422, description = "The body has the wrong shape, or a value is refused (limits, URL, …)", body = Problem, content_type = PROBLEM),
+        (status = "5XX", description = "The database is unavailable (503) or something failed on our side (500)", body = Problem, content_type = PROBLEM),
+    ),
+)]
 async fn create_channel(
     State(state): State<AppState>,
     caller: Caller,
@@ -451,6 +603,20 @@ async fn create_channel(
     Ok((StatusCode::CREATED, Json(view(channel))).into_response())
 }
 
+/// Lists the caller's workspace's channels, by id.
+#[utoipa::path(
+    get,
+    path = "/v1/channels",
+    tag = "channels",
+    security(("api_key" = [])),
+    params(PageQuery),
+    responses(
+        (status = 200, description = "A page of channels", body = Page<ChannelView>),
+        (status = 400, description = "A bad `limit` or `after`, or an unknown parameter", body = Problem, content_type = PROBLEM),
+        (status = 401, description = "No API key, or not a valid one", body = Problem, content_type = PROBLEM),
+        (status = "5XX", description = "The database is unavailable (503) or something failed on our side (500)", body = Problem, content_type = PROBLEM),
+    ),
+)]
 async fn list_channels(
     State(state): State<AppState>,
     caller: Caller,
@@ -478,6 +644,20 @@ async fn own_channel(state: &AppState, caller: Caller, raw: &str) -> ApiResult<C
     }
 }
 
+/// One of the caller's channels.
+#[utoipa::path(
+    get,
+    path = "/v1/channels/{id}",
+    tag = "channels",
+    security(("api_key" = [])),
+    params(("id" = Uuid, Path, description = "The channel's id")),
+    responses(
+        (status = 200, description = "The channel (without its secrets)", body = ChannelView),
+        (status = 401, description = "No API key, or not a valid one", body = Problem, content_type = PROBLEM),
+        (status = 404, description = "No such channel in the caller's workspace", body = Problem, content_type = PROBLEM),
+        (status = "5XX", description = "The database is unavailable (503) or something failed on our side (500)", body = Problem, content_type = PROBLEM),
+    ),
+)]
 async fn get_channel(
     State(state): State<AppState>,
     caller: Caller,
@@ -486,6 +666,20 @@ async fn get_channel(
     Ok(Json(view(own_channel(&state, caller, &id).await?)))
 }
 
+/// Disconnects one of the caller's channels: its secrets are erased and it sends nothing more.
+#[utoipa::path(
+    delete,
+    path = "/v1/channels/{id}",
+    tag = "channels",
+    security(("api_key" = [])),
+    params(("id" = Uuid, Path, description = "The channel's id")),
+    responses(
+        (status = 204, description = "Disconnected"),
+        (status = 401, description = "No API key, or not a valid one", body = Problem, content_type = PROBLEM),
+        (status = 404, description = "No such channel in the caller's workspace", body = Problem, content_type = PROBLEM),
+        (status = "5XX", description = "The database is unavailable (503) or something failed on our side (500)", body = Problem, content_type = PROBLEM),
+    ),
+)]
 async fn disconnect_channel(
     State(state): State<AppState>,
     caller: Caller,

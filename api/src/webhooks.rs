@@ -17,25 +17,72 @@ use herald_engine::delivery::Channel;
 use hmac::{Hmac, Mac};
 use serde::Deserialize;
 use sha2::Sha256;
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 use uuid::Uuid;
 
-use crate::{problem, AppState};
+use crate::openapi::PROBLEM;
+use crate::{problem, AppState, Problem};
 
 /// Largest webhook body accepted. Meta batches events, but a batch stays far below this.
 pub const MAX_BODY: usize = 1024 * 1024;
 
-#[derive(Debug, Deserialize)]
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(verify, receive))
+}
+
+/// Meta's subscription handshake.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct Verify {
+    /// `subscribe`.
     #[serde(rename = "hub.mode")]
     mode: Option<String>,
+    /// The channel's verify token.
     #[serde(rename = "hub.verify_token")]
     verify_token: Option<String>,
+    /// Echoed back when the rest checks out.
     #[serde(rename = "hub.challenge")]
     challenge: Option<String>,
 }
 
-/// `GET /webhooks/{channel_id}`: answers Meta's subscription handshake with the challenge when
-/// the verify token matches, 403 otherwise.
+/// A delivery from Meta. Only its envelope is checked before it is stored (a known `object` and
+/// an `entry` array); the rest is Meta's, applied later by the `meta.webhook` job.
+#[derive(ToSchema)]
+#[allow(dead_code)] // documentation only: `check_envelope` reads the same two fields
+pub struct WebhookEnvelope {
+    object: WebhookObject,
+    /// Meta's entries, kept as sent.
+    entry: Vec<serde_json::Value>,
+}
+
+/// The products whose webhooks Herald takes.
+#[derive(ToSchema)]
+#[allow(dead_code)] // documentation only
+#[schema(rename_all = "snake_case")]
+pub enum WebhookObject {
+    WhatsappBusinessAccount,
+    Page,
+    Instagram,
+}
+
+/// Meta's subscription handshake.
+///
+/// Answers `hub.challenge` when `hub.mode` is `subscribe` and `hub.verify_token` is the
+/// channel's verify token; 403 otherwise.
+#[utoipa::path(
+    get,
+    path = "/webhooks/{channel_id}",
+    operation_id = "verify_webhook",
+    tag = "webhooks",
+    params(("channel_id" = Uuid, Path, description = "The channel's id"), Verify),
+    responses(
+        (status = 200, description = "`hub.challenge`, echoed", body = String, content_type = "text/plain; charset=utf-8"),
+        (status = 403, description = "`hub.mode`, `hub.verify_token` or `hub.challenge` is wrong", body = Problem, content_type = PROBLEM),
+        (status = 404, description = "No such channel", body = Problem, content_type = PROBLEM),
+    ),
+)]
 pub async fn verify(
     State(state): State<AppState>,
     Path(channel_id): Path<String>,
@@ -58,8 +105,30 @@ pub async fn verify(
     }
 }
 
-/// `POST /webhooks/{channel_id}`: checks the signature, then the envelope, stores the body
-/// durably and answers 200. The events are applied later by the `meta.webhook` job.
+/// Receives a signed delivery from Meta.
+///
+/// Checks the signature, then the envelope, stores the body durably and answers 200 once it is
+/// committed. The events are applied later by the `meta.webhook` job.
+#[utoipa::path(
+    post,
+    path = "/webhooks/{channel_id}",
+    operation_id = "receive_webhook",
+    tag = "webhooks",
+    security(("hub_signature" = [])),
+    params(("channel_id" = Uuid, Path, description = "The channel's id")),
+    request_body(
+        content = WebhookEnvelope,
+        description = "Meta's delivery, at most 1 MiB, signed in `X-Hub-Signature-256` with the channel's app secret",
+    ),
+    responses(
+        (status = 200, description = "Stored durably (empty body); Meta redelivers anything not answered 200"),
+        (status = 400, description = "The body is unreadable, not JSON, or not Meta's envelope", body = Problem, content_type = PROBLEM),
+        (status = 401, description = "`X-Hub-Signature-256` is missing or does not match the body", body = Problem, content_type = PROBLEM),
+        (status = 404, description = "No such channel", body = Problem, content_type = PROBLEM),
+        (status = 413, description = "The body is larger than 1 MiB", body = Problem, content_type = PROBLEM),
+        (status = 503, description = "The delivery was not stored (database away, or overloaded); Meta will deliver it again", body = Problem, content_type = PROBLEM),
+    ),
+)]
 pub async fn receive(
     State(state): State<AppState>,
     Path(channel_id): Path<String>,

@@ -75,6 +75,34 @@ impl Fixture {
         (status, value)
     }
 
+    /// A text answer (`/metrics`), from an app that also reports `engine`'s measurements.
+    async fn text_with(
+        &self,
+        uri: &str,
+        engine: Option<Arc<herald_engine::metrics::EngineMetrics>>,
+    ) -> String {
+        let response = app(AppState::new(
+            self.store.clone(),
+            Arc::new(herald_engine::SystemClock),
+            ApiConfig {
+                engine_metrics: engine,
+                ..ApiConfig::default()
+            },
+        ))
+        .oneshot(Request::get(uri).body(Body::empty()).expect("request"))
+        .await
+        .expect("response");
+        assert_eq!(response.status(), StatusCode::OK);
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 22)
+            .await
+            .expect("body");
+        String::from_utf8(bytes.to_vec()).expect("utf-8")
+    }
+
+    async fn text(&self, uri: &str) -> String {
+        self.text_with(uri, None).await
+    }
+
     /// A workspace and its first key.
     async fn workspace(&self, name: &str) -> (Uuid, String) {
         let (status, body) = self
@@ -332,8 +360,18 @@ async fn another_workspaces_ids_answer_404_everywhere() {
         .await;
     assert_eq!(status, StatusCode::CREATED);
     let a_contact = a_contact["id"].as_str().expect("id").to_owned();
+    let (status, a_template) = f
+        .call(
+            "POST",
+            "/v1/templates",
+            Some(&a_key),
+            Some(json!({ "name": "hello", "language": "en", "category": "utility" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED);
+    let a_template = a_template["id"].as_str().expect("id").to_owned();
     let missing = Uuid::new_v4().to_string();
-    for (method, template) in [
+    let walk = [
         ("GET", "/v1/channels/{}"),
         ("DELETE", "/v1/channels/{}"),
         ("DELETE", "/v1/api-keys/{}"),
@@ -342,16 +380,43 @@ async fn another_workspaces_ids_answer_404_everywhere() {
         ("DELETE", "/v1/contacts/{}"),
         ("POST", "/v1/channels/{}/pause"),
         ("POST", "/v1/channels/{}/resume"),
-    ] {
+        ("GET", "/v1/templates/{}"),
+        ("PATCH", "/v1/templates/{}"),
+        ("DELETE", "/v1/templates/{}"),
+        ("POST", "/v1/templates/{}/render"),
+    ];
+    // The walk covers every workspace route with an id that the API documents.
+    let (_, doc) = f.call("GET", "/v1/openapi.json", None, None).await;
+    for (path, ops) in doc["paths"].as_object().expect("paths") {
+        if !path.contains("{id}") || path.starts_with("/v1/admin/") {
+            continue;
+        }
+        for method in ops.as_object().expect("ops").keys() {
+            let m = method.to_uppercase();
+            let t = path.replace("{id}", "{}");
+            assert!(
+                walk.iter().any(|(wm, wt)| *wm == m && *wt == t),
+                "{m} {path} is not in the foreign-id walk"
+            );
+        }
+    }
+    for (method, template) in walk {
         let foreign = if template.contains("channels") {
             &a_channel
         } else if template.contains("contacts") {
             &a_contact
+        } else if template.contains("templates") {
+            &a_template
         } else {
             &a_key_id
         };
         for id in [foreign.as_str(), missing.as_str(), "not-an-id"] {
-            let body = (method == "PATCH").then(|| json!({ "opted_out": true }));
+            let body = match (method, template.contains("templates")) {
+                ("PATCH", false) => Some(json!({ "opted_out": true })),
+                ("PATCH", true) => Some(json!({ "category": "marketing" })),
+                ("POST", true) => Some(json!({ "values": {} })),
+                _ => None,
+            };
             let (status, body) = f
                 .call(method, &template.replace("{}", id), Some(&b_key), body)
                 .await;
@@ -391,6 +456,100 @@ async fn another_workspaces_ids_answer_404_everywhere() {
     assert_eq!(contact["opted_out"], false, "B's PATCH changed nothing");
     let (_, list) = f.call("GET", "/v1/contacts", Some(&b_key), None).await;
     assert_eq!(list["data"].as_array().map(Vec::len), Some(0));
+    let (_, list) = f.call("GET", "/v1/templates", Some(&b_key), None).await;
+    assert_eq!(list["data"].as_array().map(Vec::len), Some(0));
+    let (_, template) = f
+        .call(
+            "GET",
+            &format!("/v1/templates/{a_template}"),
+            Some(&a_key),
+            None,
+        )
+        .await;
+    assert_eq!(template["category"], "utility", "B's PATCH changed nothing");
+}
+
+#[tokio::test]
+async fn templates_crud_and_render() {
+    let f = fixture().await;
+    let (_, key) = f.workspace("Acme").await;
+    let new = json!({
+        "name": "order_update", "language": "en_US", "category": "utility",
+        "parameters": [{ "name": "first_name", "example": "Ana" }, { "name": "order_id" }]
+    });
+    let (status, t) = f
+        .call("POST", "/v1/templates", Some(&key), Some(new.clone()))
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{t}");
+    let id = t["id"].as_str().expect("id").to_owned();
+    assert_eq!(
+        t["parameters"][0],
+        json!({ "name": "first_name", "example": "Ana" })
+    );
+    let (status, p) = f.call("POST", "/v1/templates", Some(&key), Some(new)).await;
+    assert_eq!(status, StatusCode::CONFLICT, "{p}");
+    assert_eq!(p["type"], "https://herald.dev/problems/conflict");
+    for bad in [
+        json!({ "name": "Bad Name", "language": "en", "category": "utility" }),
+        json!({ "name": "ok", "language": "english", "category": "utility" }),
+        json!({ "name": "ok", "language": "en", "category": "spam" }),
+        json!({ "name": "ok", "language": "en", "category": "utility", "extra": 1 }),
+    ] {
+        let (status, p) = f
+            .call("POST", "/v1/templates", Some(&key), Some(bad.clone()))
+            .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{bad}: {p}");
+    }
+    let (_, list) = f.call("GET", "/v1/templates", Some(&key), None).await;
+    assert_eq!(list["data"].as_array().map(Vec::len), Some(1));
+    let uri = format!("/v1/templates/{id}/render");
+    let (status, r) = f
+        .call(
+            "POST",
+            &uri,
+            Some(&key),
+            Some(json!({ "values": { "first_name": "Ana", "order_id": "A-17" } })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{r}");
+    assert_eq!(
+        r["message"],
+        json!({
+            "type": "template", "name": "order_update", "language": "en_US",
+            "parameters": ["Ana", "A-17"]
+        })
+    );
+    for values in [
+        json!({ "first_name": "Ana" }),
+        json!({ "first_name": "Ana", "order_id": "1", "typo": "x" }),
+        json!({ "first_name": "Ana\nBob", "order_id": "1" }),
+    ] {
+        let (status, p) = f
+            .call("POST", &uri, Some(&key), Some(json!({ "values": values })))
+            .await;
+        assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY, "{values}: {p}");
+    }
+    let (status, t) = f
+        .call(
+            "PATCH",
+            &format!("/v1/templates/{id}"),
+            Some(&key),
+            Some(json!({ "category": "marketing", "parameters": [] })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{t}");
+    assert_eq!(
+        (t["category"].as_str(), t["name"].as_str()),
+        (Some("marketing"), Some("order_update"))
+    );
+    let (status, _) = f
+        .call("DELETE", &format!("/v1/templates/{id}"), Some(&key), None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (status, _) = f
+        .call("GET", &format!("/v1/templates/{id}"), Some(&key), None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
 #[tokio::test]
@@ -600,7 +759,80 @@ async fn operators_see_metrics_queues_and_jobs_and_pause_channels() {
     );
     let (status, queues) = f.call("GET", "/v1/admin/queues", Some(ADMIN), None).await;
     assert_eq!(status, StatusCode::OK);
-    assert!(queues.to_string().contains("scheduled"), "{queues}");
+    assert_eq!(
+        queues,
+        json!([{ "queue": "default", "paused": false, "paused_at": null,
+                 "paused_reason": null, "jobs": { "scheduled": 1 } }])
+    );
+    // Pausing a queue shows in the list, in /metrics, and holds every process's producers.
+    let (status, paused) = f
+        .call(
+            "POST",
+            "/v1/admin/queues/default/pause",
+            Some(ADMIN),
+            Some(json!({ "reason": "deploying" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{paused}");
+    assert_eq!(
+        (paused["paused"].as_bool(), paused["paused_reason"].as_str()),
+        (Some(true), Some("deploying"))
+    );
+    assert!(f.store.paused_queues().await.expect("paused").len() == 1);
+    let (status, _) = f
+        .call(
+            "POST",
+            "/v1/admin/queues/default/pause",
+            Some(ADMIN),
+            Some(json!({ "reason": "x".repeat(501) })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::UNPROCESSABLE_ENTITY);
+    let metrics = f.text("/metrics").await;
+    assert!(
+        metrics.contains("herald_queue_paused{queue=\"default\"} 1"),
+        "{metrics}"
+    );
+    let (status, resumed) = f
+        .call("POST", "/v1/admin/queues/default/resume", Some(ADMIN), None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{resumed}");
+    assert_eq!(resumed["paused"], false);
+    let (status, _) = f
+        .call("POST", "/v1/admin/queues/default/resume", Some(ADMIN), None)
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "it is not paused");
+    // Discarding a waiting job; a final one answers 409.
+    let other = f
+        .store
+        .enqueue(
+            &herald_engine::NewJob::new("noop", json!({}))
+                .run_at(chrono::Utc::now() + chrono::Duration::hours(1)),
+            chrono::Utc::now(),
+        )
+        .await
+        .expect("enqueue")
+        .id;
+    let (status, discarded) = f
+        .call(
+            "POST",
+            &format!("/v1/admin/jobs/{other}/discard"),
+            Some(ADMIN),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{discarded}");
+    assert_eq!(discarded["state"], "discarded");
+    assert!(discarded.to_string().contains("discarded by an operator"));
+    let (status, _) = f
+        .call(
+            "POST",
+            &format!("/v1/admin/jobs/{other}/discard"),
+            Some(ADMIN),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT);
     let (status, list) = f
         .call(
             "GET",
@@ -682,28 +914,23 @@ async fn operators_see_metrics_queues_and_jobs_and_pause_channels() {
         .await;
     assert_eq!(resumed["paused_reason"], Value::Null);
 
-    // Metrics: Prometheus text with the job gauges and webhook counters.
-    let response = app(AppState::new(
-        f.store.clone(),
-        Arc::new(herald_engine::SystemClock),
-        ApiConfig::default(),
-    ))
-    .oneshot(
-        Request::get("/metrics")
-            .body(Body::empty())
-            .expect("request"),
-    )
-    .await
-    .expect("response");
-    assert_eq!(response.status(), StatusCode::OK);
-    let text = String::from_utf8(
-        axum::body::to_bytes(response.into_body(), 1 << 20)
-            .await
-            .expect("body")
-            .to_vec(),
-    )
-    .expect("utf-8");
+    // Metrics: Prometheus text with the job gauges and webhook counters, and the engine's
+    // throughput, latency and permits when an engine runs beside the API.
+    let engine = Arc::new(herald_engine::metrics::EngineMetrics::default());
+    let q = engine.queue("send");
+    q.completed
+        .fetch_add(7, std::sync::atomic::Ordering::Relaxed);
+    q.run.observe(std::time::Duration::from_millis(3));
+    engine
+        .key("channel:abc")
+        .granted
+        .fetch_add(5, std::sync::atomic::Ordering::Relaxed);
+    let text = f.text_with("/metrics", Some(engine)).await;
     for want in [
+        "herald_jobs_finished_total{queue=\"send\",outcome=\"completed\"} 7",
+        "herald_job_run_seconds_bucket{queue=\"send\",le=\"0.005\"} 1",
+        "herald_job_wait_seconds_count{queue=\"send\"} 0",
+        "herald_limiter_permits_total{key=\"channel:abc\",kind=\"granted\"} 5",
         "herald_jobs{queue=\"default\",state=\"available\"} 1",
         "herald_webhook_requests_total{outcome=\"bad_signature\"} 0",
         "herald_webhook_response_seconds_bucket{le=\"+Inf\"} 0",
