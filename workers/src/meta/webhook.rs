@@ -58,10 +58,13 @@ pub fn parse(channel: &Channel, body: &[u8], resolve: &Resolve<'_>) -> Result<Ev
                     let Some(value) = change.get("value") else {
                         continue;
                     };
-                    let sender = value
-                        .pointer("/metadata/phone_number_id")
-                        .and_then(Value::as_str)
-                        .unwrap_or(&channel.sender_id);
+                    let Some(sender) = meta_id(
+                        value.pointer("/metadata/phone_number_id"),
+                        channel,
+                        &mut out,
+                    ) else {
+                        continue;
+                    };
                     let Some((channel_id, workspace_id)) = resolve(sender) else {
                         out.foreign.push(sender.to_owned());
                         continue;
@@ -86,10 +89,9 @@ pub fn parse(channel: &Channel, body: &[u8], resolve: &Resolve<'_>) -> Result<Ev
         }
         "page" | "instagram" => {
             for entry in entries {
-                let sender = entry
-                    .get("id")
-                    .and_then(Value::as_str)
-                    .unwrap_or(&channel.sender_id);
+                let Some(sender) = meta_id(entry.get("id"), channel, &mut out) else {
+                    continue;
+                };
                 let Some((channel_id, workspace_id)) = resolve(sender) else {
                     out.foreign.push(sender.to_owned());
                     continue;
@@ -102,6 +104,23 @@ pub fn parse(channel: &Channel, body: &[u8], resolve: &Resolve<'_>) -> Result<Ev
         other => return Err(format!("unknown webhook object {other:?}")),
     }
     Ok(out)
+}
+
+/// How [`Events::foreign`] reports an id that is not a string (followed by its JSON).
+pub const NOT_A_STRING: &str = "not a string: ";
+
+/// The Meta id an event names: absent (or null) means the channel whose URL Meta called. Meta
+/// sends ids as strings; any other value names no channel we know, so its events are foreign
+/// rather than given to the called channel (found by fuzzing).
+fn meta_id<'a>(id: Option<&'a Value>, channel: &'a Channel, out: &mut Events) -> Option<&'a str> {
+    match id {
+        None | Some(Value::Null) => Some(&channel.sender_id),
+        Some(Value::String(s)) => Some(s),
+        Some(other) => {
+            out.foreign.push(format!("{NOT_A_STRING}{other}"));
+            None
+        }
+    }
 }
 
 fn array<'a>(v: &'a Value, key: &str) -> impl Iterator<Item = &'a Value> {
