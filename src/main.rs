@@ -21,10 +21,11 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use herald_engine::delivery::{AdmissionConfig, ChannelAdmission};
+use herald_engine::inbox::{InboundHandOff, INBOUND_KIND};
 use herald_engine::limit::{FailSafeConfig, FailSafeLimiter, Limiter, LocalLimiter};
 use herald_engine::{Engine, Store, SystemClock};
 use herald_workers::meta::{ClientConfig, MetaClient, SendConfig, SendWorker, WebhookWorker};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::settings::Settings;
 
@@ -257,7 +258,20 @@ pub async fn start_engine(
             ..SendConfig::default()
         },
     ));
-    registry.register(WebhookWorker::new(store.clone(), clock.clone()));
+    // New inbound messages are handed on only to a handler that exists (the workflows, once
+    // registered) on a queue this process runs; otherwise the jobs would only be discarded.
+    let mut webhooks = WebhookWorker::new(store.clone(), clock.clone());
+    let hand_off = InboundHandOff::default();
+    let handled = registry.kinds().any(|k| k == INBOUND_KIND);
+    if handled && settings.engine.queues.contains_key(&hand_off.queue) {
+        webhooks = webhooks.hand_off(hand_off);
+    } else if handled {
+        warn!(
+            queue = %hand_off.queue,
+            "inbound messages have a handler but its queue is not configured; they are not handed on"
+        );
+    }
+    registry.register(webhooks);
     let engine = Engine::start_limited(store, registry, settings.engine.clone(), clock, admission);
     engine.metrics().set_limiter(limiter);
     Ok(engine)

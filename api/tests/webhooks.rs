@@ -120,7 +120,7 @@ async fn post(
             .await
             .expect("pending");
         assert!(!pending.is_empty(), "a 200 stored the delivery");
-        herald_workers::meta::webhook::process(store.as_ref(), chrono::Utc::now(), &pending)
+        herald_workers::meta::webhook::process(store.as_ref(), chrono::Utc::now(), &pending, None)
             .await
             .expect("process");
     }
@@ -603,5 +603,142 @@ async fn redelivered_messages_are_stored_once() {
             ("+15550000001".to_owned(), false),
             ("+15550000002".to_owned(), true)
         ]
+    );
+}
+
+/// What the stand-in for the workflows received: (sender, Meta message id), in handling order.
+#[derive(Clone, Default)]
+struct Received(Arc<std::sync::Mutex<Vec<(String, String)>>>);
+
+#[async_trait::async_trait]
+impl herald_engine::Worker for Received {
+    type Args = herald_engine::inbox::InboundMessage;
+    const KIND: &'static str = herald_engine::inbox::INBOUND_KIND;
+
+    async fn work(
+        &self,
+        m: herald_engine::inbox::InboundMessage,
+        _ctx: &herald_engine::JobContext,
+    ) -> Result<(), herald_engine::JobError> {
+        // Slow enough that a second message of the conversation would overtake the first if
+        // the ordering key did not hold it back.
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((m.sender, m.provider_message_id));
+        Ok(())
+    }
+}
+
+/// The whole path with the queue running: signed deliveries are acknowledged, the
+/// `meta.webhook` job applies them, and each new inbound message is handed on once, in order
+/// per conversation, however often Meta delivers it.
+#[tokio::test]
+async fn new_inbound_messages_are_handed_on_once_in_order() {
+    use herald_engine::inbox::{InboundHandOff, INBOUND_QUEUE, WEBHOOK_QUEUE};
+    use herald_engine::{Engine, EngineConfig, QueueConfig, Registry};
+
+    let f = fixture().await;
+    let wa = channel(&f.store, Platform::Whatsapp).await;
+    let clock: Arc<dyn herald_engine::Clock> = Arc::new(herald_engine::SystemClock);
+    let received = Received::default();
+    let mut registry = Registry::new();
+    registry.register(
+        herald_workers::meta::webhook::WebhookWorker::new(f.store.clone(), clock.clone())
+            .hand_off(InboundHandOff::default()),
+    );
+    registry.register(received.clone());
+    let config = EngineConfig {
+        queues: [
+            (WEBHOOK_QUEUE.to_owned(), QueueConfig { concurrency: 4 }),
+            (INBOUND_QUEUE.to_owned(), QueueConfig { concurrency: 4 }),
+        ]
+        .into(),
+        poll_interval: std::time::Duration::from_millis(50),
+        ..EngineConfig::default()
+    };
+    let engine = Engine::start(f.store.clone(), registry, config, clock);
+
+    let id = wa.id.to_string();
+    for body in [
+        wa_inbound(
+            &wa,
+            &[
+                ("15550000001", "wamid.A1", "hi"),
+                ("15550000002", "wamid.B1", "hello"),
+            ],
+        ),
+        wa_inbound(&wa, &[("15550000001", "wamid.A1", "hi")]),
+        wa_inbound(
+            &wa,
+            &[
+                ("15550000001", "wamid.A2", "are you there?"),
+                ("15550000002", "wamid.B1", "hello"),
+            ],
+        ),
+    ] {
+        let response = app(state(&f.store))
+            .oneshot(
+                Request::post(format!("/webhooks/{id}"))
+                    .header("content-type", "application/json")
+                    .header("x-hub-signature-256", sign(&body))
+                    .body(Body::from(body))
+                    .expect("request"),
+            )
+            .await
+            .expect("response");
+        assert_eq!(response.status(), StatusCode::OK);
+    }
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let done = f
+            .store
+            .list_jobs(&herald_engine::JobFilter {
+                kind: Some(herald_engine::inbox::INBOUND_KIND.into()),
+                state: Some(herald_engine::JobState::Completed),
+                limit: 100,
+                ..Default::default()
+            })
+            .await
+            .expect("jobs");
+        let pending = f
+            .store
+            .inbox()
+            .webhook_counts()
+            .await
+            .expect("counts")
+            .pending;
+        if done.len() >= 3 && pending == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "handed on: {done:?}, pending deliveries: {pending}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    engine.shutdown().await;
+    let got = received.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut sorted = got.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        [
+            ("15550000001".to_owned(), "wamid.A1".to_owned()),
+            ("15550000001".to_owned(), "wamid.A2".to_owned()),
+            ("15550000002".to_owned(), "wamid.B1".to_owned()),
+        ],
+        "each message once: {got:?}"
+    );
+    let a: Vec<&str> = got
+        .iter()
+        .filter(|(s, _)| s == "15550000001")
+        .map(|(_, m)| m.as_str())
+        .collect();
+    assert_eq!(
+        a,
+        ["wamid.A1", "wamid.A2"],
+        "in order within the conversation"
     );
 }

@@ -20,6 +20,7 @@ conformance!(
     processed_events_are_not_read_again,
     inbound_messages_are_stored_once_and_open_windows,
     a_big_batch_of_deliveries,
+    new_messages_are_handed_on_once_in_order,
 );
 
 fn t0() -> DateTime<Utc> {
@@ -101,7 +102,7 @@ async fn processed_events_are_not_read_again(store: Arc<dyn Store>) {
         .await
         .expect("store");
     inbox
-        .finish_webhooks(&ids[..1], &[], t0())
+        .finish_webhooks(&ids[..1], &[], None, t0())
         .await
         .expect("finish one");
     let left = inbox.webhook_events(&ids).await.expect("read");
@@ -109,11 +110,11 @@ async fn processed_events_are_not_read_again(store: Arc<dyn Store>) {
     assert_eq!(left[0].id, ids[1]);
     // Finishing again (a retried job) changes nothing.
     inbox
-        .finish_webhooks(&ids, &[], t0())
+        .finish_webhooks(&ids, &[], None, t0())
         .await
         .expect("finish all");
     inbox
-        .finish_webhooks(&ids, &[], t0())
+        .finish_webhooks(&ids, &[], None, t0())
         .await
         .expect("finish again");
     assert!(inbox.webhook_events(&ids).await.expect("read").is_empty());
@@ -139,7 +140,7 @@ async fn inbound_messages_are_stored_once_and_open_windows(store: Arc<dyn Store>
         message(ch, "wamid.2", "15550000002", 20),
     ];
     let fresh = inbox
-        .finish_webhooks(&[], &first, t0())
+        .finish_webhooks(&[], &first, None, t0())
         .await
         .expect("first");
     let mut got: Vec<_> = fresh
@@ -161,7 +162,7 @@ async fn inbound_messages_are_stored_once_and_open_windows(store: Arc<dyn Store>
         message(ch, "wamid.3", "15550000001", 30),
     ];
     let fresh = inbox
-        .finish_webhooks(&[], &again, t0())
+        .finish_webhooks(&[], &again, None, t0())
         .await
         .expect("again");
     assert_eq!(fresh.len(), 1);
@@ -198,4 +199,94 @@ async fn a_big_batch_of_deliveries(store: Arc<dyn Store>) {
     assert_eq!(ids.len(), 2_500);
     let counts = store.inbox().webhook_counts().await.expect("counts");
     assert_eq!(counts.stored, 2_500);
+}
+
+async fn new_messages_are_handed_on_once_in_order(store: Arc<dyn Store>) {
+    let ch = Uuid::new_v4();
+    let inbox = store.inbox();
+    let hand_off = herald_engine::inbox::InboundHandOff::default();
+    let ids = inbox
+        .store_webhooks(
+            &[herald_engine::inbox::NewWebhookEvent {
+                channel_id: ch,
+                body: b"{}".to_vec(),
+            }],
+            t0(),
+        )
+        .await
+        .expect("store");
+    let batch = [
+        // Out of order in the delivery: handed on by the time Meta gives.
+        message(ch, "wamid.2", "15550000001", 20),
+        message(ch, "wamid.1", "15550000001", 10),
+        message(ch, "wamid.3", "15550000002", 15),
+    ];
+    let fresh = inbox
+        .finish_webhooks(&ids, &batch, Some(&hand_off), t0())
+        .await
+        .expect("finish");
+    assert_eq!(fresh.len(), 3);
+    // A redelivery of all of them, and one new message: only the new one is handed on.
+    let again = [
+        message(ch, "wamid.1", "15550000001", 10),
+        message(ch, "wamid.2", "15550000001", 20),
+        message(ch, "wamid.4", "15550000001", 30),
+    ];
+    inbox
+        .finish_webhooks(&[], &again, Some(&hand_off), t0())
+        .await
+        .expect("again");
+    let jobs = store
+        .list_jobs(&JobFilter {
+            kind: Some(herald_engine::inbox::INBOUND_KIND.into()),
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .expect("jobs");
+    let handed: Vec<(String, String, Option<String>)> = jobs
+        .iter()
+        .map(|j| {
+            (
+                j.payload["provider_message_id"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+                j.queue.clone(),
+                j.ordering_key.clone(),
+            )
+        })
+        .collect();
+    let conv1 = Some(format!("conversation:{ch}:15550000001"));
+    let conv2 = Some(format!("conversation:{ch}:15550000002"));
+    assert_eq!(
+        handed,
+        [
+            ("wamid.1".to_owned(), "flows".to_owned(), conv1.clone()),
+            ("wamid.3".to_owned(), "flows".to_owned(), conv2),
+            ("wamid.2".to_owned(), "flows".to_owned(), conv1.clone()),
+            ("wamid.4".to_owned(), "flows".to_owned(), conv1),
+        ],
+        "by id: oldest first within a delivery, once each"
+    );
+    // The payload is the whole message, so a handler needs nothing else.
+    let m: InboundMessage = serde_json::from_value(jobs[0].payload.clone()).expect("payload");
+    assert_eq!(m, message(ch, "wamid.1", "15550000001", 10));
+    // Without a hand-off nothing is enqueued.
+    inbox
+        .finish_webhooks(&[], &[message(ch, "wamid.5", "1", 40)], None, t0())
+        .await
+        .expect("finish");
+    assert_eq!(
+        store
+            .list_jobs(&JobFilter {
+                kind: Some(herald_engine::inbox::INBOUND_KIND.into()),
+                limit: 100,
+                ..Default::default()
+            })
+            .await
+            .expect("jobs")
+            .len(),
+        4
+    );
 }

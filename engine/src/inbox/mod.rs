@@ -58,8 +58,61 @@ pub fn webhook_job(ids: &[i64]) -> NewJob {
     .max_attempts(25)
 }
 
+/// The job that hands a new inbound message on to whatever answers it (the workflows): its
+/// payload is the [`InboundMessage`].
+pub const INBOUND_KIND: &str = "inbound.message";
+
+/// Where new inbound messages are handed on. With one, [`InboxStore::finish_webhooks`] enqueues
+/// one [`INBOUND_KIND`] job per message stored for the first time, in the transaction that
+/// stores it: a message is handed on exactly when it is stored, never twice when Meta
+/// redelivers it, and never lost to a crash in between. The jobs of one conversation (channel
+/// and sender) run one at a time, in order (their ordering key).
+///
+/// The composition root sets it when a handler for [`INBOUND_KIND`] is registered; without one
+/// nothing is enqueued (a job nobody handles would only be discarded).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboundHandOff {
+    pub queue: String,
+    /// Attempts per job before it is discarded.
+    pub max_attempts: i32,
+}
+
+/// Default [`InboundHandOff::queue`].
+pub const INBOUND_QUEUE: &str = "flows";
+
+impl Default for InboundHandOff {
+    fn default() -> Self {
+        InboundHandOff {
+            queue: INBOUND_QUEUE.to_owned(),
+            max_attempts: 25,
+        }
+    }
+}
+
+impl InboundHandOff {
+    /// The jobs for `fresh` messages, oldest first.
+    pub fn jobs(&self, fresh: &[InboundMessage]) -> Vec<NewJob> {
+        let mut ordered: Vec<&InboundMessage> = fresh.iter().collect();
+        ordered.sort_by_key(|m| m.sent_at);
+        ordered
+            .into_iter()
+            .map(|m| {
+                NewJob::new(INBOUND_KIND, serde_json::json!(m))
+                    .workspace(m.workspace_id)
+                    .queue(self.queue.clone())
+                    .max_attempts(self.max_attempts)
+                    .ordering_key(format!("conversation:{}:{}", m.channel_id, m.sender))
+                    .unique_key(format!(
+                        "inbound:{}:{}",
+                        m.channel_id, m.provider_message_id
+                    ))
+            })
+            .collect()
+    }
+}
+
 /// A message a user sent to one of our channels.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InboundMessage {
     pub channel_id: Uuid,
     pub workspace_id: Uuid,
@@ -76,7 +129,7 @@ pub struct InboundMessage {
     pub sent_at: DateTime<Utc>,
     /// The sender's profile name, when the delivery carried it (WhatsApp's `contacts[]`). Not
     /// stored with the message: it names the contact.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub profile_name: Option<String>,
 }
 
@@ -102,12 +155,13 @@ pub trait InboxStore: Send + Sync + 'static {
     async fn webhook_events(&self, ids: &[i64]) -> Result<Vec<WebhookEvent>>;
 
     /// In one transaction: stores `inbound` (dropping messages already stored), refreshes their
-    /// senders' service windows, and marks deliveries `ids` processed. Returns the messages that
-    /// were new.
+    /// senders' service windows, hands the new messages on (`hand_off`), and marks deliveries
+    /// `ids` processed. Returns the messages that were new.
     async fn finish_webhooks(
         &self,
         ids: &[i64],
         inbound: &[InboundMessage],
+        hand_off: Option<&InboundHandOff>,
         now: DateTime<Utc>,
     ) -> Result<Vec<InboundMessage>>;
 

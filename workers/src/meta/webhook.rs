@@ -15,7 +15,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use chrono::{DateTime, TimeZone, Utc};
 use herald_engine::delivery::{Channel, SendStatus, StatusEvent};
-use herald_engine::inbox::{InboundMessage, WebhookArgs, WEBHOOK_KIND};
+use herald_engine::inbox::{InboundHandOff, InboundMessage, WebhookArgs, WEBHOOK_KIND};
 use herald_engine::{Clock, JobContext, JobError, Store, StoreError, Worker};
 use serde_json::Value;
 use tracing::warn;
@@ -280,11 +280,13 @@ pub struct Processed {
     pub opted_out: usize,
 }
 
-/// Applies stored deliveries `ids` (those not processed yet).
+/// Applies stored deliveries `ids` (those not processed yet); new inbound messages are handed
+/// on as `hand_off` says (see [`InboundHandOff`]).
 pub async fn process(
     store: &dyn Store,
     now: DateTime<Utc>,
     ids: &[i64],
+    hand_off: Option<&InboundHandOff>,
 ) -> Result<Processed, StoreError> {
     let inbox = store.inbox();
     let deliveries = inbox.webhook_events(ids).await?;
@@ -362,7 +364,7 @@ pub async fn process(
         .upsert_inbound_contacts(&senders, now)
         .await?;
     let ids: Vec<i64> = deliveries.iter().map(|d| d.id).collect();
-    let fresh = inbox.finish_webhooks(&ids, &inbound, now).await?;
+    let fresh = inbox.finish_webhooks(&ids, &inbound, hand_off, now).await?;
     Ok(Processed {
         deliveries: deliveries.len(),
         statuses: statuses.len(),
@@ -376,11 +378,23 @@ pub async fn process(
 pub struct WebhookWorker {
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
+    /// Where new inbound messages go; None while nothing in the process handles them.
+    hand_off: Option<InboundHandOff>,
 }
 
 impl WebhookWorker {
     pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Self {
-        WebhookWorker { store, clock }
+        WebhookWorker {
+            store,
+            clock,
+            hand_off: None,
+        }
+    }
+
+    /// Hands every new inbound message on as an [`herald_engine::inbox::INBOUND_KIND`] job.
+    pub fn hand_off(mut self, hand_off: InboundHandOff) -> Self {
+        self.hand_off = Some(hand_off);
+        self
     }
 }
 
@@ -390,9 +404,14 @@ impl Worker for WebhookWorker {
     const KIND: &'static str = WEBHOOK_KIND;
 
     async fn work(&self, args: WebhookArgs, _ctx: &JobContext) -> Result<(), JobError> {
-        let done = process(self.store.as_ref(), self.clock.now(), &args.events)
-            .await
-            .map_err(|e| JobError::retry(format!("webhook processing: {e}")))?;
+        let done = process(
+            self.store.as_ref(),
+            self.clock.now(),
+            &args.events,
+            self.hand_off.as_ref(),
+        )
+        .await
+        .map_err(|e| JobError::retry(format!("webhook processing: {e}")))?;
         tracing::debug!(
             deliveries = done.deliveries,
             statuses = done.statuses,

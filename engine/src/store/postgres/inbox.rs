@@ -9,7 +9,8 @@ use super::PgStore;
 use crate::delivery::canonical_recipient;
 use crate::error::Result;
 use crate::inbox::{
-    webhook_job, InboundMessage, InboxStore, NewWebhookEvent, WebhookCounts, WebhookEvent,
+    webhook_job, InboundHandOff, InboundMessage, InboxStore, NewWebhookEvent, WebhookCounts,
+    WebhookEvent,
 };
 use crate::store::postgres::notify_payloads;
 
@@ -69,6 +70,7 @@ impl InboxStore for PgStore {
         &self,
         ids: &[i64],
         inbound: &[InboundMessage],
+        hand_off: Option<&InboundHandOff>,
         now: DateTime<Utc>,
     ) -> Result<Vec<InboundMessage>> {
         let mut tx = self.pool.begin().await?;
@@ -136,7 +138,17 @@ impl InboxStore for PgStore {
         .bind(now)
         .execute(&mut *tx)
         .await?;
+        // Handed on in the same transaction: exactly the messages stored for the first time.
+        let mut wake = Vec::new();
+        if let Some(h) = hand_off.filter(|_| !fresh.is_empty()) {
+            let jobs = h.jobs(&fresh);
+            let out = self.enqueue_in(&mut tx, &jobs, now).await?;
+            wake = notify_payloads(jobs.iter().zip(&out), now);
+        }
         tx.commit().await?;
+        for p in wake {
+            self.wakeups.apply_payload(&p);
+        }
         Ok(fresh)
     }
 

@@ -10,7 +10,8 @@ use crate::clock::{from_micros, to_micros};
 use crate::delivery::canonical_recipient;
 use crate::error::{Result, StoreError};
 use crate::inbox::{
-    webhook_job, InboundMessage, InboxStore, NewWebhookEvent, WebhookCounts, WebhookEvent,
+    webhook_job, InboundHandOff, InboundMessage, InboxStore, NewWebhookEvent, WebhookCounts,
+    WebhookEvent,
 };
 use crate::store::postgres::notify_payloads;
 
@@ -83,6 +84,7 @@ impl InboxStore for SqliteStore {
         &self,
         ids: &[i64],
         inbound: &[InboundMessage],
+        hand_off: Option<&InboundHandOff>,
         now: DateTime<Utc>,
     ) -> Result<Vec<InboundMessage>> {
         let mut tx = self.pool.begin().await?;
@@ -128,7 +130,23 @@ impl InboxStore for SqliteStore {
         .bind(to_micros(now))
         .execute(&mut *tx)
         .await?;
+        // Handed on in the same transaction: exactly the messages stored for the first time.
+        let mut wake = Vec::new();
+        if let Some(h) = hand_off.filter(|_| !fresh.is_empty()) {
+            let jobs = h.jobs(&fresh);
+            for job in &jobs {
+                job.validate()?;
+            }
+            let mut out = Vec::with_capacity(jobs.len());
+            for chunk in jobs.chunks(super::BULK_CHUNK) {
+                out.extend(self.insert_chunk(&mut tx, chunk, now).await?);
+            }
+            wake = notify_payloads(jobs.iter().zip(&out), now);
+        }
         tx.commit().await?;
+        for p in wake {
+            self.wakeups.apply_payload(&p);
+        }
         Ok(fresh)
     }
 
