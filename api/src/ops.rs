@@ -239,35 +239,53 @@ async fn queues(
     State(state): State<AppState>,
     _admin: Admin,
 ) -> Result<Json<Vec<QueueView>>, ApiError> {
+    Ok(Json(queue_views(&state, None).await?))
+}
+
+/// Every queue that has jobs or is paused (or only `only`), by name.
+async fn queue_views(state: &AppState, only: Option<&str>) -> Result<Vec<QueueView>, ApiError> {
     let mut views: BTreeMap<String, QueueView> = BTreeMap::new();
-    let view = |queue: &str| QueueView {
-        queue: queue.to_owned(),
-        paused: false,
-        paused_at: None,
-        paused_reason: None,
-        jobs: BTreeMap::new(),
-    };
+    if let Some(name) = only {
+        views.insert(name.to_owned(), QueueView::new(name));
+    }
+    let wanted = |q: &str| only.is_none_or(|o| o == q);
     for QueueStat {
         queue,
         state,
         count,
     } in state.store.stats().await?
     {
-        views
-            .entry(queue.clone())
-            .or_insert_with(|| view(&queue))
-            .jobs
-            .insert(state.as_str().to_owned(), count);
+        if wanted(&queue) {
+            views
+                .entry(queue.clone())
+                .or_insert_with(|| QueueView::new(&queue))
+                .jobs
+                .insert(state.as_str().to_owned(), count);
+        }
     }
     for p in state.store.paused_queues().await? {
-        let v = views
-            .entry(p.queue.clone())
-            .or_insert_with(|| view(&p.queue));
-        v.paused = true;
-        v.paused_at = Some(p.paused_at);
-        v.paused_reason = Some(p.reason);
+        if wanted(&p.queue) {
+            let v = views
+                .entry(p.queue.clone())
+                .or_insert_with(|| QueueView::new(&p.queue));
+            v.paused = true;
+            v.paused_at = Some(p.paused_at);
+            v.paused_reason = Some(p.reason);
+        }
     }
-    Ok(Json(views.into_values().collect()))
+    Ok(views.into_values().collect())
+}
+
+impl QueueView {
+    fn new(queue: &str) -> QueueView {
+        QueueView {
+            queue: queue.to_owned(),
+            paused: false,
+            paused_at: None,
+            paused_reason: None,
+            jobs: BTreeMap::new(),
+        }
+    }
 }
 
 /// Why a queue is paused.
@@ -343,32 +361,12 @@ async fn resume_queue(
     queue_view(&state, &name).await.map(Json)
 }
 
-/// One queue's view (counts from the same statistics as the list).
+/// One queue's view.
 async fn queue_view(state: &AppState, name: &str) -> Result<QueueView, ApiError> {
-    let mut view = QueueView {
-        queue: name.to_owned(),
-        paused: false,
-        paused_at: None,
-        paused_reason: None,
-        jobs: BTreeMap::new(),
-    };
-    for s in state.store.stats().await? {
-        if s.queue == name {
-            view.jobs.insert(s.state.as_str().to_owned(), s.count);
-        }
-    }
-    if let Some(p) = state
-        .store
-        .paused_queues()
+    queue_views(state, Some(name))
         .await?
-        .into_iter()
-        .find(|p| p.queue == name)
-    {
-        view.paused = true;
-        view.paused_at = Some(p.paused_at);
-        view.paused_reason = Some(p.reason);
-    }
-    Ok(view)
+        .pop()
+        .ok_or(ApiError::Internal)
 }
 
 /// `?queue=&state=&kind=&after=&limit=`.
@@ -562,16 +560,32 @@ async fn cancel(
     Path(id): Path<String>,
     body: Result<Option<Json<Option<CancelBody>>>, JsonRejection>,
 ) -> Result<Json<Job>, ApiError> {
-    let id = job_id(&id)?;
+    end_job(&state, &id, body, JobState::Cancelled).await
+}
+
+/// An operator's cancel or discard (`to`) of a waiting job, with the body's reason or a default.
+async fn end_job(
+    state: &AppState,
+    id: &str,
+    body: Result<Option<Json<Option<CancelBody>>>, JsonRejection>,
+    to: JobState,
+) -> Result<Json<Job>, ApiError> {
+    let id = job_id(id)?;
     let reason = body?
         .and_then(|b| b.0)
         .and_then(|b| b.reason)
-        .unwrap_or_else(|| "cancelled by an operator".into());
-    match state.store.cancel_job(id, Utc::now(), &reason).await? {
+        .unwrap_or_else(|| format!("{to} by an operator"));
+    let now = Utc::now();
+    let ended = if to == JobState::Discarded {
+        state.store.discard_job(id, now, &reason).await?
+    } else {
+        state.store.cancel_job(id, now, &reason).await?
+    };
+    match ended {
         Some(job) => Ok(Json(job)),
-        None if state.store.get_job(id).await?.is_some() => Err(ApiError::Conflict(
-            "only a job that is waiting (not running, not final) can be cancelled".into(),
-        )),
+        None if state.store.get_job(id).await?.is_some() => Err(ApiError::Conflict(format!(
+            "only a job that is waiting (not running, not final) can be {to}"
+        ))),
         None => Err(ApiError::NotFound("job")),
     }
 }
@@ -607,18 +621,7 @@ async fn discard(
     Path(id): Path<String>,
     body: Result<Option<Json<Option<CancelBody>>>, JsonRejection>,
 ) -> Result<Json<Job>, ApiError> {
-    let id = job_id(&id)?;
-    let reason = body?
-        .and_then(|b| b.0)
-        .and_then(|b| b.reason)
-        .unwrap_or_else(|| "discarded by an operator".into());
-    match state.store.discard_job(id, Utc::now(), &reason).await? {
-        Some(job) => Ok(Json(job)),
-        None if state.store.get_job(id).await?.is_some() => Err(ApiError::Conflict(
-            "only a job that is waiting (not running, not final) can be discarded".into(),
-        )),
-        None => Err(ApiError::NotFound("job")),
-    }
+    end_job(&state, &id, body, JobState::Discarded).await
 }
 
 async fn set_paused(
