@@ -623,6 +623,71 @@ async fn contacts_crud_labels_and_conflicts() {
     assert_eq!(status, StatusCode::NOT_FOUND);
 }
 
+/// A contact created by a Messenger or Instagram message has no phone (`null`) and its
+/// handles; one created through the API has a phone and no handles.
+#[tokio::test]
+async fn contacts_show_phone_and_handles() {
+    let f = fixture().await;
+    let (ws, key) = f.workspace("Acme").await;
+    let page = Uuid::new_v4();
+    f.store
+        .contacts()
+        .upsert_inbound_contacts(
+            &[herald_engine::contacts::InboundContact {
+                workspace_id: ws,
+                identity: herald_engine::contacts::InboundIdentity::Handle {
+                    channel_id: page,
+                    platform: herald_engine::delivery::Platform::Messenger,
+                    external_id: "24000000000000001".into(),
+                },
+                name: None,
+                opt_out: false,
+            }],
+            chrono::Utc::now(),
+        )
+        .await
+        .expect("inbound");
+    let (status, ann) = f
+        .call(
+            "POST",
+            "/v1/contacts",
+            Some(&key),
+            Some(json!({ "phone": "+15550000001" })),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{ann}");
+    assert_eq!(ann["handles"], json!([]));
+    let (status, list) = f.call("GET", "/v1/contacts", Some(&key), None).await;
+    assert_eq!(status, StatusCode::OK, "{list}");
+    let data = list["data"].as_array().expect("data");
+    assert_eq!(data.len(), 2, "{list}");
+    let by_handle = data
+        .iter()
+        .find(|c| c["phone"].is_null())
+        .expect("the Messenger contact");
+    assert!(
+        by_handle.as_object().expect("object").contains_key("phone"),
+        "phone is present, as null: {by_handle}"
+    );
+    assert_eq!(
+        by_handle["handles"],
+        json!([{ "channel_id": page, "platform": "messenger",
+                 "external_id": "24000000000000001" }])
+    );
+    let id = by_handle["id"].as_str().expect("id");
+    let (status, one) = f
+        .call("GET", &format!("/v1/contacts/{id}"), Some(&key), None)
+        .await;
+    assert_eq!(status, StatusCode::OK, "{one}");
+    assert_eq!(&one, by_handle);
+    let (status, _) = f
+        .call("DELETE", &format!("/v1/contacts/{id}"), Some(&key), None)
+        .await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    let (_, list) = f.call("GET", "/v1/contacts", Some(&key), None).await;
+    assert_eq!(list["data"].as_array().map(Vec::len), Some(1));
+}
+
 impl Fixture {
     /// Posts an import body in chunks of `chunk` bytes, so that rows and quoted fields span
     /// chunk boundaries.
@@ -719,14 +784,14 @@ async fn csv_import_with_quotes_labels_and_attributes() {
         .expect("list");
     let jane = all
         .iter()
-        .find(|c| c.phone == "+15550000001")
+        .find(|c| c.phone.as_deref() == Some("+15550000001"))
         .expect("jane");
     assert_eq!(jane.name.as_deref(), Some("Doe, Jane"));
     assert_eq!(jane.labels, ["beta", "vip"]);
     assert_eq!(jane.attributes["city"], "Lisbon");
     let multi = all
         .iter()
-        .find(|c| c.phone == "+15550000002")
+        .find(|c| c.phone.as_deref() == Some("+15550000002"))
         .expect("multi");
     assert_eq!(multi.name.as_deref(), Some("Multi\nLine"));
     assert!(multi.opted_out);

@@ -594,7 +594,12 @@ async fn redelivered_messages_are_stored_once() {
         .expect("contacts");
     let mut by_phone: Vec<(String, bool)> = contacts
         .iter()
-        .map(|c| (c.phone.clone(), c.opted_out))
+        .map(|c| {
+            (
+                c.phone.clone().expect("a WhatsApp contact has a phone"),
+                c.opted_out,
+            )
+        })
         .collect();
     by_phone.sort();
     assert_eq!(
@@ -741,4 +746,106 @@ async fn new_inbound_messages_are_handed_on_once_in_order() {
         ["wamid.A1", "wamid.A2"],
         "in order within the conversation"
     );
+}
+
+/// A Messenger or Instagram message from `sender` to `channel` (a page or an account).
+fn page_inbound(channel: &Channel, sender: &str, mid: &str, text: &str) -> Vec<u8> {
+    let object = match channel.platform {
+        Platform::Instagram => "instagram",
+        _ => "page",
+    };
+    serde_json::to_vec(&json!({
+        "object": object,
+        "entry": [{ "id": channel.sender_id, "time": 1767225600000i64, "messaging": [
+            { "sender": { "id": sender }, "recipient": { "id": channel.sender_id },
+              "timestamp": 1767225600000i64, "message": { "mid": mid, "text": text } }
+        ]}]
+    }))
+    .expect("json")
+}
+
+/// Messenger and Instagram senders are page-scoped ids: a signed message makes its sender a
+/// contact with a handle on the channel and no phone; writing again creates nothing; STOP opts
+/// them out.
+#[tokio::test]
+async fn messenger_and_instagram_senders_become_contacts_by_handle() {
+    let f = fixture().await;
+    let page = channel(&f.store, Platform::Messenger).await;
+    let id = page.id.to_string();
+    let contacts = || async {
+        f.store
+            .contacts()
+            .contacts(page.workspace_id, None, None, 10)
+            .await
+            .expect("contacts")
+    };
+    let body = page_inbound(&page, "psid-42", "mid.in.1", "hello");
+    assert_eq!(
+        post(&f.store, &id, body.clone(), Some(sign(&body))).await.0,
+        StatusCode::OK
+    );
+    let first = contacts().await;
+    assert_eq!(first.len(), 1, "{first:#?}");
+    assert_eq!(first[0].phone, None);
+    assert!(!first[0].opted_out);
+    assert_eq!(
+        first[0].handles,
+        [herald_engine::contacts::ContactHandle {
+            channel_id: page.id,
+            platform: Platform::Messenger,
+            external_id: "psid-42".into(),
+        }]
+    );
+    // The same delivery again, then another message: still the one contact.
+    assert_eq!(
+        post(&f.store, &id, body.clone(), Some(sign(&body))).await.0,
+        StatusCode::OK
+    );
+    let again = page_inbound(&page, "psid-42", "mid.in.2", "are you there?");
+    assert_eq!(
+        post(&f.store, &id, again.clone(), Some(sign(&again)))
+            .await
+            .0,
+        StatusCode::OK
+    );
+    assert_eq!(contacts().await, first, "nothing new");
+    let stop = page_inbound(&page, "psid-42", "mid.in.3", "Stop");
+    assert_eq!(
+        post(&f.store, &id, stop.clone(), Some(sign(&stop))).await.0,
+        StatusCode::OK
+    );
+    let stopped = contacts().await;
+    assert_eq!(stopped.len(), 1);
+    assert_eq!(stopped[0].id, first[0].id);
+    assert!(
+        stopped[0].opted_out,
+        "STOP on Messenger opts the contact out"
+    );
+
+    // An Instagram account's sender is a contact by an Instagram handle.
+    let insta = channel(&f.store, Platform::Instagram).await;
+    let body = page_inbound(&insta, "igsid-7", "mid.ig.1", "hi");
+    assert_eq!(
+        post(
+            &f.store,
+            &insta.id.to_string(),
+            body.clone(),
+            Some(sign(&body))
+        )
+        .await
+        .0,
+        StatusCode::OK
+    );
+    let ig = f
+        .store
+        .contacts()
+        .contacts(insta.workspace_id, None, None, 10)
+        .await
+        .expect("contacts");
+    assert_eq!(ig.len(), 1, "{ig:#?}");
+    assert_eq!(ig[0].phone, None);
+    assert_eq!(ig[0].handles.len(), 1);
+    assert_eq!(ig[0].handles[0].channel_id, insta.id);
+    assert_eq!(ig[0].handles[0].platform, Platform::Instagram);
+    assert_eq!(ig[0].handles[0].external_id, "igsid-7");
 }

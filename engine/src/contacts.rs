@@ -1,12 +1,19 @@
 //! Contacts: the people a workspace messages. A contact has an E.164 phone number (unique in its
-//! workspace), a name, labels (audiences are chosen by label), free-form attributes and an
+//! workspace) and/or handles (the page-scoped ids Messenger and Instagram know them by, one per
+//! channel), a name, labels (audiences are chosen by label), free-form attributes and an
 //! opt-out flag (set by the contact, e.g. by writing STOP; a campaign must skip them).
+//!
+//! Contacts created through the API or an import have a phone. Contacts created by an inbound
+//! Messenger or Instagram message have a handle and no phone: Meta gives those platforms'
+//! senders as a PSID (Messenger) or IGSID (Instagram), an id scoped to the page or account that
+//! received the message, so the same person writing to two pages is two handles.
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::delivery::Platform;
 use crate::error::Result;
 
 /// Labels per contact at most.
@@ -15,13 +22,16 @@ pub const MAX_LABELS: usize = 100;
 pub const MAX_LABEL_CHARS: usize = 100;
 /// Bytes of a contact's attributes, as JSON, at most.
 pub const MAX_ATTRIBUTES_BYTES: usize = 16 * 1024;
+/// Characters of a handle's external id (PSID, IGSID) at most; Meta's are about 16 digits.
+pub const MAX_EXTERNAL_ID_CHARS: usize = 256;
 
 #[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Contact {
     pub id: Uuid,
     pub workspace_id: Uuid,
-    /// E.164: `+` and 8 to 15 digits.
-    pub phone: String,
+    /// E.164: `+` and 8 to 15 digits. Null for a contact known only by its handles (someone
+    /// who wrote to a Messenger page or an Instagram account).
+    pub phone: Option<String>,
     pub name: Option<String>,
     pub labels: Vec<String>,
     pub attributes: serde_json::Map<String, serde_json::Value>,
@@ -29,6 +39,20 @@ pub struct Contact {
     pub opted_out_at: Option<DateTime<Utc>>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// The ids Messenger pages and Instagram accounts know this contact by, oldest first.
+    pub handles: Vec<ContactHandle>,
+}
+
+/// How one Messenger page or Instagram account knows a contact: the page-scoped id of the
+/// person (PSID on Messenger, IGSID on Instagram) on that channel. Unique per channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+pub struct ContactHandle {
+    /// The channel (page or account) that knows the contact by this id.
+    pub channel_id: Uuid,
+    /// `messenger` or `instagram`.
+    pub platform: Platform,
+    /// The PSID (Messenger) or IGSID (Instagram).
+    pub external_id: String,
 }
 
 /// A contact to create (or, in an import, to create or update by phone).
@@ -93,6 +117,24 @@ pub fn e164(raw: &str) -> std::result::Result<String, String> {
         ));
     }
     Ok(s)
+}
+
+/// A handle's external id (a PSID or IGSID) as stored: trimmed, 1 to
+/// [`MAX_EXTERNAL_ID_CHARS`] characters, no control characters.
+pub fn external_id(raw: &str) -> std::result::Result<String, String> {
+    let s = raw.trim();
+    if s.is_empty() {
+        return Err("an external id must not be empty".into());
+    }
+    if s.chars().count() > MAX_EXTERNAL_ID_CHARS {
+        return Err(format!(
+            "an external id has more than {MAX_EXTERNAL_ID_CHARS} characters"
+        ));
+    }
+    if s.chars().any(char::is_control) {
+        return Err("an external id must not contain control characters".into());
+    }
+    Ok(s.to_owned())
 }
 
 fn check_text(what: &str, s: &str, max: usize) -> std::result::Result<(), String> {
@@ -242,8 +284,13 @@ pub trait ContactStore: Send + Sync + 'static {
         contacts: &[NewContact],
         now: DateTime<Utc>,
     ) -> Result<ImportCounts>;
-    /// Creates the contacts of inbound WhatsApp messages that are new (with their profile
-    /// names), and opts out those whose message was a STOP keyword; in one transaction.
+    /// Creates the senders of inbound messages that are not contacts yet, and opts out those
+    /// whose message was a STOP keyword (never the reverse); in one transaction. A sender known
+    /// by phone (WhatsApp) is found or created by phone, with its profile name. A sender known
+    /// by a handle (Messenger, Instagram) is found by its handle, or created as a contact
+    /// without a phone plus that handle; two calls racing to create the same new handle create
+    /// one contact between them, and neither fails. `StoreError::Invalid` (nothing written) if a
+    /// handle is a WhatsApp one or its external id is not valid ([`external_id`]).
     async fn upsert_inbound_contacts(
         &self,
         contacts: &[InboundContact],
@@ -257,29 +304,107 @@ pub trait ContactStore: Send + Sync + 'static {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InboundContact {
     pub workspace_id: Uuid,
-    /// E.164.
-    pub phone: String,
+    /// Who wrote: a phone (WhatsApp) or a handle on a channel (Messenger, Instagram).
+    pub identity: InboundIdentity,
+    /// The sender's profile name, if the delivery carried one (WhatsApp does; Messenger and
+    /// Instagram webhooks do not).
     pub name: Option<String>,
     /// The message was a STOP keyword.
     pub opt_out: bool,
 }
 
-/// One entry per (workspace, phone), in key order (so concurrent batches lock rows in the same
-/// order): opted out if any message was STOP, the first name given.
-pub(crate) fn merge_inbound(contacts: &[InboundContact]) -> Vec<InboundContact> {
-    let mut by_key: std::collections::BTreeMap<(Uuid, &str), InboundContact> = Default::default();
+/// How the sender of an inbound message is known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InboundIdentity {
+    /// WhatsApp: the sender's phone, E.164.
+    Phone(String),
+    /// Messenger or Instagram: the sender's page-scoped id (PSID, IGSID) on the channel that
+    /// received the message.
+    Handle {
+        channel_id: Uuid,
+        /// `Messenger` or `Instagram`.
+        platform: Platform,
+        external_id: String,
+    },
+}
+
+/// A sender known by phone, merged (see [`merge_inbound`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct InboundByPhone {
+    pub workspace_id: Uuid,
+    pub phone: String,
+    pub name: Option<String>,
+    pub opt_out: bool,
+}
+
+/// A sender known by a handle, merged (see [`merge_inbound`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct InboundByHandle {
+    pub workspace_id: Uuid,
+    pub channel_id: Uuid,
+    pub platform: Platform,
+    pub external_id: String,
+    pub name: Option<String>,
+    pub opt_out: bool,
+}
+
+/// The inbound senders of one call, merged: one entry per (workspace, phone) and one per
+/// handle (channel, external id), each list in key order (so concurrent batches lock rows in
+/// the same order); opted out if any message was STOP, the first name given. Handles that are
+/// WhatsApp's or whose external id is not valid are refused.
+pub(crate) fn merge_inbound(
+    contacts: &[InboundContact],
+) -> std::result::Result<(Vec<InboundByPhone>, Vec<InboundByHandle>), crate::model::InvalidJob> {
+    use std::collections::BTreeMap;
+    let mut phones: BTreeMap<(Uuid, &str), InboundByPhone> = BTreeMap::new();
+    let mut handles: BTreeMap<(Uuid, String), InboundByHandle> = BTreeMap::new();
     for c in contacts {
-        by_key
-            .entry((c.workspace_id, c.phone.as_str()))
-            .and_modify(|e| {
-                e.opt_out |= c.opt_out;
-                if e.name.is_none() {
-                    e.name = c.name.clone();
+        let (opt_out, name) = match &c.identity {
+            InboundIdentity::Phone(phone) => {
+                let e = phones
+                    .entry((c.workspace_id, phone.as_str()))
+                    .or_insert_with(|| InboundByPhone {
+                        workspace_id: c.workspace_id,
+                        phone: phone.clone(),
+                        name: None,
+                        opt_out: false,
+                    });
+                (&mut e.opt_out, &mut e.name)
+            }
+            InboundIdentity::Handle {
+                channel_id,
+                platform,
+                external_id: raw,
+            } => {
+                if *platform == Platform::Whatsapp {
+                    return Err(crate::model::InvalidJob(
+                        "a WhatsApp sender is known by phone, not by a handle".into(),
+                    ));
                 }
-            })
-            .or_insert_with(|| c.clone());
+                let id = external_id(raw).map_err(crate::model::InvalidJob)?;
+                let e =
+                    handles
+                        .entry((*channel_id, id.clone()))
+                        .or_insert_with(|| InboundByHandle {
+                            workspace_id: c.workspace_id,
+                            channel_id: *channel_id,
+                            platform: *platform,
+                            external_id: id,
+                            name: None,
+                            opt_out: false,
+                        });
+                (&mut e.opt_out, &mut e.name)
+            }
+        };
+        *opt_out |= c.opt_out;
+        if name.is_none() {
+            *name = c.name.clone();
+        }
     }
-    by_key.into_values().collect()
+    Ok((
+        phones.into_values().collect(),
+        handles.into_values().collect(),
+    ))
 }
 
 /// Attribute maps are stored as JSON objects.
@@ -340,6 +465,82 @@ mod tests {
             ..c
         };
         assert!(empty.normalized().is_err());
+    }
+
+    #[test]
+    fn inbound_senders_merge_by_phone_and_by_handle() {
+        let ws = Uuid::new_v4();
+        let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let handle = |channel_id, id: &str, name: Option<&str>, opt_out| InboundContact {
+            workspace_id: ws,
+            identity: InboundIdentity::Handle {
+                channel_id,
+                platform: Platform::Messenger,
+                external_id: id.into(),
+            },
+            name: name.map(str::to_owned),
+            opt_out,
+        };
+        let phone = |p: &str, opt_out| InboundContact {
+            workspace_id: ws,
+            identity: InboundIdentity::Phone(p.into()),
+            name: None,
+            opt_out,
+        };
+        let (phones, handles) = merge_inbound(&[
+            handle(b, "9", None, false),
+            handle(a, " 9", None, true),
+            phone("+15550000002", false),
+            handle(a, "9", Some("Ann"), false),
+            phone("+15550000001", true),
+            phone("+15550000002", true),
+            handle(a, "10", None, false),
+        ])
+        .expect("valid");
+        let p: Vec<(&str, bool)> = phones
+            .iter()
+            .map(|c| (c.phone.as_str(), c.opt_out))
+            .collect();
+        assert_eq!(p, [("+15550000001", true), ("+15550000002", true)]);
+        let h: Vec<(Uuid, &str, Option<&str>, bool)> = handles
+            .iter()
+            .map(|c| {
+                (
+                    c.channel_id,
+                    c.external_id.as_str(),
+                    c.name.as_deref(),
+                    c.opt_out,
+                )
+            })
+            .collect();
+        assert_eq!(
+            h,
+            [
+                (a, "10", None, false),
+                (a, "9", Some("Ann"), true),
+                (b, "9", None, false)
+            ],
+            "one per (channel, trimmed id), in key order; STOP if any was, the first name"
+        );
+        let whatsapp = InboundContact {
+            identity: InboundIdentity::Handle {
+                channel_id: a,
+                platform: Platform::Whatsapp,
+                external_id: "1".into(),
+            },
+            ..phone("+15550000001", false)
+        };
+        assert!(merge_inbound(&[whatsapp]).is_err());
+        assert!(merge_inbound(&[handle(a, "", None, false)]).is_err());
+    }
+
+    #[test]
+    fn external_ids() {
+        assert_eq!(external_id(" 123 "), Ok("123".into()));
+        assert!(external_id("").is_err());
+        assert!(external_id("1\n2").is_err());
+        assert!(external_id(&"1".repeat(MAX_EXTERNAL_ID_CHARS + 1)).is_err());
+        assert!(external_id(&"1".repeat(MAX_EXTERNAL_ID_CHARS)).is_ok());
     }
 
     #[test]

@@ -45,6 +45,11 @@ pub const POSTGRES: &[Migration] = &[
         name: "queues_templates",
         sql: include_str!("../../migrations/postgres/0007_queues_templates.sql"),
     },
+    Migration {
+        version: 8,
+        name: "contact_handles",
+        sql: include_str!("../../migrations/postgres/0008_contact_handles.sql"),
+    },
 ];
 
 pub const SQLITE: &[Migration] = &[
@@ -82,6 +87,11 @@ pub const SQLITE: &[Migration] = &[
         version: 7,
         name: "queues_templates",
         sql: include_str!("../../migrations/sqlite/0007_queues_templates.sql"),
+    },
+    Migration {
+        version: 8,
+        name: "contact_handles",
+        sql: include_str!("../../migrations/sqlite/0008_contact_handles.sql"),
     },
 ];
 

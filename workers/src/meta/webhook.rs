@@ -14,7 +14,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use chrono::{DateTime, TimeZone, Utc};
-use herald_engine::delivery::{Channel, SendStatus, StatusEvent};
+use herald_engine::contacts::{self, InboundContact, InboundIdentity};
+use herald_engine::delivery::{Channel, Platform, SendStatus, StatusEvent};
 use herald_engine::inbox::{InboundHandOff, InboundMessage, WebhookArgs, WEBHOOK_KIND};
 use herald_engine::{Clock, JobContext, JobError, Store, StoreError, Worker};
 use serde_json::Value;
@@ -335,27 +336,42 @@ pub async fn process(
         store.delivery().apply_statuses(&statuses).await?;
     }
     // Contacts before the deliveries are marked processed: a crash in between repeats this,
-    // which changes nothing. WhatsApp senders are phone numbers (wa_id); Messenger's and
-    // Instagram's are page-scoped ids, which contacts do not hold yet.
-    let whatsapp: std::collections::HashSet<Uuid> = channels
-        .iter()
-        .filter(|c| c.platform == herald_engine::delivery::Platform::Whatsapp)
-        .map(|c| c.id)
-        .collect();
+    // which changes nothing. WhatsApp senders are phone numbers (wa_id), found or created by
+    // phone; Messenger's and Instagram's are page-scoped ids (PSID, IGSID), found or created by
+    // their handle on the channel that received the message (its platform says which).
     let mut senders = Vec::new();
-    for m in inbound.iter().filter(|m| whatsapp.contains(&m.channel_id)) {
-        let Ok(phone) = herald_engine::contacts::e164(&format!("+{}", m.sender)) else {
-            warn!(sender = %m.sender, "webhook: a WhatsApp sender that is not a phone number");
+    for m in &inbound {
+        let Some(channel) = by_id.get(&m.channel_id) else {
             continue;
         };
-        senders.push(herald_engine::contacts::InboundContact {
+        let identity = match channel.platform {
+            Platform::Whatsapp => match contacts::e164(&format!("+{}", m.sender)) {
+                Ok(phone) => InboundIdentity::Phone(phone),
+                Err(_) => {
+                    warn!(sender = %m.sender, "webhook: a WhatsApp sender that is not a phone number");
+                    continue;
+                }
+            },
+            platform @ (Platform::Messenger | Platform::Instagram) => {
+                match contacts::external_id(&m.sender) {
+                    Ok(external_id) => InboundIdentity::Handle {
+                        channel_id: m.channel_id,
+                        platform,
+                        external_id,
+                    },
+                    Err(why) => {
+                        warn!(sender = %m.sender, %platform, error = %why, "webhook: a sender id that cannot be a contact's handle");
+                        continue;
+                    }
+                }
+            }
+        };
+        senders.push(InboundContact {
             workspace_id: m.workspace_id,
-            phone,
+            identity,
             name: m.profile_name.clone(),
             opt_out: m.kind == "text"
-                && m.text
-                    .as_deref()
-                    .is_some_and(herald_engine::contacts::is_opt_out_keyword),
+                && m.text.as_deref().is_some_and(contacts::is_opt_out_keyword),
         });
     }
     let opted_out = senders.iter().filter(|c| c.opt_out).count();

@@ -11,8 +11,8 @@ use uuid::Uuid;
 use super::{parse_uuid, SqliteStore};
 use crate::clock::{from_micros, to_micros};
 use crate::contacts::{
-    attributes_from, attributes_json, merge_inbound, Contact, ContactPatch, ContactStore,
-    ImportCounts, InboundContact, NewContact,
+    attributes_from, attributes_json, merge_inbound, Contact, ContactHandle, ContactPatch,
+    ContactStore, ImportCounts, InboundContact, NewContact,
 };
 use crate::error::{Result, StoreError};
 use crate::model::InvalidJob;
@@ -40,7 +40,56 @@ fn contact_from_row(r: &SqliteRow) -> Result<Contact> {
             .map(from_micros),
         created_at: from_micros(r.try_get("created_at")?),
         updated_at: from_micros(r.try_get("updated_at")?),
+        handles: Vec::new(),
     })
+}
+
+/// Fills in the handles of `contacts` (all of `workspace_id`), in one query.
+async fn with_handles(
+    pool: &sqlx::SqlitePool,
+    workspace_id: Uuid,
+    mut contacts: Vec<Contact>,
+) -> Result<Vec<Contact>> {
+    if contacts.is_empty() {
+        return Ok(contacts);
+    }
+    let ids: Vec<String> = contacts.iter().map(|c| c.id.to_string()).collect();
+    let rows = sqlx::query(
+        "SELECT contact_id, channel_id, platform, external_id FROM herald_contact_handles
+          WHERE workspace_id = ?1 AND contact_id IN (SELECT value FROM json_each(?2))
+          ORDER BY contact_id, created_at, channel_id, external_id",
+    )
+    .bind(workspace_id.to_string())
+    .bind(serde_json::to_string(&ids).map_err(corrupt)?)
+    .fetch_all(pool)
+    .await?;
+    let mut by_contact: HashMap<Uuid, Vec<ContactHandle>> = HashMap::new();
+    for r in &rows {
+        let platform: String = r.try_get("platform")?;
+        by_contact
+            .entry(parse_uuid(&r.try_get::<String, _>("contact_id")?)?)
+            .or_default()
+            .push(ContactHandle {
+                channel_id: parse_uuid(&r.try_get::<String, _>("channel_id")?)?,
+                platform: platform.parse().map_err(StoreError::Corrupt)?,
+                external_id: r.try_get("external_id")?,
+            });
+    }
+    for c in &mut contacts {
+        c.handles = by_contact.remove(&c.id).unwrap_or_default();
+    }
+    Ok(contacts)
+}
+
+async fn one_with_handles(
+    pool: &sqlx::SqlitePool,
+    contact: Option<Contact>,
+) -> Result<Option<Contact>> {
+    let Some(c) = contact else {
+        return Ok(None);
+    };
+    let ws = c.workspace_id;
+    Ok(with_handles(pool, ws, vec![c]).await?.pop())
 }
 
 fn labels_json(labels: &[String]) -> String {
@@ -88,7 +137,8 @@ impl ContactStore for SqliteStore {
         .bind(id.to_string())
         .fetch_optional(&self.pool)
         .await?;
-        row.as_ref().map(contact_from_row).transpose()
+        let contact = row.as_ref().map(contact_from_row).transpose()?;
+        one_with_handles(&self.pool, contact).await
     }
 
     async fn contacts(
@@ -110,7 +160,11 @@ impl ContactStore for SqliteStore {
         .bind(limit.clamp(0, 1_000))
         .fetch_all(&self.pool)
         .await?;
-        rows.iter().map(contact_from_row).collect()
+        let contacts = rows
+            .iter()
+            .map(contact_from_row)
+            .collect::<Result<Vec<_>>>()?;
+        with_handles(&self.pool, workspace_id, contacts).await
     }
 
     async fn update_contact(
@@ -143,15 +197,27 @@ impl ContactStore for SqliteStore {
         .bind(to_micros(now))
         .fetch_optional(&self.pool)
         .await?;
-        row.as_ref().map(contact_from_row).transpose()
+        let contact = row.as_ref().map(contact_from_row).transpose()?;
+        one_with_handles(&self.pool, contact).await
     }
 
     async fn delete_contact(&self, workspace_id: Uuid, id: Uuid) -> Result<bool> {
+        // The handles go with their contact, in one transaction (no foreign key: see
+        // migration 0008).
+        let mut tx = self.pool.begin().await?;
         let done = sqlx::query("DELETE FROM herald_contacts WHERE workspace_id = ?1 AND id = ?2")
             .bind(workspace_id.to_string())
             .bind(id.to_string())
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+        sqlx::query(
+            "DELETE FROM herald_contact_handles WHERE workspace_id = ?1 AND contact_id = ?2",
+        )
+        .bind(workspace_id.to_string())
+        .bind(id.to_string())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
         Ok(done.rows_affected() > 0)
     }
 
@@ -214,12 +280,13 @@ impl ContactStore for SqliteStore {
         contacts: &[InboundContact],
         now: DateTime<Utc>,
     ) -> Result<()> {
-        let merged = merge_inbound(contacts);
-        if merged.is_empty() {
+        let (phones, handles) = merge_inbound(contacts)?;
+        if phones.is_empty() && handles.is_empty() {
             return Ok(());
         }
+        let now = to_micros(now);
         let mut tx = self.pool.begin().await?;
-        for c in &merged {
+        for c in &phones {
             sqlx::query(
                 "INSERT INTO herald_contacts (id, workspace_id, phone, name, opted_out, opted_out_at,
                                               created_at, updated_at)
@@ -236,9 +303,63 @@ impl ContactStore for SqliteStore {
             .bind(&c.phone)
             .bind(c.name.as_deref())
             .bind(c.opt_out)
-            .bind(to_micros(now))
+            .bind(now)
             .execute(&mut *tx)
             .await?;
+        }
+        // Messenger and Instagram senders: the handle first, naming a new contact id, and the
+        // contact only if the handle was new (as on PostgreSQL, where jobs race; here the one
+        // writer connection runs them one at a time). A known sender's STOP opts them out and a
+        // missing name is filled in.
+        for h in &handles {
+            let inserted: Option<String> = sqlx::query_scalar(
+                "INSERT INTO herald_contact_handles (channel_id, external_id, workspace_id,
+                                                     contact_id, platform, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT (channel_id, external_id) DO NOTHING
+                 RETURNING contact_id",
+            )
+            .bind(h.channel_id.to_string())
+            .bind(&h.external_id)
+            .bind(h.workspace_id.to_string())
+            .bind(Uuid::now_v7().to_string())
+            .bind(h.platform.as_str())
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await?;
+            if let Some(contact_id) = inserted {
+                sqlx::query(
+                    "INSERT INTO herald_contacts (id, workspace_id, phone, name, opted_out,
+                                                  opted_out_at, created_at, updated_at)
+                     VALUES (?1, ?2, NULL, ?3, ?4, CASE WHEN ?4 THEN ?5 END, ?5, ?5)",
+                )
+                .bind(contact_id)
+                .bind(h.workspace_id.to_string())
+                .bind(h.name.as_deref())
+                .bind(h.opt_out)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            } else if h.opt_out || h.name.is_some() {
+                sqlx::query(
+                    "UPDATE herald_contacts SET
+                        name = coalesce(name, ?3),
+                        opted_out_at = CASE WHEN ?4 AND NOT opted_out THEN ?5 ELSE opted_out_at END,
+                        updated_at = CASE WHEN ?4 AND NOT opted_out THEN ?5 ELSE updated_at END,
+                        opted_out = opted_out OR ?4
+                      WHERE (workspace_id, id) IN (
+                            SELECT workspace_id, contact_id FROM herald_contact_handles
+                             WHERE channel_id = ?1 AND external_id = ?2)
+                        AND ((?4 AND NOT opted_out) OR (name IS NULL AND ?3 IS NOT NULL))",
+                )
+                .bind(h.channel_id.to_string())
+                .bind(&h.external_id)
+                .bind(h.name.as_deref())
+                .bind(h.opt_out)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            }
         }
         tx.commit().await?;
         Ok(())
