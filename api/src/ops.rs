@@ -22,7 +22,7 @@ use uuid::Uuid;
 use herald_engine::metrics::{label, Histogram};
 
 use crate::openapi::PROBLEM;
-use crate::v1::{Admin, ApiError, Caller, MAX_PAGE};
+use crate::v1::{Admin, ApiError, Caller, Page, DEFAULT_PAGE, MAX_PAGE};
 use crate::{AppState, Problem};
 
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -221,6 +221,18 @@ pub struct QueueView {
     pub jobs: BTreeMap<String, i64>,
 }
 
+/// `?limit=&after=`: pages of queues by name.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct QueuesQuery {
+    /// Page size: 1 to 200, default 50.
+    #[param(minimum = 1, maximum = 200)]
+    limit: Option<i64>,
+    /// The `next_cursor` of the previous page (a queue name).
+    after: Option<String>,
+}
+
 /// Queues with their jobs per state, and whether each is paused.
 #[utoipa::path(
     get,
@@ -228,8 +240,10 @@ pub struct QueueView {
     operation_id = "list_queues",
     tag = "operators",
     security(("admin_token" = [])),
+    params(QueuesQuery),
     responses(
-        (status = 200, description = "Every queue that has jobs or is paused, by name", body = Vec<QueueView>),
+        (status = 200, description = "A page of the queues that have jobs or are paused, by name", body = Page<QueueView>),
+        (status = 400, description = "A bad `limit`, or an unknown parameter", body = Problem, content_type = PROBLEM),
         (status = 401, description = "No admin token, or a wrong one", body = Problem, content_type = PROBLEM),
         (status = 404, description = "The admin routes are closed (no `HERALD_ADMIN_TOKEN`)", body = Problem, content_type = PROBLEM),
         (status = "5XX", description = "The database is unavailable (503) or something failed on our side (500)", body = Problem, content_type = PROBLEM),
@@ -238,8 +252,28 @@ pub struct QueueView {
 async fn queues(
     State(state): State<AppState>,
     _admin: Admin,
-) -> Result<Json<Vec<QueueView>>, ApiError> {
-    Ok(Json(queue_views(&state, None).await?))
+    q: Result<Query<QueuesQuery>, QueryRejection>,
+) -> Result<Json<Page<QueueView>>, ApiError> {
+    let Query(q) = q?;
+    let limit = q.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be between 1 and {MAX_PAGE}"
+        )));
+    }
+    let mut data: Vec<QueueView> = queue_views(&state, None)
+        .await?
+        .into_iter()
+        .filter(|v| q.after.as_deref().is_none_or(|a| v.queue.as_str() > a))
+        .take(limit as usize + 1)
+        .collect();
+    let next_cursor = if data.len() as i64 > limit {
+        data.truncate(limit as usize);
+        data.last().map(|v| v.queue.clone())
+    } else {
+        None
+    };
+    Ok(Json(Page { data, next_cursor }))
 }
 
 /// Every queue that has jobs or is paused (or only `only`), by name.

@@ -826,8 +826,9 @@ async fn operators_see_metrics_queues_and_jobs_and_pause_channels() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(
         queues,
-        json!([{ "queue": "default", "paused": false, "paused_at": null,
-                 "paused_reason": null, "jobs": { "scheduled": 1 } }])
+        json!({ "data": [{ "queue": "default", "paused": false, "paused_at": null,
+                           "paused_reason": null, "jobs": { "scheduled": 1 } }],
+                "next_cursor": null })
     );
     // Pausing a queue shows in the list, in /metrics, and holds every process's producers.
     let (status, paused) = f
@@ -867,6 +868,57 @@ async fn operators_see_metrics_queues_and_jobs_and_pause_channels() {
         .call("POST", "/v1/admin/queues/default/resume", Some(ADMIN), None)
         .await;
     assert_eq!(status, StatusCode::NOT_FOUND, "it is not paused");
+    // Queues come in pages by name.
+    for q in ["q1", "q2"] {
+        let (status, _) = f
+            .call(
+                "POST",
+                &format!("/v1/admin/queues/{q}/pause"),
+                Some(ADMIN),
+                None,
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+    }
+    let (_, page) = f
+        .call("GET", "/v1/admin/queues?limit=2", Some(ADMIN), None)
+        .await;
+    let names: Vec<&str> = page["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .filter_map(|v| v["queue"].as_str())
+        .collect();
+    assert_eq!(
+        (names, page["next_cursor"].as_str()),
+        (vec!["default", "q1"], Some("q1"))
+    );
+    let (_, page) = f
+        .call(
+            "GET",
+            "/v1/admin/queues?limit=2&after=q1",
+            Some(ADMIN),
+            None,
+        )
+        .await;
+    assert_eq!(page["data"][0]["queue"], "q2");
+    assert_eq!(page["data"][0]["paused_reason"], "paused by an operator");
+    assert_eq!(page["next_cursor"], Value::Null);
+    for bad in ["limit=0", "limit=201", "nope=1"] {
+        let (status, _) = f
+            .call("GET", &format!("/v1/admin/queues?{bad}"), Some(ADMIN), None)
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{bad}");
+    }
+    for q in ["q1", "q2"] {
+        f.call(
+            "POST",
+            &format!("/v1/admin/queues/{q}/resume"),
+            Some(ADMIN),
+            None,
+        )
+        .await;
+    }
     // Discarding a waiting job; a final one answers 409.
     let other = f
         .store
