@@ -222,3 +222,108 @@ async fn the_hot_table_is_vacuumed_once_dead_rows_pile_up() {
     .expect("stats");
     assert!(dead < 1_000, "vacuumed: {dead} dead rows left");
 }
+
+/// An import meeting a phone that another transaction is creating at the same moment (an
+/// inbound message, another import) waits for it, then updates that contact: one row per
+/// phone, nothing lost, and the other writer's opt-out kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_import_racing_another_writer_upserts() {
+    use herald_engine::contacts::NewContact;
+
+    let schema = common::unique_name("imp");
+    let _leftovers = common::Dropped::Schema(schema.clone());
+    let store = Arc::new(common::pg_store_in(&schema).await);
+    let ws = uuid::Uuid::new_v4();
+    let now = Utc::now();
+    let contact = |phone: &str, name: &str| NewContact {
+        phone: phone.into(),
+        name: Some(name.into()),
+        labels: vec!["imported".into()],
+        attributes: Default::default(),
+        opted_out: false,
+    };
+    // Another writer creates +15550000001 and holds its transaction open.
+    let mut other = store.pool().begin().await.expect("begin");
+    sqlx::query(
+        "INSERT INTO herald_contacts (id, workspace_id, phone, name, opted_out, created_at, updated_at)
+         VALUES ($1, $2, '+15550000001', 'from a webhook', true, $3, $3)",
+    )
+    .bind(uuid::Uuid::now_v7())
+    .bind(ws)
+    .bind(now)
+    .execute(&mut *other)
+    .await
+    .expect("other writer");
+    let import = tokio::spawn({
+        let store = store.clone();
+        async move {
+            store
+                .contacts()
+                .import_contacts(
+                    ws,
+                    &[
+                        contact("+15550000001", "Ann"),
+                        contact("+15550000002", "Bo"),
+                    ],
+                    now,
+                )
+                .await
+        }
+    });
+    // Wait until the import's insert waits on the other writer's row, then commit it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE wait_event_type = 'Lock' AND query LIKE '%herald_contacts%'",
+        )
+        .fetch_one(store.pool())
+        .await
+        .expect("activity");
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the import never waited"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    other.commit().await.expect("commit");
+    let counts = import.await.expect("task").expect("the import succeeds");
+    assert_eq!(counts.stored, 2);
+    let all = store
+        .contacts()
+        .contacts(ws, None, None, 10)
+        .await
+        .expect("list");
+    let got: Vec<(Option<&str>, Option<&str>, bool, Vec<String>)> = all
+        .iter()
+        .map(|c| {
+            (
+                c.phone.as_deref(),
+                c.name.as_deref(),
+                c.opted_out,
+                c.labels.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                Some("+15550000001"),
+                Some("Ann"),
+                true,
+                vec!["imported".to_owned()]
+            ),
+            (
+                Some("+15550000002"),
+                Some("Bo"),
+                false,
+                vec!["imported".to_owned()]
+            ),
+        ],
+        "one row per phone; the import updated the other writer's contact and kept its opt-out"
+    );
+}
