@@ -297,32 +297,23 @@ async fn an_import_racing_another_writer_upserts() {
         .contacts(ws, None, None, 10)
         .await
         .expect("list");
-    let got: Vec<(Option<&str>, Option<&str>, bool, Vec<String>)> = all
+    let got: Vec<String> = all
         .iter()
         .map(|c| {
-            (
-                c.phone.as_deref(),
-                c.name.as_deref(),
+            format!(
+                "{} {} opted_out={} {:?}",
+                c.phone.as_deref().unwrap_or("-"),
+                c.name.as_deref().unwrap_or("-"),
                 c.opted_out,
-                c.labels.clone(),
+                c.labels
             )
         })
         .collect();
     assert_eq!(
         got,
         [
-            (
-                Some("+15550000001"),
-                Some("Ann"),
-                true,
-                vec!["imported".to_owned()]
-            ),
-            (
-                Some("+15550000002"),
-                Some("Bo"),
-                false,
-                vec!["imported".to_owned()]
-            ),
+            "+15550000001 Ann opted_out=true [\"imported\"]",
+            "+15550000002 Bo opted_out=false [\"imported\"]",
         ],
         "one row per phone; the import updated the other writer's contact and kept its opt-out"
     );
