@@ -329,8 +329,41 @@ async fn worker(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
     require_key(&settings)?;
     let store = open_store(&settings).await?;
     info!(database = store.backend().as_str(), "herald worker running");
-    let engine = start_engine(store, &settings).await?;
+    let engine = start_engine(store.clone(), &settings).await?;
+    // Metrics and health checks, when asked for: the engine's throughput, latencies and
+    // permits are per process, so each worker serves its own.
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let monitor = match settings.metrics_listen {
+        None => None,
+        Some(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                format!("cannot listen on {addr} (metrics_listen / HERALD_METRICS_LISTEN): {e}")
+            })?;
+            info!(addr = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
+            let app = herald_api::ops::monitoring(herald_api::AppState::new(
+                store,
+                Arc::new(SystemClock),
+                herald_api::ApiConfig {
+                    engine_metrics: Some(engine.metrics()),
+                    ..herald_api::ApiConfig::default()
+                },
+            ));
+            Some(tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async {
+                        let _ = stop_rx.await;
+                    })
+                    .await
+            }))
+        }
+    };
     shutdown_signal().await;
+    let _ = stop_tx.send(());
+    if let Some(m) = monitor {
+        if let Ok(Err(e)) = m.await {
+            warn!(error = %e, "the metrics server stopped with an error");
+        }
+    }
     let report = engine.shutdown().await;
     info!(released = report.released, "engine drained");
     Ok(())

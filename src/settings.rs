@@ -24,6 +24,12 @@ pub const KEYS: &[(&str, &str, &str, &str)] = &[
         "HTTP address of `herald serve`",
     ),
     (
+        "metrics_listen",
+        "HERALD_METRICS_LISTEN",
+        "(none)",
+        "`herald worker` serves `/metrics`, `/healthz` and `/readyz` on this address (`herald serve` has them on `listen`)",
+    ),
+    (
         "pg_schema",
         "HERALD_PG_SCHEMA",
         "(connection default)",
@@ -227,6 +233,8 @@ pub const KEYS: &[(&str, &str, &str, &str)] = &[
 pub struct Settings {
     pub database_url: String,
     pub listen: SocketAddr,
+    /// Where `herald worker` serves its metrics and health checks; None: nowhere.
+    pub metrics_listen: Option<SocketAddr>,
     pub connect: ConnectOptions,
     pub engine: EngineConfig,
     /// None: rate limits are kept in this process only.
@@ -386,6 +394,10 @@ impl Settings {
                 v.unwrap_or("127.0.0.1:8080")
                     .parse::<SocketAddr>()
                     .map_err(|e| e.to_string())
+            })?,
+            metrics_listen: r.parse("metrics_listen", |v| match v.filter(|v| !v.is_empty()) {
+                None => Ok(None),
+                Some(v) => v.parse::<SocketAddr>().map(Some).map_err(|e| e.to_string()),
             })?,
             connect: ConnectOptions {
                 max_connections,

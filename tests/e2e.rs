@@ -459,3 +459,45 @@ async fn channels_show_pauses_and_resume() {
     let unknown = run(&["channels", "resume", &uuid::Uuid::new_v4().to_string()]);
     assert!(!unknown.status.success(), "an unknown channel is an error");
 }
+
+/// `herald worker` with `metrics_listen` serves its own engine's measurements: jobs it ran show
+/// as throughput and in the run-time histogram, and it stops cleanly.
+#[tokio::test]
+async fn worker_serves_its_metrics() {
+    let dir = TestDir::new();
+    let url = dir.sqlite_url("herald.db");
+    let store = sqlite_store(&url).await;
+    let jobs: Vec<NewJob> = (0..25)
+        .map(|n| NewJob::new("noop", serde_json::json!({ "n": n })))
+        .collect();
+    store
+        .enqueue_many(&jobs, chrono::Utc::now())
+        .await
+        .expect("enqueue");
+    let port = free_port();
+    let mut cmd = worker("metrics-worker", &[("DATABASE_URL", url)]);
+    cmd.env("HERALD_METRICS_LISTEN", format!("127.0.0.1:{port}"));
+    let mut proc = Proc::spawn("worker", cmd, dir.path());
+    let want = "herald_jobs_finished_total{queue=\"default\",outcome=\"completed\"} 25";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        proc.assert_running();
+        let answer = http_get(port, "/metrics").await;
+        match &answer {
+            Some((200, body)) if body.contains(want) => {
+                assert!(body.contains("herald_job_run_seconds_count{queue=\"default\"} 25"));
+                assert!(body.contains("herald_jobs{queue=\"default\",state=\"completed\"} 25"));
+                break;
+            }
+            _ if Instant::now() >= deadline => panic!(
+                "/metrics never showed 25 completions; last answer: {answer:?}\n{}",
+                proc.logs()
+            ),
+            _ => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    assert_eq!(http_get(port, "/healthz").await.map(|(s, _)| s), Some(200));
+    proc.signal("TERM");
+    let status = proc.wait_for_exit(Duration::from_secs(15)).await;
+    assert!(status.success(), "{status}\n{}", proc.logs());
+}

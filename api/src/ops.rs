@@ -41,6 +41,17 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(resume_channel))
 }
 
+/// The operators' routes of a process that serves no API (`herald worker`): `/metrics` (with
+/// the engine's measurements given in `state`), `/healthz` and `/readyz`. Not part of the API,
+/// so not in its OpenAPI document.
+pub fn monitoring(state: AppState) -> axum::Router {
+    axum::Router::new()
+        .route("/metrics", axum::routing::get(metrics))
+        .route("/readyz", axum::routing::get(readyz))
+        .route("/healthz", axum::routing::get(crate::healthz))
+        .with_state(state)
+}
+
 /// Webhook outcomes, counted since the process started.
 #[derive(Debug, Default)]
 pub struct Metrics {
