@@ -1,5 +1,5 @@
 //! `herald jobs …`: an operator's view of the queue from the command line (stats, list, show,
-//! retry, cancel). Prints JSON, one object per line, so its output feeds `jq` and scripts.
+//! retry, cancel, discard, pausing and resuming a queue). Prints JSON, one object per line, so its output feeds `jq` and scripts.
 
 use clap::Subcommand;
 use herald_engine::{Clock, JobFilter, JobId, JobState, SystemClock};
@@ -35,6 +35,22 @@ pub enum JobsCommand {
         #[arg(long, default_value = "cancelled by operator")]
         reason: String,
     },
+    /// Discard a job that is waiting (not running, not finished): kept for inspection and retry.
+    Discard {
+        id: JobId,
+        #[arg(long, default_value = "discarded by operator")]
+        reason: String,
+    },
+    /// Stop every process from starting the queue's jobs (running ones finish).
+    Pause {
+        queue: String,
+        #[arg(long, default_value = "paused by operator")]
+        reason: String,
+    },
+    /// Let the queue's jobs start again.
+    Resume { queue: String },
+    /// The paused queues.
+    Paused,
 }
 
 pub async fn run(
@@ -80,6 +96,47 @@ pub async fn run(
                 .into())
             }
         },
+        JobsCommand::Discard { id, reason } => match store.discard_job(id, now, &reason).await? {
+            Some(job) => println!("{}", serde_json::to_string(&job)?),
+            None => {
+                return Err(format!(
+                    "job {id} was not discarded: it does not exist, is running, or is finished"
+                )
+                .into())
+            }
+        },
+        JobsCommand::Pause { queue, reason } => {
+            if !store.pause_queue(&queue, &reason, now).await? {
+                eprintln!("queue {queue:?} was paused already; its first reason is kept");
+            }
+            print_paused(store.as_ref(), &queue).await?;
+        }
+        JobsCommand::Resume { queue } => {
+            if !store.resume_queue(&queue).await? {
+                return Err(format!("queue {queue:?} is not paused").into());
+            }
+            println!("{}", serde_json::json!({ "queue": queue, "paused": false }));
+        }
+        JobsCommand::Paused => {
+            for p in store.paused_queues().await? {
+                println!("{}", serde_json::to_string(&p)?);
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn print_paused(
+    store: &dyn herald_engine::Store,
+    queue: &str,
+) -> Result<(), Box<dyn std::error::Error>> {
+    if let Some(p) = store
+        .paused_queues()
+        .await?
+        .into_iter()
+        .find(|p| p.queue == queue)
+    {
+        println!("{}", serde_json::to_string(&p)?);
     }
     Ok(())
 }

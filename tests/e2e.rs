@@ -501,3 +501,52 @@ async fn worker_serves_its_metrics() {
     let status = proc.wait_for_exit(Duration::from_secs(15)).await;
     assert!(status.success(), "{status}\n{}", proc.logs());
 }
+
+/// `herald jobs` pauses and resumes queues and discards jobs, printing JSON; what it cannot do
+/// exits non-zero with the reason.
+#[tokio::test]
+async fn jobs_cli_pauses_queues_and_discards_jobs() {
+    let dir = TestDir::new();
+    let url = dir.sqlite_url("herald.db");
+    let store = sqlite_store(&url).await;
+    let id = store
+        .enqueue(
+            &NewJob::new("noop", json!({})).run_at(Utc::now() + chrono::Duration::hours(1)),
+            Utc::now(),
+        )
+        .await
+        .expect("enqueue")
+        .id;
+    let jobs = |args: &[&str]| {
+        let out = herald()
+            .arg("jobs")
+            .args(args)
+            .env("DATABASE_URL", &url)
+            .current_dir(dir.path())
+            .output()
+            .expect("herald jobs");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, out, err) = jobs(&["pause", "default", "--reason", "deploying"]);
+    assert!(ok && out.contains("\"reason\":\"deploying\""), "{out}{err}");
+    let (ok, out, _) = jobs(&["paused"]);
+    assert!(ok && out.contains("\"queue\":\"default\""), "{out}");
+    let (ok, out, err) = jobs(&["discard", &id.to_string(), "--reason", "bad payload"]);
+    assert!(ok && out.contains("\"state\":\"discarded\""), "{out}{err}");
+    let (ok, _, err) = jobs(&["discard", &id.to_string()]);
+    assert!(!ok && err.contains("was not discarded"), "{err}");
+    let (ok, _, _) = jobs(&["resume", "default"]);
+    assert!(ok);
+    let (ok, _, err) = jobs(&["resume", "default"]);
+    assert!(!ok && err.contains("is not paused"), "{err}");
+    let (ok, out, _) = jobs(&["paused"]);
+    assert!(ok && out.trim().is_empty(), "{out}");
+    assert_eq!(
+        store.get_job(id).await.expect("get").map(|j| j.state),
+        Some(JobState::Discarded)
+    );
+}
