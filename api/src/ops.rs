@@ -362,7 +362,7 @@ pub struct PauseBody {
         (status = 400, description = "The body is declared JSON but is not JSON", body = Problem, content_type = PROBLEM),
         (status = 401, description = "No admin token, or a wrong one", body = Problem, content_type = PROBLEM),
         (status = 404, description = "The admin routes are closed (no `HERALD_ADMIN_TOKEN`)", body = Problem, content_type = PROBLEM),
-        (status = 422, description = "The body has the wrong shape, the reason is too long, or the name is not 1 to 100 bytes", body = Problem, content_type = PROBLEM),
+        (status = 422, description = "The body has the wrong shape, the reason is too long, or the name is not 1 to 128 bytes", body = Problem, content_type = PROBLEM),
         (status = "5XX", description = "The database is unavailable (503) or something failed on our side (500)", body = Problem, content_type = PROBLEM),
     ),
 )]

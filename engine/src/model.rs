@@ -216,6 +216,14 @@ pub struct NewJob {
     pub ordering_key: Option<String>,
 }
 
+/// Longest queue name, in bytes.
+pub const MAX_QUEUE_NAME: usize = 128;
+
+/// Whether `queue` may name a queue (of a job, or one an operator pauses).
+pub fn valid_queue_name(queue: &str) -> bool {
+    !queue.is_empty() && queue.len() <= MAX_QUEUE_NAME
+}
+
 impl NewJob {
     /// A job of `kind` with `payload`, on the default queue, due now.
     pub fn new(kind: impl Into<String>, payload: serde_json::Value) -> Self {
@@ -272,8 +280,10 @@ impl NewJob {
         if self.kind.is_empty() || self.kind.len() > 128 {
             return Err(InvalidJob("kind must be 1 to 128 bytes".into()));
         }
-        if self.queue.is_empty() || self.queue.len() > 128 {
-            return Err(InvalidJob("queue must be 1 to 128 bytes".into()));
+        if !valid_queue_name(&self.queue) {
+            return Err(InvalidJob(format!(
+                "queue must be 1 to {MAX_QUEUE_NAME} bytes"
+            )));
         }
         if self.max_attempts < 1 {
             return Err(InvalidJob("max_attempts must be at least 1".into()));

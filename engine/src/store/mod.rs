@@ -71,8 +71,12 @@ pub const MAX_PAUSE_REASON: usize = 500;
 
 /// Checks a queue name and pause reason given by an operator.
 pub(crate) fn check_pause(queue: &str, reason: &str) -> Result<()> {
-    if queue.is_empty() || queue.len() > 100 {
-        return Err(crate::model::InvalidJob("a queue name is 1 to 100 bytes".into()).into());
+    if !crate::model::valid_queue_name(queue) {
+        return Err(crate::model::InvalidJob(format!(
+            "a queue name is 1 to {} bytes",
+            crate::model::MAX_QUEUE_NAME
+        ))
+        .into());
     }
     if reason.len() > MAX_PAUSE_REASON {
         return Err(crate::model::InvalidJob(format!(
