@@ -22,7 +22,7 @@ use uuid::Uuid;
 use herald_engine::metrics::{label, Histogram};
 
 use crate::openapi::PROBLEM;
-use crate::v1::{Admin, ApiError, Caller, Page, DEFAULT_PAGE, MAX_PAGE};
+use crate::v1::{page_limit, Admin, ApiError, Caller, Page};
 use crate::{AppState, Problem};
 
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -266,12 +266,7 @@ async fn queues(
     q: Result<Query<QueuesQuery>, QueryRejection>,
 ) -> Result<Json<Page<QueueView>>, ApiError> {
     let Query(q) = q?;
-    let limit = q.limit.unwrap_or(DEFAULT_PAGE);
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(ApiError::BadRequest(format!(
-            "limit must be between 1 and {MAX_PAGE}"
-        )));
-    }
+    let limit = page_limit(q.limit)?;
     let mut data: Vec<QueueView> = queue_views(&state, None)
         .await?
         .into_iter()
@@ -465,12 +460,7 @@ async fn jobs(
     q: Result<Query<JobsQuery>, QueryRejection>,
 ) -> Result<Json<JobPage>, ApiError> {
     let Query(q) = q?;
-    let limit = q.limit.unwrap_or(50);
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(ApiError::BadRequest(format!(
-            "limit must be between 1 and {MAX_PAGE}"
-        )));
-    }
+    let limit = page_limit(q.limit)?;
     let job_state = match q.state.as_deref() {
         None => None,
         Some(s) => Some(

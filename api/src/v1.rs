@@ -227,12 +227,7 @@ impl PageQuery {
 
     /// The cursor and page size of `?limit=&after=`, checked.
     pub fn check(limit: Option<i64>, after: Option<String>) -> ApiResult<(Option<Uuid>, i64)> {
-        let limit = limit.unwrap_or(DEFAULT_PAGE);
-        if !(1..=MAX_PAGE).contains(&limit) {
-            return Err(ApiError::BadRequest(format!(
-                "limit must be between 1 and {MAX_PAGE}"
-            )));
-        }
+        let limit = page_limit(limit)?;
         let after = match after {
             None => None,
             Some(c) => Some(c.parse::<Uuid>().map_err(|_| {
@@ -241,6 +236,17 @@ impl PageQuery {
         };
         Ok((after, limit))
     }
+}
+
+/// The page size of `?limit=`: [`DEFAULT_PAGE`] when absent, refused outside 1 to [`MAX_PAGE`].
+pub fn page_limit(limit: Option<i64>) -> ApiResult<i64> {
+    let limit = limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::BadRequest(format!(
+            "limit must be between 1 and {MAX_PAGE}"
+        )));
+    }
+    Ok(limit)
 }
 
 /// A page of a list.

@@ -155,13 +155,7 @@ impl EngineMetrics {
 
     /// Appends the Prometheus text of everything measured.
     pub fn render(&self, out: &mut String) {
-        let queues: Vec<(String, Arc<QueueMetrics>)> = self
-            .queues
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let queues = snapshot(&self.queues);
         let _ = writeln!(
             out,
             "# HELP herald_jobs_finished_total Job attempts finished by this process, by queue and outcome.\n# TYPE herald_jobs_finished_total counter"
@@ -199,13 +193,7 @@ impl EngineMetrics {
                 pick(m).series(out, name, &format!("queue=\"{}\"", label(q)));
             }
         }
-        let keys: Vec<(String, Arc<KeyMetrics>)> = self
-            .keys
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
+        let keys = snapshot(&self.keys);
         let _ = writeln!(
             out,
             "# HELP herald_limiter_permits_total Rate-limit permits per rate key (channel): requested, granted, refunded (unused), and asks denied.\n# TYPE herald_limiter_permits_total counter"
@@ -259,6 +247,15 @@ impl EngineMetrics {
             );
         }
     }
+}
+
+/// The counters of a map, copied out so that rendering holds no lock.
+fn snapshot<T>(map: &Mutex<BTreeMap<String, Arc<T>>>) -> Vec<(String, Arc<T>)> {
+    map.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }
 
 #[cfg(test)]
