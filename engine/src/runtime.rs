@@ -650,8 +650,10 @@ impl Producer {
             tokio::select! {
                 _ = stop.changed() => {}
                 _ = signal.notify.notified() => {
-                    scan = true;
-                    unkeyed_more = true;
+                    // Only where new work was announced: each look is a statement.
+                    let due = signal.take_due();
+                    scan |= due.keyed;
+                    unkeyed_more |= due.unkeyed;
                     if let Some(at) = signal.take_next_due() {
                         next_due = Some(next_due.map_or(at, |d| d.min(at)));
                     }

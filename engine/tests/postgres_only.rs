@@ -77,7 +77,8 @@ async fn transactional_enqueue_exists_only_if_the_caller_commits() {
         .await
         .expect("NOTIFY after commit")
         .expect("notification");
-    assert_eq!(n.payload(), "ddefault");
+    // Due now, without rate keys; untagged, so this process's producers hear it too.
+    assert_eq!(n.payload(), "udefault");
     assert_eq!(count_jobs(&store).await, 1);
 }
 
@@ -96,6 +97,7 @@ async fn one_notify_per_queue_per_batch() {
     let now = Utc::now();
     let mut jobs: Vec<NewJob> = (0..1000).map(job).collect();
     jobs.extend((0..500).map(|n| job(n).queue("other")));
+    jobs.extend((0..100).map(|n| job(n).queue("keyed").rate_key("ch:1")));
     jobs.extend((0..10).map(|n| {
         job(n)
             .queue("later")
@@ -106,12 +108,22 @@ async fn one_notify_per_queue_per_batch() {
     while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(500), listener.recv()).await {
         payloads.push(n.payload().to_owned());
     }
+    // The store wakes its own producers itself: its NOTIFYs carry its origin, one origin.
+    let origins: std::collections::HashSet<&str> = payloads
+        .iter()
+        .filter_map(|p| p.strip_prefix('@')?.split_once(':').map(|(o, _)| o))
+        .collect();
+    assert_eq!(origins.len(), 1, "tagged with one origin: {payloads:?}");
+    let mut payloads: Vec<&str> = payloads
+        .iter()
+        .filter_map(|p| p.split_once(':').map(|(_, rest)| rest))
+        .collect();
     payloads.sort();
     let later = format!(
         "s{}:later",
         (now + chrono::Duration::hours(1)).timestamp_micros()
     );
-    let mut expected = vec!["ddefault".to_owned(), "dother".to_owned(), later];
+    let mut expected = vec!["kkeyed", "udefault", "uother", later.as_str()];
     expected.sort();
     assert_eq!(payloads, expected, "one NOTIFY per queue, none per row");
 }

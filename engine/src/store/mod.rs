@@ -15,6 +15,7 @@ use crate::error::{Result, StoreError};
 use crate::model::{Completion, Enqueued, Job, JobFilter, JobId, NewJob, QueueStat};
 use crate::wakeup::Wakeups;
 
+mod hot;
 pub mod postgres;
 pub mod sqlite;
 

@@ -11,7 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgListener, PgPool, PgPoolOptions, PgRow};
-use sqlx::{Executor, PgConnection, QueryBuilder, Row};
+use sqlx::{Executor, PgConnection, Postgres, QueryBuilder, Row};
 use tracing::{info, warn};
 use uuid::Uuid;
 
@@ -31,7 +31,8 @@ use crate::migrate;
 use crate::model::{
     AttemptError, Completion, Enqueued, Job, JobFilter, JobId, JobState, NewJob, QueueStat,
 };
-use crate::wakeup::Wakeups;
+use crate::store::hot::{HotConfig, HotConns};
+use crate::wakeup::{Due, Wakeups};
 
 /// How to reach PostgreSQL.
 #[derive(Debug, Clone)]
@@ -57,6 +58,8 @@ const DONE_COLUMNS: &str = "id, workspace_id, kind, queue, payload, priority, st
 
 pub struct PgStore {
     pool: PgPool,
+    /// Connections kept between the statements that run for every job (see `hot.rs`).
+    hot: HotConns<Postgres>,
     schema: Option<String>,
     /// NOTIFY channel; includes the schema so that deployments sharing a database do not wake
     /// each other.
@@ -148,6 +151,10 @@ impl PgStore {
             None => "herald_jobs".to_owned(),
         };
         Ok(PgStore {
+            hot: HotConns::new(
+                pool.clone(),
+                HotConfig::for_pool(config.max_connections.max(2)),
+            ),
             pool,
             schema: config.schema.clone(),
             channel,
@@ -187,7 +194,9 @@ impl PgStore {
             Some(cap) => query.bind(cap),
             None => query,
         };
-        let rows = query.fetch_all(&self.pool).await?;
+        let mut conn = self.hot.lease().await?;
+        let rows = query.fetch_all(&mut *conn).await?;
+        conn.release();
         let info = ClaimInfo {
             worker,
             now,
@@ -207,12 +216,26 @@ impl PgStore {
     }
 
     /// Enqueues inside the caller's transaction (or on any connection): the jobs exist if and
-    /// only if the caller's transaction commits, and the wake-up NOTIFY is delivered on commit.
+    /// only if the caller's transaction commits, and the wake-up NOTIFY is delivered on commit
+    /// (to this process's producers too).
     pub async fn enqueue_in(
         &self,
         conn: &mut PgConnection,
         jobs: &[NewJob],
         now: DateTime<Utc>,
+    ) -> Result<Vec<Enqueued>> {
+        self.enqueue_notifying(conn, jobs, now, false).await
+    }
+
+    /// [`PgStore::enqueue_in`] for this store's own methods, which wake this process's
+    /// producers themselves after the commit (`own`: the NOTIFY is tagged so its echo is
+    /// ignored).
+    async fn enqueue_notifying(
+        &self,
+        conn: &mut PgConnection,
+        jobs: &[NewJob],
+        now: DateTime<Utc>,
+        own: bool,
     ) -> Result<Vec<Enqueued>> {
         for job in jobs {
             job.validate()?;
@@ -221,7 +244,10 @@ impl PgStore {
         for chunk in jobs.chunks(BULK_CHUNK) {
             out.extend(self.insert_chunk(conn, chunk, now).await?);
         }
-        let payloads = notify_payloads(jobs.iter().zip(&out), now);
+        let mut payloads = notify_payloads(jobs.iter().zip(&out), now);
+        if own {
+            payloads = payloads.iter().map(|p| self.wakeups.tagged(p)).collect();
+        }
         if !payloads.is_empty() {
             sqlx::query("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
                 .bind(&self.channel)
@@ -311,6 +337,7 @@ impl PgStore {
         let states: Vec<&str> = rows.iter().map(|r| r.state.as_str()).collect();
         let errors: Vec<Option<String>> = rows.iter().map(|r| r.errors.clone()).collect();
         let at: Vec<DateTime<Utc>> = rows.iter().map(|r| r.at).collect();
+        let mut conn = self.hot.lease().await?;
         let moved = sqlx::query(
             "WITH c AS (
                 SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::text[], $5::timestamptz[])
@@ -336,8 +363,9 @@ impl PgStore {
         .bind(errors)
         .bind(at)
         .bind(from)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *conn)
         .await?;
+        conn.release();
         moved
             .into_iter()
             .map(|r| Ok((r.try_get("queue")?, r.try_get("ordered")?)))
@@ -352,11 +380,14 @@ impl PgStore {
         for p in &payloads {
             self.wakeups.apply_payload(p);
         }
+        let tagged: Vec<String> = payloads.iter().map(|p| self.wakeups.tagged(p)).collect();
+        let mut conn = self.hot.lease().await?;
         sqlx::query("SELECT pg_notify($1, p) FROM unnest($2::text[]) AS p")
             .bind(&self.channel)
-            .bind(payloads)
-            .execute(&self.pool)
+            .bind(tagged)
+            .execute(&mut *conn)
             .await?;
+        conn.release();
         Ok(())
     }
 }
@@ -505,25 +536,34 @@ pub(crate) fn notify_payloads<'a>(
     jobs: impl Iterator<Item = (&'a NewJob, &'a Enqueued)>,
     now: DateTime<Utc>,
 ) -> Vec<String> {
-    let mut per_queue: BTreeMap<&str, Option<DateTime<Utc>>> = BTreeMap::new();
+    // Per queue: the earliest scheduled time, and which jobs are due now.
+    let mut per_queue: BTreeMap<&str, (Option<DateTime<Utc>>, Due)> = BTreeMap::new();
     for (job, enq) in jobs {
         if !enq.inserted {
             continue;
         }
-        let at = job.run_at.filter(|at| *at > now);
-        per_queue
-            .entry(job.queue.as_str())
-            .and_modify(|cur| {
-                *cur = match (*cur, at) {
-                    (Some(a), Some(b)) => Some(a.min(b)),
-                    _ => None,
-                }
-            })
-            .or_insert(at);
+        let (earliest, due) = per_queue.entry(job.queue.as_str()).or_insert((
+            None,
+            Due {
+                unkeyed: false,
+                keyed: false,
+            },
+        ));
+        match job.run_at.filter(|at| *at > now) {
+            Some(at) => *earliest = Some(earliest.map_or(at, |e| e.min(at))),
+            None if job.rate_key.is_some() => due.keyed = true,
+            None => due.unkeyed = true,
+        }
     }
     per_queue
         .into_iter()
-        .map(|(q, at)| Wakeups::payload(q, at))
+        .map(|(q, (earliest, due))| {
+            if due.keyed || due.unkeyed {
+                Wakeups::due_payload(q, due)
+            } else {
+                Wakeups::payload(q, earliest)
+            }
+        })
         .collect()
 }
 
@@ -619,7 +659,7 @@ impl Store for PgStore {
             return Ok(Vec::new());
         }
         let mut tx = self.pool.begin().await?;
-        let out = self.enqueue_in(&mut tx, jobs, now).await?;
+        let out = self.enqueue_notifying(&mut tx, jobs, now, true).await?;
         tx.commit().await?;
         for p in notify_payloads(jobs.iter().zip(&out), now) {
             self.wakeups.apply_payload(&p);
@@ -672,12 +712,15 @@ impl Store for PgStore {
         after: Option<&str>,
         limit: usize,
     ) -> Result<Vec<String>> {
-        Ok(sqlx::query_scalar(READY_KEYS_SQL_PG)
+        let mut conn = self.hot.lease().await?;
+        let keys = sqlx::query_scalar(READY_KEYS_SQL_PG)
             .bind(queue)
             .bind(after.unwrap_or(""))
             .bind(limit as i64)
-            .fetch_all(&self.pool)
-            .await?)
+            .fetch_all(&mut *conn)
+            .await?;
+        conn.release();
+        Ok(keys)
     }
 
     async fn complete(&self, completions: &[Completion]) -> Result<u64> {
@@ -697,6 +740,7 @@ impl Store for PgStore {
             let run_ats: Vec<DateTime<Utc>> = again.iter().map(|r| r.run_at).collect();
             let uncount: Vec<i32> = again.iter().map(|r| r.uncount).collect();
             let errors: Vec<Option<String>> = again.iter().map(|r| r.errors.clone()).collect();
+            let mut conn = self.hot.lease().await?;
             let rows = sqlx::query(
                 "UPDATE herald_jobs j SET state = c.state, run_at = c.run_at,
                         attempt = j.attempt - c.uncount, lease_expires_at = NULL,
@@ -712,8 +756,9 @@ impl Store for PgStore {
             .bind(run_ats)
             .bind(uncount)
             .bind(errors)
-            .fetch_all(&self.pool)
+            .fetch_all(&mut *conn)
             .await?;
+            conn.release();
             let mut earliest: BTreeMap<String, DateTime<Utc>> = BTreeMap::new();
             for row in rows {
                 changed += 1;
@@ -741,6 +786,7 @@ impl Store for PgStore {
             return Ok(0);
         }
         let (ids, attempts): (Vec<i64>, Vec<i32>) = claims.iter().copied().unzip();
+        let mut conn = self.hot.lease().await?;
         let done = sqlx::query(
             "UPDATE herald_jobs j SET lease_expires_at = $3
                FROM unnest($1::bigint[], $2::int[]) AS c(id, attempt)
@@ -749,8 +795,9 @@ impl Store for PgStore {
         .bind(ids)
         .bind(attempts)
         .bind(lease_until)
-        .execute(&self.pool)
+        .execute(&mut *conn)
         .await?;
+        conn.release();
         Ok(done.rows_affected())
     }
 
@@ -1096,7 +1143,7 @@ impl Store for PgStore {
                 tokio::select! {
                     _ = shutdown.changed() => return Ok(()),
                     n = listener.try_recv() => match n {
-                        Ok(Some(n)) => self.wakeups.apply_payload(n.payload()),
+                        Ok(Some(n)) => self.wakeups.apply_notification(n.payload()),
                         Ok(None) => {
                             warn!("LISTEN connection lost; reconnecting");
                             self.wakeups.all();

@@ -304,7 +304,7 @@ impl DeliveryStore for PgStore {
             .execute(&mut *tx)
             .await?;
         }
-        let out = self.enqueue_in(&mut tx, &jobs, now).await?;
+        let out = self.enqueue_notifying(&mut tx, &jobs, now, true).await?;
         tx.commit().await?;
         for p in notify_payloads(jobs.iter().zip(&out), now) {
             self.wakeups.apply_payload(&p);
@@ -433,6 +433,7 @@ impl DeliveryStore for PgStore {
             .map(|c| format!("s.{}", c.trim()))
             .collect::<Vec<_>>()
             .join(", ");
+        let mut conn = self.hot.lease().await?;
         let rows = sqlx::query(&format!(
             "WITH locked AS (
                 SELECT id FROM herald_sends WHERE id = ANY($1::uuid[]) AND status_rank = 0
@@ -446,8 +447,9 @@ impl DeliveryStore for PgStore {
         .bind(ids)
         .bind(now)
         .bind(SendStatus::Sending.rank())
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *conn)
         .await?;
+        conn.release();
         rows.iter().map(send_from_row).collect()
     }
 
@@ -455,6 +457,7 @@ impl DeliveryStore for PgStore {
         if accepted.is_empty() {
             return Ok(0);
         }
+        let mut conn = self.hot.lease().await?;
         let done = sqlx::query(
             "WITH t AS (SELECT * FROM unnest($1::uuid[], $2::text[]) AS t(id, pmid)),
                   locked AS (SELECT id FROM herald_sends WHERE id IN (SELECT id FROM t)
@@ -473,14 +476,16 @@ impl DeliveryStore for PgStore {
         .bind(accepted.iter().map(|a| a.1.as_str()).collect::<Vec<_>>())
         .bind(now)
         .bind(SendStatus::Accepted.rank())
-        .execute(&self.pool)
+        .execute(&mut *conn)
         .await?;
+        conn.release();
         Ok(done.rows_affected())
     }
 
     async fn apply_statuses(&self, events: &[StatusEvent]) -> Result<u64> {
         let (by_send, by_provider) = latest_statuses(events);
         let mut changed = 0;
+        let mut conn = self.hot.lease().await?;
         if !by_send.is_empty() {
             let done = sqlx::query(
                 "WITH e AS (SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[],
@@ -522,7 +527,7 @@ impl DeliveryStore for PgStore {
                     .collect::<Vec<_>>(),
             )
             .bind(by_send.iter().map(|e| e.at).collect::<Vec<_>>())
-            .execute(&self.pool)
+            .execute(&mut *conn)
             .await?;
             changed += done.rows_affected();
         }
@@ -552,10 +557,11 @@ impl DeliveryStore for PgStore {
             .bind(by_provider.iter().map(|e| e.error_code).collect::<Vec<_>>())
             .bind(by_provider.iter().map(|e| e.error.as_deref()).collect::<Vec<_>>())
             .bind(by_provider.iter().map(|e| e.at).collect::<Vec<_>>())
-            .execute(&self.pool)
+            .execute(&mut *conn)
             .await?;
             changed += done.rows_affected();
         }
+        conn.release();
         Ok(changed)
     }
 

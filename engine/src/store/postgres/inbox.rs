@@ -26,7 +26,8 @@ impl InboxStore for PgStore {
         }
         let channels: Vec<Uuid> = events.iter().map(|e| e.channel_id).collect();
         let bodies: Vec<&[u8]> = events.iter().map(|e| e.body.as_slice()).collect();
-        let mut tx = self.pool.begin().await?;
+        let mut conn = self.hot.lease().await?;
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         let ids: Vec<i64> = sqlx::query_scalar(
             "INSERT INTO herald_webhook_events (channel_id, received_at, body)
              SELECT ch, $3, body FROM unnest($1::uuid[], $2::bytea[]) AS t(ch, body)
@@ -38,8 +39,9 @@ impl InboxStore for PgStore {
         .fetch_all(&mut *tx)
         .await?;
         let jobs = [webhook_job(&ids)];
-        let out = self.enqueue_in(&mut tx, &jobs, now).await?;
+        let out = self.enqueue_notifying(&mut tx, &jobs, now, true).await?;
         tx.commit().await?;
+        conn.release();
         for p in notify_payloads(jobs.iter().zip(&out), now) {
             self.wakeups.apply_payload(&p);
         }
@@ -47,13 +49,15 @@ impl InboxStore for PgStore {
     }
 
     async fn webhook_events(&self, ids: &[i64]) -> Result<Vec<WebhookEvent>> {
+        let mut conn = self.hot.lease().await?;
         let rows = sqlx::query(
             "SELECT id, channel_id, received_at, body FROM herald_webhook_events
               WHERE id = ANY($1) AND processed_at IS NULL ORDER BY id",
         )
         .bind(ids)
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *conn)
         .await?;
+        conn.release();
         rows.iter()
             .map(|r| {
                 Ok(WebhookEvent {
@@ -73,79 +77,102 @@ impl InboxStore for PgStore {
         hand_off: Option<&InboundHandOff>,
         now: DateTime<Utc>,
     ) -> Result<Vec<InboundMessage>> {
-        let mut tx = self.pool.begin().await?;
+        const MARK_PROCESSED: &str = "UPDATE herald_webhook_events SET processed_at = $2
+              WHERE id = ANY($1) AND processed_at IS NULL";
+        let mut conn = self.hot.lease().await?;
+        if inbound.is_empty() {
+            // Statuses only (most deliveries): one statement needs no transaction.
+            sqlx::query(MARK_PROCESSED)
+                .bind(ids)
+                .bind(now)
+                .execute(&mut *conn)
+                .await?;
+            conn.release();
+            return Ok(Vec::new());
+        }
+        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         let mut fresh = Vec::new();
-        if !inbound.is_empty() {
-            let payloads: Vec<String> = inbound.iter().map(|m| m.payload.to_string()).collect();
-            let new_keys: Vec<(Uuid, String)> = sqlx::query_as(
-                "INSERT INTO herald_inbound_messages (channel_id, provider_message_id, workspace_id,
-                                                      sender, kind, text, payload, sent_at, received_at)
-                 SELECT ch, mid, ws, sender, kind, txt, payload::jsonb, sent, $9
-                   FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[],
-                               $6::text[], $7::text[], $8::timestamptz[])
-                        AS t(ch, mid, ws, sender, kind, txt, payload, sent)
-                 ON CONFLICT (channel_id, provider_message_id) DO NOTHING
-                 RETURNING channel_id, provider_message_id",
-            )
-            .bind(inbound.iter().map(|m| m.channel_id).collect::<Vec<_>>())
-            .bind(inbound.iter().map(|m| m.provider_message_id.as_str()).collect::<Vec<_>>())
-            .bind(inbound.iter().map(|m| m.workspace_id).collect::<Vec<_>>())
-            .bind(inbound.iter().map(|m| m.sender.as_str()).collect::<Vec<_>>())
-            .bind(inbound.iter().map(|m| m.kind.as_str()).collect::<Vec<_>>())
-            .bind(inbound.iter().map(|m| m.text.as_deref()).collect::<Vec<_>>())
-            .bind(&payloads)
-            .bind(inbound.iter().map(|m| m.sent_at).collect::<Vec<_>>())
-            .bind(now)
-            .fetch_all(&mut *tx)
-            .await?;
-            let new_keys: std::collections::HashSet<(Uuid, String)> =
-                new_keys.into_iter().collect();
-            // The same message twice in one batch: the first is the new one.
-            let mut seen = std::collections::HashSet::new();
-            for m in inbound {
-                let key = (m.channel_id, m.provider_message_id.clone());
-                if new_keys.contains(&key) && seen.insert(key) {
-                    fresh.push(m.clone());
-                }
+        let payloads: Vec<String> = inbound.iter().map(|m| m.payload.to_string()).collect();
+        let new_keys: Vec<(Uuid, String)> = sqlx::query_as(
+            "INSERT INTO herald_inbound_messages (channel_id, provider_message_id, workspace_id,
+                                                  sender, kind, text, payload, sent_at, received_at)
+             SELECT ch, mid, ws, sender, kind, txt, payload::jsonb, sent, $9
+               FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[],
+                           $6::text[], $7::text[], $8::timestamptz[])
+                    AS t(ch, mid, ws, sender, kind, txt, payload, sent)
+             ON CONFLICT (channel_id, provider_message_id) DO NOTHING
+             RETURNING channel_id, provider_message_id",
+        )
+        .bind(inbound.iter().map(|m| m.channel_id).collect::<Vec<_>>())
+        .bind(
+            inbound
+                .iter()
+                .map(|m| m.provider_message_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(inbound.iter().map(|m| m.workspace_id).collect::<Vec<_>>())
+        .bind(
+            inbound
+                .iter()
+                .map(|m| m.sender.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(inbound.iter().map(|m| m.kind.as_str()).collect::<Vec<_>>())
+        .bind(
+            inbound
+                .iter()
+                .map(|m| m.text.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(&payloads)
+        .bind(inbound.iter().map(|m| m.sent_at).collect::<Vec<_>>())
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        let new_keys: std::collections::HashSet<(Uuid, String)> = new_keys.into_iter().collect();
+        // The same message twice in one batch: the first is the new one.
+        let mut seen = std::collections::HashSet::new();
+        for m in inbound {
+            let key = (m.channel_id, m.provider_message_id.clone());
+            if new_keys.contains(&key) && seen.insert(key) {
+                fresh.push(m.clone());
             }
-            // Latest message per (channel, user), in key order so concurrent batches lock the
-            // window rows in the same order.
-            let mut windows: std::collections::BTreeMap<(Uuid, String), DateTime<Utc>> =
-                Default::default();
-            for m in inbound {
-                let w = windows
-                    .entry((m.channel_id, canonical_recipient(&m.sender).into_owned()))
-                    .or_insert(m.sent_at);
-                *w = (*w).max(m.sent_at);
-            }
-            sqlx::query(
-                "INSERT INTO herald_windows (channel_id, recipient, last_inbound_at)
-                 SELECT * FROM unnest($1::uuid[], $2::text[], $3::timestamptz[])
-                 ON CONFLICT (channel_id, recipient) DO UPDATE
-                    SET last_inbound_at = greatest(herald_windows.last_inbound_at, excluded.last_inbound_at)",
-            )
-            .bind(windows.keys().map(|k| k.0).collect::<Vec<_>>())
-            .bind(windows.keys().map(|k| k.1.as_str()).collect::<Vec<_>>())
-            .bind(windows.values().copied().collect::<Vec<_>>())
-            .execute(&mut *tx)
-            .await?;
+        }
+        // Latest message per (channel, user), in key order so concurrent batches lock the
+        // window rows in the same order.
+        let mut windows: std::collections::BTreeMap<(Uuid, String), DateTime<Utc>> =
+            Default::default();
+        for m in inbound {
+            let w = windows
+                .entry((m.channel_id, canonical_recipient(&m.sender).into_owned()))
+                .or_insert(m.sent_at);
+            *w = (*w).max(m.sent_at);
         }
         sqlx::query(
-            "UPDATE herald_webhook_events SET processed_at = $2
-              WHERE id = ANY($1) AND processed_at IS NULL",
+            "INSERT INTO herald_windows (channel_id, recipient, last_inbound_at)
+             SELECT * FROM unnest($1::uuid[], $2::text[], $3::timestamptz[])
+             ON CONFLICT (channel_id, recipient) DO UPDATE
+                SET last_inbound_at = greatest(herald_windows.last_inbound_at, excluded.last_inbound_at)",
         )
-        .bind(ids)
-        .bind(now)
+        .bind(windows.keys().map(|k| k.0).collect::<Vec<_>>())
+        .bind(windows.keys().map(|k| k.1.as_str()).collect::<Vec<_>>())
+        .bind(windows.values().copied().collect::<Vec<_>>())
         .execute(&mut *tx)
         .await?;
+        sqlx::query(MARK_PROCESSED)
+            .bind(ids)
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
         // Handed on in the same transaction: exactly the messages stored for the first time.
         let mut wake = Vec::new();
         if let Some(h) = hand_off.filter(|_| !fresh.is_empty()) {
             let jobs = h.jobs(&fresh);
-            let out = self.enqueue_in(&mut tx, &jobs, now).await?;
+            let out = self.enqueue_notifying(&mut tx, &jobs, now, true).await?;
             wake = notify_payloads(jobs.iter().zip(&out), now);
         }
         tx.commit().await?;
+        conn.release();
         for p in wake {
             self.wakeups.apply_payload(&p);
         }
