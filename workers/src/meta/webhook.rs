@@ -10,7 +10,8 @@
 //! simply run again.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use chrono::{DateTime, TimeZone, Utc};
@@ -281,10 +282,75 @@ pub struct Processed {
     pub opted_out: usize,
 }
 
+/// The channels webhook events are routed to, kept between jobs: reading (and decrypting)
+/// every channel for every job cost more than the job's own work. A delivery for a channel
+/// that is not in the list reloads it at once; otherwise an edit (a new sender id or app
+/// secret) is seen within `ttl`. A disconnected channel's deliveries are refused by the HTTP
+/// layer (no secret to check them with), so the list going stale cannot route events to it
+/// for longer than `ttl`.
+pub struct ChannelDirectory {
+    ttl: Duration,
+    cached: Mutex<Option<(Instant, Arc<Vec<Channel>>)>>,
+}
+
+impl ChannelDirectory {
+    /// How long a loaded list is used by default.
+    pub const DEFAULT_TTL: Duration = Duration::from_secs(5);
+
+    pub fn new(ttl: Duration) -> Self {
+        ChannelDirectory {
+            ttl,
+            cached: Mutex::new(None),
+        }
+    }
+
+    /// The channels, with every id in `needed` among them if it exists.
+    async fn channels(
+        &self,
+        store: &dyn Store,
+        needed: impl Iterator<Item = Uuid>,
+    ) -> Result<Arc<Vec<Channel>>, StoreError> {
+        let cached = self
+            .cached
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+            .filter(|(at, _)| at.elapsed() < self.ttl);
+        if let Some((_, list)) = cached {
+            let mut needed = needed;
+            if needed.all(|id| list.iter().any(|c| c.id == id)) {
+                return Ok(list);
+            }
+        }
+        let list = Arc::new(store.delivery().channels().await?);
+        *self.cached.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((Instant::now(), list.clone()));
+        Ok(list)
+    }
+}
+
 /// Applies stored deliveries `ids` (those not processed yet); new inbound messages are handed
-/// on as `hand_off` says (see [`InboundHandOff`]).
+/// on as `hand_off` says (see [`InboundHandOff`]). The channels are read afresh.
 pub async fn process(
     store: &dyn Store,
+    now: DateTime<Utc>,
+    ids: &[i64],
+    hand_off: Option<&InboundHandOff>,
+) -> Result<Processed, StoreError> {
+    process_with(
+        store,
+        &ChannelDirectory::new(Duration::ZERO),
+        now,
+        ids,
+        hand_off,
+    )
+    .await
+}
+
+/// [`process`] with the channels from `directory`.
+pub async fn process_with(
+    store: &dyn Store,
+    directory: &ChannelDirectory,
     now: DateTime<Utc>,
     ids: &[i64],
     hand_off: Option<&InboundHandOff>,
@@ -294,7 +360,9 @@ pub async fn process(
     if deliveries.is_empty() {
         return Ok(Processed::default());
     }
-    let channels = store.delivery().channels().await?;
+    let channels = directory
+        .channels(store, deliveries.iter().map(|d| d.channel_id))
+        .await?;
     let by_id: HashMap<Uuid, &Channel> = channels.iter().map(|c| (c.id, c)).collect();
     let mut statuses = Vec::new();
     let mut inbound = Vec::new();
@@ -396,6 +464,7 @@ pub struct WebhookWorker {
     clock: Arc<dyn Clock>,
     /// Where new inbound messages go; None while nothing in the process handles them.
     hand_off: Option<InboundHandOff>,
+    channels: ChannelDirectory,
 }
 
 impl WebhookWorker {
@@ -404,6 +473,7 @@ impl WebhookWorker {
             store,
             clock,
             hand_off: None,
+            channels: ChannelDirectory::new(ChannelDirectory::DEFAULT_TTL),
         }
     }
 
@@ -420,8 +490,9 @@ impl Worker for WebhookWorker {
     const KIND: &'static str = WEBHOOK_KIND;
 
     async fn work(&self, args: WebhookArgs, _ctx: &JobContext) -> Result<(), JobError> {
-        let done = process(
+        let done = process_with(
             self.store.as_ref(),
+            &self.channels,
             self.clock.now(),
             &args.events,
             self.hand_off.as_ref(),
