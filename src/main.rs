@@ -82,6 +82,12 @@ enum Command {
     },
 }
 
+/// mimalloc instead of glibc's malloc: glibc's per-thread arenas grew and trimmed their heaps
+/// (mprotect) under hyper's and sqlx's per-request buffers, about a tenth of the CPU per
+/// message in `herald bench delivery`.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
