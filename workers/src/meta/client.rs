@@ -88,6 +88,9 @@ impl MetaClient {
             .timeout(config.request_timeout)
             .pool_max_idle_per_host(config.pool_max_idle_per_host)
             .tcp_nodelay(true)
+            // The Graph API answers sends itself; following a redirect would re-post a message
+            // to somewhere else. A 3xx is an answer without Meta's body, like any other.
+            .redirect(reqwest::redirect::Policy::none())
             .user_agent(concat!("herald/", env!("CARGO_PKG_VERSION")))
             .build()?;
         Ok(MetaClient { http })
@@ -171,13 +174,26 @@ impl MetaClient {
 }
 
 fn message_id(body: &[u8]) -> Option<String> {
-    let v: Value = serde_json::from_slice(body).ok()?;
+    // Read into these, not a `Value`: only the id is kept, and this runs for every message.
+    #[derive(Deserialize)]
+    struct Answer {
+        #[serde(default)]
+        messages: Vec<Sent>,
+        message_id: Option<String>,
+    }
+    #[derive(Deserialize)]
+    struct Sent {
+        id: Option<String>,
+    }
+    let answer: Answer = serde_json::from_slice(body).ok()?;
     // WhatsApp: messages[0].id; Messenger / Instagram: message_id.
-    v.pointer("/messages/0/id")
-        .or_else(|| v.get("message_id"))
-        .and_then(Value::as_str)
+    answer
+        .messages
+        .into_iter()
+        .next()
+        .and_then(|m| m.id)
+        .or(answer.message_id)
         .filter(|id| !id.is_empty())
-        .map(str::to_owned)
 }
 
 /// The highest `call_count` / `total_cputime` / `total_time` percentage in Meta's usage headers.
