@@ -77,13 +77,34 @@ async fn store_webhooks_writes_events_and_one_job(store: Arc<dyn Store>) {
     let mut sorted = ids.clone();
     sorted.sort();
     assert_eq!(named, sorted, "the job names exactly the stored deliveries");
+    assert_eq!(ids, sorted, "ids come back in the order of the deliveries");
+    let want = herald_engine::inbox::webhook_job(&ids);
+    let job = &jobs[0];
+    assert_eq!(
+        (
+            job.kind.as_str(),
+            job.priority,
+            job.max_attempts,
+            job.workspace_id
+        ),
+        (
+            want.kind.as_str(),
+            want.priority,
+            want.max_attempts,
+            want.workspace_id
+        ),
+        "the job is webhook_job's"
+    );
+    assert_eq!(job.state, herald_engine::JobState::Available);
+    assert_eq!((job.run_at, job.created_at), (t0(), t0()));
     let read = inbox.webhook_events(&ids).await.expect("read");
     assert_eq!(read.len(), 3);
-    let mut bodies: Vec<_> = read.iter().map(|e| e.body.clone()).collect();
-    bodies.sort();
-    let mut want: Vec<_> = events.iter().map(|e| e.body.clone()).collect();
-    want.sort();
-    assert_eq!(bodies, want, "bodies come back byte for byte");
+    let bodies: Vec<_> = read.iter().map(|e| e.body.clone()).collect();
+    let want: Vec<_> = events.iter().map(|e| e.body.clone()).collect();
+    assert_eq!(
+        bodies, want,
+        "bodies come back byte for byte, by id in delivery order"
+    );
     assert!(read
         .iter()
         .all(|e| e.channel_id == ch && e.received_at == t0()));

@@ -330,3 +330,42 @@ async fn an_import_racing_another_writer_upserts() {
         "one row per phone; the import updated the other writer's contact and kept its opt-out"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_ingest_wakes_other_processes_once() {
+    let schema = common::unique_name("ingest_notify");
+    let _leftovers = common::Dropped::Schema(schema.clone());
+    let store = common::pg_store_in(&schema).await;
+    let mut listener = PgListener::connect_with(store.pool())
+        .await
+        .expect("listener");
+    listener
+        .listen(&format!("herald_jobs_{schema}"))
+        .await
+        .expect("listen");
+    let events: Vec<_> = (0..3)
+        .map(|n| herald_engine::inbox::NewWebhookEvent {
+            channel_id: uuid::Uuid::new_v4(),
+            body: format!("{{\"n\":{n}}}").into_bytes(),
+        })
+        .collect();
+    store
+        .inbox()
+        .store_webhooks(&events, Utc::now())
+        .await
+        .expect("store");
+    let mut payloads = Vec::new();
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(500), listener.recv()).await {
+        payloads.push(n.payload().to_owned());
+    }
+    assert_eq!(payloads.len(), 1, "one NOTIFY: {payloads:?}");
+    let (origin, payload) = payloads[0]
+        .strip_prefix('@')
+        .and_then(|p| p.split_once(':'))
+        .expect("tagged with the process's origin");
+    assert!(!origin.is_empty());
+    assert_eq!(
+        payload, "uwebhooks",
+        "key-less jobs due now on the webhooks queue"
+    );
+}

@@ -13,6 +13,7 @@ use crate::inbox::{
     WebhookEvent,
 };
 use crate::store::postgres::notify_payloads;
+use crate::wakeup::{Due, Wakeups};
 
 #[async_trait]
 impl InboxStore for PgStore {
@@ -26,25 +27,74 @@ impl InboxStore for PgStore {
         }
         let channels: Vec<Uuid> = events.iter().map(|e| e.channel_id).collect();
         let bodies: Vec<&[u8]> = events.iter().map(|e| e.body.as_slice()).collect();
+        let template = webhook_job(&[]);
         let mut conn = self.hot.lease().await?;
-        let mut tx = sqlx::Connection::begin(&mut *conn).await?;
-        let ids: Vec<i64> = sqlx::query_scalar(
-            "INSERT INTO herald_webhook_events (channel_id, received_at, body)
-             SELECT ch, $3, body FROM unnest($1::uuid[], $2::bytea[]) AS t(ch, body)
-             RETURNING id",
+        if template.unique_key.is_some() || template.run_at.is_some() {
+            // A job the one-statement form below cannot write: the general path.
+            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+            let ids: Vec<i64> = sqlx::query_scalar(
+                "INSERT INTO herald_webhook_events (channel_id, received_at, body)
+                 SELECT ch, $3, body FROM unnest($1::uuid[], $2::bytea[]) WITH ORDINALITY
+                     AS t(ch, body, n)
+                  ORDER BY n
+                 RETURNING id",
+            )
+            .bind(&channels)
+            .bind(&bodies)
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await?;
+            let jobs = [webhook_job(&ids)];
+            let out = self.enqueue_notifying(&mut tx, &jobs, now, true).await?;
+            tx.commit().await?;
+            conn.release();
+            for p in notify_payloads(jobs.iter().zip(&out), now) {
+                self.wakeups.apply_payload(&p);
+            }
+            return Ok(ids);
+        }
+        // Deliveries, their job and the wake-up in one statement (atomic without BEGIN and
+        // COMMIT): one round trip instead of five for every webhook Meta sends. The job is
+        // `webhook_job`'s, with the ids written in by the database.
+        let due = Due {
+            unkeyed: template.rate_key.is_none(),
+            keyed: template.rate_key.is_some(),
+        };
+        let payload = Wakeups::due_payload(&template.queue, due);
+        let (ids, _notified): (Vec<i64>, i64) = sqlx::query_as(
+            "WITH ev AS (
+                INSERT INTO herald_webhook_events (channel_id, received_at, body)
+                SELECT ch, $3, body FROM unnest($1::uuid[], $2::bytea[]) WITH ORDINALITY
+                    AS t(ch, body, n)
+                 ORDER BY n
+                RETURNING id
+             ), job AS (
+                INSERT INTO herald_jobs (workspace_id, kind, queue, payload, priority, state,
+                                         run_at, created_at, max_attempts, rate_key, ordering_key)
+                SELECT $4, $5, $6, json_build_object('events', json_agg(id ORDER BY id)), $7,
+                       'available', $3, $3, $8, $9, $10
+                  FROM ev
+                RETURNING id
+             )
+             SELECT (SELECT array_agg(id ORDER BY id) FROM ev),
+                    (SELECT count(pg_notify($11, $12)) FROM job)",
         )
         .bind(&channels)
         .bind(&bodies)
         .bind(now)
-        .fetch_all(&mut *tx)
+        .bind(template.workspace_id)
+        .bind(&template.kind)
+        .bind(&template.queue)
+        .bind(template.priority)
+        .bind(template.max_attempts)
+        .bind(template.rate_key.as_deref())
+        .bind(template.ordering_key.as_deref())
+        .bind(&self.channel)
+        .bind(self.wakeups.tagged(&payload))
+        .fetch_one(&mut *conn)
         .await?;
-        let jobs = [webhook_job(&ids)];
-        let out = self.enqueue_notifying(&mut tx, &jobs, now, true).await?;
-        tx.commit().await?;
         conn.release();
-        for p in notify_payloads(jobs.iter().zip(&out), now) {
-            self.wakeups.apply_payload(&p);
-        }
+        self.wakeups.apply_payload(&payload);
         Ok(ids)
     }
 
