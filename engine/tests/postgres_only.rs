@@ -54,13 +54,7 @@ async fn transactional_enqueue_exists_only_if_the_caller_commits() {
     assert_eq!(count_jobs(&store).await, 0, "gone with the rollback");
 
     // Committed: both exist, and the wake-up arrives only with the commit.
-    let mut listener = PgListener::connect_with(store.pool())
-        .await
-        .expect("listener");
-    listener
-        .listen(&format!("herald_jobs_{schema}"))
-        .await
-        .expect("listen");
+    let mut listener = wake_ups(&store, &schema).await;
     let mut tx = store.pool().begin().await.expect("begin");
     sqlx::query("INSERT INTO orders VALUES (2)")
         .execute(&mut *tx)
@@ -82,11 +76,8 @@ async fn transactional_enqueue_exists_only_if_the_caller_commits() {
     assert_eq!(count_jobs(&store).await, 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_notify_per_queue_per_batch() {
-    let schema = common::unique_name("notify");
-    let _leftovers = common::Dropped::Schema(schema.clone());
-    let store = common::pg_store_in(&schema).await;
+/// A LISTEN on the store's wake-up channel, as another process has.
+async fn wake_ups(store: &PgStore, schema: &str) -> PgListener {
     let mut listener = PgListener::connect_with(store.pool())
         .await
         .expect("listener");
@@ -94,6 +85,24 @@ async fn one_notify_per_queue_per_batch() {
         .listen(&format!("herald_jobs_{schema}"))
         .await
         .expect("listen");
+    listener
+}
+
+/// The NOTIFY payloads that arrive until none has for half a second.
+async fn heard(listener: &mut PgListener) -> Vec<String> {
+    let mut payloads = Vec::new();
+    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(500), listener.recv()).await {
+        payloads.push(n.payload().to_owned());
+    }
+    payloads
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_notify_per_queue_per_batch() {
+    let schema = common::unique_name("notify");
+    let _leftovers = common::Dropped::Schema(schema.clone());
+    let store = common::pg_store_in(&schema).await;
+    let mut listener = wake_ups(&store, &schema).await;
     let now = Utc::now();
     let mut jobs: Vec<NewJob> = (0..1000).map(job).collect();
     jobs.extend((0..500).map(|n| job(n).queue("other")));
@@ -104,10 +113,7 @@ async fn one_notify_per_queue_per_batch() {
             .run_at(now + chrono::Duration::hours(1))
     }));
     store.enqueue_many(&jobs, now).await.expect("bulk");
-    let mut payloads = Vec::new();
-    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(500), listener.recv()).await {
-        payloads.push(n.payload().to_owned());
-    }
+    let payloads = heard(&mut listener).await;
     // The store wakes its own producers itself: its NOTIFYs carry its origin, one origin.
     let origins: std::collections::HashSet<&str> = payloads
         .iter()
@@ -336,13 +342,7 @@ async fn webhook_ingest_wakes_other_processes_once() {
     let schema = common::unique_name("ingest_notify");
     let _leftovers = common::Dropped::Schema(schema.clone());
     let store = common::pg_store_in(&schema).await;
-    let mut listener = PgListener::connect_with(store.pool())
-        .await
-        .expect("listener");
-    listener
-        .listen(&format!("herald_jobs_{schema}"))
-        .await
-        .expect("listen");
+    let mut listener = wake_ups(&store, &schema).await;
     let events: Vec<_> = (0..3)
         .map(|n| herald_engine::inbox::NewWebhookEvent {
             channel_id: uuid::Uuid::new_v4(),
@@ -354,10 +354,7 @@ async fn webhook_ingest_wakes_other_processes_once() {
         .store_webhooks(&events, Utc::now())
         .await
         .expect("store");
-    let mut payloads = Vec::new();
-    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(500), listener.recv()).await {
-        payloads.push(n.payload().to_owned());
-    }
+    let payloads = heard(&mut listener).await;
     assert_eq!(payloads.len(), 1, "one NOTIFY: {payloads:?}");
     let (origin, payload) = payloads[0]
         .strip_prefix('@')
