@@ -29,10 +29,10 @@ pub(crate) struct HotConfig {
 }
 
 impl HotConfig {
-    /// A third of the pool, at least one.
+    /// A third of the pool (none for a pool of one or two, which has nothing to spare).
     pub fn for_pool(max_connections: u32) -> HotConfig {
         HotConfig {
-            max_idle: (max_connections as usize / 3).max(1),
+            max_idle: max_connections as usize / 3,
             max_age: Duration::from_secs(10 * 60),
         }
     }
@@ -90,7 +90,10 @@ impl<DB: Database> Lease<'_, DB> {
         let Some((conn, since)) = self.conn.take() else {
             return;
         };
-        if since.elapsed() >= self.owner.config.max_age || self.owner.pool.is_closed() {
+        let pool = &self.owner.pool;
+        // A pool with every connection out may have someone waiting: this one goes back.
+        let exhausted = pool.num_idle() == 0 && pool.size() >= pool.options().get_max_connections();
+        if exhausted || since.elapsed() >= self.owner.config.max_age || pool.is_closed() {
             return;
         }
         if let Ok(mut idle) = self.owner.idle.lock() {
@@ -137,10 +140,14 @@ mod tests {
     use sqlx::Postgres;
 
     fn pool() -> Pool<Postgres> {
+        pool_of(4)
+    }
+
+    fn pool_of(max: u32) -> Pool<Postgres> {
         let url = std::env::var("HERALD_TEST_DATABASE_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
         PgPoolOptions::new()
-            .max_connections(4)
+            .max_connections(max)
             .connect_lazy(&url)
             .expect("a valid PostgreSQL URL (set HERALD_TEST_DATABASE_URL)")
     }
@@ -192,5 +199,22 @@ mod tests {
         lease.release();
         let kept = hot.idle.lock().expect("not poisoned").len();
         assert_eq!(kept, 1);
+    }
+
+    #[tokio::test]
+    async fn nothing_is_kept_from_a_pool_that_has_none_to_spare() {
+        assert_eq!(HotConfig::for_pool(2).max_idle, 0);
+        let hot = HotConns::new(pool_of(3), HotConfig::for_pool(3));
+        let mut leases = Vec::new();
+        for _ in 0..3 {
+            let mut lease = hot.lease().await.expect("a connection");
+            backend_pid(&mut lease).await;
+            leases.push(lease);
+        }
+        // Every connection is out: whoever waits for the pool gets the first one back.
+        if let Some(lease) = leases.pop() {
+            lease.release();
+        }
+        assert!(hot.idle.lock().expect("not poisoned").is_empty());
     }
 }
