@@ -21,10 +21,9 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
-use uuid::Uuid;
 
 use crate::openapi::PROBLEM;
-use crate::v1::{ApiError, Caller, Page, PageQuery};
+use crate::v1::{path_id, ApiError, Caller, Page, PageQuery};
 use crate::{AppState, Problem};
 
 /// Rows stored per transaction during an import, across the writers.
@@ -120,10 +119,6 @@ async fn list(
     Ok(Json(Page::of(rows, limit, |c| c.id)))
 }
 
-fn contact_id(raw: &str) -> Result<Uuid, ApiError> {
-    raw.parse().map_err(|_| ApiError::NotFound("contact"))
-}
-
 /// One of the caller's contacts.
 #[utoipa::path(
     get,
@@ -147,7 +142,7 @@ async fn read(
     state
         .store
         .contacts()
-        .contact(caller.workspace_id, contact_id(&id)?)
+        .contact(caller.workspace_id, path_id(&id, "contact")?)
         .await?
         .map(Json)
         .ok_or(ApiError::NotFound("contact"))
@@ -177,7 +172,7 @@ async fn update(
     Path(id): Path<String>,
     body: Result<Json<ContactPatch>, JsonRejection>,
 ) -> Result<Json<Contact>, ApiError> {
-    let id = contact_id(&id)?;
+    let id = path_id(&id, "contact")?;
     let Json(patch) = body?;
     state
         .store
@@ -211,7 +206,7 @@ async fn remove(
     if state
         .store
         .contacts()
-        .delete_contact(caller.workspace_id, contact_id(&id)?)
+        .delete_contact(caller.workspace_id, path_id(&id, "contact")?)
         .await?
     {
         Ok(StatusCode::NO_CONTENT)

@@ -17,12 +17,11 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
-use uuid::Uuid;
 
 use herald_engine::metrics::{label, Histogram};
 
 use crate::openapi::PROBLEM;
-use crate::v1::{page_limit, Admin, ApiError, Caller, Page};
+use crate::v1::{own_channel, page_limit, path_id, Admin, ApiError, Caller, Page};
 use crate::{AppState, Problem};
 
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -492,10 +491,6 @@ async fn jobs(
     }))
 }
 
-fn job_id(raw: &str) -> Result<JobId, ApiError> {
-    raw.parse().map_err(|_| ApiError::NotFound("job"))
-}
-
 /// One job, with its error history.
 #[utoipa::path(
     get,
@@ -518,7 +513,7 @@ async fn job(
 ) -> Result<Json<Job>, ApiError> {
     state
         .store
-        .get_job(job_id(&id)?)
+        .get_job(path_id::<JobId>(&id, "job")?)
         .await?
         .map(Json)
         .ok_or(ApiError::NotFound("job"))
@@ -548,7 +543,7 @@ async fn retry(
     _admin: Admin,
     Path(id): Path<String>,
 ) -> Result<Json<Job>, ApiError> {
-    let id = job_id(&id)?;
+    let id = path_id::<JobId>(&id, "job")?;
     match state.store.retry_job(id, Utc::now()).await? {
         Some(job) => Ok(Json(job)),
         None if state.store.get_job(id).await?.is_some() => Err(ApiError::Conflict(
@@ -605,7 +600,7 @@ async fn end_job(
     body: Result<Option<Json<Option<CancelBody>>>, JsonRejection>,
     to: JobState,
 ) -> Result<Json<Job>, ApiError> {
-    let id = job_id(id)?;
+    let id = path_id::<JobId>(id, "job")?;
     let reason = body?
         .and_then(|b| b.0)
         .and_then(|b| b.reason)
@@ -665,23 +660,19 @@ async fn set_paused(
     raw: &str,
     reason: Option<&str>,
 ) -> Result<StatusCode, ApiError> {
-    let id: Uuid = raw.parse().map_err(|_| ApiError::NotFound("channel"))?;
-    let delivery = state.store.delivery();
-    match delivery.channel(id).await? {
-        Some(c) if c.workspace_id == caller.workspace_id => {
-            if c.paused_reason.as_deref() == Some(herald_engine::delivery::DISCONNECTED) {
-                return Err(ApiError::Conflict(
-                    "the channel is disconnected; connect it again".into(),
-                ));
-            }
-            delivery
-                .pause_channel(id, reason, false, Utc::now())
-                .await?;
-            state.channels.forget(id).await;
-            Ok(StatusCode::NO_CONTENT)
-        }
-        _ => Err(ApiError::NotFound("channel")),
+    let channel = own_channel(state, caller, raw).await?;
+    if channel.paused_reason.as_deref() == Some(herald_engine::delivery::DISCONNECTED) {
+        return Err(ApiError::Conflict(
+            "the channel is disconnected; connect it again".into(),
+        ));
     }
+    state
+        .store
+        .delivery()
+        .pause_channel(channel.id, reason, false, Utc::now())
+        .await?;
+    state.channels.forget(channel.id).await;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Pauses one of the caller's channels: it sends nothing until resumed.

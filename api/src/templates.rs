@@ -17,10 +17,9 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
-use uuid::Uuid;
 
 use crate::openapi::PROBLEM;
-use crate::v1::{ApiError, Caller, Page, PageQuery};
+use crate::v1::{path_id, ApiError, Caller, Page, PageQuery};
 use crate::{AppState, Problem};
 
 pub fn routes() -> OpenApiRouter<AppState> {
@@ -28,10 +27,6 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(create, list))
         .routes(routes!(read, update, remove))
         .routes(routes!(render))
-}
-
-fn template_id(raw: &str) -> Result<Uuid, ApiError> {
-    raw.parse().map_err(|_| ApiError::NotFound("template"))
 }
 
 /// Registers a template reference in the caller's workspace.
@@ -117,7 +112,7 @@ async fn read(
     state
         .store
         .templates()
-        .template(caller.workspace_id, template_id(&id)?)
+        .template(caller.workspace_id, path_id(&id, "template")?)
         .await?
         .map(Json)
         .ok_or(ApiError::NotFound("template"))
@@ -147,7 +142,7 @@ async fn update(
     Path(id): Path<String>,
     body: Result<Json<TemplatePatch>, JsonRejection>,
 ) -> Result<Json<Template>, ApiError> {
-    let id = template_id(&id)?;
+    let id = path_id(&id, "template")?;
     let Json(patch) = body?;
     state
         .store
@@ -181,7 +176,7 @@ async fn remove(
     if state
         .store
         .templates()
-        .delete_template(caller.workspace_id, template_id(&id)?)
+        .delete_template(caller.workspace_id, path_id(&id, "template")?)
         .await?
     {
         Ok(StatusCode::NO_CONTENT)
@@ -232,7 +227,7 @@ async fn render(
     Path(id): Path<String>,
     body: Result<Json<RenderRequest>, JsonRejection>,
 ) -> Result<Json<Rendered>, ApiError> {
-    let id = template_id(&id)?;
+    let id = path_id(&id, "template")?;
     let Json(req) = body?;
     let template = state
         .store

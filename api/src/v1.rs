@@ -280,7 +280,8 @@ fn page<T>(mut rows: Vec<T>, limit: i64, id: impl Fn(&T) -> Uuid) -> Page<T> {
     }
 }
 
-fn path_id(raw: &str, what: &'static str) -> ApiResult<Uuid> {
+/// An id from the path; one that does not parse names nothing, so it is `what` not found.
+pub(crate) fn path_id<T: std::str::FromStr>(raw: &str, what: &'static str) -> ApiResult<T> {
     raw.parse().map_err(|_| ApiError::NotFound(what))
 }
 
@@ -642,7 +643,7 @@ async fn list_channels(
 }
 
 /// The caller's channel, or 404 (also for another workspace's).
-async fn own_channel(state: &AppState, caller: Caller, raw: &str) -> ApiResult<Channel> {
+pub(crate) async fn own_channel(state: &AppState, caller: Caller, raw: &str) -> ApiResult<Channel> {
     let id = path_id(raw, "channel")?;
     match state.store.delivery().channel(id).await? {
         Some(c) if c.workspace_id == caller.workspace_id => Ok(c),
