@@ -327,13 +327,25 @@ impl QueueView {
     }
 }
 
-/// Why a queue is paused.
+/// Why an operator pauses a queue, or cancels or discards a job.
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub struct PauseBody {
-    /// Shown with the queue (at most 500 bytes); `paused by an operator` when absent.
+pub struct ReasonBody {
+    /// Shown with the paused queue (at most 500 bytes), or kept on the job's error history; a
+    /// default reason when absent.
     #[serde(default)]
     reason: Option<String>,
+}
+
+/// The reason in an optional JSON body (absent, `null`, or without `reason`: `default`).
+fn reason_or(
+    body: Result<Option<Json<Option<ReasonBody>>>, JsonRejection>,
+    default: impl FnOnce() -> String,
+) -> Result<String, ApiError> {
+    Ok(body?
+        .and_then(|b| b.0)
+        .and_then(|b| b.reason)
+        .unwrap_or_else(default))
 }
 
 /// Pauses a queue in every process: no job of it starts until it is resumed.
@@ -348,7 +360,7 @@ pub struct PauseBody {
     security(("admin_token" = [])),
     params(("name" = String, Path, description = "The queue's name")),
     request_body(
-        content = Option<PauseBody>,
+        content = Option<ReasonBody>,
         description = "Optional: without a JSON body, or with `null`, the reason is `paused by an operator`",
     ),
     responses(
@@ -364,12 +376,9 @@ async fn pause_queue(
     State(state): State<AppState>,
     _admin: Admin,
     Path(name): Path<String>,
-    body: Result<Option<Json<Option<PauseBody>>>, JsonRejection>,
+    body: Result<Option<Json<Option<ReasonBody>>>, JsonRejection>,
 ) -> Result<Json<QueueView>, ApiError> {
-    let reason = body?
-        .and_then(|b| b.0)
-        .and_then(|b| b.reason)
-        .unwrap_or_else(|| "paused by an operator".into());
+    let reason = reason_or(body, || "paused by an operator".into())?;
     state.store.pause_queue(&name, &reason, Utc::now()).await?;
     queue_view(&state, &name).await.map(Json)
 }
@@ -553,15 +562,6 @@ async fn retry(
     }
 }
 
-/// Why a job is cancelled.
-#[derive(Debug, Default, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CancelBody {
-    /// Kept on the job's error history; a default reason when absent.
-    #[serde(default)]
-    reason: Option<String>,
-}
-
 /// Cancels a job that is waiting (not running, not final).
 #[utoipa::path(
     post,
@@ -571,7 +571,7 @@ pub struct CancelBody {
     security(("admin_token" = [])),
     params(("id" = i64, Path, description = "The job's id")),
     request_body(
-        content = Option<CancelBody>,
+        content = Option<ReasonBody>,
         description = "Optional: without a JSON body (no `Content-Type: application/json`), or with `null`, the reason is `cancelled by an operator`",
     ),
     responses(
@@ -588,7 +588,7 @@ async fn cancel(
     State(state): State<AppState>,
     _admin: Admin,
     Path(id): Path<String>,
-    body: Result<Option<Json<Option<CancelBody>>>, JsonRejection>,
+    body: Result<Option<Json<Option<ReasonBody>>>, JsonRejection>,
 ) -> Result<Json<Job>, ApiError> {
     end_job(&state, &id, body, JobState::Cancelled).await
 }
@@ -597,14 +597,11 @@ async fn cancel(
 async fn end_job(
     state: &AppState,
     id: &str,
-    body: Result<Option<Json<Option<CancelBody>>>, JsonRejection>,
+    body: Result<Option<Json<Option<ReasonBody>>>, JsonRejection>,
     to: JobState,
 ) -> Result<Json<Job>, ApiError> {
     let id = path_id::<JobId>(id, "job")?;
-    let reason = body?
-        .and_then(|b| b.0)
-        .and_then(|b| b.reason)
-        .unwrap_or_else(|| format!("{to} by an operator"));
+    let reason = reason_or(body, || format!("{to} by an operator"))?;
     let now = Utc::now();
     let ended = if to == JobState::Discarded {
         state.store.discard_job(id, now, &reason).await?
@@ -632,7 +629,7 @@ async fn end_job(
     security(("admin_token" = [])),
     params(("id" = i64, Path, description = "The job's id")),
     request_body(
-        content = Option<CancelBody>,
+        content = Option<ReasonBody>,
         description = "Optional: without a JSON body, or with `null`, the reason is `discarded by an operator`",
     ),
     responses(
@@ -649,7 +646,7 @@ async fn discard(
     State(state): State<AppState>,
     _admin: Admin,
     Path(id): Path<String>,
-    body: Result<Option<Json<Option<CancelBody>>>, JsonRejection>,
+    body: Result<Option<Json<Option<ReasonBody>>>, JsonRejection>,
 ) -> Result<Json<Job>, ApiError> {
     end_job(&state, &id, body, JobState::Discarded).await
 }
