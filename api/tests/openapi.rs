@@ -6,18 +6,15 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use common::{fixture, Fixture};
-use herald_api::{app, ApiConfig, AppState};
+use common::{fixture, Fixture, ADMIN};
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
 use sha2::Sha256;
 use tower::ServiceExt;
 
-const ADMIN: &str = "admin-token-for-openapi-tests-0123";
 const APP_SECRET: &str = "app-secret-for-openapi-tests";
 const PROBLEM: &str = "application/problem+json";
 
@@ -101,15 +98,8 @@ async fn send(
     for (name, value) in headers {
         req = req.header(*name, value);
     }
-    let state = AppState::new(
-        f.store.clone(),
-        Arc::new(herald_engine::SystemClock),
-        ApiConfig {
-            admin_token: Some(ADMIN.into()),
-            ..ApiConfig::default()
-        },
-    );
-    let response = app(state)
+    let response = f
+        .admin_app()
         .oneshot(
             req.body(body.map(Body::from).unwrap_or_else(Body::empty))
                 .expect("request"),

@@ -3,18 +3,16 @@
 
 mod common;
 
-use common::{fixture, Fixture};
+use common::{fixture, Fixture, ADMIN};
 
 use std::sync::Arc;
 
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
-use herald_api::{app, ApiConfig, AppState};
+use herald_api::ApiConfig;
 use serde_json::{json, Value};
 use tower::ServiceExt;
 use uuid::Uuid;
-
-const ADMIN: &str = "admin-token-for-tests-0123456789";
 
 impl Fixture {
     async fn call(
@@ -42,15 +40,8 @@ impl Fixture {
         if body.is_some() {
             req = req.header("content-type", "application/json");
         }
-        let state = AppState::new(
-            self.store.clone(),
-            Arc::new(herald_engine::SystemClock),
-            ApiConfig {
-                admin_token: Some(ADMIN.into()),
-                ..ApiConfig::default()
-            },
-        );
-        let response = app(state)
+        let response = self
+            .admin_app()
             .oneshot(
                 req.body(body.map(Body::from).unwrap_or_else(Body::empty))
                     .expect("request"),
@@ -81,17 +72,14 @@ impl Fixture {
         uri: &str,
         engine: Option<Arc<herald_engine::metrics::EngineMetrics>>,
     ) -> String {
-        let response = app(AppState::new(
-            self.store.clone(),
-            Arc::new(herald_engine::SystemClock),
-            ApiConfig {
+        let response = self
+            .app(ApiConfig {
                 engine_metrics: engine,
                 ..ApiConfig::default()
-            },
-        ))
-        .oneshot(Request::get(uri).body(Body::empty()).expect("request"))
-        .await
-        .expect("response");
+            })
+            .oneshot(Request::get(uri).body(Body::empty()).expect("request"))
+            .await
+            .expect("response");
         assert_eq!(response.status(), StatusCode::OK);
         let bytes = axum::body::to_bytes(response.into_body(), 1 << 22)
             .await
@@ -708,12 +696,11 @@ impl Fixture {
             .header("content-type", content_type)
             .body(Body::from_stream(futures_util::stream::iter(chunks)))
             .expect("request");
-        let state = AppState::new(
-            self.store.clone(),
-            Arc::new(herald_engine::SystemClock),
-            ApiConfig::default(),
-        );
-        let response = app(state).oneshot(req).await.expect("response");
+        let response = self
+            .app(ApiConfig::default())
+            .oneshot(req)
+            .await
+            .expect("response");
         let status = response.status();
         let bytes = axum::body::to_bytes(response.into_body(), 1 << 22)
             .await

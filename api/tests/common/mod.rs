@@ -3,8 +3,13 @@
 
 use std::sync::Arc;
 
+use axum::Router;
+use herald_api::{app, ApiConfig, AppState};
 use herald_engine::{ConnectOptions, Store};
 use uuid::Uuid;
+
+/// The admin token of the apps [`Fixture::admin_app`] builds.
+pub const ADMIN: &str = "admin-token-for-tests-0123456789";
 
 pub struct Fixture {
     pub store: Arc<dyn Store>,
@@ -34,4 +39,23 @@ pub async fn fixture() -> Fixture {
     .await
     .expect("open sqlite");
     Fixture { store, path }
+}
+
+impl Fixture {
+    /// The app on this store, with the system clock.
+    pub fn app(&self, config: ApiConfig) -> Router {
+        app(AppState::new(
+            self.store.clone(),
+            Arc::new(herald_engine::SystemClock),
+            config,
+        ))
+    }
+
+    /// The app with the admin routes open to [`ADMIN`].
+    pub fn admin_app(&self) -> Router {
+        self.app(ApiConfig {
+            admin_token: Some(ADMIN.into()),
+            ..ApiConfig::default()
+        })
+    }
 }
