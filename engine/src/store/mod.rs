@@ -22,6 +22,17 @@ pub mod sqlite;
 pub use postgres::{PgStore, PgStoreConfig};
 pub use sqlite::{SqliteStore, SqliteStoreConfig};
 
+/// A unique violation as a conflict that `what` describes; any other error as it is (both
+/// backends).
+pub(crate) fn conflict_if_taken(
+    what: impl FnOnce() -> String,
+) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |e| match &e {
+        sqlx::Error::Database(db) if db.is_unique_violation() => StoreError::Conflict(what()),
+        _ => e.into(),
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Backend {
     Postgres,

@@ -15,6 +15,7 @@ use crate::contacts::{
 };
 use crate::error::{Result, StoreError};
 use crate::model::InvalidJob;
+use crate::store::conflict_if_taken;
 
 const COLUMNS: &str = "id, workspace_id, phone, name, labels, attributes, opted_out, \
      opted_out_at, created_at, updated_at";
@@ -87,10 +88,6 @@ async fn one_with_handles(
     Ok(with_handles(pool, ws, vec![c]).await?.pop())
 }
 
-fn is_unique_violation(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(db) if db.code().as_deref() == Some("23505"))
-}
-
 #[async_trait]
 impl ContactStore for PgStore {
     async fn create_contact(
@@ -115,13 +112,9 @@ impl ContactStore for PgStore {
         .bind(now)
         .fetch_one(&self.pool)
         .await
-        .map_err(|e| {
-            if is_unique_violation(&e) {
-                StoreError::Conflict(format!("a contact with phone {} exists", c.phone))
-            } else {
-                e.into()
-            }
-        })?;
+        .map_err(conflict_if_taken(|| {
+            format!("a contact with phone {} exists", c.phone)
+        }))?;
         contact_from_row(&row)
     }
 

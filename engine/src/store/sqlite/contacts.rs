@@ -16,6 +16,7 @@ use crate::contacts::{
 };
 use crate::error::{Result, StoreError};
 use crate::model::InvalidJob;
+use crate::store::conflict_if_taken;
 
 const COLUMNS: &str = "id, workspace_id, phone, name, labels, attributes, opted_out, \
      opted_out_at, created_at, updated_at";
@@ -120,12 +121,9 @@ impl ContactStore for SqliteStore {
         .bind(to_micros(now))
         .fetch_one(&self.pool)
         .await
-        .map_err(|e| match &e {
-            sqlx::Error::Database(db) if db.is_unique_violation() => {
-                StoreError::Conflict(format!("a contact with phone {} exists", c.phone))
-            }
-            _ => e.into(),
-        })?;
+        .map_err(conflict_if_taken(|| {
+            format!("a contact with phone {} exists", c.phone)
+        }))?;
         contact_from_row(&row)
     }
 

@@ -8,8 +8,9 @@ use uuid::Uuid;
 
 use super::{parse_uuid, SqliteStore};
 use crate::clock::{from_micros, to_micros};
-use crate::error::{Result, StoreError};
+use crate::error::Result;
 use crate::model::InvalidJob;
+use crate::store::conflict_if_taken;
 use crate::templates::{
     category_from, parameters_from_json, parameters_json, NewTemplate, Template, TemplatePatch,
     TemplateStore,
@@ -29,15 +30,6 @@ fn template_from_row(r: &SqliteRow) -> Result<Template> {
         created_at: from_micros(r.try_get("created_at")?),
         updated_at: from_micros(r.try_get("updated_at")?),
     })
-}
-
-fn conflict(t: &NewTemplate) -> impl FnOnce(sqlx::Error) -> StoreError + '_ {
-    move |e| match &e {
-        sqlx::Error::Database(db) if db.is_unique_violation() => {
-            StoreError::Conflict(format!("a template {} in {} exists", t.name, t.language))
-        }
-        _ => e.into(),
-    }
 }
 
 #[async_trait]
@@ -64,7 +56,12 @@ impl TemplateStore for SqliteStore {
         .bind(to_micros(now))
         .fetch_one(&self.pool)
         .await
-        .map_err(conflict(template))?;
+        .map_err(conflict_if_taken(|| {
+            format!(
+                "a template {} in {} exists",
+                template.name, template.language
+            )
+        }))?;
         template_from_row(&row)
     }
 
