@@ -175,3 +175,16 @@ pub trait InboxStore: Send + Sync + 'static {
     /// A channel's inbound messages, newest first, at most `limit`.
     async fn inbound_messages(&self, channel_id: Uuid, limit: i64) -> Result<Vec<InboundMessage>>;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_webhook_job_is_due_at_once_and_not_unique() {
+        // PostgreSQL's one-statement ingest writes neither a unique key nor a run_at.
+        let job = webhook_job(&[1, 2]);
+        assert_eq!((job.unique_key, job.run_at), (None, None));
+        assert_eq!(job.queue, WEBHOOK_QUEUE);
+    }
+}

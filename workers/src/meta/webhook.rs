@@ -308,7 +308,7 @@ impl ChannelDirectory {
     async fn channels(
         &self,
         store: &dyn Store,
-        needed: impl Iterator<Item = Uuid>,
+        mut needed: impl Iterator<Item = Uuid>,
     ) -> Result<Arc<Vec<Channel>>, StoreError> {
         let cached = self
             .cached
@@ -317,7 +317,6 @@ impl ChannelDirectory {
             .clone()
             .filter(|(at, _)| at.elapsed() < self.ttl);
         if let Some((_, list)) = cached {
-            let mut needed = needed;
             if needed.all(|id| list.iter().any(|c| c.id == id)) {
                 return Ok(list);
             }
