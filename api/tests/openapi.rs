@@ -552,16 +552,7 @@ async fn every_documented_operation_answers_as_documented() {
             _ => ids.template = id,
         }
     }
-    let job = f
-        .store
-        .enqueue(
-            &herald_engine::NewJob::new("noop", json!({}))
-                .run_at(chrono::Utc::now() + chrono::Duration::hours(1)),
-            chrono::Utc::now(),
-        )
-        .await
-        .expect("enqueue");
-    ids.job = job.id.to_string();
+    ids.job = f.waiting_job().await.to_string();
 
     // Deletions last, so that the others find what they name.
     let mut ops = operations(&doc);
@@ -681,16 +672,7 @@ async fn a_cancel_body_is_optional_as_documented() {
     let f = fixture().await;
     let mut ids = Vec::new();
     for _ in 0..3 {
-        let job = f
-            .store
-            .enqueue(
-                &herald_engine::NewJob::new("noop", json!({}))
-                    .run_at(chrono::Utc::now() + chrono::Duration::hours(1)),
-                chrono::Utc::now(),
-            )
-            .await
-            .expect("enqueue");
-        ids.push(job.id);
+        ids.push(f.waiting_job().await);
     }
     let cancel = |id: i64| format!("/v1/admin/jobs/{id}/cancel");
     // No body, or `null`: the default reason.

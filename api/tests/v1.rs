@@ -793,16 +793,7 @@ async fn operators_see_metrics_queues_and_jobs_and_pause_channels() {
     let (status, ready) = f.call("GET", "/readyz", None, None).await;
     assert_eq!(status, StatusCode::OK, "{ready}");
 
-    let enqueued = f
-        .store
-        .enqueue(
-            &herald_engine::NewJob::new("noop", json!({}))
-                .run_at(chrono::Utc::now() + chrono::Duration::hours(1)),
-            chrono::Utc::now(),
-        )
-        .await
-        .expect("enqueue");
-    let id = enqueued.id;
+    let id = f.waiting_job().await;
     let (status, _) = f.call("GET", "/v1/admin/queues", Some(&key), None).await;
     assert_eq!(
         status,
@@ -907,16 +898,7 @@ async fn operators_see_metrics_queues_and_jobs_and_pause_channels() {
         .await;
     }
     // Discarding a waiting job; a final one answers 409.
-    let other = f
-        .store
-        .enqueue(
-            &herald_engine::NewJob::new("noop", json!({}))
-                .run_at(chrono::Utc::now() + chrono::Duration::hours(1)),
-            chrono::Utc::now(),
-        )
-        .await
-        .expect("enqueue")
-        .id;
+    let other = f.waiting_job().await;
     let (status, discarded) = f
         .call(
             "POST",

@@ -58,4 +58,17 @@ impl Fixture {
             ..ApiConfig::default()
         })
     }
+
+    /// A no-op job due in an hour: waiting, so operators can cancel or discard it.
+    pub async fn waiting_job(&self) -> herald_engine::JobId {
+        self.store
+            .enqueue(
+                &herald_engine::NewJob::new("noop", serde_json::json!({}))
+                    .run_at(chrono::Utc::now() + chrono::Duration::hours(1)),
+                chrono::Utc::now(),
+            )
+            .await
+            .expect("enqueue")
+            .id
+    }
 }
