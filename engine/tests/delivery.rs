@@ -30,6 +30,7 @@ conformance!(
     begin_sends_takes_only_queued_sends,
     accept_sends_records_provider_ids,
     accept_sends_keeps_a_webhook_failure,
+    record_sends_begins_and_accepts_together,
     apply_statuses_only_moves_forward,
     apply_statuses_by_provider_id_and_within_channel,
     statuses_from_another_channel_do_not_mask_real_ones,
@@ -1001,6 +1002,83 @@ async fn accept_sends_records_provider_ids(store: Arc<dyn Store>) {
         0,
         "empty list"
     );
+}
+
+/// The recorder's combined write: begins only queued sends and returns them, accepts the others
+/// exactly as `accept_sends` does (never moving a send back), in one call.
+async fn record_sends_begins_and_accepts_together(store: Arc<dyn Store>) {
+    let d = store.delivery();
+    let ch = channel(&*store).await;
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        ids.push(create_one(&*store, &ch, &format!("+1555000{i}")).await);
+    }
+    let t1 = t0() + secs(1);
+    d.begin_sends(&ids[..3], t1).await.expect("begin 0..3");
+    // Send 2 was delivered (webhook) before its answer came back.
+    d.apply_statuses(&[event(
+        ch.id,
+        "wamid.2",
+        Some(ids[2]),
+        SendStatus::Delivered,
+        t1,
+    )])
+    .await
+    .expect("delivered");
+
+    let t2 = t0() + secs(2);
+    // Begin 3 and 4, and 0 again (already sending: not begun twice); accept 0 and 2, and one
+    // send that does not exist.
+    let begun = d
+        .record_sends(
+            &[ids[3], ids[4], ids[0]],
+            &[
+                (ids[0], "wamid.0".to_owned()),
+                (ids[2], "wamid.2".to_owned()),
+                (Uuid::new_v4(), "wamid.x".to_owned()),
+            ],
+            t2,
+        )
+        .await
+        .expect("record");
+    let mut begun_ids: Vec<Uuid> = begun.iter().map(|r| r.id).collect();
+    begun_ids.sort();
+    let mut want = vec![ids[3], ids[4]];
+    want.sort();
+    assert_eq!(begun_ids, want, "only the queued sends are begun");
+    for r in &begun {
+        assert_eq!(r.status, SendStatus::Sending, "returned as sending");
+        assert_eq!(r.requests, 1, "one request counted");
+        assert_eq!(r.requested_at, Some(t2), "requested_at set");
+    }
+    let r0 = get_send(&*store, ids[0]).await;
+    assert_eq!(r0.status, SendStatus::Accepted, "0 accepted");
+    assert_eq!(r0.provider_message_id.as_deref(), Some("wamid.0"));
+    assert_eq!(r0.requests, 1, "0 was not begun again");
+    assert_eq!(r0.accepted_at, Some(t2));
+    let r2 = get_send(&*store, ids[2]).await;
+    assert_eq!(r2.status, SendStatus::Delivered, "2 not moved back");
+    assert_eq!(r2.provider_message_id.as_deref(), Some("wamid.2"));
+    assert_eq!(
+        get_send(&*store, ids[1]).await.status,
+        SendStatus::Sending,
+        "1 untouched"
+    );
+
+    // Either list alone, and neither.
+    let t3 = t0() + secs(3);
+    assert!(d
+        .record_sends(&[], &[(ids[3], "wamid.3".to_owned())], t3)
+        .await
+        .expect("accept only")
+        .is_empty());
+    assert_eq!(get_send(&*store, ids[3]).await.status, SendStatus::Accepted);
+    assert!(d
+        .record_sends(&[ids[1]], &[], t3)
+        .await
+        .expect("begin only")
+        .is_empty());
+    assert!(d.record_sends(&[], &[], t3).await.expect("none").is_empty());
 }
 
 /// A `failed` status webhook that arrives before Meta's answer to the request: the late accept

@@ -677,6 +677,23 @@ pub trait DeliveryStore: Send + Sync + 'static {
     /// a status webhook already moved further). Returns how many sends it found.
     async fn accept_sends(&self, accepted: &[(Uuid, String)], now: DateTime<Utc>) -> Result<u64>;
 
+    /// `begin_sends(begin)` and `accept_sends(accepted)` together, for the send worker's
+    /// recorder, which gathers both kinds of write from every send in flight: a backend that
+    /// can do both in one round trip (PostgreSQL) does, because at 1,000 sends a second these
+    /// two writes are a third of all statements. Returns what `begin_sends` returns. The two
+    /// lists name different sends (a send is begun before it is accepted, by the one job that
+    /// holds it).
+    async fn record_sends(
+        &self,
+        begin: &[Uuid],
+        accepted: &[(Uuid, String)],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<SendRecord>> {
+        let begun = self.begin_sends(begin, now).await?;
+        self.accept_sends(accepted, now).await?;
+        Ok(begun)
+    }
+
     /// Applies Meta's statuses, each only if it moves its send forward. A status names its send
     /// by our id (echoed callback data) or, failing that, by Meta's message id; either way only
     /// within its channel. Returns how many sends changed.

@@ -71,17 +71,15 @@ async fn run(store: Arc<dyn Store>, clock: Arc<dyn Clock>, mut rx: mpsc::Unbound
         let ids: Vec<Uuid> = begins.iter().map(|b| b.0).collect();
         let rows: Vec<(Uuid, String)> = accepts.iter().map(|a| (a.0, a.1.clone())).collect();
         let started = std::time::Instant::now();
-        let (begun, accepted) = tokio::join!(
-            delivery.begin_sends(&ids, now),
-            delivery.accept_sends(&rows, now)
-        );
+        let result = delivery.record_sends(&ids, &rows, now).await;
         tracing::debug!(
             begins = ids.len(),
             accepts = rows.len(),
             micros = started.elapsed().as_micros() as u64,
             "send recorder batch"
         );
-        match begun {
+        let accepted = result.as_ref().map(|_| ()).map_err(|e| e.to_string());
+        match result {
             Ok(records) => {
                 let mut by_id: std::collections::HashMap<Uuid, SendRecord> =
                     records.into_iter().map(|r| (r.id, r)).collect();
@@ -96,7 +94,6 @@ async fn run(store: Arc<dyn Store>, clock: Arc<dyn Clock>, mut rx: mpsc::Unbound
                 }
             }
         }
-        let accepted = accepted.map(|_| ()).map_err(|e| e.to_string());
         for (_, _, reply) in accepts {
             let _ = reply.send(accepted.clone());
         }

@@ -31,6 +31,33 @@ const SEND_COLUMNS: &str = "id, workspace_id, channel_id, recipient, message, la
      requests, provider_message_id, error_code, error, created_at, requested_at, accepted_at, \
      updated_at";
 
+/// `record_sends`: `begin_sends` ($1-$3) and `accept_sends` ($4-$6) in one statement. The
+/// main query reads only the begun rows; PostgreSQL runs a data-modifying CTE to completion
+/// whether or not it is read.
+const RECORD_SENDS: &str =
+    "WITH t AS (SELECT * FROM unnest($4::uuid[], $5::text[]) AS t(id, pmid)),
+      locked AS (SELECT id FROM herald_sends
+                  WHERE id = ANY($1::uuid[]) OR id IN (SELECT id FROM t)
+                  ORDER BY id FOR UPDATE),
+      accepted AS (
+        UPDATE herald_sends s
+           SET status = CASE WHEN s.status_rank < $6 THEN 'accepted' ELSE s.status END,
+               status_rank = greatest(s.status_rank, $6),
+               provider_message_id = t.pmid, accepted_at = coalesce(s.accepted_at, $2),
+               error = CASE WHEN s.status_rank < $6 THEN NULL ELSE s.error END,
+               error_code = CASE WHEN s.status_rank < $6 THEN NULL ELSE s.error_code END,
+               updated_at = $2
+          FROM t JOIN locked USING (id)
+         WHERE s.id = t.id
+        RETURNING s.id)
+ UPDATE herald_sends s SET status = 'sending', status_rank = $3,
+        requests = s.requests + 1, requested_at = $2, updated_at = $2
+   FROM locked
+  WHERE s.id = locked.id AND s.id = ANY($1::uuid[]) AND s.status_rank = 0
+  RETURNING s.id, s.workspace_id, s.channel_id, s.recipient, s.message, s.lane, s.status,
+            s.requests, s.provider_message_id, s.error_code, s.error, s.created_at,
+            s.requested_at, s.accepted_at, s.updated_at";
+
 fn channel_from_row(keyring: Option<&Keyring>, row: &PgRow) -> Result<Channel> {
     let platform: String = row.try_get("platform")?;
     let limits: sqlx::types::Json<ChannelLimits> = row.try_get("limits")?;
@@ -480,6 +507,35 @@ impl DeliveryStore for PgStore {
         .await?;
         conn.release();
         Ok(done.rows_affected())
+    }
+
+    async fn record_sends(
+        &self,
+        begin: &[Uuid],
+        accepted: &[(Uuid, String)],
+        now: DateTime<Utc>,
+    ) -> Result<Vec<SendRecord>> {
+        if begin.is_empty() || accepted.is_empty() {
+            // One kind alone: its own statement is the one round trip.
+            let begun = self.begin_sends(begin, now).await?;
+            self.accept_sends(accepted, now).await?;
+            return Ok(begun);
+        }
+        // Both writes as data-modifying CTEs of one statement. The rows of both are locked
+        // first, together and in id order like every other writer of herald_sends, so this
+        // cannot deadlock with them; each UPDATE then takes only its own rows.
+        let mut conn = self.hot.lease().await?;
+        let rows = sqlx::query(RECORD_SENDS)
+            .bind(begin)
+            .bind(now)
+            .bind(SendStatus::Sending.rank())
+            .bind(accepted.iter().map(|a| a.0).collect::<Vec<_>>())
+            .bind(accepted.iter().map(|a| a.1.as_str()).collect::<Vec<_>>())
+            .bind(SendStatus::Accepted.rank())
+            .fetch_all(&mut *conn)
+            .await?;
+        conn.release();
+        rows.iter().map(send_from_row).collect()
     }
 
     async fn apply_statuses(&self, events: &[StatusEvent]) -> Result<u64> {
