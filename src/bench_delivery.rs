@@ -2,6 +2,10 @@
 //! limit of R messages a second, P `herald serve` processes sharing one channel (through Redis
 //! when P > 1), enqueues N broadcast sends and K interactive replies spread over the broadcast,
 //! waits until every send is settled, and prints what the sandbox saw as its last line.
+//!
+//! `--channels C` spreads the N sends over C channels, each with its own limit R, of one Meta
+//! app (one webhook URL, one app secret), as when one platform drives many numbers: what CPU a
+//! message costs when many channels run at once, not only one at full speed.
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
@@ -28,9 +32,13 @@ pub struct DeliveryArgs {
     /// Engine processes sharing the channel (through Redis when more than one).
     #[arg(long, default_value_t = 1)]
     processes: usize,
-    /// Interactive replies sent during the broadcast, on the same channel.
+    /// Interactive replies sent during the broadcast, on the same channel (spread round robin
+    /// when there are several, like the broadcast).
     #[arg(long, default_value_t = 0)]
     interactive: usize,
+    /// Channels the broadcast is spread over, round robin, each limited to `--mps`.
+    #[arg(long, default_value_t = 1)]
+    channels: usize,
     /// Share of send responses the sandbox loses (the message is still accepted).
     #[arg(long, default_value_t = 0.0)]
     lose_responses: f64,
@@ -105,8 +113,13 @@ fn clock_ticks() -> f64 {
 }
 
 pub async fn run(args: DeliveryArgs) -> Result<(), Box<dyn std::error::Error>> {
-    if args.messages == 0 || args.processes == 0 || !args.mps.is_finite() || args.mps <= 0.0 {
-        return Err("--messages, --processes and --mps must be above zero".into());
+    if args.messages == 0
+        || args.processes == 0
+        || args.channels == 0
+        || !args.mps.is_finite()
+        || args.mps <= 0.0
+    {
+        return Err("--messages, --processes, --channels and --mps must be above zero".into());
     }
     if !(0.0..=1.0).contains(&args.lose_responses) {
         return Err("--lose-responses must be between 0 and 1".into());
@@ -161,27 +174,32 @@ async fn bench(
     let delivery = store.delivery();
     let sandbox_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let sandbox_url = format!("http://{}", sandbox_listener.local_addr()?);
-    let channel = delivery
-        .create_channel(
-            &NewChannel {
-                workspace_id: Uuid::new_v4(),
-                platform: Platform::Whatsapp,
-                name: "bench".into(),
-                sender_id: "1555000100".into(),
-                portfolio_id: None,
-                access_token: "sandbox-token".into(),
-                app_secret: "sandbox-secret".into(),
-                verify_token: "bench".into(),
-                graph_base_url: Some(sandbox_url.clone()),
-                api_version: None,
-                limits: Some(ChannelLimits {
-                    mps: args.mps,
-                    ..ChannelLimits::default()
-                }),
-            },
-            chrono::Utc::now(),
-        )
-        .await?;
+    let mut channels = Vec::with_capacity(args.channels);
+    for i in 0..args.channels {
+        let channel = delivery
+            .create_channel(
+                &NewChannel {
+                    workspace_id: Uuid::new_v4(),
+                    platform: Platform::Whatsapp,
+                    name: format!("bench {i}"),
+                    sender_id: format!("1555{:06}", 100 + i),
+                    portfolio_id: None,
+                    access_token: "sandbox-token".into(),
+                    app_secret: "sandbox-secret".into(),
+                    verify_token: "bench".into(),
+                    graph_base_url: Some(sandbox_url.clone()),
+                    api_version: None,
+                    limits: Some(ChannelLimits {
+                        mps: args.mps,
+                        ..ChannelLimits::default()
+                    }),
+                },
+                chrono::Utc::now(),
+            )
+            .await?;
+        channels.push(channel);
+    }
+    let channel = channels[0].clone();
     let ports: Vec<u16> = (0..args.processes)
         .map(|_| free_port())
         .collect::<Result<_, _>>()?;
@@ -258,13 +276,15 @@ async fn bench(
     let now = chrono::Utc::now();
     for i in 0..args.interactive {
         delivery
-            .record_inbound(channel.id, &format!("1666{i:07}"), now)
+            .record_inbound(channels[i % channels.len()].id, &format!("1666{i:07}"), now)
             .await?;
     }
-    let expected = Duration::from_secs_f64(args.messages as f64 / args.mps);
+    let total_mps = args.mps * args.channels as f64;
+    let expected = Duration::from_secs_f64(args.messages as f64 / total_mps);
     let interactive = {
         let store = store.clone();
-        let (k, channel_id, workspace_id) = (args.interactive, channel.id, channel.workspace_id);
+        let k = args.interactive;
+        let targets: Vec<(Uuid, Uuid)> = channels.iter().map(|c| (c.id, c.workspace_id)).collect();
         tokio::spawn(async move {
             let mut sent: Vec<(Uuid, f64)> = Vec::with_capacity(k);
             if k == 0 {
@@ -276,6 +296,7 @@ async fn bench(
                 .max(Duration::from_millis(100));
             for i in 0..k {
                 tokio::time::sleep_until((start + span.mul_f64(i as f64 / k as f64)).into()).await;
+                let (channel_id, workspace_id) = targets[i % targets.len()];
                 let at = unix_ms();
                 let ids = store
                     .delivery()
@@ -302,16 +323,19 @@ async fn bench(
     for chunk_start in (0..args.messages).step_by(10_000) {
         let end = (chunk_start + 10_000).min(args.messages);
         let sends: Vec<NewSend> = (chunk_start..end)
-            .map(|i| NewSend {
-                workspace_id: channel.workspace_id,
-                channel_id: channel.id,
-                recipient: format!("1555{i:07}"),
-                message: Message::Template {
-                    name: "bench_offer".into(),
-                    language: "en_US".into(),
-                    parameters: vec![format!("{i}")],
-                },
-                lane: Lane::Broadcast,
+            .map(|i| {
+                let channel = &channels[i % channels.len()];
+                NewSend {
+                    workspace_id: channel.workspace_id,
+                    channel_id: channel.id,
+                    recipient: format!("1555{i:07}"),
+                    message: Message::Template {
+                        name: "bench_offer".into(),
+                        language: "en_US".into(),
+                        parameters: vec![format!("{i}")],
+                    },
+                    lane: Lane::Broadcast,
+                }
             })
             .collect();
         delivery.create_sends(&sends, chrono::Utc::now()).await?;
@@ -325,7 +349,7 @@ async fn bench(
     let mut counts: HashMap<SendStatus, i64>;
     loop {
         counts = delivery
-            .send_counts(Some(channel.id))
+            .send_counts(None)
             .await?
             .into_iter()
             .map(|c| (c.status, c.count))
@@ -397,21 +421,23 @@ async fn bench(
         counts
     );
     sandbox.shutdown().await;
-    println!(
-        "{}",
-        json!({
+    let mut line = json!({
             "messages": args.messages,
             "mps_limit": args.mps,
             "processes": args.processes,
             "achieved_mps": (achieved * 100.0).round() / 100.0,
-            "utilization": (achieved / args.mps * 1000.0).round() / 1000.0,
+            "utilization": (achieved / total_mps * 1000.0).round() / 1000.0,
             "limit_errors": stats.limit_errors,
             "duplicates": stats.duplicate_callbacks,
             "lost": lost,
             "interactive_p50_ms": pct(0.5),
             "interactive_p99_ms": pct(0.99),
             "cpu_us_per_message": (cpu_us * 10.0).round() / 10.0,
-        })
-    );
+    });
+    if args.channels > 1 {
+        // Only then: the one-channel line keeps exactly the keys the issue names.
+        line["channels"] = json!(args.channels);
+    }
+    println!("{line}");
     Ok(())
 }
