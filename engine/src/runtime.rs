@@ -32,7 +32,7 @@ use crate::clock::Clock;
 use crate::config::{EngineConfig, QueueConfig};
 use crate::handler::{JobContext, JobError, Registry};
 use crate::model::{chrono_duration, later, AttemptError, Completion, Job, JobId, Outcome};
-use crate::store::{trim_errors, RateScope, Store};
+use crate::store::{trim_errors, KeyClaim, RateScope, Store};
 
 /// The name of the maintenance leadership.
 pub const MAINTENANCE_LEADER: &str = "maintenance";
@@ -485,10 +485,14 @@ impl Producer {
         // Where the next scan for keys starts (None: from the first key).
         let mut scan_after: Option<String> = None;
         let mut scan = true;
+        let mut scan_task: Option<JoinHandle<Result<Vec<String>, crate::error::StoreError>>> = None;
+        let mut scan_result = None;
         let mut unkeyed_more = true;
         let mut refresh_due = true;
         let mut next_due: Option<DateTime<Utc>> = None;
         let mut next_poll = Instant::now() + cfg.poll_interval;
+        // Keys ask again on one grid of `rate_tick`s (see `on_grid`).
+        let origin = Instant::now();
         let mut failures: u32 = 0;
         while !*stop.borrow() {
             let step: Result<(), crate::error::StoreError> = async {
@@ -500,23 +504,46 @@ impl Producer {
                     scan = true;
                     unkeyed_more = true;
                 }
-                if scan {
-                    scan = false;
-                    let found = store
-                        .ready_rate_keys(&self.queue, scan_after.as_deref(), cfg.max_rate_keys)
-                        .await?;
-                    // More keys than one scan takes: the next scan goes on after the last one,
-                    // so every key is found in turn.
-                    scan_after = (found.len() == cfg.max_rate_keys)
-                        .then(|| found.last().cloned())
-                        .flatten();
-                    let at = Instant::now();
-                    for key in found {
-                        if keys.len() >= cfg.max_rate_keys && !keys.contains_key(&key) {
-                            break;
-                        }
-                        keys.entry(key).or_insert(at);
+                // The key scan runs beside the rounds, never in their way: on a busy hot
+                // table it walks the dead index entries of every claimed job (tens of ms),
+                // and the known keys' rounds must keep their tick meanwhile.
+                if scan_task.as_ref().is_some_and(JoinHandle::is_finished) {
+                    if let Some(task) = scan_task.take() {
+                        scan_result = task.now_or_never();
                     }
+                }
+                if let Some(result) = scan_result.take() {
+                    match result {
+                        Ok(Ok(found)) => {
+                            // More keys than one scan takes: the next scan goes on after the
+                            // last one, so every key is found in turn.
+                            scan_after = (found.len() == cfg.max_rate_keys)
+                                .then(|| found.last().cloned())
+                                .flatten();
+                            let at = Instant::now();
+                            for key in found {
+                                if keys.len() >= cfg.max_rate_keys && !keys.contains_key(&key) {
+                                    break;
+                                }
+                                keys.entry(key).or_insert(at);
+                            }
+                        }
+                        // Tried again at the next poll (a wake-up may ask sooner).
+                        Ok(Err(e)) => warn!(error = %e, "producer: rate key scan failed"),
+                        Err(e) => warn!(error = %e, "producer: rate key scan task failed"),
+                    }
+                }
+                if scan && scan_task.is_none() {
+                    scan = false;
+                    let (store, queue, after, max) = (
+                        store.clone(),
+                        self.queue.clone(),
+                        scan_after.clone(),
+                        cfg.max_rate_keys,
+                    );
+                    scan_task = Some(tokio::spawn(async move {
+                        store.ready_rate_keys(&queue, after.as_deref(), max).await
+                    }));
                 }
                 let free = self.free();
                 if free == 0 || free >= threshold {
@@ -552,9 +579,14 @@ impl Producer {
                     let split = due.partition_point(|k| k <= c);
                     due.rotate_left(split);
                 }
+                // Every due key asks for its permits first; then one claim takes each key's
+                // jobs up to its grant, so a round over a hundred channels is one statement.
+                let round = at;
                 let mut left = due.len();
+                let mut reserved = 0usize;
+                let mut wants: Vec<Want> = Vec::new();
                 for key in due {
-                    let free = self.free();
+                    let free = self.free().saturating_sub(reserved);
                     if free == 0 {
                         break;
                     }
@@ -562,7 +594,7 @@ impl Producer {
                     left -= 1;
                     cursor = Some(key.clone());
                     let grant = admission.acquire(&key, share as u32).await;
-                    let next = Instant::now() + grant.next_in.max(cfg.rate_tick);
+                    let next = on_grid(origin, cfg.rate_tick, round, grant.next_in);
                     let permits = self.inner.metrics.key(&key);
                     permits.requested.fetch_add(share as u64, Ordering::Relaxed);
                     if grant.granted == 0 {
@@ -573,45 +605,76 @@ impl Producer {
                     permits
                         .granted
                         .fetch_add(u64::from(grant.granted), Ordering::Relaxed);
-                    let granted = grant.granted as usize;
-                    let now = self.inner.now();
-                    let scope = match admission.max_priority(&key).await {
-                        Some(cap) => RateScope::KeyUpTo(&key, cap),
-                        None => RateScope::Key(&key),
-                    };
-                    let claimed = store
-                        .claim_scoped(
-                            &self.queue,
-                            scope,
-                            &cfg.worker_id,
-                            granted,
-                            now,
-                            self.inner.lease_until(now),
-                        )
-                        .await;
-                    let jobs = match claimed {
-                        Ok(jobs) => jobs,
-                        Err(e) => {
-                            admission.refund(&key, grant.granted).await;
-                            permits
-                                .refunded
-                                .fetch_add(u64::from(grant.granted), Ordering::Relaxed);
-                            return Err(e);
-                        }
-                    };
-                    debug!(key = %key, granted, claimed = jobs.len(), "claimed for rate key");
-                    if jobs.len() < granted {
-                        admission.refund(&key, (granted - jobs.len()) as u32).await;
-                        permits
-                            .refunded
-                            .fetch_add((granted - jobs.len()) as u64, Ordering::Relaxed);
-                        // The key ran out of available jobs; the next scan finds it again.
-                        keys.remove(&key);
-                    } else {
-                        keys.insert(key, next);
-                    }
-                    self.spawn_all(jobs);
+                    let max_priority = admission.max_priority(&key).await;
+                    reserved += grant.granted as usize;
+                    wants.push(Want {
+                        key,
+                        granted: grant.granted,
+                        max_priority,
+                        next,
+                    });
                 }
+                if wants.is_empty() {
+                    return Ok(());
+                }
+                let now = self.inner.now();
+                let claims: Vec<KeyClaim<'_>> = wants
+                    .iter()
+                    .map(|w| KeyClaim {
+                        key: &w.key,
+                        limit: w.granted as usize,
+                        max_priority: w.max_priority,
+                    })
+                    .collect();
+                let claimed = store
+                    .claim_keys(
+                        &self.queue,
+                        &claims,
+                        &cfg.worker_id,
+                        now,
+                        self.inner.lease_until(now),
+                    )
+                    .await;
+                drop(claims);
+                let jobs = match claimed {
+                    Ok(jobs) => jobs,
+                    Err(e) => {
+                        for w in &wants {
+                            admission.refund(&w.key, w.granted).await;
+                            self.inner
+                                .metrics
+                                .key(&w.key)
+                                .refunded
+                                .fetch_add(u64::from(w.granted), Ordering::Relaxed);
+                        }
+                        return Err(e);
+                    }
+                };
+                let mut got: HashMap<&str, u32> = HashMap::new();
+                for job in &jobs {
+                    if let Some(key) = job.rate_key.as_deref() {
+                        *got.entry(key).or_default() += 1;
+                    }
+                }
+                for w in wants {
+                    let claimed = got.get(w.key.as_str()).copied().unwrap_or(0);
+                    debug!(key = %w.key, granted = w.granted, claimed, "claimed for rate key");
+                    if claimed < w.granted {
+                        let unused = w.granted - claimed;
+                        admission.refund(&w.key, unused).await;
+                        self.inner
+                            .metrics
+                            .key(&w.key)
+                            .refunded
+                            .fetch_add(u64::from(unused), Ordering::Relaxed);
+                        // The key ran out of available jobs; the next scan finds it again.
+                        keys.remove(&w.key);
+                    } else {
+                        keys.insert(w.key, w.next);
+                    }
+                }
+                drop(got);
+                self.spawn_all(jobs);
                 Ok(())
             }
             .await;
@@ -659,6 +722,15 @@ impl Producer {
                     }
                 }
                 _ = self.slots.freed.notified(), if slot_bound => {}
+                result = async {
+                    match scan_task.as_mut() {
+                        Some(task) => task.await,
+                        None => std::future::pending().await,
+                    }
+                }, if scan_task.is_some() => {
+                    scan_task = None;
+                    scan_result = Some(result);
+                }
                 _ = tokio::time::sleep_until(cooldown_at.unwrap_or(at)), if cooldown_at.is_some() => {}
                 _ = tokio::time::sleep_until(key_due.unwrap_or(at)), if free > 0 && key_due.is_some() => {}
                 _ = tokio::time::sleep(due_in.unwrap_or(Duration::ZERO)), if due_in.is_some() => {}
@@ -760,6 +832,36 @@ impl Producer {
             );
         }
     }
+}
+
+/// When a rate key may ask for permits again: at least `next_in` (when its limiter has the next
+/// permit) and a `tick` after the round that asked (`round`), put on the producer's grid of
+/// ticks from `origin`, up to half a tick early. Without the grid each key keeps the phase of
+/// its first visit, so a hundred keys wake the producer a hundred times a tick, each wake
+/// claiming for one key; on the grid one wake and one claim serve every due key. Measuring
+/// from the round rather than from now keeps a round that started late from skipping a tick.
+/// Asking a little early costs nothing: the limiter grants what is available, and the rest
+/// waits in its burst for the next tick.
+fn on_grid(origin: Instant, tick: Duration, round: Instant, next_in: Duration) -> Instant {
+    let at = round + next_in.max(tick);
+    let tick_ns = tick.as_nanos().max(1);
+    let since = at
+        .saturating_duration_since(origin)
+        .as_nanos()
+        .saturating_sub(tick_ns / 2);
+    let ticks = since.div_ceil(tick_ns);
+    let offset = u64::try_from(ticks.saturating_mul(tick_ns)).unwrap_or(u64::MAX);
+    origin + Duration::from_nanos(offset)
+}
+
+/// A rate key's permits in a round of [`Producer::run_limited`], until the round's claim.
+struct Want {
+    key: String,
+    granted: u32,
+    /// Only jobs this urgent (see [`Admission::max_priority`]).
+    max_priority: Option<i16>,
+    /// When the key may ask again if it still has jobs.
+    next: Instant,
 }
 
 /// A producer's pause after a database error: 200 ms doubling to 5 s, cut short by a stop.

@@ -13,7 +13,7 @@ use herald_engine::delivery::{
     SEND_KIND, SEND_QUEUE,
 };
 use herald_engine::model::{JobFilter, QueueStat};
-use herald_engine::store::RateScope;
+use herald_engine::store::{KeyClaim, RateScope};
 use herald_engine::{Job, JobState, NewJob, Store, StoreError};
 use serde_json::json;
 use uuid::Uuid;
@@ -41,6 +41,7 @@ conformance!(
     reserve_reach_concurrent_reservations_respect_the_tier,
     inbound_keeps_the_latest_per_channel,
     ready_rate_keys_and_claim_scoped,
+    claim_keys_takes_each_key_within_its_limit,
     migrations_apply_twice,
 );
 
@@ -2176,5 +2177,139 @@ async fn migrations_apply_twice(store: Arc<dyn Store>) {
             .expect("ready keys"),
         [channel_rate_key(ch.id)],
         "the rated claim index still serves the loose scan"
+    );
+}
+
+/// The producer's round over several rate keys in one call: each key within its own limit and
+/// priority cap, most urgent first; keys without jobs, other queues, unkeyed jobs, jobs not yet
+/// due and later jobs of an ordering key are left alone; a paused queue gives nothing.
+async fn claim_keys_takes_each_key_within_its_limit(store: Arc<dyn Store>) {
+    let q = "rated";
+    let job = |n: i64, prio: i16, key: &str| {
+        NewJob::new("test.rated", json!({ "n": n }))
+            .queue(q)
+            .priority(prio)
+            .rate_key(key)
+    };
+    let jobs = vec![
+        job(1, 5, "a"),
+        job(2, 0, "a"),
+        job(3, 3, "a"),
+        job(4, 5, "b"),
+        job(5, 1, "b"),
+        job(6, 0, "c"),
+        job(7, 9, "c"),
+        NewJob::new("test.rated", json!({ "n": 8 })).queue(q),
+        job(9, 0, "a").queue("elsewhere"),
+        job(10, 0, "b").run_at(t0() + secs(3600)),
+        // One conversation: the second waits for the first.
+        job(11, 2, "d").ordering_key("conv"),
+        job(12, 0, "d").ordering_key("conv"),
+    ];
+    let enq = store.enqueue_many(&jobs, t0()).await.expect("enqueue");
+    let id_of = |n: usize| enq[n - 1].id;
+    let now = t0() + secs(1);
+    let lease = now + secs(30);
+    let claim = |k: &'static str, limit: usize, cap: Option<i16>| KeyClaim {
+        key: k,
+        limit,
+        max_priority: cap,
+    };
+
+    assert!(
+        store
+            .claim_keys(q, &[], "w1", now, lease)
+            .await
+            .expect("no keys")
+            .is_empty(),
+        "no keys, no jobs"
+    );
+    let claimed = store
+        .claim_keys(
+            q,
+            &[
+                claim("a", 2, None),
+                claim("b", 5, None),
+                claim("c", 5, Some(0)),
+                claim("d", 5, None),
+                claim("nothing", 3, None),
+            ],
+            "w1",
+            now,
+            lease,
+        )
+        .await
+        .expect("claim keys");
+    let mut ids: Vec<_> = claimed.iter().map(|j| j.id).collect();
+    ids.sort();
+    let mut want = vec![id_of(2), id_of(3), id_of(4), id_of(5), id_of(6), id_of(11)];
+    want.sort();
+    assert_eq!(
+        ids, want,
+        "a's two most urgent, all of b that is due, c's urgent one, d's first"
+    );
+    for j in &claimed {
+        assert_eq!(j.state, JobState::Running, "claimed jobs run");
+        assert_eq!(j.attempt, 1, "attempt counted");
+        assert_eq!(j.attempted_by.as_deref(), Some("w1"), "worker recorded");
+        assert_eq!(j.lease_expires_at, Some(lease), "lease set");
+    }
+    for key in ["a", "b", "c", "d"] {
+        let prios: Vec<i16> = claimed
+            .iter()
+            .filter(|j| j.rate_key.as_deref() == Some(key))
+            .map(|j| j.priority)
+            .collect();
+        let mut sorted = prios.clone();
+        sorted.sort();
+        assert_eq!(prios, sorted, "{key}: most urgent first");
+    }
+
+    // What is left: a's job 1, c's job 7 (above the cap), the unkeyed job, d's second job
+    // (waits for its first), and the other queue's job.
+    assert_eq!(
+        store.ready_rate_keys(q, None, 100).await.expect("keys"),
+        ["a", "c", "d"],
+        "keys with jobs left"
+    );
+    let again = store
+        .claim_keys(
+            q,
+            &[claim("a", 0, None), claim("c", 1, None)],
+            "w2",
+            now,
+            lease,
+        )
+        .await
+        .expect("claim again");
+    assert_eq!(
+        again.iter().map(|j| j.id).collect::<Vec<_>>(),
+        [id_of(7)],
+        "a limit of 0 takes nothing; c's last job without a cap"
+    );
+
+    store
+        .pause_queue(q, "maintenance", now)
+        .await
+        .expect("pause");
+    assert!(
+        store
+            .claim_keys(q, &[claim("a", 5, None)], "w1", now, lease)
+            .await
+            .expect("claim paused")
+            .is_empty(),
+        "a paused queue gives nothing"
+    );
+    store.resume_queue(q).await.expect("resume");
+    assert_eq!(
+        store
+            .claim_keys(q, &[claim("a", 5, None)], "w1", now, lease)
+            .await
+            .expect("claim resumed")
+            .iter()
+            .map(|j| j.id)
+            .collect::<Vec<_>>(),
+        [id_of(1)],
+        "resumed"
     );
 }

@@ -70,6 +70,15 @@ pub enum RateScope<'a> {
     KeyUpTo(&'a str, i16),
 }
 
+/// One rate key's part of [`Store::claim_keys`]: at most `limit` of its jobs, only those with a
+/// priority number at most `max_priority` when it is set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyClaim<'a> {
+    pub key: &'a str,
+    pub limit: usize,
+    pub max_priority: Option<i16>,
+}
+
 /// A queue an operator paused.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct PausedQueue {
@@ -177,6 +186,44 @@ pub trait Store: Send + Sync + 'static {
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
     ) -> Result<Vec<Job>>;
+
+    /// [`Store::claim_scoped`] for several rate keys at once, each within its own limit: the
+    /// rate-limited producer's round over every due key. A backend that can claim them all in one
+    /// statement (PostgreSQL) does: with a hundred channels at 80 messages a second, one claim a
+    /// key would be thousands of statements a second, each for a message or two.
+    ///
+    /// Each key's jobs come most urgent first. When a key's claim fails
+    /// after others succeeded, the jobs claimed so far are returned (the keys left out just
+    /// look short of jobs to the caller); only a failure before any claim is an error, so no
+    /// claimed job is ever left without its worker.
+    async fn claim_keys(
+        &self,
+        queue: &str,
+        keys: &[KeyClaim<'_>],
+        worker: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> Result<Vec<Job>> {
+        let mut jobs = Vec::new();
+        for k in keys {
+            let scope = match k.max_priority {
+                Some(cap) => RateScope::KeyUpTo(k.key, cap),
+                None => RateScope::Key(k.key),
+            };
+            match self
+                .claim_scoped(queue, scope, worker, k.limit, now, lease_until)
+                .await
+            {
+                Ok(claimed) => jobs.extend(claimed),
+                Err(e) if jobs.is_empty() => return Err(e),
+                Err(e) => {
+                    tracing::warn!(error = %e, key = k.key, "claim for a rate key failed; keeping the jobs claimed before it");
+                    break;
+                }
+            }
+        }
+        Ok(jobs)
+    }
 
     /// Distinct rate keys of `queue`'s available jobs, in key order, at most `limit`, starting
     /// after `after`. A loose index scan: one index probe per key, however many jobs wait.

@@ -23,8 +23,8 @@ mod tenancy;
 
 use super::{
     check_pause, finish_enqueue, match_holders, match_inserted, operator_final, parse_state,
-    split_completions, Backend, ClaimInfo, Finalize, Inserted, PausedQueue, RateScope, Store,
-    CANCELLABLE, CLAIM_COLUMNS,
+    split_completions, Backend, ClaimInfo, Finalize, Inserted, KeyClaim, PausedQueue, RateScope,
+    Store, CANCELLABLE, CLAIM_COLUMNS,
 };
 use crate::error::{Result, StoreError};
 use crate::migrate;
@@ -69,6 +69,7 @@ pub struct PgStore {
     claim_unkeyed_sql: String,
     claim_keyed_sql: String,
     claim_keyed_capped_sql: String,
+    claim_keys_sql: String,
     keyring: Option<std::sync::Arc<crate::crypto::Keyring>>,
 }
 
@@ -94,6 +95,38 @@ fn claim_sql(scope: &str) -> String {
          )
          UPDATE herald_jobs SET state = 'running', attempt = attempt + 1, attempted_at = $3,
                 attempted_by = $4, lease_expires_at = $5
+           FROM picked WHERE herald_jobs.id = picked.id
+         RETURNING {returning}"
+    )
+}
+
+/// `claim_keys`: the keyed claim of `claim_sql` once per `(rate_key, n, cap)` row of `$5`-`$7`,
+/// in one statement. Each key's pick is its own LATERAL subquery, so it walks the same index
+/// as a claim of that key alone and stops at its own limit.
+fn claim_keys_sql() -> String {
+    let returning = CLAIM_COLUMNS
+        .split(", ")
+        .map(|c| format!("herald_jobs.{}", c.trim()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "WITH w AS (SELECT * FROM unnest($5::text[], $6::int8[], $7::int2[]) AS w(rate_key, n, cap)),
+              picked AS (
+            SELECT p.id FROM w CROSS JOIN LATERAL (
+                SELECT j.id FROM herald_jobs j
+                 WHERE j.state = 'available' AND j.queue = $1
+                   AND j.rate_key = w.rate_key AND j.priority <= w.cap
+                   AND (j.ordering_key IS NULL OR NOT EXISTS (
+                        SELECT 1 FROM herald_jobs o
+                         WHERE o.workspace_id = j.workspace_id
+                           AND o.ordering_key = j.ordering_key AND o.id < j.id))
+                 ORDER BY j.priority, j.run_at, j.id
+                 LIMIT w.n
+                 FOR UPDATE SKIP LOCKED) p
+             WHERE NOT EXISTS (SELECT 1 FROM herald_paused_queues q WHERE q.queue = $1)
+         )
+         UPDATE herald_jobs SET state = 'running', attempt = attempt + 1, attempted_at = $2,
+                attempted_by = $3, lease_expires_at = $4
            FROM picked WHERE herald_jobs.id = picked.id
          RETURNING {returning}"
     )
@@ -163,6 +196,7 @@ impl PgStore {
             claim_unkeyed_sql: claim_sql("AND j.rate_key IS NULL"),
             claim_keyed_sql: claim_sql("AND j.rate_key = $6"),
             claim_keyed_capped_sql: claim_sql("AND j.rate_key = $6 AND j.priority <= $7"),
+            claim_keys_sql: claim_keys_sql(),
             keyring: config.keyring.clone(),
         })
     }
@@ -704,6 +738,47 @@ impl Store for PgStore {
         };
         self.claim_with(sql, key, cap, queue, worker, limit, now, lease_until)
             .await
+    }
+
+    async fn claim_keys(
+        &self,
+        queue: &str,
+        keys: &[KeyClaim<'_>],
+        worker: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> Result<Vec<Job>> {
+        let keys: Vec<&KeyClaim<'_>> = keys.iter().filter(|k| k.limit > 0).collect();
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.hot.lease().await?;
+        let rows = sqlx::query(&self.claim_keys_sql)
+            .bind(queue)
+            .bind(now)
+            .bind(worker)
+            .bind(lease_until)
+            .bind(keys.iter().map(|k| k.key).collect::<Vec<_>>())
+            .bind(keys.iter().map(|k| k.limit as i64).collect::<Vec<_>>())
+            .bind(
+                keys.iter()
+                    .map(|k| k.max_priority.unwrap_or(i16::MAX))
+                    .collect::<Vec<_>>(),
+            )
+            .fetch_all(&mut *conn)
+            .await?;
+        conn.release();
+        let info = ClaimInfo {
+            worker,
+            now,
+            lease_until,
+        };
+        let mut jobs = rows
+            .iter()
+            .map(|r| job_from_row(r, Some(&info)))
+            .collect::<Result<Vec<_>>>()?;
+        jobs.sort_by_key(|j| (j.priority, j.run_at, j.id));
+        Ok(jobs)
     }
 
     async fn ready_rate_keys(
