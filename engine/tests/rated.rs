@@ -1,7 +1,8 @@
 //! The rate-limited producer (`Engine::start_limited`) end to end, on PostgreSQL and SQLite:
 //! a rate key's jobs start no faster than its limiter allows, higher priority jobs of a key go
 //! first, a key without permits holds back nothing else, keys share the slots, and permits
-//! granted for jobs that were not there are handed back.
+//! granted for jobs that were not there are handed back. Many keys in one round (one claim for
+//! all of them) each keep their own rate, and a key enqueued later is found while they run.
 
 mod common;
 
@@ -29,6 +30,8 @@ conformance!(
     a_key_without_permits_holds_back_nothing_else,
     keys_share_the_slots,
     unused_permits_are_handed_back,
+    many_keys_each_keep_their_own_rate,
+    a_key_that_appears_later_is_served_while_others_run,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -310,5 +313,85 @@ async fn unused_permits_are_handed_back(store: Arc<dyn Store>) {
     assert!(
         total >= 17,
         "20 slots asked for 20 permits for 3 jobs: at least 17 go back, got {refunds:?}"
+    );
+}
+
+/// Checks that no window of `times` holds more starts than `rate` allows (see
+/// `a_key_never_starts_faster_than_its_rate` for the slack).
+fn assert_paced(key: &str, times: &[Instant], rate: Rate) {
+    for (i, first) in times.iter().enumerate() {
+        for (j, last) in times.iter().enumerate().skip(i) {
+            let window = last.duration_since(*first).as_secs_f64();
+            let allowed = rate.per_second * (window + 0.05) + f64::from(rate.burst) + 1.0;
+            let started = (j - i + 1) as f64;
+            assert!(
+                started <= allowed,
+                "{key}: {started} jobs started within {window:.3}s, the rate allows {allowed:.1}"
+            );
+        }
+    }
+}
+
+/// 25 keys at 20/s each, claimed together round after round: every job runs once and no key
+/// starts faster than its own rate.
+async fn many_keys_each_keep_their_own_rate(store: Arc<dyn Store>) {
+    let rate = Rate {
+        per_second: 20.0,
+        burst: 2,
+    };
+    let names: Vec<String> = (0..25).map(|k| format!("k{k:02}")).collect();
+    let rates: Vec<(&str, Rate)> = names.iter().map(|k| (k.as_str(), rate)).collect();
+    let admission = Rates::new(&rates);
+    let jobs: Vec<NewJob> = (0..12 * 25)
+        .map(|n| job(Some(&names[n as usize % 25]), n, 0, 0))
+        .collect();
+    client(&store).enqueue_many(&jobs).await.expect("enqueue");
+    let (engine, starts) = start(&store, 100, admission);
+    wait_for_count(store.as_ref(), JobState::Completed, 300).await;
+    engine.shutdown().await;
+    let list = starts.list();
+    assert_eq!(list.len(), 300, "every job ran once");
+    let mut seen: Vec<i64> = list.iter().map(|s| s.1).collect();
+    seen.sort();
+    seen.dedup();
+    assert_eq!(seen.len(), 300, "no job ran twice");
+    for name in &names {
+        let times: Vec<Instant> = list.iter().filter(|s| &s.0 == name).map(|s| s.2).collect();
+        assert_eq!(times.len(), 12, "{name}: all of its jobs ran");
+        assert_paced(name, &times, rate);
+    }
+}
+
+/// Eight keys are busy for seconds at 10/s; a key enqueued after they started is found by a
+/// scan while their rounds go on, and its jobs run long before theirs are done.
+async fn a_key_that_appears_later_is_served_while_others_run(store: Arc<dyn Store>) {
+    let rate = Rate {
+        per_second: 10.0,
+        burst: 1,
+    };
+    let names: Vec<String> = (0..8).map(|k| format!("busy{k}")).collect();
+    let mut rates: Vec<(&str, Rate)> = names.iter().map(|k| (k.as_str(), rate)).collect();
+    rates.push(("late", rate));
+    let admission = Rates::new(&rates);
+    let jobs: Vec<NewJob> = (0..8 * 20)
+        .map(|n| job(Some(&names[n as usize % 8]), n, 5, 0))
+        .collect();
+    let c = client(&store);
+    c.enqueue_many(&jobs).await.expect("enqueue");
+    let (engine, starts) = start(&store, 50, admission);
+    eventually("the busy keys started", || starts.list().len() >= 16).await;
+    let late: Vec<NewJob> = (1000..1003).map(|n| job(Some("late"), n, 5, 0)).collect();
+    c.enqueue_many(&late).await.expect("enqueue late");
+    wait_for_count(store.as_ref(), JobState::Completed, 163).await;
+    engine.shutdown().await;
+    let order: Vec<(String, i64)> = starts.list().into_iter().map(|s| (s.0, s.1)).collect();
+    let last_late = order
+        .iter()
+        .rposition(|s| s.0 == "late")
+        .expect("the late key ran");
+    assert!(
+        last_late < 120,
+        "the late key's last job started at position {last_late} of {}: it waited for the busy keys",
+        order.len()
     );
 }
