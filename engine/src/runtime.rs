@@ -843,15 +843,18 @@ impl Producer {
 /// Asking a little early costs nothing: the limiter grants what is available, and the rest
 /// waits in its burst for the next tick.
 fn on_grid(origin: Instant, tick: Duration, round: Instant, next_in: Duration) -> Instant {
-    let at = round + next_in.max(tick);
+    // Capped: a limiter that names a wait of years still gets asked again within the hour.
+    let at = round + next_in.max(tick).min(Duration::from_secs(3600));
     let tick_ns = tick.as_nanos().max(1);
     let since = at
         .saturating_duration_since(origin)
         .as_nanos()
         .saturating_sub(tick_ns / 2);
     let ticks = since.div_ceil(tick_ns);
-    let offset = u64::try_from(ticks.saturating_mul(tick_ns)).unwrap_or(u64::MAX);
-    origin + Duration::from_nanos(offset)
+    u64::try_from(ticks.saturating_mul(tick_ns))
+        .ok()
+        .and_then(|offset| origin.checked_add(Duration::from_nanos(offset)))
+        .map_or(at, |aligned| aligned.max(origin))
 }
 
 /// A rate key's permits in a round of [`Producer::run_limited`], until the round's claim.
@@ -1280,5 +1283,63 @@ async fn run_pruner(inner: Arc<Inner>, mut stop: watch::Receiver<bool>) {
         if total > 0 {
             info!(deleted = total, "pruned archived jobs");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TICK: Duration = Duration::from_millis(20);
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    #[test]
+    fn keys_come_due_on_the_grid() {
+        let origin = Instant::now();
+        // A round on a grid point: the next one.
+        assert_eq!(
+            on_grid(origin, TICK, origin + ms(40), ms(0)),
+            origin + ms(60)
+        );
+        // A round that started late (up to half a tick) does not skip a tick.
+        assert_eq!(
+            on_grid(origin, TICK, origin + ms(49), ms(0)),
+            origin + ms(60)
+        );
+        // Later than that, the grid point after.
+        assert_eq!(
+            on_grid(origin, TICK, origin + ms(51), ms(0)),
+            origin + ms(80)
+        );
+        // A permit due later than a tick: the grid point nearest it, at most half a tick early.
+        assert_eq!(
+            on_grid(origin, TICK, origin + ms(40), ms(35)),
+            origin + ms(80)
+        );
+        assert_eq!(
+            on_grid(origin, TICK, origin + ms(40), ms(25)),
+            origin + ms(60)
+        );
+        // Two keys asked at different moments of one round come due together.
+        assert_eq!(
+            on_grid(origin, TICK, origin + ms(41), ms(12)),
+            on_grid(origin, TICK, origin + ms(45), ms(3))
+        );
+    }
+
+    #[test]
+    fn a_wait_of_years_is_asked_again_within_the_hour() {
+        let origin = Instant::now();
+        let next = on_grid(origin, TICK, origin, Duration::MAX);
+        assert!(next <= origin + Duration::from_secs(3600) + TICK, "capped");
+        assert!(next >= origin + Duration::from_secs(3599), "not early");
+        // A zero tick does not divide by zero.
+        assert_eq!(
+            on_grid(origin, Duration::ZERO, origin, ms(5)),
+            origin + ms(5)
+        );
     }
 }
