@@ -132,6 +132,26 @@ fn claim_keys_sql() -> String {
     )
 }
 
+/// The jobs of a claim statement's rows, most urgent first.
+fn claimed_jobs(
+    rows: &[PgRow],
+    worker: &str,
+    now: DateTime<Utc>,
+    lease_until: DateTime<Utc>,
+) -> Result<Vec<Job>> {
+    let info = ClaimInfo {
+        worker,
+        now,
+        lease_until,
+    };
+    let mut jobs = rows
+        .iter()
+        .map(|r| job_from_row(r, Some(&info)))
+        .collect::<Result<Vec<_>>>()?;
+    jobs.sort_by_key(|j| (j.priority, j.run_at, j.id));
+    Ok(jobs)
+}
+
 /// A loose index scan over `herald_jobs_claim_rated`: each step jumps to the next distinct key.
 const READY_KEYS_SQL_PG: &str = "WITH RECURSIVE k(rate_key) AS (
         SELECT (SELECT min(rate_key) FROM herald_jobs
@@ -231,17 +251,7 @@ impl PgStore {
         let mut conn = self.hot.lease().await?;
         let rows = query.fetch_all(&mut *conn).await?;
         conn.release();
-        let info = ClaimInfo {
-            worker,
-            now,
-            lease_until,
-        };
-        let mut jobs = rows
-            .iter()
-            .map(|r| job_from_row(r, Some(&info)))
-            .collect::<Result<Vec<_>>>()?;
-        jobs.sort_by_key(|j| (j.priority, j.run_at, j.id));
-        Ok(jobs)
+        claimed_jobs(&rows, worker, now, lease_until)
     }
 
     /// The connection pool, for callers that enqueue inside their own transactions.
@@ -768,17 +778,7 @@ impl Store for PgStore {
             .fetch_all(&mut *conn)
             .await?;
         conn.release();
-        let info = ClaimInfo {
-            worker,
-            now,
-            lease_until,
-        };
-        let mut jobs = rows
-            .iter()
-            .map(|r| job_from_row(r, Some(&info)))
-            .collect::<Result<Vec<_>>>()?;
-        jobs.sort_by_key(|j| (j.priority, j.run_at, j.id));
-        Ok(jobs)
+        claimed_jobs(&rows, worker, now, lease_until)
     }
 
     async fn ready_rate_keys(

@@ -5,6 +5,8 @@
 //! at once, and locking in join order deadlocked them (stalling sends for PostgreSQL's
 //! one-second deadlock timeout).
 
+use std::sync::LazyLock;
+
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use sqlx::postgres::PgRow;
@@ -31,32 +33,43 @@ const SEND_COLUMNS: &str = "id, workspace_id, channel_id, recipient, message, la
      requests, provider_message_id, error_code, error, created_at, requested_at, accepted_at, \
      updated_at";
 
+/// [`SEND_COLUMNS`] of the table aliased `s`, for RETURNING clauses of UPDATE ... FROM.
+static SEND_COLUMNS_OF_S: LazyLock<String> = LazyLock::new(|| {
+    SEND_COLUMNS
+        .split(", ")
+        .map(|c| format!("s.{}", c.trim()))
+        .collect::<Vec<_>>()
+        .join(", ")
+});
+
 /// `record_sends`: `begin_sends` ($1-$3) and `accept_sends` ($4-$6) in one statement. The
 /// main query reads only the begun rows; PostgreSQL runs a data-modifying CTE to completion
 /// whether or not it is read.
-const RECORD_SENDS: &str =
-    "WITH t AS (SELECT * FROM unnest($4::uuid[], $5::text[]) AS t(id, pmid)),
-      locked AS (SELECT id FROM herald_sends
-                  WHERE id = ANY($1::uuid[]) OR id IN (SELECT id FROM t)
-                  ORDER BY id FOR UPDATE),
-      accepted AS (
-        UPDATE herald_sends s
-           SET status = CASE WHEN s.status_rank < $6 THEN 'accepted' ELSE s.status END,
-               status_rank = greatest(s.status_rank, $6),
-               provider_message_id = t.pmid, accepted_at = coalesce(s.accepted_at, $2),
-               error = CASE WHEN s.status_rank < $6 THEN NULL ELSE s.error END,
-               error_code = CASE WHEN s.status_rank < $6 THEN NULL ELSE s.error_code END,
-               updated_at = $2
-          FROM t JOIN locked USING (id)
-         WHERE s.id = t.id
-        RETURNING s.id)
- UPDATE herald_sends s SET status = 'sending', status_rank = $3,
-        requests = s.requests + 1, requested_at = $2, updated_at = $2
-   FROM locked
-  WHERE s.id = locked.id AND s.id = ANY($1::uuid[]) AND s.status_rank = 0
-  RETURNING s.id, s.workspace_id, s.channel_id, s.recipient, s.message, s.lane, s.status,
-            s.requests, s.provider_message_id, s.error_code, s.error, s.created_at,
-            s.requested_at, s.accepted_at, s.updated_at";
+static RECORD_SENDS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH t AS (SELECT * FROM unnest($4::uuid[], $5::text[]) AS t(id, pmid)),
+              locked AS (SELECT id FROM herald_sends
+                          WHERE id = ANY($1::uuid[]) OR id IN (SELECT id FROM t)
+                          ORDER BY id FOR UPDATE),
+              accepted AS (
+                UPDATE herald_sends s
+                   SET status = CASE WHEN s.status_rank < $6 THEN 'accepted' ELSE s.status END,
+                       status_rank = greatest(s.status_rank, $6),
+                       provider_message_id = t.pmid, accepted_at = coalesce(s.accepted_at, $2),
+                       error = CASE WHEN s.status_rank < $6 THEN NULL ELSE s.error END,
+                       error_code = CASE WHEN s.status_rank < $6 THEN NULL ELSE s.error_code END,
+                       updated_at = $2
+                  FROM t JOIN locked USING (id)
+                 WHERE s.id = t.id
+                RETURNING s.id)
+         UPDATE herald_sends s SET status = 'sending', status_rank = $3,
+                requests = s.requests + 1, requested_at = $2, updated_at = $2
+           FROM locked
+          WHERE s.id = locked.id AND s.id = ANY($1::uuid[]) AND s.status_rank = 0
+          RETURNING {}",
+        *SEND_COLUMNS_OF_S
+    )
+});
 
 fn channel_from_row(keyring: Option<&Keyring>, row: &PgRow) -> Result<Channel> {
     let platform: String = row.try_get("platform")?;
@@ -455,11 +468,7 @@ impl DeliveryStore for PgStore {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let returning = SEND_COLUMNS
-            .split(", ")
-            .map(|c| format!("s.{}", c.trim()))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let returning = &*SEND_COLUMNS_OF_S;
         let mut conn = self.hot.lease().await?;
         let rows = sqlx::query(&format!(
             "WITH locked AS (
@@ -525,7 +534,7 @@ impl DeliveryStore for PgStore {
         // first, together and in id order like every other writer of herald_sends, so this
         // cannot deadlock with them; each UPDATE then takes only its own rows.
         let mut conn = self.hot.lease().await?;
-        let rows = sqlx::query(RECORD_SENDS)
+        let rows = sqlx::query(&RECORD_SENDS)
             .bind(begin)
             .bind(now)
             .bind(SendStatus::Sending.rank())
