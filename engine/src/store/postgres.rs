@@ -73,13 +73,18 @@ pub struct PgStore {
     keyring: Option<std::sync::Arc<crate::crypto::Keyring>>,
 }
 
-/// The claim statement; `scope` narrows it to jobs without a rate key or of one key (`$6`).
-fn claim_sql(scope: &str) -> String {
-    let returning = CLAIM_COLUMNS
+/// What a claim statement returns: [`CLAIM_COLUMNS`] of the updated `herald_jobs` rows.
+fn claim_returning() -> String {
+    CLAIM_COLUMNS
         .split(", ")
         .map(|c| format!("herald_jobs.{}", c.trim()))
         .collect::<Vec<_>>()
-        .join(", ");
+        .join(", ")
+}
+
+/// The claim statement; `scope` narrows it to jobs without a rate key or of one key (`$6`).
+fn claim_sql(scope: &str) -> String {
+    let returning = claim_returning();
     format!(
         "WITH picked AS (
             SELECT id FROM herald_jobs j
@@ -104,11 +109,7 @@ fn claim_sql(scope: &str) -> String {
 /// in one statement. Each key's pick is its own LATERAL subquery, so it walks the same index
 /// as a claim of that key alone and stops at its own limit.
 fn claim_keys_sql() -> String {
-    let returning = CLAIM_COLUMNS
-        .split(", ")
-        .map(|c| format!("herald_jobs.{}", c.trim()))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let returning = claim_returning();
     format!(
         "WITH w AS (SELECT * FROM unnest($5::text[], $6::int8[], $7::int2[]) AS w(rate_key, n, cap)),
               picked AS (
