@@ -123,13 +123,18 @@ impl ChannelLimits {
         }
     }
 
-    /// The rate Herald's limiter enforces for the channel.
+    /// The rate Herald's limiter enforces for the channel. The burst is `burst_ms` of the rate,
+    /// and never less than two permits: the rate-limited producer asks every channel on one
+    /// grid of `rate_tick`s, so it may ask for a permit up to a tick after it came due, and with
+    /// a burst of one that lateness is lost for good (a 20/s channel reached 0.84 of its rate
+    /// on a 20 ms grid). Two permits at once stay within Meta's per-second limit: with the 1%
+    /// headroom, no second holds more than the rate allows.
     pub fn rate(&self) -> crate::limit::Rate {
         let per_second = self.mps * (1.0 - self.headroom);
         let burst = (per_second * f64::from(self.burst_ms) / 1000.0).floor();
         crate::limit::Rate {
             per_second,
-            burst: (burst as u32).max(1),
+            burst: (burst as u32).max(2),
         }
     }
 
@@ -811,4 +816,31 @@ pub(crate) fn latest_statuses(events: &[StatusEvent]) -> (Vec<&StatusEvent>, Vec
         by_send.into_values().collect(),
         by_provider.into_values().collect(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(mps: f64, burst_ms: u32) -> ChannelLimits {
+        ChannelLimits {
+            mps,
+            burst_ms,
+            ..ChannelLimits::default()
+        }
+    }
+
+    #[test]
+    fn the_rate_keeps_headroom_and_a_burst_of_at_least_two() {
+        let r = limits(80.0, 50).rate();
+        assert!((r.per_second - 79.2).abs() < 1e-9, "1% headroom");
+        assert_eq!(r.burst, 3, "50 ms of 79.2/s");
+        assert_eq!(limits(1000.0, 50).rate().burst, 49, "50 ms of 990/s");
+        // Shared numbers (20/s) and slow channels: a tick's lateness must not be lost.
+        assert_eq!(limits(20.0, 50).rate().burst, 2, "at least two");
+        assert_eq!(limits(1.0, 1).rate().burst, 2, "at least two");
+        // Within Meta's per-second limit even so: the burst and one second of the rate.
+        let r = limits(20.0, 50).rate();
+        assert!(f64::from(r.burst - 1) + r.per_second < 21.0);
+    }
 }
