@@ -192,10 +192,10 @@ pub trait Store: Send + Sync + 'static {
     /// statement (PostgreSQL) does: with a hundred channels at 80 messages a second, one claim a
     /// key would be thousands of statements a second, each for a message or two.
     ///
-    /// Each key's jobs come most urgent first. When a key's claim fails
-    /// after others succeeded, the jobs claimed so far are returned (the keys left out just
-    /// look short of jobs to the caller); only a failure before any claim is an error, so no
-    /// claimed job is ever left without its worker.
+    /// Each key's jobs come most urgent first. A key named twice may have its jobs claimed
+    /// once. When a key's claim fails after others succeeded, the jobs claimed so far are
+    /// returned (the keys left out just look short of jobs to the caller); only a failure
+    /// before any claim is an error, so no claimed job is ever left without its worker.
     async fn claim_keys(
         &self,
         queue: &str,
