@@ -44,12 +44,14 @@ static SEND_COLUMNS_OF_S: LazyLock<String> = LazyLock::new(|| {
 
 /// `record_sends`: `begin_sends` ($1-$3) and `accept_sends` ($4-$6) in one statement. The
 /// main query reads only the begun rows; PostgreSQL runs a data-modifying CTE to completion
-/// whether or not it is read.
+/// whether or not it is read. The rows are found by one `= ANY` of both id lists: an `OR` with
+/// `IN (subquery)` cannot use the primary key and read the whole table (25-32 ms at 200,000
+/// sends, against 0.4 ms).
 static RECORD_SENDS: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH t AS (SELECT * FROM unnest($4::uuid[], $5::text[]) AS t(id, pmid)),
               locked AS (SELECT id FROM herald_sends
-                          WHERE id = ANY($1::uuid[]) OR id IN (SELECT id FROM t)
+                          WHERE id = ANY($1::uuid[] || $4::uuid[])
                           ORDER BY id FOR UPDATE),
               accepted AS (
                 UPDATE herald_sends s
