@@ -507,9 +507,12 @@ impl Producer {
                 // The key scan runs beside the rounds, never in their way: on a busy hot
                 // table it walks the dead index entries of every claimed job (tens of ms),
                 // and the known keys' rounds must keep their tick meanwhile.
+                // Taken out only with its result in hand: a finished task's handle can still
+                // answer Pending when this task's cooperative budget is spent.
                 if scan_task.as_ref().is_some_and(JoinHandle::is_finished) {
-                    if let Some(task) = scan_task.take() {
-                        scan_result = task.now_or_never();
+                    if let Some(result) = scan_task.as_mut().and_then(|t| t.now_or_never()) {
+                        scan_task = None;
+                        scan_result = Some(result);
                     }
                 }
                 if let Some(result) = scan_result.take() {
