@@ -127,8 +127,10 @@ impl ChannelLimits {
     /// and never less than two permits: the rate-limited producer asks every channel on one
     /// grid of `rate_tick`s, so it may ask for a permit up to a tick after it came due, and with
     /// a burst of one that lateness is lost for good (a 20/s channel reached 0.84 of its rate
-    /// on a 20 ms grid). Two permits at once stay within Meta's per-second limit: with the 1%
-    /// headroom, no second holds more than the rate allows.
+    /// on a 20 ms grid). As with every burst, the worst second then holds one message more than
+    /// the rate (21 at 20/s; 82 at 80/s with the default burst of three): Meta tolerates short
+    /// bursts, and the sandbox, whose 200 ms token bucket stands in for that tolerance, refused
+    /// none in any bench run.
     pub fn rate(&self) -> crate::limit::Rate {
         let per_second = self.mps * (1.0 - self.headroom);
         let burst = (per_second * f64::from(self.burst_ms) / 1000.0).floor();
@@ -687,16 +689,18 @@ pub trait DeliveryStore: Send + Sync + 'static {
     /// can do both in one round trip (PostgreSQL) does, because at 1,000 sends a second these
     /// two writes are a third of all statements. Returns what `begin_sends` returns. The two
     /// lists name different sends (a send is begun before it is accepted, by the one job that
-    /// holds it).
+    /// holds it). On an error, neither or only the accepts may have been written: the callers
+    /// then retry, and a send found accepted is not sent again.
     async fn record_sends(
         &self,
         begin: &[Uuid],
         accepted: &[(Uuid, String)],
         now: DateTime<Utc>,
     ) -> Result<Vec<SendRecord>> {
-        let begun = self.begin_sends(begin, now).await?;
+        // The accepts first: Meta has those messages, and a failed begin must not keep their
+        // ids from being recorded.
         self.accept_sends(accepted, now).await?;
-        Ok(begun)
+        self.begin_sends(begin, now).await
     }
 
     /// Applies Meta's statuses, each only if it moves its send forward. A status names its send
@@ -839,8 +843,5 @@ mod tests {
         // Shared numbers (20/s) and slow channels: a tick's lateness must not be lost.
         assert_eq!(limits(20.0, 50).rate().burst, 2, "at least two");
         assert_eq!(limits(1.0, 1).rate().burst, 2, "at least two");
-        // Within Meta's per-second limit even so: the burst and one second of the rate.
-        let r = limits(20.0, 50).rate();
-        assert!(f64::from(r.burst - 1) + r.per_second < 21.0);
     }
 }

@@ -194,8 +194,9 @@ pub trait Store: Send + Sync + 'static {
     ///
     /// Each key's jobs come most urgent first. A key named twice may have its jobs claimed
     /// once. When a key's claim fails after others succeeded, the jobs claimed so far are
-    /// returned (the keys left out just look short of jobs to the caller); only a failure
-    /// before any claim is an error, so no claimed job is ever left without its worker.
+    /// returned (the keys left out just look short of jobs to the caller, and wait for its next
+    /// scan: up to a poll interval); only a failure before any claim is an error, so no claimed
+    /// job is ever left without its worker.
     async fn claim_keys(
         &self,
         queue: &str,
