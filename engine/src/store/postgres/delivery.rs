@@ -42,6 +42,57 @@ static SEND_COLUMNS_OF_S: LazyLock<String> = LazyLock::new(|| {
         .join(", ")
 });
 
+/// The begin UPDATE (queued -> sending, one more request), over a `locked` CTE of the rows; the
+/// arguments name the statement's parameters for the ids, the time and the rank.
+fn begin_update(ids: &str, now: &str, rank: &str) -> String {
+    format!(
+        "UPDATE herald_sends s SET status = 'sending', status_rank = {rank},
+                requests = s.requests + 1, requested_at = {now}, updated_at = {now}
+           FROM locked
+          WHERE s.id = locked.id AND s.id = ANY({ids}::uuid[]) AND s.status_rank = 0
+          RETURNING {}",
+        *SEND_COLUMNS_OF_S
+    )
+}
+
+/// The accept UPDATE (Meta's id recorded, never moving a send back), over a `t(id, pmid)` CTE
+/// of the accepts and a `locked` CTE of the rows; the arguments name the time and the rank.
+fn accept_update(now: &str, rank: &str) -> String {
+    format!(
+        "UPDATE herald_sends s
+            SET status = CASE WHEN s.status_rank < {rank} THEN 'accepted' ELSE s.status END,
+                status_rank = greatest(s.status_rank, {rank}),
+                provider_message_id = t.pmid, accepted_at = coalesce(s.accepted_at, {now}),
+                error = CASE WHEN s.status_rank < {rank} THEN NULL ELSE s.error END,
+                error_code = CASE WHEN s.status_rank < {rank} THEN NULL ELSE s.error_code END,
+                updated_at = {now}
+           FROM t JOIN locked USING (id)
+          WHERE s.id = t.id"
+    )
+}
+
+/// `begin_sends`: ids $1, time $2, rank $3.
+static BEGIN_SENDS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH locked AS (
+            SELECT id FROM herald_sends WHERE id = ANY($1::uuid[]) AND status_rank = 0
+             ORDER BY id FOR UPDATE)
+         {}",
+        begin_update("$1", "$2", "$3")
+    )
+});
+
+/// `accept_sends`: ids $1, Meta's ids $2, time $3, rank $4.
+static ACCEPT_SENDS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH t AS (SELECT * FROM unnest($1::uuid[], $2::text[]) AS t(id, pmid)),
+              locked AS (SELECT id FROM herald_sends WHERE id IN (SELECT id FROM t)
+                          ORDER BY id FOR UPDATE)
+         {}",
+        accept_update("$3", "$4")
+    )
+});
+
 /// `record_sends`: `begin_sends` ($1-$3) and `accept_sends` ($4-$6) in one statement. The
 /// main query reads only the begun rows; PostgreSQL runs a data-modifying CTE to completion
 /// whether or not it is read. The rows are found by one `= ANY` of both id lists: an `OR` with
@@ -53,23 +104,10 @@ static RECORD_SENDS: LazyLock<String> = LazyLock::new(|| {
               locked AS (SELECT id FROM herald_sends
                           WHERE id = ANY($1::uuid[] || $4::uuid[])
                           ORDER BY id FOR UPDATE),
-              accepted AS (
-                UPDATE herald_sends s
-                   SET status = CASE WHEN s.status_rank < $6 THEN 'accepted' ELSE s.status END,
-                       status_rank = greatest(s.status_rank, $6),
-                       provider_message_id = t.pmid, accepted_at = coalesce(s.accepted_at, $2),
-                       error = CASE WHEN s.status_rank < $6 THEN NULL ELSE s.error END,
-                       error_code = CASE WHEN s.status_rank < $6 THEN NULL ELSE s.error_code END,
-                       updated_at = $2
-                  FROM t JOIN locked USING (id)
-                 WHERE s.id = t.id
-                RETURNING s.id)
-         UPDATE herald_sends s SET status = 'sending', status_rank = $3,
-                requests = s.requests + 1, requested_at = $2, updated_at = $2
-           FROM locked
-          WHERE s.id = locked.id AND s.id = ANY($1::uuid[]) AND s.status_rank = 0
-          RETURNING {}",
-        *SEND_COLUMNS_OF_S
+              accepted AS ({} RETURNING s.id)
+         {}",
+        accept_update("$2", "$6"),
+        begin_update("$1", "$2", "$3")
     )
 });
 
@@ -470,23 +508,13 @@ impl DeliveryStore for PgStore {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let returning = &*SEND_COLUMNS_OF_S;
         let mut conn = self.hot.lease().await?;
-        let rows = sqlx::query(&format!(
-            "WITH locked AS (
-                SELECT id FROM herald_sends WHERE id = ANY($1::uuid[]) AND status_rank = 0
-                 ORDER BY id FOR UPDATE)
-             UPDATE herald_sends s SET status = 'sending', status_rank = $3,
-                    requests = s.requests + 1, requested_at = $2, updated_at = $2
-               FROM locked
-              WHERE s.id = locked.id AND s.status_rank = 0
-              RETURNING {returning}"
-        ))
-        .bind(ids)
-        .bind(now)
-        .bind(SendStatus::Sending.rank())
-        .fetch_all(&mut *conn)
-        .await?;
+        let rows = sqlx::query(&BEGIN_SENDS)
+            .bind(ids)
+            .bind(now)
+            .bind(SendStatus::Sending.rank())
+            .fetch_all(&mut *conn)
+            .await?;
         conn.release();
         rows.iter().map(send_from_row).collect()
     }
@@ -496,26 +524,13 @@ impl DeliveryStore for PgStore {
             return Ok(0);
         }
         let mut conn = self.hot.lease().await?;
-        let done = sqlx::query(
-            "WITH t AS (SELECT * FROM unnest($1::uuid[], $2::text[]) AS t(id, pmid)),
-                  locked AS (SELECT id FROM herald_sends WHERE id IN (SELECT id FROM t)
-                              ORDER BY id FOR UPDATE)
-             UPDATE herald_sends s
-                SET status = CASE WHEN s.status_rank < $4 THEN 'accepted' ELSE s.status END,
-                    status_rank = greatest(s.status_rank, $4),
-                    provider_message_id = t.pmid, accepted_at = coalesce(s.accepted_at, $3),
-                    error = CASE WHEN s.status_rank < $4 THEN NULL ELSE s.error END,
-                    error_code = CASE WHEN s.status_rank < $4 THEN NULL ELSE s.error_code END,
-                    updated_at = $3
-               FROM t JOIN locked USING (id)
-              WHERE s.id = t.id",
-        )
-        .bind(accepted.iter().map(|a| a.0).collect::<Vec<_>>())
-        .bind(accepted.iter().map(|a| a.1.as_str()).collect::<Vec<_>>())
-        .bind(now)
-        .bind(SendStatus::Accepted.rank())
-        .execute(&mut *conn)
-        .await?;
+        let done = sqlx::query(&ACCEPT_SENDS)
+            .bind(accepted.iter().map(|a| a.0).collect::<Vec<_>>())
+            .bind(accepted.iter().map(|a| a.1.as_str()).collect::<Vec<_>>())
+            .bind(now)
+            .bind(SendStatus::Accepted.rank())
+            .execute(&mut *conn)
+            .await?;
         conn.release();
         Ok(done.rows_affected())
     }
@@ -526,11 +541,13 @@ impl DeliveryStore for PgStore {
         accepted: &[(Uuid, String)],
         now: DateTime<Utc>,
     ) -> Result<Vec<SendRecord>> {
-        if begin.is_empty() || accepted.is_empty() {
-            // One kind alone: its own statement is the one round trip.
-            let begun = self.begin_sends(begin, now).await?;
+        // One kind alone: its own statement is the one round trip.
+        if begin.is_empty() {
             self.accept_sends(accepted, now).await?;
-            return Ok(begun);
+            return Ok(Vec::new());
+        }
+        if accepted.is_empty() {
+            return self.begin_sends(begin, now).await;
         }
         // Both writes as data-modifying CTEs of one statement. The rows of both are locked
         // first, together and in id order like every other writer of herald_sends, so this
