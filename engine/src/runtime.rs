@@ -638,7 +638,6 @@ impl Producer {
                         self.inner.lease_until(now),
                     )
                     .await;
-                drop(claims);
                 let jobs = match claimed {
                     Ok(jobs) => jobs,
                     Err(e) => {
@@ -676,7 +675,6 @@ impl Producer {
                         keys.insert(w.key, w.next);
                     }
                 }
-                drop(got);
                 self.spawn_all(jobs);
                 Ok(())
             }
