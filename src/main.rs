@@ -307,11 +307,14 @@ pub async fn run(
 ) -> Result<(), Box<dyn std::error::Error>> {
     let engine = start_engine(store.clone(), settings).await?;
     let app = herald_api::app(herald_api::AppState::new(
-        store,
+        store.clone(),
         Arc::new(SystemClock),
         herald_api::ApiConfig {
             admin_token: settings.admin_token.as_ref().map(|t| t.0.clone()),
             engine_metrics: Some(engine.metrics()),
+            triage: Some(Arc::new(herald_workers::meta::webhook::WebhookTriage::new(
+                store,
+            ))),
             ..herald_api::ApiConfig::default()
         },
     ));

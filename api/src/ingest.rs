@@ -5,11 +5,17 @@
 //! their processing job in one transaction, and only then answer each request. One commit
 //! serves hundreds of requests, so the rate is bounded by batches, not by commits, and a request
 //! is acknowledged only once its delivery is on disk: nothing is accepted and then lost.
+//!
+//! With a [`Triage`], a writer first parses each delivery: one that carries only statuses of
+//! our sends has them applied in the same transaction and needs no job (see
+//! [`herald_engine::inbox`]). If the database refuses such a batch for its content, the batch
+//! is stored again as raw deliveries, for the job: the triage can only save work, never lose a
+//! delivery.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use herald_engine::inbox::NewWebhookEvent;
+use herald_engine::inbox::{NewWebhookEvent, Triage};
 use herald_engine::{Clock, Store, StoreError};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
@@ -59,13 +65,19 @@ pub struct Ingest {
 
 impl Ingest {
     /// Starts the writers on the current runtime.
-    pub fn start(store: Arc<dyn Store>, clock: Arc<dyn Clock>, config: IngestConfig) -> Ingest {
+    pub fn start(
+        store: Arc<dyn Store>,
+        clock: Arc<dyn Clock>,
+        config: IngestConfig,
+        triage: Option<Arc<dyn Triage>>,
+    ) -> Ingest {
         let (tx, rx) = mpsc::channel(config.max_waiting.max(1));
         let rx = Arc::new(Mutex::new(rx));
         for _ in 0..config.writers.max(1) {
             tokio::spawn(writer(
                 store.clone(),
                 clock.clone(),
+                triage.clone(),
                 rx.clone(),
                 config.max_batch.max(1),
             ));
@@ -78,7 +90,7 @@ impl Ingest {
         let (reply, answer) = oneshot::channel();
         self.tx
             .try_send(Pending {
-                event: NewWebhookEvent { channel_id, body },
+                event: NewWebhookEvent::raw(channel_id, body),
                 reply,
             })
             .map_err(|e| match e {
@@ -95,6 +107,7 @@ impl Ingest {
 async fn writer(
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
+    triage: Option<Arc<dyn Triage>>,
     rx: Arc<Mutex<mpsc::Receiver<Pending>>>,
     max_batch: usize,
 ) {
@@ -107,9 +120,28 @@ async fn writer(
         if n == 0 {
             return;
         }
-        let (events, replies): (Vec<_>, Vec<_>) =
+        let (mut events, replies): (Vec<_>, Vec<_>) =
             batch.drain(..).map(|p| (p.event, p.reply)).unzip();
-        let result = store_with_retry(store.as_ref(), clock.as_ref(), &events).await;
+        if let Some(triage) = &triage {
+            for e in &mut events {
+                e.statuses = triage.statuses_only(e.channel_id, &e.body).await;
+            }
+        }
+        let mut result = store_with_retry(store.as_ref(), clock.as_ref(), &events).await;
+        if let (Err(e), true) = (&result, events.iter().any(|e| e.statuses.is_some())) {
+            tracing::warn!(
+                error = %e,
+                deliveries = events.len(),
+                "webhook ingest: applying statuses failed; storing the deliveries for the job"
+            );
+            for e in &mut events {
+                e.statuses = None;
+            }
+            result = store_with_retry(store.as_ref(), clock.as_ref(), &events).await;
+        }
+        if let Err(e) = &result {
+            tracing::error!(error = %e, deliveries = events.len(), "webhook ingest: deliveries not stored (Meta will redeliver)");
+        }
         for reply in replies {
             let _ = reply.send(result.clone());
         }
@@ -132,10 +164,7 @@ async fn store_with_retry(
                 tried = true;
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            Err(e) => {
-                tracing::error!(error = %e, deliveries = events.len(), "webhook ingest: deliveries not stored (Meta will redeliver)");
-                return Err(e.to_string());
-            }
+            Err(e) => return Err(e.to_string()),
         }
     }
 }

@@ -46,13 +46,16 @@ pub struct ApiConfig {
     pub admin_token: Option<String>,
     /// The measurements of the engine running beside the API, for `/metrics`.
     pub engine_metrics: Option<Arc<herald_engine::metrics::EngineMetrics>>,
+    /// Applies status-only webhook deliveries as they are stored (see [`ingest`]); None sends
+    /// every delivery through the queue.
+    pub triage: Option<Arc<dyn herald_engine::inbox::Triage>>,
 }
 
 impl AppState {
     /// The state over `store`; starts the ingest's writers on the current runtime.
     pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>, config: ApiConfig) -> AppState {
         AppState {
-            ingest: Ingest::start(store.clone(), clock, config.ingest),
+            ingest: Ingest::start(store.clone(), clock, config.ingest, config.triage),
             channels: Arc::new(ChannelCache::new(
                 store.clone(),
                 ChannelCacheConfig::default(),

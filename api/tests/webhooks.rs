@@ -849,3 +849,166 @@ async fn messenger_and_instagram_senders_become_contacts_by_handle() {
     assert_eq!(ig[0].handles[0].platform, Platform::Instagram);
     assert_eq!(ig[0].handles[0].external_id, "igsid-7");
 }
+
+/// The app with the workers' triage, as `herald serve` builds it.
+fn triaged(store: &Arc<dyn Store>, triage: Arc<dyn herald_engine::inbox::Triage>) -> axum::Router {
+    app(AppState::new(
+        store.clone(),
+        Arc::new(herald_engine::SystemClock),
+        herald_api::ApiConfig {
+            triage: Some(triage),
+            ..herald_api::ApiConfig::default()
+        },
+    ))
+}
+
+/// Posts a signed delivery and leaves it to the store (no processing).
+async fn post_only(app: axum::Router, channel: &Channel, body: Vec<u8>) -> StatusCode {
+    let req = Request::post(format!("/webhooks/{}", channel.id))
+        .header("content-type", "application/json")
+        .header("x-hub-signature-256", sign(&body))
+        .body(Body::from(body))
+        .expect("request");
+    app.oneshot(req).await.expect("response").status()
+}
+
+async fn webhook_jobs(store: &Arc<dyn Store>) -> Vec<herald_engine::Job> {
+    store
+        .list_jobs(&herald_engine::model::JobFilter {
+            kind: Some(herald_engine::inbox::WEBHOOK_KIND.into()),
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .expect("jobs")
+}
+
+/// Statuses of our own sends (Meta echoes the send id) are applied before Meta gets its 200,
+/// with no job; anything else still goes through the queue.
+#[tokio::test]
+async fn status_only_deliveries_are_applied_as_they_arrive() {
+    let f = fixture().await;
+    let ch = channel(&f.store, Platform::Whatsapp).await;
+    let triage = Arc::new(herald_workers::meta::webhook::WebhookTriage::new(
+        f.store.clone(),
+    ));
+    let send = accepted_send(&f.store, &ch, "wamid.T").await;
+    let body = wa_status(&ch, "wamid.T", Some(send), "delivered");
+    assert_eq!(
+        post_only(triaged(&f.store, triage.clone()), &ch, body).await,
+        StatusCode::OK
+    );
+    assert_eq!(status_of(&f.store, send).await, SendStatus::Delivered);
+    let counts = f.store.inbox().webhook_counts().await.expect("counts");
+    assert_eq!(
+        (counts.stored, counts.pending),
+        (1, 0),
+        "kept raw, processed"
+    );
+    assert!(webhook_jobs(&f.store).await.is_empty(), "no job");
+
+    // Matched by Meta's id alone: the job's work (it may need the provider id index).
+    let other = accepted_send(&f.store, &ch, "wamid.U").await;
+    let body = wa_status(&ch, "wamid.U", None, "read");
+    assert_eq!(
+        post_only(triaged(&f.store, triage.clone()), &ch, body).await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        status_of(&f.store, other).await,
+        SendStatus::Accepted,
+        "left for the job"
+    );
+    // An inbound message, and a status for a number Herald does not know: the job's too.
+    let inbound = wa_inbound(&ch, &[("15551234567", "wamid.IN", "hello")]);
+    assert_eq!(
+        post_only(triaged(&f.store, triage.clone()), &ch, inbound).await,
+        StatusCode::OK
+    );
+    let stranger = Channel {
+        sender_id: "19999999999".into(),
+        ..ch.clone()
+    };
+    let foreign = wa_status(&stranger, "wamid.T", Some(send), "read");
+    assert_eq!(
+        post_only(triaged(&f.store, triage), &ch, foreign).await,
+        StatusCode::OK
+    );
+    let counts = f.store.inbox().webhook_counts().await.expect("counts");
+    assert_eq!((counts.stored, counts.pending), (4, 3));
+    assert_eq!(webhook_jobs(&f.store).await.len(), 3, "one job each");
+    let pending = f.store.inbox().pending_webhooks(10).await.expect("pending");
+    herald_workers::meta::webhook::process(f.store.as_ref(), Utc::now(), &pending, None)
+        .await
+        .expect("process");
+    assert_eq!(status_of(&f.store, other).await, SendStatus::Read);
+    assert_eq!(
+        status_of(&f.store, send).await,
+        SendStatus::Delivered,
+        "a foreign number's event is ignored"
+    );
+}
+
+/// A triage that finds statuses the database refuses (a NUL byte, which PostgreSQL's text
+/// cannot hold): it stands for a parser bug.
+struct Refused(Uuid);
+
+#[async_trait::async_trait]
+impl herald_engine::inbox::Triage for Refused {
+    async fn statuses_only(
+        &self,
+        channel_id: Uuid,
+        _body: &[u8],
+    ) -> Option<Vec<herald_engine::delivery::StatusEvent>> {
+        Some(vec![herald_engine::delivery::StatusEvent {
+            channel_id,
+            provider_message_id: "wamid.\0".into(),
+            send_id: Some(self.0),
+            status: SendStatus::Failed,
+            error_code: Some(1),
+            error: Some("nul \0 byte".into()),
+            at: Utc::now(),
+        }])
+    }
+}
+
+/// When the database refuses the statuses a triage found, the delivery is stored raw for the
+/// job: Meta still gets its 200 and nothing is lost.
+#[tokio::test]
+async fn refused_statuses_fall_back_to_the_job() {
+    let url = std::env::var("HERALD_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".to_owned());
+    let schema = format!("api_{}", &Uuid::new_v4().simple().to_string()[..12]);
+    let pg = herald_engine::store::PgStore::connect(&herald_engine::store::PgStoreConfig {
+        keyring: Some(Arc::new(
+            herald_engine::crypto::Keyring::parse(&"ab".repeat(32), &[]).expect("test key"),
+        )),
+        url: url.clone(),
+        max_connections: 4,
+        acquire_timeout: std::time::Duration::from_secs(10),
+        schema: Some(schema.clone()),
+    })
+    .await
+    .expect("connect to PostgreSQL (is it running? set HERALD_TEST_DATABASE_URL)");
+    pg.migrate().await.expect("migrate");
+    let store: Arc<dyn Store> = Arc::new(pg);
+    let ch = channel(&store, Platform::Whatsapp).await;
+    let send = accepted_send(&store, &ch, "wamid.R").await;
+    let body = wa_status(&ch, "wamid.R", Some(send), "read");
+    let status = post_only(triaged(&store, Arc::new(Refused(send))), &ch, body).await;
+    let counts = store.inbox().webhook_counts().await.expect("counts");
+    let jobs = webhook_jobs(&store).await.len();
+    let after = status_of(&store, send).await;
+    drop(store);
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+        .await
+        .expect("connect");
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+        .execute(&mut conn)
+        .await
+        .expect("drop schema");
+    assert_eq!(status, StatusCode::OK, "stored after all");
+    assert_eq!((counts.stored, counts.pending), (1, 1), "for the job");
+    assert_eq!(jobs, 1, "with its job");
+    assert_eq!(after, SendStatus::Accepted, "nothing half applied");
+}

@@ -21,6 +21,7 @@ conformance!(
     inbound_messages_are_stored_once_and_open_windows,
     a_big_batch_of_deliveries,
     new_messages_are_handed_on_once_in_order,
+    statuses_are_applied_as_their_deliveries_are_stored,
 );
 
 fn t0() -> DateTime<Utc> {
@@ -30,10 +31,10 @@ fn t0() -> DateTime<Utc> {
 }
 
 fn event(channel_id: Uuid, n: usize) -> NewWebhookEvent {
-    NewWebhookEvent {
+    NewWebhookEvent::raw(
         channel_id,
-        body: format!("{{\"object\":\"page\",\"entry\":[],\"n\":{n}}}").into_bytes(),
-    }
+        format!("{{\"object\":\"page\",\"entry\":[],\"n\":{n}}}").into_bytes(),
+    )
 }
 
 fn message(channel_id: Uuid, mid: &str, from: &str, secs: i64) -> InboundMessage {
@@ -228,10 +229,10 @@ async fn new_messages_are_handed_on_once_in_order(store: Arc<dyn Store>) {
     let hand_off = herald_engine::inbox::InboundHandOff::default();
     let ids = inbox
         .store_webhooks(
-            &[herald_engine::inbox::NewWebhookEvent {
-                channel_id: ch,
-                body: b"{}".to_vec(),
-            }],
+            &[herald_engine::inbox::NewWebhookEvent::raw(
+                ch,
+                b"{}".to_vec(),
+            )],
             t0(),
         )
         .await
@@ -310,4 +311,136 @@ async fn new_messages_are_handed_on_once_in_order(store: Arc<dyn Store>) {
             .len(),
         4
     );
+}
+
+fn status(
+    channel_id: Uuid,
+    send_id: Option<Uuid>,
+    status: herald_engine::delivery::SendStatus,
+    at: DateTime<Utc>,
+) -> herald_engine::delivery::StatusEvent {
+    herald_engine::delivery::StatusEvent {
+        channel_id,
+        provider_message_id: format!("wamid.{}", send_id.unwrap_or_default()),
+        send_id,
+        status,
+        error_code: None,
+        error: None,
+        at,
+    }
+}
+
+/// A delivery triaged as statuses of our sends has them applied by `store_webhooks` and needs
+/// no job; the others in the same batch are stored for the job as always.
+async fn statuses_are_applied_as_their_deliveries_are_stored(store: Arc<dyn Store>) {
+    use herald_engine::delivery::{Lane, Message, NewChannel, NewSend, Platform, SendStatus};
+    let d = store.delivery();
+    let ch = d
+        .create_channel(
+            &NewChannel {
+                workspace_id: Uuid::new_v4(),
+                platform: Platform::Whatsapp,
+                name: "wa".into(),
+                sender_id: "1555000".into(),
+                portfolio_id: None,
+                access_token: "token".into(),
+                app_secret: "secret".into(),
+                verify_token: "verify".into(),
+                graph_base_url: None,
+                api_version: None,
+                limits: None,
+            },
+            t0(),
+        )
+        .await
+        .expect("channel");
+    let new_send = |to: &str| NewSend {
+        workspace_id: ch.workspace_id,
+        channel_id: ch.id,
+        recipient: to.into(),
+        message: Message::Text { body: "hi".into() },
+        lane: Lane::Broadcast,
+    };
+    let sends = d
+        .create_sends(&[new_send("1555001"), new_send("1555002")], t0())
+        .await
+        .expect("sends");
+    let (s1, s2) = (sends[0], sends[1]);
+    let t1 = t0() + chrono::Duration::seconds(1);
+    let applied = NewWebhookEvent {
+        statuses: Some(vec![status(ch.id, Some(s1), SendStatus::Delivered, t1)]),
+        ..event(ch.id, 1)
+    };
+    // One status without our send id: the whole delivery goes to the job.
+    let mixed = NewWebhookEvent {
+        statuses: Some(vec![
+            status(ch.id, Some(s2), SendStatus::Read, t1),
+            status(ch.id, None, SendStatus::Read, t1),
+        ]),
+        ..event(ch.id, 2)
+    };
+    let ids = store
+        .inbox()
+        .store_webhooks(&[event(ch.id, 0), applied, mixed], t0())
+        .await
+        .expect("store");
+    assert_eq!(ids.len(), 3, "every delivery is stored");
+    let jobs = |store: Arc<dyn Store>| async move {
+        store
+            .list_jobs(&JobFilter {
+                kind: Some(WEBHOOK_KIND.into()),
+                limit: 10,
+                ..Default::default()
+            })
+            .await
+            .expect("jobs")
+    };
+    let listed = jobs(store.clone()).await;
+    assert_eq!(listed.len(), 1, "one job for the batch");
+    let args: WebhookArgs = serde_json::from_value(listed[0].payload.clone()).expect("args");
+    assert_eq!(
+        args.events,
+        vec![ids[0], ids[2]],
+        "the job names the deliveries not applied"
+    );
+    let unread: Vec<i64> = store
+        .inbox()
+        .webhook_events(&ids)
+        .await
+        .expect("read")
+        .iter()
+        .map(|e| e.id)
+        .collect();
+    assert_eq!(unread, vec![ids[0], ids[2]], "the applied one is processed");
+    let counts = store.inbox().webhook_counts().await.expect("counts");
+    assert_eq!((counts.stored, counts.pending), (3, 2));
+    let sent1 = d.send(s1).await.expect("read").expect("send 1");
+    assert_eq!(sent1.status, SendStatus::Delivered, "status applied");
+    assert_eq!(
+        sent1.provider_message_id.as_deref(),
+        Some(format!("wamid.{s1}").as_str()),
+        "Meta's id recorded from the status"
+    );
+    let sent2 = d.send(s2).await.expect("read").expect("send 2");
+    assert_eq!(sent2.status, SendStatus::Queued, "left for the job");
+
+    // A batch that is all applied stores no job, and a status never moves a send back.
+    let back = NewWebhookEvent {
+        statuses: Some(vec![status(ch.id, Some(s1), SendStatus::Sent, t1)]),
+        ..event(ch.id, 3)
+    };
+    let more = store
+        .inbox()
+        .store_webhooks(&[back], t0())
+        .await
+        .expect("store applied");
+    assert_eq!(more.len(), 1);
+    assert_eq!(jobs(store.clone()).await.len(), 1, "no job for it");
+    assert_eq!(
+        d.send(s1).await.expect("read").expect("send 1").status,
+        SendStatus::Delivered,
+        "not moved back"
+    );
+    let counts = store.inbox().webhook_counts().await.expect("counts");
+    assert_eq!((counts.stored, counts.pending), (4, 2));
 }

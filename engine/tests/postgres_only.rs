@@ -344,9 +344,11 @@ async fn webhook_ingest_wakes_other_processes_once() {
     let store = common::pg_store_in(&schema).await;
     let mut listener = wake_ups(&store, &schema).await;
     let events: Vec<_> = (0..3)
-        .map(|n| herald_engine::inbox::NewWebhookEvent {
-            channel_id: uuid::Uuid::new_v4(),
-            body: format!("{{\"n\":{n}}}").into_bytes(),
+        .map(|n| {
+            herald_engine::inbox::NewWebhookEvent::raw(
+                uuid::Uuid::new_v4(),
+                format!("{{\"n\":{n}}}").into_bytes(),
+            )
         })
         .collect();
     store

@@ -17,7 +17,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, TimeZone, Utc};
 use herald_engine::contacts::{self, InboundContact, InboundIdentity};
 use herald_engine::delivery::{Channel, Platform, SendStatus, StatusEvent};
-use herald_engine::inbox::{InboundHandOff, InboundMessage, WebhookArgs, WEBHOOK_KIND};
+use herald_engine::inbox::{InboundHandOff, InboundMessage, Triage, WebhookArgs, WEBHOOK_KIND};
 use herald_engine::{Clock, JobContext, JobError, Store, StoreError, Worker};
 use serde_json::Value;
 use tracing::warn;
@@ -328,6 +328,61 @@ impl ChannelDirectory {
     }
 }
 
+/// The channel (and its workspace) an event naming `sender` belongs to, for a delivery to
+/// `called`'s URL. Several channels of one Meta app share a callback URL, so each event goes
+/// to the channel it names, among those signed by the same app secret (the delivery was signed
+/// with `called`'s).
+fn sibling(channels: &[Channel], called: &Channel, sender: &str) -> Option<(Uuid, Uuid)> {
+    if sender == called.sender_id {
+        return Some((called.id, called.workspace_id));
+    }
+    channels
+        .iter()
+        .find(|c| {
+            c.sender_id == sender
+                && c.platform == called.platform
+                && constant_time_eq(c.app_secret.as_bytes(), called.app_secret.as_bytes())
+        })
+        .map(|c| (c.id, c.workspace_id))
+}
+
+/// The [`Triage`] of Meta's deliveries, for the HTTP layer's ingest: a delivery that parses,
+/// names only channels Herald knows and carries only statuses of Herald's own sends (each with
+/// the send id Meta echoes) has its statuses applied as it is stored. Everything else goes to
+/// the `meta.webhook` job, which also logs what it could not use.
+pub struct WebhookTriage {
+    store: Arc<dyn Store>,
+    channels: ChannelDirectory,
+}
+
+impl WebhookTriage {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        WebhookTriage {
+            store,
+            channels: ChannelDirectory::new(ChannelDirectory::DEFAULT_TTL),
+        }
+    }
+}
+
+#[async_trait]
+impl Triage for WebhookTriage {
+    async fn statuses_only(&self, channel_id: Uuid, body: &[u8]) -> Option<Vec<StatusEvent>> {
+        let channels = self
+            .channels
+            .channels(self.store.as_ref(), std::iter::once(channel_id))
+            .await
+            .ok()?;
+        let channel = channels.iter().find(|c| c.id == channel_id)?;
+        let events = parse(channel, body, &|sender| sibling(&channels, channel, sender)).ok()?;
+        let ours = |s: &StatusEvent| s.send_id.is_some();
+        (events.inbound.is_empty()
+            && events.foreign.is_empty()
+            && !events.statuses.is_empty()
+            && events.statuses.iter().all(ours))
+        .then_some(events.statuses)
+    }
+}
+
 /// Applies stored deliveries `ids` (those not processed yet); new inbound messages are handed
 /// on as `hand_off` says (see [`InboundHandOff`]). The channels are read afresh.
 pub async fn process(
@@ -370,23 +425,9 @@ pub async fn process_with(
             warn!(delivery = d.id, channel = %d.channel_id, "webhook: the channel is gone; its delivery is dropped");
             continue;
         };
-        // Several channels of one Meta app share a callback URL, so each event goes to the
-        // channel it names, among those signed by the same app secret (the delivery was
-        // signed with this channel's).
-        let resolve = |sender: &str| {
-            if sender == channel.sender_id {
-                return Some((channel.id, channel.workspace_id));
-            }
-            channels
-                .iter()
-                .find(|c| {
-                    c.sender_id == sender
-                        && c.platform == channel.platform
-                        && constant_time_eq(c.app_secret.as_bytes(), channel.app_secret.as_bytes())
-                })
-                .map(|c| (c.id, c.workspace_id))
-        };
-        match parse(channel, &d.body, &resolve) {
+        match parse(channel, &d.body, &|sender| {
+            sibling(&channels, channel, sender)
+        }) {
             Ok(events) => {
                 if !events.foreign.is_empty() {
                     warn!(delivery = d.id, senders = ?events.foreign, "webhook: events for numbers or pages Herald does not know were ignored");

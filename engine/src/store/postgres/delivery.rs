@@ -33,6 +33,66 @@ const SEND_COLUMNS: &str = "id, workspace_id, channel_id, recipient, message, la
      requests, provider_message_id, error_code, error, created_at, requested_at, accepted_at, \
      updated_at";
 
+/// Statuses that name their send (our id echoed back), applied where they move the send
+/// forward: [`DeliveryStore::apply_statuses`], and the webhook ingest that applies a delivery's
+/// statuses as it stores it. Its parameters start at `$first` (eight of them, bound by
+/// [`bind_statuses_by_send`]); it is an UPDATE that can stand as a CTE of a larger statement.
+pub(super) fn statuses_by_send_sql(first: usize) -> String {
+    let p: Vec<String> = (first..first + 8).map(|n| format!("${n}")).collect();
+    format!(
+        "WITH e AS (SELECT * FROM unnest({}::uuid[], {}::uuid[], {}::text[], {}::text[],
+                                         {}::smallint[], {}::bigint[], {}::text[],
+                                         {}::timestamptz[])
+                     AS e(id, channel_id, pmid, status, rank, code, error, at)),
+              locked AS (SELECT id FROM herald_sends WHERE id IN (SELECT id FROM e)
+                          ORDER BY id FOR UPDATE)
+         UPDATE herald_sends s
+            SET status = e.status, status_rank = e.rank,
+                provider_message_id = coalesce(s.provider_message_id, e.pmid),
+                accepted_at = coalesce(s.accepted_at, e.at),
+                error_code = CASE WHEN e.status = 'failed' THEN e.code ELSE NULL END,
+                error = CASE WHEN e.status = 'failed' THEN e.error ELSE NULL END,
+                updated_at = e.at
+           FROM e JOIN locked USING (id)
+          WHERE s.id = e.id AND s.channel_id = e.channel_id AND s.status_rank < e.rank",
+        p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7]
+    )
+}
+
+static STATUSES_BY_SEND: LazyLock<String> = LazyLock::new(|| statuses_by_send_sql(1));
+
+/// Binds [`statuses_by_send_sql`]'s parameters, in order. Every event has a send id (it is
+/// from [`latest_statuses`]' first list).
+pub(super) fn bind_statuses_by_send<'q>(
+    query: sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>,
+    by_send: &[&'q StatusEvent],
+) -> sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments> {
+    query
+        .bind(by_send.iter().map(|e| e.send_id).collect::<Vec<_>>())
+        .bind(by_send.iter().map(|e| e.channel_id).collect::<Vec<_>>())
+        .bind(
+            by_send
+                .iter()
+                .map(|e| e.provider_message_id.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(
+            by_send
+                .iter()
+                .map(|e| e.status.as_str())
+                .collect::<Vec<_>>(),
+        )
+        .bind(by_send.iter().map(|e| e.status.rank()).collect::<Vec<_>>())
+        .bind(by_send.iter().map(|e| e.error_code).collect::<Vec<_>>())
+        .bind(
+            by_send
+                .iter()
+                .map(|e| e.error.as_deref())
+                .collect::<Vec<_>>(),
+        )
+        .bind(by_send.iter().map(|e| e.at).collect::<Vec<_>>())
+}
+
 /// [`SEND_COLUMNS`] of the table aliased `s`, for RETURNING clauses of UPDATE ... FROM.
 static SEND_COLUMNS_OF_S: LazyLock<String> = LazyLock::new(|| {
     SEND_COLUMNS
@@ -571,48 +631,9 @@ impl DeliveryStore for PgStore {
         let mut changed = 0;
         let mut conn = self.hot.lease().await?;
         if !by_send.is_empty() {
-            let done = sqlx::query(
-                "WITH e AS (SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[],
-                                                 $5::smallint[], $6::bigint[], $7::text[],
-                                                 $8::timestamptz[])
-                             AS e(id, channel_id, pmid, status, rank, code, error, at)),
-                      locked AS (SELECT id FROM herald_sends WHERE id IN (SELECT id FROM e)
-                                  ORDER BY id FOR UPDATE)
-                 UPDATE herald_sends s
-                    SET status = e.status, status_rank = e.rank,
-                        provider_message_id = coalesce(s.provider_message_id, e.pmid),
-                        accepted_at = coalesce(s.accepted_at, e.at),
-                        error_code = CASE WHEN e.status = 'failed' THEN e.code ELSE NULL END,
-                        error = CASE WHEN e.status = 'failed' THEN e.error ELSE NULL END,
-                        updated_at = e.at
-                   FROM e JOIN locked USING (id)
-                  WHERE s.id = e.id AND s.channel_id = e.channel_id AND s.status_rank < e.rank",
-            )
-            .bind(by_send.iter().map(|e| e.send_id).collect::<Vec<_>>())
-            .bind(by_send.iter().map(|e| e.channel_id).collect::<Vec<_>>())
-            .bind(
-                by_send
-                    .iter()
-                    .map(|e| e.provider_message_id.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(
-                by_send
-                    .iter()
-                    .map(|e| e.status.as_str())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(by_send.iter().map(|e| e.status.rank()).collect::<Vec<_>>())
-            .bind(by_send.iter().map(|e| e.error_code).collect::<Vec<_>>())
-            .bind(
-                by_send
-                    .iter()
-                    .map(|e| e.error.as_deref())
-                    .collect::<Vec<_>>(),
-            )
-            .bind(by_send.iter().map(|e| e.at).collect::<Vec<_>>())
-            .execute(&mut *conn)
-            .await?;
+            let done = bind_statuses_by_send(sqlx::query(&STATUSES_BY_SEND), &by_send)
+                .execute(&mut *conn)
+                .await?;
             changed += done.rows_affected();
         }
         if !by_provider.is_empty() {

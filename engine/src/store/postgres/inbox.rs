@@ -5,8 +5,11 @@ use chrono::{DateTime, Utc};
 use sqlx::Row;
 use uuid::Uuid;
 
+use std::sync::LazyLock;
+
+use super::delivery::{bind_statuses_by_send, statuses_by_send_sql};
 use super::PgStore;
-use crate::delivery::canonical_recipient;
+use crate::delivery::{canonical_recipient, latest_statuses, StatusEvent};
 use crate::error::Result;
 use crate::inbox::{
     webhook_job, InboundHandOff, InboundMessage, InboxStore, NewWebhookEvent, WebhookCounts,
@@ -14,6 +17,42 @@ use crate::inbox::{
 };
 use crate::store::postgres::notify_payloads;
 use crate::wakeup::{Due, Wakeups};
+
+/// Deliveries, their job, the wake-up and the statuses applied now, in one statement (atomic
+/// without BEGIN and COMMIT): one round trip instead of five for every webhook Meta sends. The
+/// job is `webhook_job`'s, with the ids of the deliveries not applied now written in by the
+/// database (it has no unique key and no run_at, which this statement does not write; a test
+/// in `inbox` holds it to that); there is none when every delivery was applied. Parameters 1-8
+/// are the statuses ([`bind_statuses_by_send`]). A send the statuses change is not also
+/// changed by anything else in the statement (a row changed twice in one statement keeps only
+/// one of the changes).
+static STORE_WEBHOOKS: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH ev AS (
+            INSERT INTO herald_webhook_events (channel_id, received_at, body, processed_at)
+            SELECT ch, $12, body, CASE WHEN applied THEN $12 END
+              FROM unnest($9::uuid[], $10::bytea[], $11::bool[]) WITH ORDINALITY
+                   AS t(ch, body, applied, n)
+             ORDER BY n
+            RETURNING id, processed_at
+         ), job AS (
+            INSERT INTO herald_jobs (workspace_id, kind, queue, payload, priority, state,
+                                     run_at, created_at, max_attempts, rate_key, ordering_key)
+            SELECT $13, $14, $15, json_build_object('events', json_agg(id ORDER BY id)), $16,
+                   'available', $12, $12, $17, $18, $19
+              FROM ev WHERE processed_at IS NULL
+            HAVING count(*) > 0
+            RETURNING id
+         ), st AS (
+            {}
+            RETURNING 1
+         )
+         SELECT (SELECT array_agg(id ORDER BY id) FROM ev),
+                (SELECT count(pg_notify($20, $21)) FROM job),
+                (SELECT count(*) FROM st)",
+        statuses_by_send_sql(1)
+    )
+});
 
 #[async_trait]
 impl InboxStore for PgStore {
@@ -27,51 +66,47 @@ impl InboxStore for PgStore {
         }
         let channels: Vec<Uuid> = events.iter().map(|e| e.channel_id).collect();
         let bodies: Vec<&[u8]> = events.iter().map(|e| e.body.as_slice()).collect();
+        let applied: Vec<bool> = events.iter().map(|e| e.applied_now().is_some()).collect();
+        let statuses: Vec<StatusEvent> = events
+            .iter()
+            .filter_map(NewWebhookEvent::applied_now)
+            .flatten()
+            .cloned()
+            .collect();
+        let (by_send, by_provider) = latest_statuses(&statuses);
+        debug_assert!(
+            by_provider.is_empty(),
+            "applied_now lets only send ids through"
+        );
         let template = webhook_job(&[]);
         let mut conn = self.hot.lease().await?;
-        // Deliveries, their job and the wake-up in one statement (atomic without BEGIN and
-        // COMMIT): one round trip instead of five for every webhook Meta sends. The job is
-        // `webhook_job`'s, with the ids written in by the database (it has no unique key and
-        // no run_at, which this statement does not write; a test in `inbox` holds it to that).
         let due = Due {
             unkeyed: template.rate_key.is_none(),
             keyed: template.rate_key.is_some(),
         };
         let payload = Wakeups::due_payload(&template.queue, due);
-        let (ids, _notified): (Vec<i64>, i64) = sqlx::query_as(
-            "WITH ev AS (
-                INSERT INTO herald_webhook_events (channel_id, received_at, body)
-                SELECT ch, $3, body FROM unnest($1::uuid[], $2::bytea[]) WITH ORDINALITY
-                    AS t(ch, body, n)
-                 ORDER BY n
-                RETURNING id
-             ), job AS (
-                INSERT INTO herald_jobs (workspace_id, kind, queue, payload, priority, state,
-                                         run_at, created_at, max_attempts, rate_key, ordering_key)
-                SELECT $4, $5, $6, json_build_object('events', json_agg(id ORDER BY id)), $7,
-                       'available', $3, $3, $8, $9, $10
-                  FROM ev
-                RETURNING id
-             )
-             SELECT (SELECT array_agg(id ORDER BY id) FROM ev),
-                    (SELECT count(pg_notify($11, $12)) FROM job)",
-        )
-        .bind(&channels)
-        .bind(&bodies)
-        .bind(now)
-        .bind(template.workspace_id)
-        .bind(&template.kind)
-        .bind(&template.queue)
-        .bind(template.priority)
-        .bind(template.max_attempts)
-        .bind(template.rate_key.as_deref())
-        .bind(template.ordering_key.as_deref())
-        .bind(&self.channel)
-        .bind(self.wakeups.tagged(&payload))
-        .fetch_one(&mut *conn)
-        .await?;
+        let row = bind_statuses_by_send(sqlx::query(&STORE_WEBHOOKS), &by_send)
+            .bind(&channels)
+            .bind(&bodies)
+            .bind(&applied)
+            .bind(now)
+            .bind(template.workspace_id)
+            .bind(&template.kind)
+            .bind(&template.queue)
+            .bind(template.priority)
+            .bind(template.max_attempts)
+            .bind(template.rate_key.as_deref())
+            .bind(template.ordering_key.as_deref())
+            .bind(&self.channel)
+            .bind(self.wakeups.tagged(&payload))
+            .fetch_one(&mut *conn)
+            .await?;
         conn.release();
-        self.wakeups.apply_payload(&payload);
+        let ids: Vec<i64> = row.try_get(0)?;
+        let notified: i64 = row.try_get(1)?;
+        if notified > 0 {
+            self.wakeups.apply_payload(&payload);
+        }
         Ok(ids)
     }
 

@@ -481,53 +481,8 @@ impl DeliveryStore for SqliteStore {
     }
 
     async fn apply_statuses(&self, events: &[StatusEvent]) -> Result<u64> {
-        let (by_send, by_provider) = latest_statuses(events);
-        let mut changed = 0;
         let mut tx = self.pool.begin().await?;
-        for e in by_send {
-            let done = sqlx::query(
-                "UPDATE herald_sends
-                    SET status = ?3, status_rank = ?4,
-                        provider_message_id = coalesce(provider_message_id, ?5),
-                        accepted_at = coalesce(accepted_at, ?8),
-                        error_code = CASE WHEN ?3 = 'failed' THEN ?6 ELSE NULL END,
-                        error = CASE WHEN ?3 = 'failed' THEN ?7 ELSE NULL END,
-                        updated_at = ?8
-                  WHERE id = ?1 AND channel_id = ?2 AND status_rank < ?4",
-            )
-            .bind(e.send_id.map(|id| id.to_string()))
-            .bind(e.channel_id.to_string())
-            .bind(e.status.as_str())
-            .bind(e.status.rank())
-            .bind(&e.provider_message_id)
-            .bind(e.error_code)
-            .bind(&e.error)
-            .bind(to_micros(e.at))
-            .execute(&mut *tx)
-            .await?;
-            changed += done.rows_affected();
-        }
-        for e in by_provider {
-            let done = sqlx::query(
-                "UPDATE herald_sends
-                    SET status = ?3, status_rank = ?4,
-                        error_code = CASE WHEN ?3 = 'failed' THEN ?6 ELSE NULL END,
-                        error = CASE WHEN ?3 = 'failed' THEN ?7 ELSE NULL END,
-                        updated_at = ?8
-                  WHERE provider_message_id = ?1 AND channel_id = ?2 AND status_rank < ?4",
-            )
-            .bind(&e.provider_message_id)
-            .bind(e.channel_id.to_string())
-            .bind(e.status.as_str())
-            .bind(e.status.rank())
-            .bind(&e.provider_message_id)
-            .bind(e.error_code)
-            .bind(&e.error)
-            .bind(to_micros(e.at))
-            .execute(&mut *tx)
-            .await?;
-            changed += done.rows_affected();
-        }
+        let changed = apply_statuses_in(&mut tx, events).await?;
         tx.commit().await?;
         Ok(changed)
     }
@@ -630,4 +585,59 @@ impl DeliveryStore for SqliteStore {
         .await?;
         Ok(at.map(from_micros))
     }
+}
+
+/// [`DeliveryStore::apply_statuses`] inside the caller's transaction (the webhook ingest
+/// applies a delivery's statuses in the one that stores it).
+pub(super) async fn apply_statuses_in(
+    tx: &mut sqlx::SqliteConnection,
+    events: &[StatusEvent],
+) -> Result<u64> {
+    let (by_send, by_provider) = latest_statuses(events);
+    let mut changed = 0;
+    for e in by_send {
+        let done = sqlx::query(
+            "UPDATE herald_sends
+                    SET status = ?3, status_rank = ?4,
+                        provider_message_id = coalesce(provider_message_id, ?5),
+                        accepted_at = coalesce(accepted_at, ?8),
+                        error_code = CASE WHEN ?3 = 'failed' THEN ?6 ELSE NULL END,
+                        error = CASE WHEN ?3 = 'failed' THEN ?7 ELSE NULL END,
+                        updated_at = ?8
+                  WHERE id = ?1 AND channel_id = ?2 AND status_rank < ?4",
+        )
+        .bind(e.send_id.map(|id| id.to_string()))
+        .bind(e.channel_id.to_string())
+        .bind(e.status.as_str())
+        .bind(e.status.rank())
+        .bind(&e.provider_message_id)
+        .bind(e.error_code)
+        .bind(&e.error)
+        .bind(to_micros(e.at))
+        .execute(&mut *tx)
+        .await?;
+        changed += done.rows_affected();
+    }
+    for e in by_provider {
+        let done = sqlx::query(
+            "UPDATE herald_sends
+                    SET status = ?3, status_rank = ?4,
+                        error_code = CASE WHEN ?3 = 'failed' THEN ?6 ELSE NULL END,
+                        error = CASE WHEN ?3 = 'failed' THEN ?7 ELSE NULL END,
+                        updated_at = ?8
+                  WHERE provider_message_id = ?1 AND channel_id = ?2 AND status_rank < ?4",
+        )
+        .bind(&e.provider_message_id)
+        .bind(e.channel_id.to_string())
+        .bind(e.status.as_str())
+        .bind(e.status.rank())
+        .bind(&e.provider_message_id)
+        .bind(e.error_code)
+        .bind(&e.error)
+        .bind(to_micros(e.at))
+        .execute(&mut *tx)
+        .await?;
+        changed += done.rows_affected();
+    }
+    Ok(changed)
 }

@@ -5,9 +5,10 @@ use chrono::{DateTime, Utc};
 use sqlx::Row;
 use uuid::Uuid;
 
+use super::delivery::apply_statuses_in;
 use super::{parse_uuid, SqliteStore};
 use crate::clock::{from_micros, to_micros};
-use crate::delivery::canonical_recipient;
+use crate::delivery::{canonical_recipient, StatusEvent};
 use crate::error::{Result, StoreError};
 use crate::inbox::{
     webhook_job, InboundHandOff, InboundMessage, InboxStore, NewWebhookEvent, WebhookCounts,
@@ -34,24 +35,54 @@ impl InboxStore for SqliteStore {
         }
         let mut tx = self.pool.begin().await?;
         let mut ids = Vec::with_capacity(events.len());
+        let mut queued = Vec::with_capacity(events.len());
         for chunk in events.chunks(CHUNK) {
             let mut sql = String::from(
-                "INSERT INTO herald_webhook_events (channel_id, received_at, body) VALUES ",
+                "INSERT INTO herald_webhook_events (channel_id, received_at, body, processed_at) \
+                 VALUES ",
             );
             for i in 0..chunk.len() {
                 if i > 0 {
                     sql.push(',');
                 }
-                sql.push_str(&format!("(?{}, ?1, ?{})", 2 * i + 2, 2 * i + 3));
+                sql.push_str(&format!(
+                    "(?{}, ?1, ?{}, ?{})",
+                    3 * i + 2,
+                    3 * i + 3,
+                    3 * i + 4
+                ));
             }
             sql.push_str(" RETURNING id");
             let mut q = sqlx::query_scalar::<_, i64>(&sql).bind(to_micros(now));
             for e in chunk {
-                q = q.bind(e.channel_id.to_string()).bind(e.body.as_slice());
+                q = q
+                    .bind(e.channel_id.to_string())
+                    .bind(e.body.as_slice())
+                    .bind(e.applied_now().map(|_| to_micros(now)));
             }
-            ids.extend(q.fetch_all(&mut *tx).await?);
+            let chunk_ids = q.fetch_all(&mut *tx).await?;
+            // RETURNING gives the rows in VALUES order (one statement, no triggers).
+            for (id, e) in chunk_ids.iter().zip(chunk) {
+                if e.applied_now().is_none() {
+                    queued.push(*id);
+                }
+            }
+            ids.extend(chunk_ids);
         }
-        let jobs = [webhook_job(&ids)];
+        let statuses: Vec<StatusEvent> = events
+            .iter()
+            .filter_map(NewWebhookEvent::applied_now)
+            .flatten()
+            .cloned()
+            .collect();
+        if !statuses.is_empty() {
+            apply_statuses_in(&mut tx, &statuses).await?;
+        }
+        let jobs: Vec<_> = if queued.is_empty() {
+            Vec::new()
+        } else {
+            vec![webhook_job(&queued)]
+        };
         let out = self.insert_chunk(&mut tx, &jobs, now).await?;
         tx.commit().await?;
         for p in notify_payloads(jobs.iter().zip(&out), now) {
