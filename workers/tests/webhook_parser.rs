@@ -46,6 +46,9 @@ fn any_json() -> impl Strategy<Value = Value> {
         ".{0,12}".prop_map(Value::String),
         Just(json!("1555")),
         Just(json!("1767225600")),
+        Just(json!("a\u{0}b")),
+        Just(json!("-200000000000")),
+        Just(json!(-200_000_000_000_000i64)),
     ];
     leaf.prop_recursive(4, 48, 6, |inner| {
         prop_oneof![
@@ -79,13 +82,44 @@ fn any_json() -> impl Strategy<Value = Value> {
     })
 }
 
+/// What the parser gives out can be stored: PostgreSQL refuses U+0000 in text and jsonb, and
+/// times before 4713 BC.
+fn storable(s: &str) {
+    assert!(!s.contains('\0'), "a NUL reached the store: {s:?}");
+}
+
+fn storable_time(t: chrono::DateTime<chrono::Utc>) {
+    assert!(
+        (1970..=9999).contains(&chrono::Datelike::year(&t)),
+        "a time PostgreSQL may refuse: {t}"
+    );
+}
+
 fn check(events: &herald_workers::meta::webhook::Events) {
     for s in &events.statuses {
         assert_eq!(s.channel_id, Uuid::from_u128(1));
+        storable(&s.provider_message_id);
+        if let Some(e) = &s.error {
+            storable(e);
+        }
+        storable_time(s.at);
     }
     for m in &events.inbound {
         assert_eq!(m.channel_id, Uuid::from_u128(1));
         assert_eq!(m.workspace_id, Uuid::from_u128(2));
+        for text in [Some(&m.provider_message_id), Some(&m.sender), Some(&m.kind)]
+            .into_iter()
+            .chain([m.text.as_ref(), m.profile_name.as_ref()])
+            .flatten()
+        {
+            storable(text);
+        }
+        let payload = m.payload.to_string();
+        assert!(
+            !payload.contains("\\u0000"),
+            "a NUL in the payload: {payload}"
+        );
+        storable_time(m.sent_at);
     }
 }
 
@@ -144,4 +178,35 @@ fn a_non_string_meta_id_is_foreign_not_the_called_channel() {
         assert!(events.inbound.is_empty(), "{events:?}");
         assert_eq!(events.foreign, ["not a string: 1556"]);
     }
+}
+
+/// A signed delivery with a NUL in its strings or a time before 4713 BC parsed into events that
+/// PostgreSQL refuses to store, so the job retried until discarded, taking the other deliveries
+/// of its batch with it. Now the NULs are dropped and such a time counts as absent.
+#[test]
+fn what_postgresql_cannot_store_is_cleaned_out() {
+    let body = serde_json::to_vec(&json!({
+        "object": "whatsapp_business_account",
+        "entry": [{ "id": "waba", "changes": [{ "field": "messages", "value": {
+            "metadata": { "phone_number_id": "1555" },
+            "statuses": [
+                { "id": "wamid.\u{0}1", "status": "failed", "timestamp": "-200000000000",
+                  "recipient_id": "1", "errors": [{ "code": 1, "title": "bad\u{0}title" }] }
+            ],
+            "contacts": [{ "wa_id": "15551234567", "profile": { "name": "A\u{0}nn" } }],
+            "messages": [
+                { "from": "15551234567", "id": "wamid.\u{0}2", "timestamp": "1767225600",
+                  "type": "text", "text": { "body": "hi\u{0}there" }, "x\u{0}": "\u{0}" }
+            ]
+        }}]}]
+    }))
+    .expect("json");
+    let events = parse(&channel(), &body, &resolve).expect("parses");
+    check(&events);
+    assert_eq!(events.statuses.len(), 1);
+    assert_eq!(events.statuses[0].provider_message_id, "wamid.1");
+    assert_eq!(events.statuses[0].error.as_deref(), Some("badtitle"));
+    assert_eq!(events.inbound.len(), 1);
+    assert_eq!(events.inbound[0].text.as_deref(), Some("hithere"));
+    assert_eq!(events.inbound[0].profile_name.as_deref(), Some("Ann"));
 }
