@@ -47,8 +47,12 @@ impl StoreError {
                     return true;
                 }
                 // SQLite result codes, primary code in the low byte: BUSY, LOCKED, IOERR, FULL.
-                code.parse::<i32>()
-                    .is_ok_and(|n| matches!(n & 0xff, 5 | 6 | 10 | 13))
+                // Only SQLite's: many SQLSTATEs are digits too, and 22021 (a NUL byte in text)
+                // has 5 in its low byte, so a refused write was retried as if SQLite were busy.
+                db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some()
+                    && code
+                        .parse::<i32>()
+                        .is_ok_and(|n| matches!(n & 0xff, 5 | 6 | 10 | 13))
             }
             StoreError::Database(
                 sqlx::Error::Io(_)
