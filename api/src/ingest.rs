@@ -6,11 +6,11 @@
 //! serves hundreds of requests, so the rate is bounded by batches, not by commits, and a request
 //! is acknowledged only once its delivery is on disk: nothing is accepted and then lost.
 //!
-//! With a [`Triage`], a writer first parses each delivery: one that carries only statuses of
-//! our sends has them applied in the same transaction and needs no job (see
-//! [`herald_engine::inbox`]). If the database refuses such a batch for its content, the batch
-//! is stored again as raw deliveries, for the job: the triage can only save work, never lose a
-//! delivery.
+//! With a [`Triage`], each request first has its delivery sorted (on its own task, within
+//! [`TRIAGE_BUDGET`]): one that carries only statuses of our sends has them applied in the
+//! same transaction and needs no job (see [`herald_engine::inbox`]). If the database refuses
+//! such a batch for its content (not for a passing reason), the batch is stored again as raw
+//! deliveries, for the job: the triage can only save work, never lose a delivery.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,6 +61,9 @@ struct Pending {
 #[derive(Clone)]
 pub struct Ingest {
     tx: mpsc::Sender<Pending>,
+    /// Sorts each delivery on its request's task (requests run concurrently; the writers do
+    /// not), before it queues for a writer.
+    triage: Option<Arc<dyn Triage>>,
 }
 
 impl Ingest {
@@ -77,22 +80,31 @@ impl Ingest {
             tokio::spawn(writer(
                 store.clone(),
                 clock.clone(),
-                triage.clone(),
                 rx.clone(),
                 config.max_batch.max(1),
             ));
         }
-        Ingest { tx }
+        Ingest { tx, triage }
     }
 
     /// Stores one delivery durably (with the job that will process it); returns once committed.
     pub async fn store(&self, channel_id: uuid::Uuid, body: Vec<u8>) -> Result<(), IngestError> {
+        let mut event = NewWebhookEvent::raw(channel_id, body);
+        if let Some(triage) = &self.triage {
+            // Bounded: the triage may read the channels, and a slow database must not hold
+            // the request for longer than the write itself would. Unsorted goes to the job.
+            match tokio::time::timeout(TRIAGE_BUDGET, triage.statuses_only(channel_id, &event.body))
+                .await
+            {
+                Ok(statuses) => event.statuses = statuses,
+                Err(_) => {
+                    tracing::warn!(%channel_id, "webhook ingest: triage took too long; the delivery goes to the job")
+                }
+            }
+        }
         let (reply, answer) = oneshot::channel();
         self.tx
-            .try_send(Pending {
-                event: NewWebhookEvent::raw(channel_id, body),
-                reply,
-            })
+            .try_send(Pending { event, reply })
             .map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => IngestError::Overloaded,
                 mpsc::error::TrySendError::Closed(_) => IngestError::Stopped,
@@ -104,10 +116,12 @@ impl Ingest {
     }
 }
 
+/// How long a delivery may spend in the triage before it goes to the job as it is.
+pub const TRIAGE_BUDGET: Duration = Duration::from_millis(250);
+
 async fn writer(
     store: Arc<dyn Store>,
     clock: Arc<dyn Clock>,
-    triage: Option<Arc<dyn Triage>>,
     rx: Arc<Mutex<mpsc::Receiver<Pending>>>,
     max_batch: usize,
 ) {
@@ -122,18 +136,16 @@ async fn writer(
         }
         let (mut events, replies): (Vec<_>, Vec<_>) =
             batch.drain(..).map(|p| (p.event, p.reply)).unzip();
-        if let Some(triage) = &triage {
-            for e in &mut events {
-                e.statuses = triage.statuses_only(e.channel_id, &e.body).await;
-            }
-        }
         let mut result = store_with_retry(store.as_ref(), clock.as_ref(), &events).await;
-        if let (Err(e), true) = (&result, events.iter().any(|e| e.statuses.is_some())) {
-            tracing::warn!(
-                error = %e,
-                deliveries = events.len(),
-                "webhook ingest: applying statuses failed; storing the deliveries for the job"
-            );
+        let refused = matches!(&result, Err(e) if !is_transient(e));
+        if refused && events.iter().any(|e| e.statuses.is_some()) {
+            if let Err(e) = &result {
+                tracing::warn!(
+                    error = %e,
+                    deliveries = events.len(),
+                    "webhook ingest: the database refused the statuses; storing the deliveries for the job"
+                );
+            }
             for e in &mut events {
                 e.statuses = None;
             }
@@ -142,6 +154,7 @@ async fn writer(
         if let Err(e) = &result {
             tracing::error!(error = %e, deliveries = events.len(), "webhook ingest: deliveries not stored (Meta will redeliver)");
         }
+        let result = result.map_err(|e| e.to_string());
         for reply in replies {
             let _ = reply.send(result.clone());
         }
@@ -154,7 +167,7 @@ async fn store_with_retry(
     store: &dyn Store,
     clock: &dyn Clock,
     events: &[NewWebhookEvent],
-) -> Result<(), String> {
+) -> Result<(), StoreError> {
     let mut tried = false;
     loop {
         match store.inbox().store_webhooks(events, clock.now()).await {
@@ -164,7 +177,7 @@ async fn store_with_retry(
                 tried = true;
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e),
         }
     }
 }

@@ -38,8 +38,8 @@ pub struct NewWebhookEvent {
     pub body: Vec<u8>,
     /// Everything the delivery carries, when that is only statuses of our sends (each with its
     /// send id), as a [`Triage`] found: [`InboxStore::store_webhooks`] applies them in its
-    /// transaction and stores the delivery processed, with no job. None (or a status without a
-    /// send id): the delivery is stored for the [`WEBHOOK_KIND`] job.
+    /// transaction and stores the delivery processed, with no job. None (or an empty list, or
+    /// a status without a send id): the delivery is stored for the [`WEBHOOK_KIND`] job.
     pub statuses: Option<Vec<StatusEvent>>,
 }
 
@@ -58,7 +58,7 @@ impl NewWebhookEvent {
     pub fn applied_now(&self) -> Option<&[StatusEvent]> {
         self.statuses
             .as_deref()
-            .filter(|s| s.iter().all(|e| e.send_id.is_some()))
+            .filter(|s| !s.is_empty() && s.iter().all(|e| e.send_id.is_some()))
     }
 }
 

@@ -407,6 +407,14 @@ impl Triage for WebhookTriage {
             .await
             .ok()?;
         let channel = channels.iter().find(|c| c.id == channel_id)?;
+        // Most other deliveries are inbound messages: a byte search rules them out without
+        // parsing them twice (here and in the job). WhatsApp's statuses come in a `statuses`
+        // array; Messenger's and Instagram's settle our sends through echoes.
+        let marker: &[u8] = match channel.platform {
+            Platform::Whatsapp => b"\"statuses\"",
+            Platform::Messenger | Platform::Instagram => b"\"is_echo\"",
+        };
+        memchr::memmem::find(body, marker)?;
         let events = parse(channel, body, &|sender| sibling(&channels, channel, sender)).ok()?;
         let ours = |s: &StatusEvent| s.send_id.is_some();
         (events.inbound.is_empty()

@@ -52,22 +52,25 @@ impl InboxStore for SqliteStore {
                     3 * i + 4
                 ));
             }
-            sql.push_str(" RETURNING id");
-            let mut q = sqlx::query_scalar::<_, i64>(&sql).bind(to_micros(now));
+            // Each row says whether it waits for the job: SQLite returns the rows in no
+            // promised order, so they cannot be matched to the chunk by position.
+            sql.push_str(" RETURNING id, processed_at IS NULL");
+            let mut q = sqlx::query_as::<_, (i64, bool)>(&sql).bind(to_micros(now));
             for e in chunk {
                 q = q
                     .bind(e.channel_id.to_string())
                     .bind(e.body.as_slice())
                     .bind(e.applied_now().map(|_| to_micros(now)));
             }
-            let chunk_ids = q.fetch_all(&mut *tx).await?;
-            // RETURNING gives the rows in VALUES order (one statement, no triggers).
-            for (id, e) in chunk_ids.iter().zip(chunk) {
-                if e.applied_now().is_none() {
-                    queued.push(*id);
+            let mut rows = q.fetch_all(&mut *tx).await?;
+            // Ids grow with each row inserted, so id order is the chunk's order.
+            rows.sort_unstable_by_key(|r| r.0);
+            for (id, waits) in rows {
+                if waits {
+                    queued.push(id);
                 }
+                ids.push(id);
             }
-            ids.extend(chunk_ids);
         }
         let statuses: Vec<StatusEvent> = events
             .iter()
