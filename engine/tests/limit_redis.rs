@@ -335,7 +335,82 @@ async fn failsafe_uses_redis_when_it_answers() {
     assert_eq!(b.acquire("k", rate, 4).await.granted, 2);
     b.refund("k", rate, 2).await;
     assert_eq!(a.acquire("k", rate, 4).await.granted, 2);
+    // Several keys in one call share the buckets the single calls use.
+    let many = b.acquire_many(&[("k", rate, 1), ("other", rate, 9)]).await;
+    let granted: Vec<u32> = many.iter().map(|g| g.granted).collect();
+    assert_eq!(granted, vec![0, 6], "{many:?}");
+    assert_eq!(a.acquire("other", rate, 1).await.granted, 0);
     a.deregister().await.unwrap();
+}
+
+/// One call for many keys answers each key as one call for it would, in order; a rate that is
+/// not usable grants nothing there, as alone.
+#[tokio::test]
+async fn acquire_many_answers_each_key_as_acquire_would() {
+    let limiter = limiter(&prefix()).await;
+    assert!(limiter.acquire_many(&[]).await.unwrap().is_empty());
+    let ten = Rate {
+        per_second: 10.0,
+        burst: 3,
+    };
+    let five = Rate {
+        per_second: 5.0,
+        burst: 1,
+    };
+    let unusable = Rate {
+        per_second: 0.0,
+        burst: 1,
+    };
+    let first = limiter
+        .acquire_many(&[("a", ten, 5), ("b", five, 2), ("c", unusable, 1)])
+        .await
+        .unwrap();
+    let granted: Vec<u32> = first.iter().map(|g| g.granted).collect();
+    assert_eq!(granted, vec![3, 1, 0], "{first:?}");
+    assert_eq!(
+        first[2].next_in,
+        Duration::from_secs(1),
+        "asked again later"
+    );
+    let again = limiter
+        .acquire_many(&[("b", five, 1), ("a", ten, 1)])
+        .await
+        .unwrap();
+    assert_eq!((again[0].granted, again[1].granted), (0, 0), "{again:?}");
+    assert!(again[0].next_in > Duration::from_millis(150), "{again:?}");
+    assert!(again[1].next_in > Duration::from_millis(50), "{again:?}");
+    // The single call sees what the batch took.
+    assert_eq!(limiter.acquire("a", ten, 1).await.unwrap().granted, 0);
+}
+
+/// When Redis dies, a many-key ask falls back to the local share like a single one.
+#[tokio::test]
+async fn failsafe_acquire_many_falls_back_when_redis_dies() {
+    let port = free_port();
+    let server = Server::start(port);
+    let limiter = FailSafeLimiter::connect(
+        &format!("redis://127.0.0.1:{port}"),
+        "many".into(),
+        FailSafeConfig::default(),
+    )
+    .await
+    .expect("connect");
+    let rate = Rate {
+        per_second: 100.0,
+        burst: 10,
+    };
+    let grants = limiter
+        .acquire_many(&[("x", rate, 4), ("y", rate, 20)])
+        .await;
+    assert_eq!((grants[0].granted, grants[1].granted), (4, 10));
+    assert_eq!(limiter.status().mode, LimiterMode::Redis);
+    drop(server);
+    let grants = limiter
+        .acquire_many(&[("x", rate, 4), ("y", rate, 4)])
+        .await;
+    assert_eq!(limiter.status().mode, LimiterMode::Fallback);
+    // Local keys start empty, and a share is never above the rate.
+    assert!(grants.iter().all(|g| g.granted == 0), "{grants:?}");
 }
 
 /// A `redis-server` of the test's own, killed when dropped.
