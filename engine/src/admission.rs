@@ -21,16 +21,6 @@ pub trait Admission: Send + Sync + 'static {
     /// that may not send at all (a paused channel) grants nothing, with the time to look again.
     async fn acquire(&self, rate_key: &str, want: u32) -> Grant;
 
-    /// [`Admission::acquire`] for several keys at once, a grant per ask `(rate_key, want)` in
-    /// order: a dispatch round asks for every due key together. The default asks one by one.
-    async fn acquire_many(&self, asks: &[(&str, u32)]) -> Vec<Grant> {
-        let mut grants = Vec::with_capacity(asks.len());
-        for (key, want) in asks {
-            grants.push(self.acquire(key, *want).await);
-        }
-        grants
-    }
-
     /// Hands back permits granted by `acquire` for which no job was found.
     async fn refund(&self, rate_key: &str, n: u32);
 

@@ -584,21 +584,19 @@ impl Producer {
                 }
                 // Every due key asks for its permits first; then one claim takes each key's
                 // jobs up to its grant, so a round over a hundred channels is one statement.
-                // One ask for all of them (one Redis call when processes share the limits):
-                // each key asks for an even share of the free slots, at least one, so with
-                // fewer slots than keys the first ones (from the cursor on) go this round.
                 let round = at;
-                let free = self.free();
-                due.truncate(free);
-                let share = (free / due.len().max(1)).clamp(1, batch);
-                let asks: Vec<(&str, u32)> =
-                    due.iter().map(|k| (k.as_str(), share as u32)).collect();
-                let grants = admission.acquire_many(&asks).await;
-                if let Some(last) = due.last() {
-                    cursor = Some(last.clone());
-                }
+                let mut left = due.len();
+                let mut reserved = 0usize;
                 let mut wants: Vec<Want> = Vec::new();
-                for (key, grant) in due.into_iter().zip(grants) {
+                for key in due {
+                    let free = self.free().saturating_sub(reserved);
+                    if free == 0 {
+                        break;
+                    }
+                    let share = (free / left.max(1)).clamp(1, batch);
+                    left -= 1;
+                    cursor = Some(key.clone());
+                    let grant = admission.acquire(&key, share as u32).await;
                     let next = on_grid(origin, cfg.rate_tick, round, grant.next_in);
                     let permits = self.inner.metrics.key(&key);
                     permits.requested.fetch_add(share as u64, Ordering::Relaxed);
@@ -611,6 +609,7 @@ impl Producer {
                         .granted
                         .fetch_add(u64::from(grant.granted), Ordering::Relaxed);
                     let max_priority = admission.max_priority(&key).await;
+                    reserved += grant.granted as usize;
                     wants.push(Want {
                         key,
                         granted: grant.granted,

@@ -218,16 +218,15 @@ impl ChannelAdmission {
     }
 }
 
-impl ChannelAdmission {
-    /// What `acquire` does for `rate_key` before the limiter: the rate to ask it under, or the
-    /// answer without asking (not a channel's key, an unknown channel, a paused channel).
-    async fn plan(&self, rate_key: &str, want: u32) -> Result<Rate, Grant> {
+#[async_trait]
+impl Admission for ChannelAdmission {
+    async fn acquire(&self, rate_key: &str, want: u32) -> Grant {
         let Some(id) = channel_of_rate_key(rate_key) else {
             // Not a channel: nothing limits it here (the handler decides what it is).
-            return Err(Grant {
+            return Grant {
                 granted: want,
                 next_in: Duration::ZERO,
-            });
+            };
         };
         let channel = match self.channel(id).await {
             Some(c) => Some(c),
@@ -241,50 +240,19 @@ impl ChannelAdmission {
         let Some(channel) = channel else {
             // Unknown channel: let its jobs run one at a time, so their handler fails them with
             // the reason instead of leaving them waiting for ever.
-            return Err(Grant {
+            return Grant {
                 granted: want.min(1),
                 next_in: self.config.miss_reload,
-            });
+            };
         };
         if channel.paused_reason.is_some() && !channel.paused_broadcasts_only {
-            return Err(Grant {
+            return Grant {
                 granted: 0,
                 next_in: self.config.paused_recheck,
-            });
+            };
         }
-        Ok(self.rate_of(&channel))
-    }
-}
-
-#[async_trait]
-impl Admission for ChannelAdmission {
-    async fn acquire(&self, rate_key: &str, want: u32) -> Grant {
-        match self.plan(rate_key, want).await {
-            Ok(rate) => self.limiter.acquire(rate_key, rate, want).await,
-            Err(grant) => grant,
-        }
-    }
-
-    async fn acquire_many(&self, asks: &[(&str, u32)]) -> Vec<Grant> {
-        let mut grants = Vec::with_capacity(asks.len());
-        let mut limited = Vec::with_capacity(asks.len());
-        for (i, (key, want)) in asks.iter().enumerate() {
-            match self.plan(key, *want).await {
-                Ok(rate) => {
-                    limited.push((i, (*key, rate, *want)));
-                    grants.push(Grant {
-                        granted: 0,
-                        next_in: Duration::ZERO,
-                    });
-                }
-                Err(grant) => grants.push(grant),
-            }
-        }
-        let ask: Vec<(&str, Rate, u32)> = limited.iter().map(|(_, a)| *a).collect();
-        for ((i, _), grant) in limited.iter().zip(self.limiter.acquire_many(&ask).await) {
-            grants[*i] = grant;
-        }
-        grants
+        let rate = self.rate_of(&channel);
+        self.limiter.acquire(rate_key, rate, want).await
     }
 
     async fn max_priority(&self, rate_key: &str) -> Option<i16> {

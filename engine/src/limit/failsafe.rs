@@ -404,21 +404,6 @@ impl Limiter for FailSafeLimiter {
         s.local.acquire_now(key, s.share(rate), want)
     }
 
-    async fn acquire_many(&self, asks: &[(&str, Rate, u32)]) -> Vec<Grant> {
-        let s = &self.shared;
-        if s.mode() == LimiterMode::Redis {
-            if let Some(redis) = s.redis.get() {
-                match redis.acquire_many(asks).await {
-                    Ok(grants) => return grants,
-                    Err(error) => s.on_error(&error),
-                }
-            }
-        }
-        asks.iter()
-            .map(|(key, rate, want)| s.local.acquire_now(key, s.share(*rate), *want))
-            .collect()
-    }
-
     async fn refund(&self, key: &str, rate: Rate, n: u32) {
         let s = &self.shared;
         let mode = s.mode();

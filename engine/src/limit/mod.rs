@@ -79,17 +79,6 @@ pub trait Limiter: Send + Sync + 'static {
     /// Never fails: a limiter that cannot decide grants nothing.
     async fn acquire(&self, key: &str, rate: Rate, want: u32) -> Grant;
 
-    /// [`Limiter::acquire`] for several keys, a grant per ask `(key, rate, want)` in order.
-    /// The default asks one key at a time; a limiter behind a network answers them all in one
-    /// round trip (a dispatch round over a hundred channels is one call, not a hundred).
-    async fn acquire_many(&self, asks: &[(&str, Rate, u32)]) -> Vec<Grant> {
-        let mut grants = Vec::with_capacity(asks.len());
-        for (key, rate, want) in asks {
-            grants.push(self.acquire(key, *rate, *want).await);
-        }
-        grants
-    }
-
     /// Hands back `n` permits taken by `acquire` but not used.
     ///
     /// Call it right after the `acquire` whose permits went unused (in the same dispatch round):

@@ -1,6 +1,6 @@
 //! `RedisLimiter`: rate limits shared by every process through Redis.
 //!
-//! GCRA in one Lua script (one key, or all the keys a dispatch round asks for at once), so that reading and moving a key's theoretical arrival time (TAT) is
+//! GCRA in one Lua script, so that reading and moving a key's theoretical arrival time (TAT) is
 //! atomic however many processes share it, and on Redis's clock (`TIME`), so that processes on
 //! hosts whose clocks disagree still agree on what "now" is. Times are whole microseconds.
 //!
@@ -25,70 +25,51 @@ use redis::{Client, Script};
 
 use super::{invalid_rate_grant, Gcra, Grant, LimitError, Rate};
 
-/// GCRA for one key, as a Lua function: takes up to `want` permits of `key` at Redis time `now`
-/// (µs) under interval `t` (µs) and `burst`; returns granted, µs until the next permit.
-const ACQUIRE_FN: &str = r"
-local function acquire(key, t, burst, want, now)
-  local tau = t * (burst - 1)
-  local tat = now
-  local dirty = false
-  local stored = redis.call('GET', key)
-  if stored then
-    local s_tat, s_t = string.match(stored, '^(%d+):(%d+)$')
-    if s_tat then
-      local debt = tonumber(s_tat) - now
-      if debt > 0 then
-        local old_t = tonumber(s_t)
-        if old_t ~= t and old_t > 0 then
-          debt = math.ceil(debt * t / old_t)
-          dirty = true
-        end
-        tat = now + debt
-      end
-    else
-      -- Not ours or corrupt: take the bucket as empty (grant less, never more) and rewrite it.
-      tat = now + tau + t
-      dirty = true
-    end
-  end
-  local avail = math.floor((now + tau - tat) / t) + 1
-  if avail < 0 then avail = 0 end
-  local granted = want
-  if avail < granted then granted = avail end
-  if granted > 0 then
-    tat = tat + granted * t
-    dirty = true
-  end
-  if dirty and tat > now then
-    local ttl_ms = math.ceil((tat - now) / 1000) + 1
-    redis.call('SET', key, string.format('%.0f:%.0f', tat, t), 'PX', string.format('%.0f', ttl_ms))
-  end
-  local next_in = tat - tau - now
-  if next_in < 0 then next_in = 0 end
-  return granted, next_in
-end
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-";
-
 /// Takes up to `want` permits. KEYS[1] the key; ARGV: T (µs), burst, want.
 /// Returns {granted, microseconds until the next permit}.
-const ACQUIRE_ONE: &str = r"
-local granted, next_in = acquire(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), now)
-return {granted, next_in}
-";
-
-/// Takes permits of several keys at one Redis time: KEYS the keys; ARGV: T (µs), burst, want
-/// for each key in turn. Returns {granted, µs until the next permit} for each key in turn.
-const ACQUIRE_MANY: &str = r"
-local out = {}
-for i, key in ipairs(KEYS) do
-  local granted, next_in = acquire(key, tonumber(ARGV[3 * i - 2]), tonumber(ARGV[3 * i - 1]),
-                                   tonumber(ARGV[3 * i]), now)
-  out[2 * i - 1] = granted
-  out[2 * i] = next_in
+const ACQUIRE_LUA: &str = r"
+local t = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local want = tonumber(ARGV[3])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local tau = t * (burst - 1)
+local tat = now
+local dirty = false
+local stored = redis.call('GET', KEYS[1])
+if stored then
+  local s_tat, s_t = string.match(stored, '^(%d+):(%d+)$')
+  if s_tat then
+    local debt = tonumber(s_tat) - now
+    if debt > 0 then
+      local old_t = tonumber(s_t)
+      if old_t ~= t and old_t > 0 then
+        debt = math.ceil(debt * t / old_t)
+        dirty = true
+      end
+      tat = now + debt
+    end
+  else
+    -- Not ours or corrupt: take the bucket as empty (grant less, never more) and rewrite it.
+    tat = now + tau + t
+    dirty = true
+  end
 end
-return out
+local avail = math.floor((now + tau - tat) / t) + 1
+if avail < 0 then avail = 0 end
+local granted = want
+if avail < granted then granted = avail end
+if granted > 0 then
+  tat = tat + granted * t
+  dirty = true
+end
+if dirty and tat > now then
+  local ttl_ms = math.ceil((tat - now) / 1000) + 1
+  redis.call('SET', KEYS[1], string.format('%.0f:%.0f', tat, t), 'PX', string.format('%.0f', ttl_ms))
+end
+local next_in = tat - tau - now
+if next_in < 0 then next_in = 0 end
+return {granted, next_in}
 ";
 
 /// Hands back permits. KEYS[1] the key; ARGV: n. Moves the TAT back by n times the interval
@@ -171,7 +152,6 @@ pub struct RedisLimiter {
     key_prefix: String,
     call_timeout: Duration,
     acquire_script: Script,
-    acquire_many_script: Script,
     refund_script: Script,
     register_script: Script,
 }
@@ -191,8 +171,7 @@ impl RedisLimiter {
             conn,
             key_prefix: config.key_prefix,
             call_timeout: config.call_timeout,
-            acquire_script: Script::new(&format!("{ACQUIRE_FN}{ACQUIRE_ONE}")),
-            acquire_many_script: Script::new(&format!("{ACQUIRE_FN}{ACQUIRE_MANY}")),
+            acquire_script: Script::new(ACQUIRE_LUA),
             refund_script: Script::new(REFUND_LUA),
             register_script: Script::new(REGISTER_LUA),
         }
@@ -219,46 +198,16 @@ impl RedisLimiter {
         let mut call = self.acquire_script.key(self.redis_key(key));
         call.arg(gcra.t_us()).arg(gcra.burst).arg(want);
         let (granted, next_in_us): (i64, i64) = self.timed(call.invoke_async(&mut conn)).await?;
-        grant_of(granted, next_in_us, want)
-    }
-
-    /// Takes permits of several keys in one call (one round trip, one Redis time), a grant per
-    /// ask in order: `(key, rate, want)`. An ask whose rate is not usable grants nothing, without
-    /// asking Redis.
-    pub async fn acquire_many(&self, asks: &[(&str, Rate, u32)]) -> Result<Vec<Grant>, LimitError> {
-        let mut grants: Vec<Option<Grant>> = vec![None; asks.len()];
-        let mut call = self.acquire_many_script.prepare_invoke();
-        let mut asked = Vec::with_capacity(asks.len());
-        for (i, (key, rate, want)) in asks.iter().enumerate() {
-            match Gcra::from_rate(*rate) {
-                None => grants[i] = Some(invalid_rate_grant()),
-                Some(gcra) => {
-                    call.key(self.redis_key(key))
-                        .arg(gcra.t_us())
-                        .arg(gcra.burst)
-                        .arg(*want);
-                    asked.push(i);
-                }
-            }
-        }
-        if !asked.is_empty() {
-            let mut conn = self.conn.clone();
-            let answer: Vec<i64> = self.timed(call.invoke_async(&mut conn)).await?;
-            if answer.len() != 2 * asked.len() {
-                return Err(LimitError::Reply(format!(
-                    "{} numbers for {} keys",
-                    answer.len(),
-                    asked.len()
-                )));
-            }
-            for (pair, &i) in answer.chunks_exact(2).zip(&asked) {
-                grants[i] = Some(grant_of(pair[0], pair[1], asks[i].2)?);
-            }
-        }
-        Ok(grants
-            .into_iter()
-            .map(|g| g.unwrap_or_else(invalid_rate_grant))
-            .collect())
+        let granted = u32::try_from(granted)
+            .ok()
+            .filter(|g| *g <= want)
+            .ok_or_else(|| LimitError::Reply(format!("granted {granted} of {want}")))?;
+        let next_in_us = u64::try_from(next_in_us)
+            .map_err(|_| LimitError::Reply(format!("next permit in {next_in_us} µs")))?;
+        Ok(Grant {
+            granted,
+            next_in: Duration::from_micros(next_in_us),
+        })
     }
 
     /// Hands back `n` permits of `key` (see [`super::Limiter::refund`] for when). `rate` only
@@ -335,20 +284,6 @@ impl fmt::Debug for RedisLimiter {
             .field("call_timeout", &self.call_timeout)
             .finish_non_exhaustive()
     }
-}
-
-/// A script's answer for one key, checked: never more than was asked for.
-fn grant_of(granted: i64, next_in_us: i64, want: u32) -> Result<Grant, LimitError> {
-    let granted = u32::try_from(granted)
-        .ok()
-        .filter(|g| *g <= want)
-        .ok_or_else(|| LimitError::Reply(format!("granted {granted} of {want}")))?;
-    let next_in_us = u64::try_from(next_in_us)
-        .map_err(|_| LimitError::Reply(format!("next permit in {next_in_us} µs")))?;
-    Ok(Grant {
-        granted,
-        next_in: Duration::from_micros(next_in_us),
-    })
 }
 
 /// Parses `url` into a client; a malformed URL is [`LimitError::InvalidUrl`].
