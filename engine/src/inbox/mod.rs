@@ -62,6 +62,17 @@ impl NewWebhookEvent {
     }
 }
 
+/// The statuses of every delivery in `events` that has some to apply now
+/// ([`NewWebhookEvent::applied_now`]), in order: what both stores apply as they store them.
+pub fn statuses_applied_now(events: &[NewWebhookEvent]) -> Vec<StatusEvent> {
+    events
+        .iter()
+        .filter_map(NewWebhookEvent::applied_now)
+        .flatten()
+        .cloned()
+        .collect()
+}
+
 /// Sorts deliveries before they are stored (see the module's documentation). Implemented by the
 /// webhook parser (in the workers), given to the HTTP layer by the composition root.
 #[async_trait]

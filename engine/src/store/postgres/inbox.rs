@@ -9,11 +9,11 @@ use std::sync::LazyLock;
 
 use super::delivery::{bind_statuses_by_send, statuses_by_send_sql};
 use super::PgStore;
-use crate::delivery::{canonical_recipient, latest_statuses, StatusEvent};
+use crate::delivery::{canonical_recipient, latest_statuses};
 use crate::error::Result;
 use crate::inbox::{
-    webhook_job, InboundHandOff, InboundMessage, InboxStore, NewWebhookEvent, WebhookCounts,
-    WebhookEvent,
+    statuses_applied_now, webhook_job, InboundHandOff, InboundMessage, InboxStore, NewWebhookEvent,
+    WebhookCounts, WebhookEvent,
 };
 use crate::store::postgres::notify_payloads;
 use crate::wakeup::{Due, Wakeups};
@@ -67,12 +67,7 @@ impl InboxStore for PgStore {
         let channels: Vec<Uuid> = events.iter().map(|e| e.channel_id).collect();
         let bodies: Vec<&[u8]> = events.iter().map(|e| e.body.as_slice()).collect();
         let applied: Vec<bool> = events.iter().map(|e| e.applied_now().is_some()).collect();
-        let statuses: Vec<StatusEvent> = events
-            .iter()
-            .filter_map(NewWebhookEvent::applied_now)
-            .flatten()
-            .cloned()
-            .collect();
+        let statuses = statuses_applied_now(events);
         let (by_send, by_provider) = latest_statuses(&statuses);
         debug_assert!(
             by_provider.is_empty(),

@@ -8,11 +8,11 @@ use uuid::Uuid;
 use super::delivery::apply_statuses_in;
 use super::{parse_uuid, SqliteStore};
 use crate::clock::{from_micros, to_micros};
-use crate::delivery::{canonical_recipient, StatusEvent};
+use crate::delivery::canonical_recipient;
 use crate::error::{Result, StoreError};
 use crate::inbox::{
-    webhook_job, InboundHandOff, InboundMessage, InboxStore, NewWebhookEvent, WebhookCounts,
-    WebhookEvent,
+    statuses_applied_now, webhook_job, InboundHandOff, InboundMessage, InboxStore, NewWebhookEvent,
+    WebhookCounts, WebhookEvent,
 };
 use crate::store::postgres::notify_payloads;
 
@@ -72,12 +72,7 @@ impl InboxStore for SqliteStore {
                 ids.push(id);
             }
         }
-        let statuses: Vec<StatusEvent> = events
-            .iter()
-            .filter_map(NewWebhookEvent::applied_now)
-            .flatten()
-            .cloned()
-            .collect();
+        let statuses = statuses_applied_now(events);
         if !statuses.is_empty() {
             apply_statuses_in(&mut tx, &statuses).await?;
         }
