@@ -325,6 +325,10 @@ pub struct Processed {
 pub struct ChannelDirectory {
     ttl: Duration,
     cached: Mutex<Option<(Instant, Arc<Vec<Channel>>)>>,
+    /// One reload at a time: every webhook request asks (through the triage), so when the
+    /// list goes stale the requests in flight wait for one reload instead of each reading and
+    /// decrypting every channel.
+    reload: tokio::sync::Mutex<()>,
 }
 
 impl ChannelDirectory {
@@ -335,23 +339,36 @@ impl ChannelDirectory {
         ChannelDirectory {
             ttl,
             cached: Mutex::new(None),
+            reload: tokio::sync::Mutex::new(()),
         }
+    }
+
+    fn cached(&self) -> Option<(Instant, Arc<Vec<Channel>>)> {
+        self.cached
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The channels, with every id in `needed` among them if it exists.
     async fn channels(
         &self,
         store: &dyn Store,
-        mut needed: impl Iterator<Item = Uuid>,
+        needed: impl Iterator<Item = Uuid>,
     ) -> Result<Arc<Vec<Channel>>, StoreError> {
-        let cached = self
-            .cached
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
-            .filter(|(at, _)| at.elapsed() < self.ttl);
-        if let Some((_, list)) = cached {
-            if needed.all(|id| list.iter().any(|c| c.id == id)) {
+        let needed: Vec<Uuid> = needed.collect();
+        let has_all = |list: &[Channel]| needed.iter().all(|id| list.iter().any(|c| c.id == *id));
+        if let Some((at, list)) = self.cached() {
+            if at.elapsed() < self.ttl && has_all(&list) {
+                return Ok(list);
+            }
+        }
+        let asked = Instant::now();
+        let _one = self.reload.lock().await;
+        // A list loaded after this call began is as new as a load of its own would be, even
+        // without an id it needs (that channel does not exist).
+        if let Some((at, list)) = self.cached() {
+            if at >= asked || (at.elapsed() < self.ttl && has_all(&list)) {
                 return Ok(list);
             }
         }
