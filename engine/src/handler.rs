@@ -1,14 +1,14 @@
 //! Handlers: the code that runs a job, registered per job kind with its retry policy.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::de::DeserializeOwned;
 
 use crate::backoff::Backoff;
-use crate::model::Job;
+use crate::model::{Effect, Job};
 
 /// How a handler's attempt did not succeed.
 #[derive(Debug, Clone, PartialEq)]
@@ -48,6 +48,34 @@ impl JobError {
 #[derive(Debug, Clone)]
 pub struct JobContext {
     pub job: Arc<Job>,
+    /// Set by [`JobContext::complete_with`], taken by the runtime for the completion.
+    effect: Arc<Mutex<Option<Effect>>>,
+}
+
+impl JobContext {
+    pub(crate) fn new(job: Job) -> Self {
+        JobContext {
+            job: Arc::new(job),
+            effect: Arc::default(),
+        }
+    }
+
+    /// Records `effect` with this attempt's completion, whatever its outcome, in the same
+    /// statement where the store can: one write instead of two, and a job never completed
+    /// without it. The last call of an attempt wins.
+    pub fn complete_with(&self, effect: Effect) {
+        *self
+            .effect
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(effect);
+    }
+
+    pub(crate) fn take_effect(&self) -> Option<Effect> {
+        self.effect
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
 }
 
 /// The policy of a job kind: how it retries and how long an attempt may take.

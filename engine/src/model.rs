@@ -363,6 +363,23 @@ pub struct Completion {
     /// The job's error list after this attempt (already trimmed); None leaves it unchanged.
     pub errors: Option<Vec<AttemptError>>,
     pub finished_at: DateTime<Utc>,
+    /// What the attempt did outside the database, to record with the completion
+    /// ([`crate::JobContext::complete_with`]).
+    pub effect: Option<Effect>,
+}
+
+/// A write that belongs with a job's completion: the store makes it in the statement (or
+/// transaction) that completes the job, or just before, never after, so a completed job never
+/// lacks it. It is made even when the completion changes nothing (the claim is no longer
+/// current): it records what happened, and that happened either way.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    /// Meta accepted a send: its message id, as
+    /// [`crate::delivery::DeliveryStore::accept_sends`] records it.
+    SendAccepted {
+        send_id: Uuid,
+        provider_message_id: String,
+    },
 }
 
 /// Jobs per state, per queue (unfinished) or in the archive (final).

@@ -910,15 +910,16 @@ async fn execute(inner: &Inner, job: Job) -> Completion {
     let (id, attempt, max_attempts) = (job.id, job.attempt, job.max_attempts);
     let mut errors = job.errors.clone();
     let registered = inner.registry.get(&job.kind).cloned();
+    let mut effect = None;
     let result = match &registered {
         None => Err(JobError::Discard(format!(
             "no handler registered for kind {:?}",
             job.kind
         ))),
         Some(r) => {
-            let ctx = JobContext { job: Arc::new(job) };
+            let ctx = JobContext::new(job);
             let run = AssertUnwindSafe(r.handler.run(&ctx)).catch_unwind();
-            match tokio::time::timeout(r.policy.timeout, run).await {
+            let result = match tokio::time::timeout(r.policy.timeout, run).await {
                 Ok(Ok(result)) => result,
                 Ok(Err(panic)) => Err(JobError::retry(format!(
                     "handler panicked: {}",
@@ -928,7 +929,9 @@ async fn execute(inner: &Inner, job: Job) -> Completion {
                     "handler timed out after {:?}",
                     r.policy.timeout
                 ))),
-            }
+            };
+            effect = ctx.take_effect();
+            result
         }
     };
     let now = inner.now();
@@ -948,6 +951,7 @@ async fn execute(inner: &Inner, job: Job) -> Completion {
                 outcome: Outcome::Completed,
                 errors: None,
                 finished_at: now,
+                effect,
             }
         }
         Err(JobError::Snooze(d)) => {
@@ -959,6 +963,7 @@ async fn execute(inner: &Inner, job: Job) -> Completion {
                 },
                 errors: None,
                 finished_at: now,
+                effect,
             }
         }
         Err(JobError::Retry { error, after }) => {
@@ -1000,6 +1005,7 @@ async fn execute(inner: &Inner, job: Job) -> Completion {
         outcome,
         errors: Some(errors),
         finished_at: now,
+        effect,
     }
 }
 
@@ -1219,6 +1225,7 @@ pub async fn rescue_once(
                     outcome,
                     errors: Some(errors),
                     finished_at: now,
+                    effect: None,
                 }
             })
             .collect();

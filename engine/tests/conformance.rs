@@ -33,6 +33,7 @@ fn done(id: i64, attempt: i32, outcome: Outcome, at: DateTime<Utc>) -> Completio
         outcome,
         errors: None,
         finished_at: at,
+        effect: None,
     }
 }
 
@@ -498,6 +499,7 @@ async fn retry_and_snooze_transitions(store: Arc<dyn Store>) {
             },
             errors: Some(vec![err.clone()]),
             finished_at: t0(),
+            effect: None,
         }])
         .await
         .expect("complete");

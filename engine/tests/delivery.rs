@@ -30,7 +30,7 @@ conformance!(
     begin_sends_takes_only_queued_sends,
     accept_sends_records_provider_ids,
     accept_sends_keeps_a_webhook_failure,
-    record_sends_begins_and_accepts_together,
+    completions_record_accepted_sends,
     apply_statuses_only_moves_forward,
     apply_statuses_by_provider_id_and_within_channel,
     statuses_from_another_channel_do_not_mask_real_ones,
@@ -1005,81 +1005,156 @@ async fn accept_sends_records_provider_ids(store: Arc<dyn Store>) {
     );
 }
 
-/// The recorder's combined write: begins only queued sends and returns them, accepts the others
-/// exactly as `accept_sends` does (never moving a send back), in one call.
-async fn record_sends_begins_and_accepts_together(store: Arc<dyn Store>) {
-    let d = store.delivery();
+/// The send worker's second write travels with its job's completion: Meta's id is recorded in
+/// the completing statement, whatever the outcome, and even when the claim is no longer
+/// current (Meta has the message either way). Never moving a send back, as `accept_sends`.
+async fn completions_record_accepted_sends(store: Arc<dyn Store>) {
+    use herald_engine::model::{Completion, Effect, Outcome};
     let ch = channel(&*store).await;
     let mut ids = Vec::new();
     for i in 0..5 {
         ids.push(create_one(&*store, &ch, &format!("+1555000{i}")).await);
     }
     let t1 = t0() + secs(1);
-    d.begin_sends(&ids[..3], t1).await.expect("begin 0..3");
-    // Send 2 was delivered (webhook) before its answer came back.
-    d.apply_statuses(&[event(
-        ch.id,
-        "wamid.2",
-        Some(ids[2]),
-        SendStatus::Delivered,
-        t1,
-    )])
-    .await
-    .expect("delivered");
-
-    let t2 = t0() + secs(2);
-    // Begin 3 and 4, and 0 again (already sending: not begun twice); accept 0 and 2, and one
-    // send that does not exist.
-    let begun = d
-        .record_sends(
-            &[ids[3], ids[4], ids[0]],
-            &[
-                (ids[0], "wamid.0".to_owned()),
-                (ids[2], "wamid.2".to_owned()),
-                (Uuid::new_v4(), "wamid.x".to_owned()),
-            ],
-            t2,
-        )
+    let claimed = store
+        .claim(SEND_QUEUE, "w1", 10, t1, t1 + secs(60))
         .await
-        .expect("record");
-    let mut begun_ids: Vec<Uuid> = begun.iter().map(|r| r.id).collect();
-    begun_ids.sort();
-    let mut want = vec![ids[3], ids[4]];
-    want.sort();
-    assert_eq!(begun_ids, want, "only the queued sends are begun");
-    for r in &begun {
-        assert_eq!(r.status, SendStatus::Sending, "returned as sending");
-        assert_eq!(r.requests, 1, "one request counted");
-        assert_eq!(r.requested_at, Some(t2), "requested_at set");
+        .expect("claim");
+    assert_eq!(claimed.len(), 5, "one job per send");
+    let send_of = |j: &Job| -> Uuid {
+        serde_json::from_value::<herald_engine::delivery::SendArgs>(j.payload.clone())
+            .expect("send args")
+            .send_id
+    };
+    let job_of = |send: Uuid| -> &Job {
+        claimed
+            .iter()
+            .find(|j| send_of(j) == send)
+            .expect("the send's job")
+    };
+    store.delivery().begin_sends(&ids, t1).await.expect("begin");
+    // Send 2 was delivered (webhook) before its answer came back.
+    apply(
+        &*store,
+        vec![event(
+            ch.id,
+            "wamid.2",
+            Some(ids[2]),
+            SendStatus::Delivered,
+            t1,
+        )],
+    )
+    .await;
+    let t2 = t0() + secs(2);
+    let accepted = |send: Uuid, pmid: &str| {
+        Some(Effect::SendAccepted {
+            send_id: send,
+            provider_message_id: pmid.to_owned(),
+        })
+    };
+    let completion = |send: Uuid, attempt: i32, outcome: Outcome, effect| Completion {
+        id: job_of(send).id,
+        attempt,
+        outcome,
+        errors: None,
+        finished_at: t2,
+        effect,
+    };
+    let current = job_of(ids[0]).attempt;
+    let changed = store
+        .complete(&[
+            completion(
+                ids[0],
+                current,
+                Outcome::Completed,
+                accepted(ids[0], "wamid.0"),
+            ),
+            // A stale claim (rescued and claimed again meanwhile): the job is not touched, the
+            // send is still recorded.
+            completion(
+                ids[1],
+                current + 1,
+                Outcome::Completed,
+                accepted(ids[1], "wamid.1"),
+            ),
+            completion(
+                ids[2],
+                current,
+                Outcome::Completed,
+                accepted(ids[2], "wamid.2"),
+            ),
+            // Another outcome than success still carries its effect.
+            completion(
+                ids[3],
+                current,
+                Outcome::Snooze {
+                    run_at: t2 + secs(30),
+                },
+                accepted(ids[3], "wamid.3"),
+            ),
+            completion(ids[4], current, Outcome::Completed, None),
+        ])
+        .await
+        .expect("complete");
+    assert_eq!(changed, 4, "every current claim changed, the stale one not");
+    for (i, want) in [
+        (0, SendStatus::Accepted),
+        (1, SendStatus::Accepted),
+        (3, SendStatus::Accepted),
+    ] {
+        let r = get_send(&*store, ids[i]).await;
+        assert_eq!(r.status, want, "send {i}");
+        assert_eq!(
+            r.provider_message_id,
+            Some(format!("wamid.{i}")),
+            "send {i}"
+        );
+        assert_eq!(r.accepted_at, Some(t2), "send {i}");
     }
-    let r0 = get_send(&*store, ids[0]).await;
-    assert_eq!(r0.status, SendStatus::Accepted, "0 accepted");
-    assert_eq!(r0.provider_message_id.as_deref(), Some("wamid.0"));
-    assert_eq!(r0.requests, 1, "0 was not begun again");
-    assert_eq!(r0.accepted_at, Some(t2));
     let r2 = get_send(&*store, ids[2]).await;
     assert_eq!(r2.status, SendStatus::Delivered, "2 not moved back");
     assert_eq!(r2.provider_message_id.as_deref(), Some("wamid.2"));
     assert_eq!(
-        get_send(&*store, ids[1]).await.status,
+        get_send(&*store, ids[4]).await.status,
         SendStatus::Sending,
-        "1 untouched"
+        "no effect, no write"
     );
-
-    // Either list alone, and neither.
+    let job = |send: Uuid| {
+        let store = store.clone();
+        let id = job_of(send).id;
+        async move {
+            store
+                .get_job(id)
+                .await
+                .expect("get")
+                .expect("the job exists")
+        }
+    };
+    assert_eq!(job(ids[0]).await.state, JobState::Completed);
+    assert_eq!(
+        job(ids[1]).await.state,
+        JobState::Running,
+        "stale: untouched"
+    );
+    assert_eq!(job(ids[3]).await.state, JobState::Scheduled);
+    // Effects alone (no completion finalizes a job) are written too.
     let t3 = t0() + secs(3);
-    assert!(d
-        .record_sends(&[], &[(ids[3], "wamid.3".to_owned())], t3)
+    let changed = store
+        .complete(&[Completion {
+            finished_at: t3,
+            ..completion(
+                ids[4],
+                current + 7,
+                Outcome::Completed,
+                accepted(ids[4], "wamid.4"),
+            )
+        }])
         .await
-        .expect("accept only")
-        .is_empty());
-    assert_eq!(get_send(&*store, ids[3]).await.status, SendStatus::Accepted);
-    assert!(d
-        .record_sends(&[ids[1]], &[], t3)
-        .await
-        .expect("begin only")
-        .is_empty());
-    assert!(d.record_sends(&[], &[], t3).await.expect("none").is_empty());
+        .expect("stale only");
+    assert_eq!(changed, 0);
+    let r4 = get_send(&*store, ids[4]).await;
+    assert_eq!(r4.status, SendStatus::Accepted);
+    assert_eq!(r4.accepted_at, Some(t3));
 }
 
 /// A `failed` status webhook that arrives before Meta's answer to the request: the late accept

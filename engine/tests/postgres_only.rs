@@ -212,6 +212,7 @@ async fn the_hot_table_is_vacuumed_once_dead_rows_pile_up() {
             outcome: herald_engine::model::Outcome::Completed,
             errors: None,
             finished_at: now,
+            effect: None,
         })
         .collect();
     store.complete(&done).await.expect("complete");

@@ -41,6 +41,7 @@ conformance!(
     graceful_shutdown_releases_stuck_jobs,
     crashed_worker_jobs_are_rescued,
     paused_queue_runs_nothing_until_resumed,
+    effects_are_written_with_the_completion,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1319,4 +1320,102 @@ async fn engine_survives_a_postgresql_restart() {
     stop(engine).await;
     drop(store);
     drop(cluster);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Effects
+
+/// Records a send as accepted through its completion, then ends as the payload says.
+struct Accepting;
+
+#[derive(Deserialize)]
+struct AcceptingArgs {
+    send: uuid::Uuid,
+    #[serde(default)]
+    fail: bool,
+}
+
+#[async_trait]
+impl Worker for Accepting {
+    type Args = AcceptingArgs;
+    const KIND: &'static str = "test.accepting";
+
+    async fn work(&self, args: AcceptingArgs, ctx: &JobContext) -> Result<(), JobError> {
+        ctx.complete_with(herald_engine::model::Effect::SendAccepted {
+            send_id: args.send,
+            provider_message_id: format!("wamid.{}", args.send.simple()),
+        });
+        if args.fail {
+            return Err(JobError::Discard("failed after the call".into()));
+        }
+        Ok(())
+    }
+}
+
+/// What a handler records with `complete_with` reaches the store with its completion,
+/// whichever way the attempt ended.
+async fn effects_are_written_with_the_completion(store: Arc<dyn Store>) {
+    use herald_engine::delivery::{Lane, Message, NewChannel, NewSend, Platform, SendStatus};
+    let delivery = store.delivery();
+    let channel = delivery
+        .create_channel(
+            &NewChannel {
+                workspace_id: uuid::Uuid::new_v4(),
+                platform: Platform::Whatsapp,
+                name: "effects".into(),
+                sender_id: "1555000".into(),
+                portfolio_id: None,
+                access_token: "token".into(),
+                app_secret: "secret".into(),
+                verify_token: "verify".into(),
+                graph_base_url: None,
+                api_version: None,
+                limits: None,
+            },
+            Utc::now(),
+        )
+        .await
+        .expect("channel");
+    let sends: Vec<NewSend> = (0..3)
+        .map(|i| NewSend {
+            workspace_id: channel.workspace_id,
+            channel_id: channel.id,
+            recipient: format!("+1555000{i}"),
+            message: Message::Text { body: "hi".into() },
+            lane: Lane::Broadcast,
+        })
+        .collect();
+    let ids = delivery
+        .create_sends(&sends, Utc::now())
+        .await
+        .expect("sends");
+    delivery.begin_sends(&ids, Utc::now()).await.expect("begin");
+    let mut registry = Registry::new();
+    registry.register(Accepting);
+    let clock = system_clock();
+    let client = Client::new(store.clone(), clock.clone());
+    let engine = Engine::start(store.clone(), registry, config(4), clock);
+    let ok = enqueue(
+        &client,
+        NewJob::new(Accepting::KIND, json!({ "send": ids[0] })),
+    )
+    .await;
+    let failed = enqueue(
+        &client,
+        NewJob::new(Accepting::KIND, json!({ "send": ids[1], "fail": true })),
+    )
+    .await;
+    wait_for_state(&*store, ok, JobState::Completed).await;
+    wait_for_state(&*store, failed, JobState::Discarded).await;
+    for id in &ids[..2] {
+        let send = delivery.send(*id).await.expect("read").expect("exists");
+        assert_eq!(send.status, SendStatus::Accepted, "send {id}");
+        assert_eq!(
+            send.provider_message_id,
+            Some(format!("wamid.{}", id.simple()))
+        );
+    }
+    let untouched = delivery.send(ids[2]).await.expect("read").expect("exists");
+    assert_eq!(untouched.status, SendStatus::Sending);
+    stop(engine).await;
 }

@@ -684,25 +684,6 @@ pub trait DeliveryStore: Send + Sync + 'static {
     /// a status webhook already moved further). Returns how many sends it found.
     async fn accept_sends(&self, accepted: &[(Uuid, String)], now: DateTime<Utc>) -> Result<u64>;
 
-    /// `begin_sends(begin)` and `accept_sends(accepted)` together, for the send worker's
-    /// recorder, which gathers both kinds of write from every send in flight: a backend that
-    /// can do both in one round trip (PostgreSQL) does, because at 1,000 sends a second these
-    /// two writes are a third of all statements. Returns what `begin_sends` returns. The two
-    /// lists name different sends (a send is begun before it is accepted, by the one job that
-    /// holds it). On an error, neither or only the accepts may have been written: the callers
-    /// then retry, and a send found accepted is not sent again.
-    async fn record_sends(
-        &self,
-        begin: &[Uuid],
-        accepted: &[(Uuid, String)],
-        now: DateTime<Utc>,
-    ) -> Result<Vec<SendRecord>> {
-        // The accepts first: Meta has those messages, and a failed begin must not keep their
-        // ids from being recorded.
-        self.accept_sends(accepted, now).await?;
-        self.begin_sends(begin, now).await
-    }
-
     /// Applies Meta's statuses, each only if it moves its send forward. A status names its send
     /// by our id (echoed callback data) or, failing that, by Meta's message id; either way only
     /// within its channel. Returns how many sends changed.

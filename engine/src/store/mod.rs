@@ -237,7 +237,8 @@ pub trait Store: Send + Sync + 'static {
 
     /// Records finished attempts. A completion whose (id, attempt) is no longer a running claim
     /// (the job was rescued, released or finalised meanwhile) changes nothing. Returns the number
-    /// of jobs changed.
+    /// of jobs changed. Each completion's [`crate::model::Effect`] is written in the same
+    /// statement or before it (never after), current claim or not.
     async fn complete(&self, completions: &[Completion]) -> Result<u64>;
 
     /// Extends the leases of these running claims (id, attempt).
@@ -399,6 +400,28 @@ pub(crate) struct Requeue {
     /// Attempts given back: 1 for a snooze, which does not count.
     pub uncount: i32,
     pub errors: Option<String>,
+}
+
+/// The sends Meta accepted, from the completions' effects, and the latest of their finishing
+/// times (when they are recorded as accepted).
+pub(crate) fn accepted_sends(
+    completions: &[Completion],
+) -> (Vec<(uuid::Uuid, String)>, DateTime<Utc>) {
+    let mut at = DateTime::<Utc>::UNIX_EPOCH;
+    let accepted = completions
+        .iter()
+        .filter_map(|c| match &c.effect {
+            Some(crate::model::Effect::SendAccepted {
+                send_id,
+                provider_message_id,
+            }) => {
+                at = at.max(c.finished_at);
+                Some((*send_id, provider_message_id.clone()))
+            }
+            None => None,
+        })
+        .collect();
+    (accepted, at)
 }
 
 /// Splits finished attempts into jobs to archive (from `running`, at their attempt) and jobs

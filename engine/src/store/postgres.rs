@@ -22,9 +22,9 @@ mod templates;
 mod tenancy;
 
 use super::{
-    check_pause, finish_enqueue, match_holders, match_inserted, operator_final, parse_state,
-    split_completions, Backend, ClaimInfo, Finalize, Inserted, KeyClaim, PausedQueue, RateScope,
-    Store, CANCELLABLE, CLAIM_COLUMNS,
+    accepted_sends, check_pause, finish_enqueue, match_holders, match_inserted, operator_final,
+    parse_state, split_completions, Backend, ClaimInfo, Finalize, Inserted, KeyClaim, PausedQueue,
+    RateScope, Store, CANCELLABLE, CLAIM_COLUMNS,
 };
 use crate::error::{Result, StoreError};
 use crate::migrate;
@@ -373,7 +373,22 @@ impl PgStore {
     /// Moves jobs to the archive in their final state, if they are still in one of `from` states
     /// (and at the given attempt, when one is given).
     async fn finalize(&self, rows: &[Finalize], from: &[&str]) -> Result<Vec<(String, bool)>> {
+        self.finalize_accepting(rows, from, &[], Utc::now()).await
+    }
+
+    /// [`PgStore::finalize`], recording `accepted` sends (`accept_sends` at `accepted_at`) in
+    /// the same statement: the send worker's completions carry Meta's message ids.
+    async fn finalize_accepting(
+        &self,
+        rows: &[Finalize],
+        from: &[&str],
+        accepted: &[(Uuid, String)],
+        accepted_at: DateTime<Utc>,
+    ) -> Result<Vec<(String, bool)>> {
         if rows.is_empty() {
+            if !accepted.is_empty() {
+                crate::delivery::DeliveryStore::accept_sends(self, accepted, accepted_at).await?;
+            }
             return Ok(Vec::new());
         }
         let from: Vec<String> = from.iter().map(|s| s.to_string()).collect();
@@ -382,34 +397,27 @@ impl PgStore {
         let states: Vec<&str> = rows.iter().map(|r| r.state.as_str()).collect();
         let errors: Vec<Option<String>> = rows.iter().map(|r| r.errors.clone()).collect();
         let at: Vec<DateTime<Utc>> = rows.iter().map(|r| r.at).collect();
+        let sql: &str = if accepted.is_empty() {
+            &FINALIZE
+        } else {
+            &FINALIZE_ACCEPTING
+        };
+        let mut query = sqlx::query(sql)
+            .bind(ids)
+            .bind(attempts)
+            .bind(states)
+            .bind(errors)
+            .bind(at)
+            .bind(from);
+        if !accepted.is_empty() {
+            query = query
+                .bind(accepted.iter().map(|a| a.0).collect::<Vec<_>>())
+                .bind(accepted.iter().map(|a| a.1.as_str()).collect::<Vec<_>>())
+                .bind(accepted_at)
+                .bind(crate::delivery::SendStatus::Accepted.rank());
+        }
         let mut conn = self.hot.lease().await?;
-        let moved = sqlx::query(
-            "WITH c AS (
-                SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::text[], $5::timestamptz[])
-                  AS c(id, attempt, state, errors, at)
-             ), d AS (
-                DELETE FROM herald_jobs j USING c
-                 WHERE j.id = c.id AND j.state = ANY($6::text[])
-                   AND (c.attempt IS NULL OR j.attempt = c.attempt)
-                RETURNING j.*, c.state AS new_state, c.errors AS new_errors, c.at AS fin
-             )
-             INSERT INTO herald_jobs_done (id, workspace_id, kind, queue, payload, priority, state,
-                run_at, created_at, attempt, max_attempts, attempted_at, attempted_by,
-                finalized_at, errors, unique_key, rate_key, ordering_key)
-             SELECT id, workspace_id, kind, queue, payload, priority, new_state, run_at,
-                created_at, attempt, max_attempts, attempted_at, attempted_by, fin,
-                COALESCE(new_errors::jsonb, errors), unique_key, rate_key, ordering_key
-               FROM d
-             RETURNING queue, ordering_key IS NOT NULL AS ordered",
-        )
-        .bind(ids)
-        .bind(attempts)
-        .bind(states)
-        .bind(errors)
-        .bind(at)
-        .bind(from)
-        .fetch_all(&mut *conn)
-        .await?;
+        let moved = query.fetch_all(&mut *conn).await?;
         conn.release();
         moved
             .into_iter()
@@ -655,6 +663,42 @@ fn job_from_row(row: &PgRow, claim: Option<&ClaimInfo>) -> Result<Job> {
     })
 }
 
+/// The CTEs of `finalize`: the rows ($1-$5: id, attempt, state, errors, time) and the jobs
+/// deleted from herald_jobs if still in one of the states $6 (at the attempt, when given).
+const FINALIZE_CTES: &str = "c AS (
+        SELECT * FROM unnest($1::bigint[], $2::int[], $3::text[], $4::text[], $5::timestamptz[])
+          AS c(id, attempt, state, errors, at)
+     ), d AS (
+        DELETE FROM herald_jobs j USING c
+         WHERE j.id = c.id AND j.state = ANY($6::text[])
+           AND (c.attempt IS NULL OR j.attempt = c.attempt)
+        RETURNING j.*, c.state AS new_state, c.errors AS new_errors, c.at AS fin
+     )";
+
+/// `finalize`'s main query: the deleted jobs into the archive.
+const FINALIZE_INSERT: &str = "INSERT INTO herald_jobs_done (id, workspace_id, kind, queue,
+        payload, priority, state, run_at, created_at, attempt, max_attempts, attempted_at,
+        attempted_by, finalized_at, errors, unique_key, rate_key, ordering_key)
+     SELECT id, workspace_id, kind, queue, payload, priority, new_state, run_at,
+        created_at, attempt, max_attempts, attempted_at, attempted_by, fin,
+        COALESCE(new_errors::jsonb, errors), unique_key, rate_key, ordering_key
+       FROM d
+     RETURNING queue, ordering_key IS NOT NULL AS ordered";
+
+static FINALIZE: LazyLock<String> =
+    LazyLock::new(|| format!("WITH {FINALIZE_CTES} {FINALIZE_INSERT}"));
+
+/// `finalize` with `accept_sends` as a data-modifying CTE ($7 send ids, $8 Meta's ids, $9 the
+/// time, $10 the accepted rank), which PostgreSQL runs whether or not the jobs are still
+/// theirs to finalize.
+static FINALIZE_ACCEPTING: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH {FINALIZE_CTES}, {}, accepted AS ({}) {FINALIZE_INSERT}",
+        delivery::accept_ctes("$7", "$8"),
+        delivery::accept_update("$9", "$10")
+    )
+});
+
 #[async_trait]
 impl Store for PgStore {
     fn backend(&self) -> Backend {
@@ -801,9 +845,13 @@ impl Store for PgStore {
 
     async fn complete(&self, completions: &[Completion]) -> Result<u64> {
         let (finals, again) = split_completions(completions);
+        let (accepted, accepted_at) = accepted_sends(completions);
         let mut changed = 0;
         let mut payloads = BTreeMap::new();
-        for (queue, ordered) in self.finalize(&finals, &["running"]).await? {
+        for (queue, ordered) in self
+            .finalize_accepting(&finals, &["running"], &accepted, accepted_at)
+            .await?
+        {
             changed += 1;
             if ordered {
                 payloads.insert(Wakeups::payload(&queue, None), ());

@@ -31,9 +31,9 @@ mod tenancy;
 
 use super::postgres::notify_payloads;
 use super::{
-    check_pause, finish_enqueue, match_holders, match_inserted, operator_final, parse_state,
-    split_completions, Backend, ClaimInfo, Finalize, Inserted, PausedQueue, RateScope, Store,
-    CANCELLABLE, CLAIM_COLUMNS,
+    accepted_sends, check_pause, finish_enqueue, match_holders, match_inserted, operator_final,
+    parse_state, split_completions, Backend, ClaimInfo, Finalize, Inserted, PausedQueue, RateScope,
+    Store, CANCELLABLE, CLAIM_COLUMNS,
 };
 use crate::clock::{from_micros, to_micros};
 use crate::error::{Result, StoreError};
@@ -565,6 +565,10 @@ impl Store for SqliteStore {
     }
 
     async fn complete(&self, completions: &[Completion]) -> Result<u64> {
+        // The effects first, so that no job is completed without them: Meta has these
+        // messages, whatever becomes of the jobs.
+        let (accepted, accepted_at) = accepted_sends(completions);
+        crate::delivery::DeliveryStore::accept_sends(self, &accepted, accepted_at).await?;
         let (finals, again) = split_completions(completions);
         let again: Vec<serde_json::Value> = again
             .into_iter()

@@ -278,6 +278,12 @@ fn message_id(body: &[u8]) -> Option<String> {
         .next()
         .and_then(|m| m.id)
         .or(answer.message_id)
+        // PostgreSQL cannot store U+0000: an id holding one would make the completion that
+        // records it fail. Meta's ids never hold one.
+        .map(|mut id| {
+            id.retain(|c| c != '\0');
+            id
+        })
         .filter(|id| !id.is_empty())
 }
 
@@ -868,6 +874,11 @@ mod tests {
             Some("mid.2".into())
         );
         assert_eq!(message_id(b"{}"), None);
+        assert_eq!(
+            message_id(br#"{"message_id":"mid.\u00003"}"#),
+            Some("mid.3".into())
+        );
+        assert_eq!(message_id(br#"{"message_id":"\u0000"}"#), None);
         assert_eq!(message_id(b"garbage"), None);
     }
 }

@@ -12,6 +12,10 @@
 //!   not reach Herald within the grace period (Meta retries webhooks for days; the default grace
 //!   is 10 minutes). It is never silently dropped: every send ends `accepted` or later, or
 //!   `failed` with Meta's reason.
+//! - Meta's message id is recorded with the job's completion, in the same statement on
+//!   PostgreSQL. If the process dies after Meta's answer and before that write, the send is
+//!   left `sending` and is treated like a lost answer: the job is rescued, and the send waits
+//!   for its status webhook through the grace period.
 //! - Limits are taken before the call: the channel's rate by the engine's admission (the job
 //!   is claimed only with a permit), the pair rate and the messaging tier here. A send that
 //!   waits for one of them gives the channel's permit back and snoozes until it is due.
@@ -25,6 +29,7 @@ use herald_engine::delivery::{
     channel_rate_key, ChannelAdmission, Message, Platform, SendArgs, SendRecord, SendStatus,
     SendUpdate, SEND_KIND,
 };
+use herald_engine::model::Effect;
 use herald_engine::{Backoff, Clock, JobContext, JobError, KindPolicy, Store, Worker};
 use tracing::{info, warn};
 
@@ -275,10 +280,12 @@ impl SendWorker {
                 {
                     self.admission.slow_down(channel.id);
                 }
-                self.recorder
-                    .accepted(send.id, accepted.message_id)
-                    .await
-                    .map_err(JobError::retry)
+                // Written with the job's completion, in its statement where the store can.
+                ctx.complete_with(Effect::SendAccepted {
+                    send_id: send.id,
+                    provider_message_id: accepted.message_id,
+                });
+                Ok(())
             }
             Err(SendError::Lost(why)) => {
                 self.update(send.id, SendUpdate::Unknown { error: why })

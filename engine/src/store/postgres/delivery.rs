@@ -116,8 +116,9 @@ fn begin_update(ids: &str, now: &str, rank: &str) -> String {
 }
 
 /// The accept UPDATE (Meta's id recorded, never moving a send back), over a `t(id, pmid)` CTE
-/// of the accepts and a `locked` CTE of the rows; the arguments name the time and the rank.
-fn accept_update(now: &str, rank: &str) -> String {
+/// of the accepts and a `locked` CTE of the rows ([`accept_ctes`]); the arguments name the
+/// time and the rank.
+pub(super) fn accept_update(now: &str, rank: &str) -> String {
     format!(
         "UPDATE herald_sends s
             SET status = CASE WHEN s.status_rank < {rank} THEN 'accepted' ELSE s.status END,
@@ -142,32 +143,23 @@ static BEGIN_SENDS: LazyLock<String> = LazyLock::new(|| {
     )
 });
 
+/// The CTEs the accept UPDATE reads: `t(id, pmid)` from the statement's parameters named by
+/// `ids` and `pmids`, and `locked`, those sends locked in id order like every other writer of
+/// herald_sends, so that no two writers deadlock.
+pub(super) fn accept_ctes(ids: &str, pmids: &str) -> String {
+    format!(
+        "t AS (SELECT * FROM unnest({ids}::uuid[], {pmids}::text[]) AS t(id, pmid)),
+         locked AS (SELECT id FROM herald_sends WHERE id IN (SELECT id FROM t)
+                     ORDER BY id FOR UPDATE)"
+    )
+}
+
 /// `accept_sends`: ids $1, Meta's ids $2, time $3, rank $4.
 static ACCEPT_SENDS: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "WITH t AS (SELECT * FROM unnest($1::uuid[], $2::text[]) AS t(id, pmid)),
-              locked AS (SELECT id FROM herald_sends WHERE id IN (SELECT id FROM t)
-                          ORDER BY id FOR UPDATE)
-         {}",
+        "WITH {} {}",
+        accept_ctes("$1", "$2"),
         accept_update("$3", "$4")
-    )
-});
-
-/// `record_sends`: `begin_sends` ($1-$3) and `accept_sends` ($4-$6) in one statement. The
-/// main query reads only the begun rows; PostgreSQL runs a data-modifying CTE to completion
-/// whether or not it is read. The rows are found by one `= ANY` of both id lists: an `OR` with
-/// `IN (subquery)` cannot use the primary key and read the whole table (25-32 ms at 200,000
-/// sends, against 0.4 ms).
-static RECORD_SENDS: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "WITH t AS (SELECT * FROM unnest($4::uuid[], $5::text[]) AS t(id, pmid)),
-              locked AS (SELECT id FROM herald_sends
-                          WHERE id = ANY($1::uuid[] || $4::uuid[])
-                          ORDER BY id FOR UPDATE),
-              accepted AS ({} RETURNING s.id)
-         {}",
-        accept_update("$2", "$6"),
-        begin_update("$1", "$2", "$3")
     )
 });
 
@@ -593,37 +585,6 @@ impl DeliveryStore for PgStore {
             .await?;
         conn.release();
         Ok(done.rows_affected())
-    }
-
-    async fn record_sends(
-        &self,
-        begin: &[Uuid],
-        accepted: &[(Uuid, String)],
-        now: DateTime<Utc>,
-    ) -> Result<Vec<SendRecord>> {
-        // One kind alone: its own statement is the one round trip.
-        if begin.is_empty() {
-            self.accept_sends(accepted, now).await?;
-            return Ok(Vec::new());
-        }
-        if accepted.is_empty() {
-            return self.begin_sends(begin, now).await;
-        }
-        // Both writes as data-modifying CTEs of one statement. The rows of both are locked
-        // first, together and in id order like every other writer of herald_sends, so this
-        // cannot deadlock with them; each UPDATE then takes only its own rows.
-        let mut conn = self.hot.lease().await?;
-        let rows = sqlx::query(&RECORD_SENDS)
-            .bind(begin)
-            .bind(now)
-            .bind(SendStatus::Sending.rank())
-            .bind(accepted.iter().map(|a| a.0).collect::<Vec<_>>())
-            .bind(accepted.iter().map(|a| a.1.as_str()).collect::<Vec<_>>())
-            .bind(SendStatus::Accepted.rank())
-            .fetch_all(&mut *conn)
-            .await?;
-        conn.release();
-        rows.iter().map(send_from_row).collect()
     }
 
     async fn apply_statuses(&self, events: &[StatusEvent]) -> Result<u64> {
