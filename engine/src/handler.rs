@@ -62,7 +62,9 @@ impl JobContext {
 
     /// Records `effect` with this attempt's completion, whatever its outcome, in the same
     /// statement where the store can: one write instead of two, and a job never completed
-    /// without it. The last call of an attempt wins.
+    /// without it. The last call of an attempt wins. Call it within the attempt: the runtime
+    /// takes the effect when the handler returns, and a later call (from a task the handler
+    /// spawned, through a clone of the context) is lost.
     pub fn complete_with(&self, effect: Effect) {
         *self
             .effect

@@ -368,6 +368,22 @@ pub struct Completion {
     pub effect: Option<Effect>,
 }
 
+impl Completion {
+    /// A completion that finishes no job but still carries this one's effect (attempt 0:
+    /// every claim's attempt is at least 1), for a completion that cannot be written itself:
+    /// released at shutdown, or refused by the database.
+    pub fn effect_only(&self) -> Option<Completion> {
+        Some(Completion {
+            id: self.id,
+            attempt: 0,
+            outcome: Outcome::Completed,
+            errors: None,
+            finished_at: self.finished_at,
+            effect: Some(self.effect.clone()?),
+        })
+    }
+}
+
 /// A write that belongs with a job's completion: the store makes it in the statement (or
 /// transaction) that completes the job, or just before, never after, so a completed job never
 /// lacks it. It is made even when the completion changes nothing (the claim is no longer

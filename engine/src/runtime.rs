@@ -818,6 +818,9 @@ impl Producer {
                     let mut in_flight = inner.in_flight.lock().unwrap_or_else(|e| e.into_inner());
                     if in_flight.remove(&id).is_some() {
                         let _ = inner.completions.send(CompleterMsg::Done(completion));
+                    } else if let Some(effect) = completion.effect_only() {
+                        // What the attempt did outside is recorded all the same.
+                        let _ = inner.completions.send(CompleterMsg::Done(effect));
                     }
                     // Before the guard, which takes the same lock.
                     drop(in_flight);
@@ -1099,6 +1102,15 @@ async fn write_completions(inner: &Inner, batch: Vec<Completion>) {
                     attempt = part[0].attempt,
                     "completer: the database refuses this completion; giving it up (the job will be rescued after its lease and run again)"
                 );
+                // Its effect may be what the database has nothing against: try it alone.
+                if let Some(effect) = part[0]
+                    .effect_only()
+                    .filter(|e| e.attempt != part[0].attempt)
+                {
+                    part = vec![effect];
+                    failures = 0;
+                    continue;
+                }
                 break;
             } else {
                 tokio::time::sleep(Duration::from_millis(100)).await;

@@ -1137,18 +1137,27 @@ async fn completions_record_accepted_sends(store: Arc<dyn Store>) {
         "stale: untouched"
     );
     assert_eq!(job(ids[3]).await.state, JobState::Scheduled);
-    // Effects alone (no completion finalizes a job) are written too.
+    // Effects alone (no completion finalizes a job) are written too; a send named by two
+    // attempts keeps the later attempt's id, wherever it stands in the batch.
     let t3 = t0() + secs(3);
     let changed = store
-        .complete(&[Completion {
-            finished_at: t3,
-            ..completion(
+        .complete(&[
+            Completion {
+                finished_at: t3,
+                ..completion(
+                    ids[4],
+                    current + 8,
+                    Outcome::Completed,
+                    accepted(ids[4], "wamid.4"),
+                )
+            },
+            completion(
                 ids[4],
                 current + 7,
                 Outcome::Completed,
-                accepted(ids[4], "wamid.4"),
-            )
-        }])
+                accepted(ids[4], "wamid.4-earlier"),
+            ),
+        ])
         .await
         .expect("stale only");
     assert_eq!(changed, 0);

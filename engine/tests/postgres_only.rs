@@ -369,3 +369,140 @@ async fn webhook_ingest_wakes_other_processes_once() {
         "key-less jobs due now on the webhooks queue"
     );
 }
+
+/// Records a send as accepted through its completion (`JobContext::complete_with`).
+struct Accepting;
+
+#[derive(serde::Deserialize)]
+struct AcceptingArgs {
+    send: uuid::Uuid,
+}
+
+#[async_trait::async_trait]
+impl herald_engine::Worker for Accepting {
+    type Args = AcceptingArgs;
+    const KIND: &'static str = "test.accepting";
+
+    async fn work(
+        &self,
+        args: AcceptingArgs,
+        ctx: &herald_engine::JobContext,
+    ) -> Result<(), herald_engine::JobError> {
+        ctx.complete_with(herald_engine::model::Effect::SendAccepted {
+            send_id: args.send,
+            provider_message_id: "wamid.kept".into(),
+        });
+        Ok(())
+    }
+}
+
+/// A completion the database refuses for good (a trigger stands in for whatever it has
+/// against the job's row) is given up, but what the attempt did outside is still recorded:
+/// Meta's id lands, and the rescued job will find the send accepted instead of sending again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_completion_still_records_its_effect() {
+    use herald_engine::delivery::{Lane, Message, NewChannel, NewSend, Platform, SendStatus};
+    let schema = common::unique_name("effect_refused");
+    let _leftovers = common::Dropped::Schema(schema.clone());
+    let store = Arc::new(common::pg_store_in(&schema).await);
+    let delivery = store.delivery();
+    let channel = delivery
+        .create_channel(
+            &NewChannel {
+                workspace_id: uuid::Uuid::new_v4(),
+                platform: Platform::Whatsapp,
+                name: "refused".into(),
+                sender_id: "1555000".into(),
+                portfolio_id: None,
+                access_token: "token".into(),
+                app_secret: "secret".into(),
+                verify_token: "verify".into(),
+                graph_base_url: None,
+                api_version: None,
+                limits: None,
+            },
+            Utc::now(),
+        )
+        .await
+        .expect("channel");
+    let ids = delivery
+        .create_sends(
+            &[NewSend {
+                workspace_id: channel.workspace_id,
+                channel_id: channel.id,
+                recipient: "+15550001".into(),
+                message: Message::Text { body: "hi".into() },
+                lane: Lane::Broadcast,
+            }],
+            Utc::now(),
+        )
+        .await
+        .expect("send");
+    delivery.begin_sends(&ids, Utc::now()).await.expect("begin");
+    sqlx::query(
+        "CREATE FUNCTION refuse_finish() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+            IF OLD.kind = 'test.accepting' THEN
+                RAISE EXCEPTION 'refused by the test' USING ERRCODE = '22023';
+            END IF;
+            RETURN OLD;
+         END $$",
+    )
+    .execute(store.pool())
+    .await
+    .expect("function");
+    sqlx::query(
+        "CREATE TRIGGER refuse_finish BEFORE DELETE ON herald_jobs
+         FOR EACH ROW EXECUTE FUNCTION refuse_finish()",
+    )
+    .execute(store.pool())
+    .await
+    .expect("trigger");
+
+    let mut registry = herald_engine::Registry::new();
+    registry.register(Accepting);
+    let mut queues = std::collections::BTreeMap::new();
+    queues.insert(
+        herald_engine::model::DEFAULT_QUEUE.to_owned(),
+        herald_engine::QueueConfig { concurrency: 2 },
+    );
+    let config = herald_engine::EngineConfig {
+        worker_id: common::unique_name("worker"),
+        queues,
+        poll_interval: Duration::from_millis(50),
+        ..herald_engine::EngineConfig::default()
+    };
+    let clock: Arc<dyn herald_engine::Clock> = Arc::new(herald_engine::SystemClock);
+    let store: Arc<dyn Store> = store;
+    let engine = herald_engine::Engine::start(store.clone(), registry, config, clock);
+    let job = store
+        .enqueue(
+            &NewJob::new("test.accepting", json!({ "send": ids[0] })),
+            Utc::now(),
+        )
+        .await
+        .expect("enqueue")
+        .id;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let send = loop {
+        let send = store
+            .delivery()
+            .send(ids[0])
+            .await
+            .expect("read")
+            .expect("exists");
+        if send.status == SendStatus::Accepted || std::time::Instant::now() > deadline {
+            break send;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(send.status, SendStatus::Accepted, "the effect was written");
+    assert_eq!(send.provider_message_id.as_deref(), Some("wamid.kept"));
+    let job = store.get_job(job).await.expect("get").expect("exists");
+    assert_eq!(
+        job.state,
+        herald_engine::JobState::Running,
+        "the completion itself was given up (the rescuer will hand the job back)"
+    );
+    engine.shutdown().await;
+}

@@ -2,10 +2,11 @@
 //!
 //! sqlx tests every pooled connection as it goes back to the pool: a round trip to the server
 //! (a `Sync` and its answer) in a task of its own, after every statement run on the pool. On the
-//! paths that run for every message (claims, completions, the send worker's two writes, webhook
-//! ingest) that doubled the round trips and the task wake-ups. Those paths lease a connection
-//! from [`HotConns`] instead and give it back with [`Lease::release`] once their statement (or
-//! transaction) has finished: then the connection is known to be idle and needs no test.
+//! paths that run for every message (claims, completions, the send worker's write before each
+//! call, webhook ingest) that doubled the round trips and the task wake-ups. Those paths lease a
+//! connection from [`HotConns`] instead and give it back with [`Lease::release`] once their
+//! statement (or transaction) has finished: then the connection is known to be idle and needs no
+//! test.
 //!
 //! A lease that is dropped without `release` (an error, a cancelled future) leaves the
 //! connection in a state nobody knows; it goes back through the pool and sqlx's test, as before,

@@ -402,13 +402,14 @@ pub(crate) struct Requeue {
     pub errors: Option<String>,
 }
 
-/// The sends Meta accepted, from the completions' effects, and the latest of their finishing
-/// times (when they are recorded as accepted).
+/// The sends Meta accepted, from the completions' effects, in send id order, and the latest of
+/// their finishing times (when they are recorded as accepted). A send named twice (a stale
+/// attempt and the current one, both answered) keeps the id of the latest attempt.
 pub(crate) fn accepted_sends(
     completions: &[Completion],
 ) -> (Vec<(uuid::Uuid, String)>, DateTime<Utc>) {
     let mut at = DateTime::<Utc>::UNIX_EPOCH;
-    let accepted = completions
+    let mut accepted: Vec<(uuid::Uuid, i32, &str)> = completions
         .iter()
         .filter_map(|c| match &c.effect {
             Some(crate::model::Effect::SendAccepted {
@@ -416,16 +417,20 @@ pub(crate) fn accepted_sends(
                 provider_message_id,
             }) => {
                 at = at.max(c.finished_at);
-                Some((*send_id, provider_message_id.clone()))
+                Some((*send_id, c.attempt, provider_message_id.as_str()))
             }
             None => None,
         })
         .collect();
+    accepted.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+    accepted.dedup_by_key(|a| a.0);
+    let accepted = accepted
+        .into_iter()
+        .map(|(id, _, pmid)| (id, pmid.to_owned()))
+        .collect();
     (accepted, at)
 }
 
-/// Splits finished attempts into jobs to archive (from `running`, at their attempt) and jobs
-/// to put back in the queue.
 pub(crate) fn split_completions(completions: &[Completion]) -> (Vec<Finalize>, Vec<Requeue>) {
     use crate::model::{JobState, Outcome};
     let mut finals = Vec::new();

@@ -505,7 +505,7 @@ impl Serialize for ReplyButtons<'_> {
 }
 
 /// Messenger's and Instagram's `message`, with our send id as its `metadata`. Templates never
-/// get here: [`request`] refuses them first.
+/// get here: [`send_body`] refuses them first.
 struct PageMessage<'a> {
     message: &'a Message,
     metadata: &'a str,

@@ -126,7 +126,7 @@ pub(super) fn accept_update(now: &str, rank: &str) -> String {
                 provider_message_id = t.pmid, accepted_at = coalesce(s.accepted_at, {now}),
                 error = CASE WHEN s.status_rank < {rank} THEN NULL ELSE s.error END,
                 error_code = CASE WHEN s.status_rank < {rank} THEN NULL ELSE s.error_code END,
-                updated_at = {now}
+                updated_at = greatest(s.updated_at, {now})
            FROM t JOIN locked USING (id)
           WHERE s.id = t.id"
     )

@@ -468,7 +468,7 @@ impl DeliveryStore for SqliteStore {
                     provider_message_id = t.value->>1, accepted_at = coalesce(accepted_at, ?2),
                     error = CASE WHEN status_rank < ?3 THEN NULL ELSE error END,
                     error_code = CASE WHEN status_rank < ?3 THEN NULL ELSE error_code END,
-                    updated_at = ?2
+                    updated_at = max(updated_at, ?2)
                FROM json_each(?1) AS t
               WHERE herald_sends.id = t.value->>0",
         )
