@@ -5,7 +5,7 @@
 
 use chrono::Utc;
 use herald_engine::delivery::{Channel, ChannelLimits, Platform};
-use herald_workers::meta::webhook::parse;
+use herald_workers::meta::webhook::{parse, whatsapp_statuses, Quick};
 use proptest::prelude::*;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -123,8 +123,165 @@ fn check(events: &herald_workers::meta::webhook::Events) {
     }
 }
 
+/// A field of a generated status: mostly what Meta sends, sometimes anything.
+fn field(usual: Vec<Value>) -> impl Strategy<Value = Option<Value>> {
+    prop_oneof![
+        30 => prop::sample::select(usual).prop_map(Some),
+        1 => Just(None),
+        1 => Just(Some(Value::Null)),
+        1 => any_json().prop_map(Some),
+        1 => prop::sample::select(vec![
+            json!("wamid.\u{0}C"),
+            json!("-200000000000"),
+            json!(1767225600),
+            json!("sent"),
+        ])
+        .prop_map(Some),
+    ]
+}
+
+/// A WhatsApp delivery close to Meta's: statuses of our sends, with every field sometimes
+/// missing, null, of another type or hostile, and sometimes messages or errors beside them.
+fn whatsapp_delivery() -> impl Strategy<Value = Value> {
+    let status = (
+        field(vec![json!("wamid.A"), json!("wamid.B")]),
+        field(vec![
+            json!("sent"),
+            json!("delivered"),
+            json!("read"),
+            json!("failed"),
+            json!("deleted"),
+        ]),
+        field(vec![
+            json!("1767225600"),
+            json!("-200000000000"),
+            json!(1767225600),
+        ]),
+        field(vec![
+            json!("00000000-0000-0000-0000-00000000000a"),
+            json!("00000000-0000-0000-0000-00000000000b"),
+            json!("not a send id"),
+        ]),
+        prop::option::weighted(0.05, any_json()),
+    )
+        .prop_map(|(id, status, timestamp, callback, errors)| {
+            let mut s = serde_json::Map::new();
+            for (k, v) in [
+                ("id", id),
+                ("status", status),
+                ("timestamp", timestamp),
+                ("biz_opaque_callback_data", callback),
+                ("errors", errors),
+            ] {
+                if let Some(v) = v {
+                    s.insert(k.to_owned(), v);
+                }
+            }
+            s.insert("recipient_id".to_owned(), json!("15550001"));
+            Value::Object(s)
+        });
+    let value = (
+        field(vec![
+            json!({ "phone_number_id": "1555" }),
+            json!({ "phone_number_id": "1556" }),
+            json!({ "phone_number_id": null }),
+            json!({}),
+        ]),
+        prop::collection::vec(status, 0..=2),
+        prop::option::weighted(0.05, any_json()),
+    )
+        .prop_map(|(metadata, statuses, messages)| {
+            let mut v = serde_json::Map::new();
+            v.insert("messaging_product".to_owned(), json!("whatsapp"));
+            if let Some(m) = metadata {
+                v.insert("metadata".to_owned(), m);
+            }
+            v.insert("statuses".to_owned(), Value::Array(statuses));
+            if let Some(m) = messages {
+                v.insert("messages".to_owned(), m);
+            }
+            Value::Object(v)
+        });
+    prop::collection::vec(prop::collection::vec(value, 0..3), 1..=2).prop_map(|entries| {
+        json!({
+            "object": "whatsapp_business_account",
+            "entry": entries.into_iter().map(|changes| json!({
+                "id": "waba",
+                "changes": changes.into_iter().map(|v| json!({ "field": "messages", "value": v }))
+                    .collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        })
+    })
+}
+
+/// The ingest's quick reading must agree with the full parser whenever it answers: the same
+/// statuses, nothing else in the delivery, every status carrying our send id.
+fn quick_agrees(body: &[u8]) -> Option<bool> {
+    let full = parse(&channel(), body, &resolve);
+    let statuses_only = full.as_ref().ok().filter(|e| {
+        e.inbound.is_empty()
+            && e.foreign.is_empty()
+            && !e.statuses.is_empty()
+            && e.statuses.iter().all(|s| s.send_id.is_some())
+    });
+    match whatsapp_statuses(&channel(), body, &resolve) {
+        Quick::Unsure => None,
+        // Always safe: the job applies whatever the delivery holds. (A `messages` field that
+        // holds no message is Other here and statuses only to the full parser.)
+        Quick::Other => Some(false),
+        Quick::Statuses(quick) => {
+            let full = statuses_only.expect("quick found statuses only, so must the full parse");
+            assert_eq!(quick.len(), full.statuses.len());
+            for (q, f) in quick.iter().zip(&full.statuses) {
+                // A status without a time is stamped with the time of parsing, twice here.
+                assert!((q.at - f.at).num_seconds().abs() < 60, "{q:?} / {f:?}");
+                let f = herald_engine::delivery::StatusEvent {
+                    at: q.at,
+                    ..f.clone()
+                };
+                assert_eq!(q, &f);
+            }
+            Some(true)
+        }
+    }
+}
+
+/// The generator reaches every answer of the quick reading, so the property above is not
+/// vacuous.
+#[test]
+fn the_quick_reading_is_exercised_on_every_answer() {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+    let mut runner = TestRunner::deterministic();
+    let strategy = whatsapp_delivery();
+    let (mut statuses, mut other, mut unsure) = (0, 0, 0);
+    for _ in 0..2_000 {
+        let body = serde_json::to_vec(&strategy.new_tree(&mut runner).expect("tree").current())
+            .expect("json");
+        match quick_agrees(&body) {
+            Some(true) => statuses += 1,
+            Some(false) => other += 1,
+            None => unsure += 1,
+        }
+    }
+    assert!(
+        statuses > 100 && other > 100 && unsure > 20,
+        "{statuses} / {other} / {unsure}"
+    );
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(2_000))]
+
+    #[test]
+    fn the_quick_reading_agrees_with_the_parser(body in whatsapp_delivery()) {
+        quick_agrees(&serde_json::to_vec(&body).expect("json"));
+    }
+
+    #[test]
+    fn the_quick_reading_of_any_bytes_agrees(body in prop::collection::vec(any::<u8>(), 0..512)) {
+        quick_agrees(&body);
+    }
 
     #[test]
     fn any_bytes_never_panic(body in prop::collection::vec(any::<u8>(), 0..512)) {
