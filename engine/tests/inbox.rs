@@ -333,27 +333,9 @@ fn status(
 /// A delivery triaged as statuses of our sends has them applied by `store_webhooks` and needs
 /// no job; the others in the same batch are stored for the job as always.
 async fn statuses_are_applied_as_their_deliveries_are_stored(store: Arc<dyn Store>) {
-    use herald_engine::delivery::{Lane, Message, NewChannel, NewSend, Platform, SendStatus};
+    use herald_engine::delivery::{Lane, Message, NewSend, SendStatus};
     let d = store.delivery();
-    let ch = d
-        .create_channel(
-            &NewChannel {
-                workspace_id: Uuid::new_v4(),
-                platform: Platform::Whatsapp,
-                name: "wa".into(),
-                sender_id: "1555000".into(),
-                portfolio_id: None,
-                access_token: "token".into(),
-                app_secret: "secret".into(),
-                verify_token: "verify".into(),
-                graph_base_url: None,
-                api_version: None,
-                limits: None,
-            },
-            t0(),
-        )
-        .await
-        .expect("channel");
+    let ch = common::whatsapp_channel(&*store).await;
     let new_send = |to: &str| NewSend {
         workspace_id: ch.workspace_id,
         channel_id: ch.id,

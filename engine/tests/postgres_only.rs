@@ -370,75 +370,17 @@ async fn webhook_ingest_wakes_other_processes_once() {
     );
 }
 
-/// Records a send as accepted through its completion (`JobContext::complete_with`).
-struct Accepting;
-
-#[derive(serde::Deserialize)]
-struct AcceptingArgs {
-    send: uuid::Uuid,
-}
-
-#[async_trait::async_trait]
-impl herald_engine::Worker for Accepting {
-    type Args = AcceptingArgs;
-    const KIND: &'static str = "test.accepting";
-
-    async fn work(
-        &self,
-        args: AcceptingArgs,
-        ctx: &herald_engine::JobContext,
-    ) -> Result<(), herald_engine::JobError> {
-        ctx.complete_with(herald_engine::model::Effect::SendAccepted {
-            send_id: args.send,
-            provider_message_id: "wamid.kept".into(),
-        });
-        Ok(())
-    }
-}
-
 /// A completion the database refuses for good (a trigger stands in for whatever it has
 /// against the job's row) is given up, but what the attempt did outside is still recorded:
 /// Meta's id lands, and the rescued job will find the send accepted instead of sending again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_completion_still_records_its_effect() {
-    use herald_engine::delivery::{Lane, Message, NewChannel, NewSend, Platform, SendStatus};
+    use herald_engine::delivery::SendStatus;
     let schema = common::unique_name("effect_refused");
     let _leftovers = common::Dropped::Schema(schema.clone());
     let store = Arc::new(common::pg_store_in(&schema).await);
-    let delivery = store.delivery();
-    let channel = delivery
-        .create_channel(
-            &NewChannel {
-                workspace_id: uuid::Uuid::new_v4(),
-                platform: Platform::Whatsapp,
-                name: "refused".into(),
-                sender_id: "1555000".into(),
-                portfolio_id: None,
-                access_token: "token".into(),
-                app_secret: "secret".into(),
-                verify_token: "verify".into(),
-                graph_base_url: None,
-                api_version: None,
-                limits: None,
-            },
-            Utc::now(),
-        )
-        .await
-        .expect("channel");
-    let ids = delivery
-        .create_sends(
-            &[NewSend {
-                workspace_id: channel.workspace_id,
-                channel_id: channel.id,
-                recipient: "+15550001".into(),
-                message: Message::Text { body: "hi".into() },
-                lane: Lane::Broadcast,
-            }],
-            Utc::now(),
-        )
-        .await
-        .expect("send");
-    delivery.begin_sends(&ids, Utc::now()).await.expect("begin");
+    let channel = common::whatsapp_channel(&*store).await;
+    let ids = common::begun_sends(&*store, &channel, 1).await;
     sqlx::query(
         "CREATE FUNCTION refuse_finish() RETURNS trigger LANGUAGE plpgsql AS $$
          BEGIN
@@ -460,7 +402,7 @@ async fn a_refused_completion_still_records_its_effect() {
     .expect("trigger");
 
     let mut registry = herald_engine::Registry::new();
-    registry.register(Accepting);
+    registry.register(common::Accepting);
     let mut queues = std::collections::BTreeMap::new();
     queues.insert(
         herald_engine::model::DEFAULT_QUEUE.to_owned(),
@@ -497,7 +439,10 @@ async fn a_refused_completion_still_records_its_effect() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(send.status, SendStatus::Accepted, "the effect was written");
-    assert_eq!(send.provider_message_id.as_deref(), Some("wamid.kept"));
+    assert_eq!(
+        send.provider_message_id,
+        Some(format!("wamid.{}", ids[0].simple()))
+    );
     let job = store.get_job(job).await.expect("get").expect("exists");
     assert_eq!(
         job.state,

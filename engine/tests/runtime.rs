@@ -1325,71 +1325,14 @@ async fn engine_survives_a_postgresql_restart() {
 // ---------------------------------------------------------------------------------------------
 // Effects
 
-/// Records a send as accepted through its completion, then ends as the payload says.
-struct Accepting;
-
-#[derive(Deserialize)]
-struct AcceptingArgs {
-    send: uuid::Uuid,
-    #[serde(default)]
-    fail: bool,
-}
-
-#[async_trait]
-impl Worker for Accepting {
-    type Args = AcceptingArgs;
-    const KIND: &'static str = "test.accepting";
-
-    async fn work(&self, args: AcceptingArgs, ctx: &JobContext) -> Result<(), JobError> {
-        ctx.complete_with(herald_engine::model::Effect::SendAccepted {
-            send_id: args.send,
-            provider_message_id: format!("wamid.{}", args.send.simple()),
-        });
-        if args.fail {
-            return Err(JobError::Discard("failed after the call".into()));
-        }
-        Ok(())
-    }
-}
-
 /// What a handler records with `complete_with` reaches the store with its completion,
 /// whichever way the attempt ended.
 async fn effects_are_written_with_the_completion(store: Arc<dyn Store>) {
-    use herald_engine::delivery::{Lane, Message, NewChannel, NewSend, Platform, SendStatus};
+    use common::Accepting;
+    use herald_engine::delivery::SendStatus;
     let delivery = store.delivery();
-    let channel = delivery
-        .create_channel(
-            &NewChannel {
-                workspace_id: uuid::Uuid::new_v4(),
-                platform: Platform::Whatsapp,
-                name: "effects".into(),
-                sender_id: "1555000".into(),
-                portfolio_id: None,
-                access_token: "token".into(),
-                app_secret: "secret".into(),
-                verify_token: "verify".into(),
-                graph_base_url: None,
-                api_version: None,
-                limits: None,
-            },
-            Utc::now(),
-        )
-        .await
-        .expect("channel");
-    let sends: Vec<NewSend> = (0..3)
-        .map(|i| NewSend {
-            workspace_id: channel.workspace_id,
-            channel_id: channel.id,
-            recipient: format!("+1555000{i}"),
-            message: Message::Text { body: "hi".into() },
-            lane: Lane::Broadcast,
-        })
-        .collect();
-    let ids = delivery
-        .create_sends(&sends, Utc::now())
-        .await
-        .expect("sends");
-    delivery.begin_sends(&ids, Utc::now()).await.expect("begin");
+    let channel = common::whatsapp_channel(&*store).await;
+    let ids = common::begun_sends(&*store, &channel, 3).await;
     let mut registry = Registry::new();
     registry.register(Accepting);
     let clock = system_clock();

@@ -202,3 +202,89 @@ macro_rules! conformance {
         }
     };
 }
+
+/// A WhatsApp channel with Meta's defaults, for tests that need sends.
+pub async fn whatsapp_channel(store: &dyn Store) -> herald_engine::delivery::Channel {
+    store
+        .delivery()
+        .create_channel(
+            &herald_engine::delivery::NewChannel {
+                workspace_id: uuid::Uuid::new_v4(),
+                platform: herald_engine::delivery::Platform::Whatsapp,
+                name: "wa".into(),
+                sender_id: "1555000".into(),
+                portfolio_id: None,
+                access_token: "token".into(),
+                app_secret: "secret".into(),
+                verify_token: "verify".into(),
+                graph_base_url: None,
+                api_version: None,
+                limits: None,
+            },
+            chrono::Utc::now(),
+        )
+        .await
+        .expect("create channel")
+}
+
+/// `n` text sends on `channel`, begun (`sending`, as before a call to Meta).
+pub async fn begun_sends(
+    store: &dyn Store,
+    channel: &herald_engine::delivery::Channel,
+    n: usize,
+) -> Vec<uuid::Uuid> {
+    use herald_engine::delivery::{Lane, Message, NewSend};
+    let sends: Vec<NewSend> = (0..n)
+        .map(|i| NewSend {
+            workspace_id: channel.workspace_id,
+            channel_id: channel.id,
+            recipient: format!("+1555000{i}"),
+            message: Message::Text { body: "hi".into() },
+            lane: Lane::Broadcast,
+        })
+        .collect();
+    let delivery = store.delivery();
+    let ids = delivery
+        .create_sends(&sends, chrono::Utc::now())
+        .await
+        .expect("create sends");
+    delivery
+        .begin_sends(&ids, chrono::Utc::now())
+        .await
+        .expect("begin sends");
+    ids
+}
+
+/// Records a send as accepted through its completion (`JobContext::complete_with`), with
+/// Meta's id `wamid.<send id>`, then succeeds or, with `fail`, is discarded.
+pub struct Accepting;
+
+#[derive(serde::Deserialize)]
+pub struct AcceptingArgs {
+    pub send: uuid::Uuid,
+    #[serde(default)]
+    pub fail: bool,
+}
+
+#[async_trait::async_trait]
+impl herald_engine::Worker for Accepting {
+    type Args = AcceptingArgs;
+    const KIND: &'static str = "test.accepting";
+
+    async fn work(
+        &self,
+        args: AcceptingArgs,
+        ctx: &herald_engine::JobContext,
+    ) -> Result<(), herald_engine::JobError> {
+        ctx.complete_with(herald_engine::model::Effect::SendAccepted {
+            send_id: args.send,
+            provider_message_id: format!("wamid.{}", args.send.simple()),
+        });
+        if args.fail {
+            return Err(herald_engine::JobError::Discard(
+                "failed after the call".into(),
+            ));
+        }
+        Ok(())
+    }
+}
