@@ -1102,14 +1102,17 @@ async fn write_completions(inner: &Inner, batch: Vec<Completion>) {
                     attempt = part[0].attempt,
                     "completer: the database refuses this completion; giving it up (the job will be rescued after its lease and run again)"
                 );
-                // Its effect may be what the database has nothing against: try it alone.
+                // Its effect may be what the database has nothing against, or the effect may be
+                // what it refuses: try the effect alone first (never after the completion),
+                // then the completion without it.
                 if let Some(effect) = part[0]
                     .effect_only()
                     .filter(|e| e.attempt != part[0].attempt)
                 {
-                    part = vec![effect];
-                    failures = 0;
-                    continue;
+                    let mut bare = part[0].clone();
+                    bare.effect = None;
+                    parts.push(vec![bare]);
+                    parts.push(vec![effect]);
                 }
                 break;
             } else {

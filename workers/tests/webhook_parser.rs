@@ -135,6 +135,8 @@ fn field(usual: Vec<Value>) -> impl Strategy<Value = Option<Value>> {
             json!("-200000000000"),
             json!(1767225600),
             json!("sent"),
+            json!(["1556"]),
+            json!(["wamid.A", "delivered", "1767225600", "00000000-0000-0000-0000-00000000000a"]),
         ])
         .prop_map(Some),
     ]
@@ -187,7 +189,14 @@ fn whatsapp_delivery() -> impl Strategy<Value = Value> {
             json!({ "phone_number_id": null }),
             json!({}),
         ]),
-        prop::collection::vec(status, 0..=2),
+        prop::collection::vec(
+            prop_oneof![
+                12 => status,
+                1 => Just(json!(["wamid.A", "delivered", "1767225600",
+                                 "00000000-0000-0000-0000-00000000000a"])),
+            ],
+            0..=2,
+        ),
         prop::option::weighted(0.05, any_json()),
     )
         .prop_map(|(metadata, statuses, messages)| {
@@ -217,6 +226,12 @@ fn whatsapp_delivery() -> impl Strategy<Value = Value> {
 /// The ingest's quick reading must agree with the full parser whenever it answers: the same
 /// statuses, nothing else in the delivery, every status carrying our send id.
 fn quick_agrees(body: &[u8]) -> Option<bool> {
+    // Two known numbers, so that a status given to the wrong one shows.
+    let resolve = |sender: &str| match sender {
+        "1555" => Some((Uuid::from_u128(1), Uuid::from_u128(2))),
+        "1556" => Some((Uuid::from_u128(3), Uuid::from_u128(2))),
+        _ => None,
+    };
     let full = parse(&channel(), body, &resolve);
     let statuses_only = full.as_ref().ok().filter(|e| {
         e.inbound.is_empty()
@@ -243,6 +258,55 @@ fn quick_agrees(body: &[u8]) -> Option<bool> {
             }
             Some(true)
         }
+    }
+}
+
+/// Bodies a typed reading is laxer with than a `serde_json::Value` (found by review): arrays
+/// where objects belong, and in fields it skips: a lone surrogate, a number no f64 holds,
+/// invalid UTF-8, nesting past serde_json's limit. None may be read as statuses.
+#[test]
+fn what_the_full_parser_refuses_is_never_read_quickly() {
+    let status = r#"{"id":"wamid.A","status":"delivered","timestamp":"1767225600","biz_opaque_callback_data":"00000000-0000-0000-0000-00000000000a"}"#;
+    let wrap = |value: &str| {
+        format!(
+            r#"{{"object":"whatsapp_business_account","entry":[{{"id":"w","changes":[{{"field":"messages","value":{value}}}]}}]}}"#
+        )
+    };
+    let good = wrap(&format!(
+        r#"{{"metadata":{{"phone_number_id":"1555"}},"statuses":[{status}]}}"#
+    ));
+    assert_eq!(
+        quick_agrees(good.as_bytes()),
+        Some(true),
+        "the plain case is quick"
+    );
+    let deep = format!("{}1{}", "[".repeat(200), "]".repeat(200));
+    let mut invalid_utf8 = wrap(&format!(r#"{{"statuses":[{status}],"x":"abc"}}"#)).into_bytes();
+    let at = invalid_utf8
+        .windows(3)
+        .position(|w| w == b"abc")
+        .expect("the string")
+        + 1;
+    invalid_utf8[at] = 0xff;
+    let bodies: Vec<Vec<u8>> = vec![
+        wrap(r#"{"statuses":[["wamid.A","delivered","1767225600","00000000-0000-0000-0000-00000000000a"]]}"#).into_bytes(),
+        wrap(&format!(r#"{{"metadata":["1556"],"statuses":[{status}]}}"#)).into_bytes(),
+        wrap(&format!(r#"[null,[{status}]]"#)).into_bytes(),
+        br#"["whatsapp_business_account",[]]"#.to_vec(),
+        wrap(&format!(r#"{{"statuses":[{status}],"x":"\udc00"}}"#)).into_bytes(),
+        wrap(&format!(r#"{{"statuses":[{status}],"x":1e400}}"#)).into_bytes(),
+        wrap(&format!(r#"{{"statuses":[{status}],"x":{}}}"#, "9".repeat(400))).into_bytes(),
+        wrap(&format!(r#"{{"statuses":[{status}],"x":{deep}}}"#)).into_bytes(),
+        wrap(&format!(r#"{{"statuses":[{status}],"x":"a\u0000b"}}"#)).into_bytes(),
+        invalid_utf8,
+    ];
+    for body in bodies {
+        assert_ne!(
+            quick_agrees(&body),
+            Some(true),
+            "{}",
+            String::from_utf8_lossy(&body)
+        );
     }
 }
 

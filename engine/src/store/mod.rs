@@ -403,8 +403,9 @@ pub(crate) struct Requeue {
 }
 
 /// The sends Meta accepted, from the completions' effects, in send id order, and the latest of
-/// their finishing times (when they are recorded as accepted). A send named twice (a stale
-/// attempt and the current one, both answered) keeps the id of the latest attempt.
+/// their finishing times (when they are recorded as accepted). A send named twice in one batch
+/// (a stale attempt and the current one, both answered) keeps the id of the latest attempt;
+/// across batches the later write wins.
 pub(crate) fn accepted_sends(
     completions: &[Completion],
 ) -> (Vec<(uuid::Uuid, String)>, DateTime<Utc>) {
@@ -431,6 +432,8 @@ pub(crate) fn accepted_sends(
     (accepted, at)
 }
 
+/// Splits finished attempts into jobs to archive (from `running`, at their attempt) and jobs
+/// to put back in the queue.
 pub(crate) fn split_completions(completions: &[Completion]) -> (Vec<Finalize>, Vec<Requeue>) {
     use crate::model::{JobState, Outcome};
     let mut finals = Vec::new();

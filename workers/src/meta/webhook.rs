@@ -135,85 +135,87 @@ pub fn whatsapp_statuses(channel: &Channel, body: &[u8], resolve: &Resolve<'_>) 
     use serde::de::IgnoredAny;
     use serde::Deserialize;
 
+    // Every level is read only from a JSON object: serde_json also fills a struct from an
+    // array, where `parse` finds no fields. Strings are borrowed (`&str`): one with an escape
+    // does not deserialize, and the delivery is Unsure.
     #[derive(Deserialize)]
     struct Delivery<'a> {
         #[serde(borrow)]
         object: Cow<'a, str>,
         #[serde(borrow)]
-        entry: Vec<Entry<'a>>,
+        entry: Vec<MapOnly<Entry<'a>>>,
     }
     #[derive(Deserialize)]
     struct Entry<'a> {
         #[serde(default, borrow)]
-        changes: Option<Vec<Change<'a>>>,
+        changes: Option<Vec<MapOnly<Change<'a>>>>,
     }
     #[derive(Deserialize)]
     struct Change<'a> {
         #[serde(default, borrow)]
-        value: Option<ChangeValue<'a>>,
+        value: Option<MapOnly<ChangeValue<'a>>>,
     }
     #[derive(Deserialize)]
     struct ChangeValue<'a> {
         #[serde(default, borrow)]
-        metadata: Option<Metadata<'a>>,
+        metadata: Option<MapOnly<Metadata<'a>>>,
         #[serde(default, borrow)]
-        statuses: Option<Vec<Status<'a>>>,
+        statuses: Option<Vec<MapOnly<Status<'a>>>>,
         #[serde(default)]
         messages: Option<IgnoredAny>,
     }
     #[derive(Deserialize)]
     struct Metadata<'a> {
         #[serde(default, borrow)]
-        phone_number_id: Option<Cow<'a, str>>,
+        phone_number_id: Option<&'a str>,
     }
     #[derive(Deserialize)]
     struct Status<'a> {
         #[serde(default, borrow)]
-        id: Option<Cow<'a, str>>,
+        id: Option<&'a str>,
         #[serde(default, borrow)]
-        status: Option<Cow<'a, str>>,
+        status: Option<&'a str>,
         #[serde(default, borrow)]
-        timestamp: Option<Cow<'a, str>>,
+        timestamp: Option<&'a str>,
         #[serde(default, borrow)]
-        biz_opaque_callback_data: Option<Cow<'a, str>>,
+        biz_opaque_callback_data: Option<&'a str>,
         #[serde(default)]
         errors: Option<IgnoredAny>,
     }
 
-    // `parse` drops NULs from every string and key first; such a body is not for this path.
-    if memchr::memmem::find(body, b"\\u0000").is_some() {
+    if !strict_enough(body) {
         return Quick::Unsure;
     }
-    let Ok(delivery) = serde_json::from_slice::<Delivery<'_>>(body) else {
+    let Ok(MapOnly(delivery)) = serde_json::from_slice::<MapOnly<Delivery<'_>>>(body) else {
         return Quick::Unsure;
     };
     if delivery.object != "whatsapp_business_account" {
         return Quick::Unsure;
     }
     let mut out = Vec::new();
-    for change in delivery
+    for MapOnly(change) in delivery
         .entry
         .into_iter()
-        .flat_map(|e| e.changes.unwrap_or_default())
+        .flat_map(|e| e.0.changes.unwrap_or_default())
     {
-        let Some(value) = change.value else {
+        let Some(MapOnly(value)) = change.value else {
             continue;
         };
         if value.messages.is_some() {
             return Quick::Other;
         }
-        let sender = match value.metadata.as_ref().map(|m| &m.phone_number_id) {
-            Some(Some(id)) => id.as_ref(),
-            _ => channel.sender_id.as_str(),
+        let sender = match value.metadata.as_ref().and_then(|m| m.0.phone_number_id) {
+            Some(id) => id,
+            None => channel.sender_id.as_str(),
         };
         let Some((channel_id, _)) = resolve(sender) else {
             return Quick::Other;
         };
-        for s in value.statuses.unwrap_or_default() {
+        for MapOnly(s) in value.statuses.unwrap_or_default() {
             if s.errors.is_some() {
                 return Quick::Unsure;
             }
-            let status = match s.status.as_deref() {
+            let status = match s.status {
                 Some("sent") => SendStatus::Sent,
                 Some("delivered") => SendStatus::Delivered,
                 Some("read") => SendStatus::Read,
@@ -231,16 +233,12 @@ pub fn whatsapp_statuses(channel: &Channel, body: &[u8], resolve: &Resolve<'_>) 
             };
             out.push(StatusEvent {
                 channel_id,
-                provider_message_id: id.into_owned(),
+                provider_message_id: id.to_owned(),
                 send_id: Some(send_id),
                 status,
                 error_code: None,
                 error: None,
-                at: s
-                    .timestamp
-                    .as_deref()
-                    .and_then(unix_seconds)
-                    .unwrap_or_else(Utc::now),
+                at: s.timestamp.and_then(unix_seconds).unwrap_or_else(Utc::now),
             });
         }
     }
@@ -248,6 +246,86 @@ pub fn whatsapp_statuses(channel: &Channel, body: &[u8], resolve: &Resolve<'_>) 
         return Quick::Other;
     }
     Quick::Statuses(out)
+}
+
+/// `T`, read only from a JSON object (serde_json fills a derived struct from an array too).
+struct MapOnly<T>(T);
+
+impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for MapOnly<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Object<T>(std::marker::PhantomData<T>);
+        impl<'de, T: serde::Deserialize<'de>> serde::de::Visitor<'de> for Object<T> {
+            type Value = MapOnly<T>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<MapOnly<T>, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map)).map(MapOnly)
+            }
+        }
+        d.deserialize_map(Object(std::marker::PhantomData))
+    }
+}
+
+/// Whether a body holds nothing that a `serde_json::Value` refuses but a typed reading skips
+/// over unchecked in the fields it ignores: invalid UTF-8, a `\uD800`-`\uDFFF` escape (a lone
+/// surrogate, or half of a pair: pairs are rare enough in status deliveries to take the full
+/// parser), a number too large for an f64 (an exponent, or a run of more than 300 digits),
+/// nesting deeper than serde_json's limit of 128 (it skips ignored values without one); and no
+/// escaped NUL, which `parse` removes.
+fn strict_enough(body: &[u8]) -> bool {
+    const MAX_DEPTH: usize = 64;
+    if std::str::from_utf8(body).is_err() {
+        return false;
+    }
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut digits = 0usize;
+    let mut depth = 0usize;
+    let mut previous = 0u8;
+    for (i, &b) in body.iter().enumerate() {
+        if in_string {
+            if escaped {
+                escaped = false;
+                // `parse` drops U+0000 from every string and key first.
+                if b == b'u' && matches!(body.get(i + 1..i + 5), Some(b"0000" | [b'd' | b'D', ..]))
+                {
+                    return false;
+                }
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return false;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            b'e' | b'E' if previous.is_ascii_digit() || previous == b'.' => return false,
+            b'0'..=b'9' => {
+                digits += 1;
+                if digits > 300 {
+                    return false;
+                }
+            }
+            _ => {}
+        }
+        if !b.is_ascii_digit() {
+            digits = 0;
+        }
+        previous = b;
+    }
+    true
 }
 
 /// How [`Events::foreign`] reports an id that is not a string (followed by its JSON).
