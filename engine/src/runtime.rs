@@ -801,6 +801,7 @@ impl Producer {
                         inner: inner.clone(),
                         slots,
                         id,
+                        attempt,
                     };
                     let started = Instant::now();
                     let completion = execute(&inner, job).await;
@@ -815,8 +816,10 @@ impl Producer {
                     counter.fetch_add(1, Ordering::Relaxed);
                     // Leaving the map and handing over the result is one step: if shutdown
                     // released this claim meanwhile, the claim is no longer ours to finish.
+                    // The entry must be this attempt's: a claim rescued from under a slow task
+                    // and claimed again here has the job's entry now.
                     let mut in_flight = inner.in_flight.lock().unwrap_or_else(|e| e.into_inner());
-                    if in_flight.remove(&id).is_some() {
+                    if remove_claim(&mut in_flight, id, attempt) {
                         let _ = inner.completions.send(CompleterMsg::Done(completion));
                     } else if let Some(effect) = completion.effect_only() {
                         // What the attempt did outside is recorded all the same.
@@ -894,15 +897,30 @@ struct JobGuard {
     inner: Arc<Inner>,
     slots: Arc<Slots>,
     id: JobId,
+    attempt: i32,
+}
+
+/// Takes the claim (id, attempt) out of the in-flight map; false if the job's entry is gone
+/// (released at shutdown) or belongs to another claim of it.
+fn remove_claim(in_flight: &mut HashMap<JobId, InFlight>, id: JobId, attempt: i32) -> bool {
+    if in_flight.get(&id).is_some_and(|f| f.attempt == attempt) {
+        in_flight.remove(&id);
+        return true;
+    }
+    false
 }
 
 impl Drop for JobGuard {
     fn drop(&mut self) {
-        self.inner
-            .in_flight
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.id);
+        remove_claim(
+            &mut self
+                .inner
+                .in_flight
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+            self.id,
+            self.attempt,
+        );
         self.slots.running.fetch_sub(1, Ordering::AcqRel);
         self.slots.freed.notify_one();
     }

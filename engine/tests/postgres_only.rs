@@ -451,3 +451,100 @@ async fn a_refused_completion_still_records_its_effect() {
     );
     engine.shutdown().await;
 }
+
+/// Holds each attempt until the test lets it go, and says when each has started and ended.
+struct Held {
+    started: tokio::sync::mpsc::UnboundedSender<i32>,
+    ended: tokio::sync::mpsc::UnboundedSender<i32>,
+    release: [Arc<tokio::sync::Notify>; 2],
+}
+
+#[async_trait::async_trait]
+impl herald_engine::Worker for Held {
+    type Args = serde_json::Value;
+    const KIND: &'static str = "test.held";
+
+    async fn work(
+        &self,
+        _: serde_json::Value,
+        ctx: &herald_engine::JobContext,
+    ) -> Result<(), herald_engine::JobError> {
+        let attempt = ctx.job.attempt;
+        let _ = self.started.send(attempt);
+        let index = usize::try_from(attempt - 1).unwrap_or(0).min(1);
+        self.release[index].notified().await;
+        let _ = self.ended.send(attempt);
+        Ok(())
+    }
+}
+
+/// A claim rescued from under a slow task and claimed again by the same process: when the
+/// stale task ends first, it must not take the new claim's place in the process's map, or the
+/// new attempt's completion is dropped as if shutdown had released it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_attempt_ending_first_leaves_the_current_one_alone() {
+    let schema = common::unique_name("stale_attempt");
+    let _leftovers = common::Dropped::Schema(schema.clone());
+    let pg = Arc::new(common::pg_store_in(&schema).await);
+    let store: Arc<dyn Store> = pg.clone();
+    let (started_tx, mut started) = tokio::sync::mpsc::unbounded_channel();
+    let (ended_tx, mut ended) = tokio::sync::mpsc::unbounded_channel();
+    let release = [
+        Arc::new(tokio::sync::Notify::new()),
+        Arc::new(tokio::sync::Notify::new()),
+    ];
+    let mut registry = herald_engine::Registry::new();
+    registry.register(Held {
+        started: started_tx,
+        ended: ended_tx,
+        release: release.clone(),
+    });
+    let mut queues = std::collections::BTreeMap::new();
+    queues.insert(
+        herald_engine::model::DEFAULT_QUEUE.to_owned(),
+        herald_engine::QueueConfig { concurrency: 4 },
+    );
+    let config = herald_engine::EngineConfig {
+        worker_id: common::unique_name("worker"),
+        queues,
+        poll_interval: Duration::from_millis(50),
+        ..herald_engine::EngineConfig::default()
+    };
+    let clock: Arc<dyn herald_engine::Clock> = Arc::new(herald_engine::SystemClock);
+    let engine = herald_engine::Engine::start(store.clone(), registry, config, clock);
+    let id = store
+        .enqueue(&NewJob::new("test.held", json!({})), Utc::now())
+        .await
+        .expect("enqueue")
+        .id;
+    let within = |what: &'static str| {
+        move |r: Result<Option<i32>, tokio::time::error::Elapsed>| {
+            r.ok().flatten().unwrap_or_else(|| panic!("{what}"))
+        }
+    };
+    let wait = Duration::from_secs(10);
+    let first = within("attempt 1 started")(tokio::time::timeout(wait, started.recv()).await);
+    assert_eq!(first, 1);
+    // What the rescuer does to an expired lease, now: the job is available again, its
+    // attempt kept, and this process claims it again.
+    sqlx::query(
+        "UPDATE herald_jobs SET state = 'available', lease_expires_at = NULL WHERE id = $1",
+    )
+    .bind(id)
+    .execute(pg.pool())
+    .await
+    .expect("rescue");
+    let second = within("attempt 2 started")(tokio::time::timeout(wait, started.recv()).await);
+    assert_eq!(second, 2);
+    // The stale attempt ends first; its completion changes nothing in the database.
+    release[0].notify_one();
+    let done = within("attempt 1 ended")(tokio::time::timeout(wait, ended.recv()).await);
+    assert_eq!(done, 1);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    release[1].notify_one();
+    let done = within("attempt 2 ended")(tokio::time::timeout(wait, ended.recv()).await);
+    assert_eq!(done, 2);
+    let job = common::wait_for_state(&*store, id, herald_engine::JobState::Completed).await;
+    assert_eq!(job.attempt, 2, "completed by the current claim");
+    engine.shutdown().await;
+}
