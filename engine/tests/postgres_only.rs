@@ -370,6 +370,21 @@ async fn webhook_ingest_wakes_other_processes_once() {
     );
 }
 
+/// An engine working the default queue with `concurrency` slots, polling every 50 ms.
+fn quick_engine(concurrency: usize) -> herald_engine::EngineConfig {
+    let mut queues = std::collections::BTreeMap::new();
+    queues.insert(
+        herald_engine::model::DEFAULT_QUEUE.to_owned(),
+        herald_engine::QueueConfig { concurrency },
+    );
+    herald_engine::EngineConfig {
+        worker_id: common::unique_name("worker"),
+        queues,
+        poll_interval: Duration::from_millis(50),
+        ..herald_engine::EngineConfig::default()
+    }
+}
+
 /// A completion the database refuses for good (a trigger stands in for whatever it has
 /// against the job's row) is given up, but what the attempt did outside is still recorded:
 /// Meta's id lands, and the rescued job will find the send accepted instead of sending again.
@@ -403,17 +418,7 @@ async fn a_refused_completion_still_records_its_effect() {
 
     let mut registry = herald_engine::Registry::new();
     registry.register(common::Accepting);
-    let mut queues = std::collections::BTreeMap::new();
-    queues.insert(
-        herald_engine::model::DEFAULT_QUEUE.to_owned(),
-        herald_engine::QueueConfig { concurrency: 2 },
-    );
-    let config = herald_engine::EngineConfig {
-        worker_id: common::unique_name("worker"),
-        queues,
-        poll_interval: Duration::from_millis(50),
-        ..herald_engine::EngineConfig::default()
-    };
+    let config = quick_engine(2);
     let clock: Arc<dyn herald_engine::Clock> = Arc::new(herald_engine::SystemClock);
     let store: Arc<dyn Store> = store;
     let engine = herald_engine::Engine::start(store.clone(), registry, config, clock);
@@ -499,17 +504,7 @@ async fn a_stale_attempt_ending_first_leaves_the_current_one_alone() {
         ended: ended_tx,
         release: release.clone(),
     });
-    let mut queues = std::collections::BTreeMap::new();
-    queues.insert(
-        herald_engine::model::DEFAULT_QUEUE.to_owned(),
-        herald_engine::QueueConfig { concurrency: 4 },
-    );
-    let config = herald_engine::EngineConfig {
-        worker_id: common::unique_name("worker"),
-        queues,
-        poll_interval: Duration::from_millis(50),
-        ..herald_engine::EngineConfig::default()
-    };
+    let config = quick_engine(4);
     let clock: Arc<dyn herald_engine::Clock> = Arc::new(herald_engine::SystemClock);
     let engine = herald_engine::Engine::start(store.clone(), registry, config, clock);
     let id = store
