@@ -321,7 +321,7 @@ fn usage_percent(headers: &reqwest::header::HeaderMap) -> Option<f64> {
 
 /// The JSON body of a send, serialized straight from the message: no `serde_json::Value` tree
 /// is built, since this runs for every message.
-pub struct SendBody<'a> {
+struct SendBody<'a> {
     platform: Platform,
     recipient: &'a str,
     message: &'a Message,
@@ -571,18 +571,6 @@ impl Serialize for PageMessage<'_> {
     }
 }
 
-/// The URL and JSON body of a send.
-pub fn request<'a>(
-    channel: &Channel,
-    recipient: &'a str,
-    message: &'a Message,
-    lane: Lane,
-    callback: &'a str,
-) -> Result<(String, SendBody<'a>), SendError> {
-    let body = send_body(channel.platform, recipient, message, lane, callback)?;
-    Ok((endpoint(channel), body))
-}
-
 /// The JSON body of a send on `platform`, or why the message cannot be sent there.
 fn send_body<'a>(
     platform: Platform,
@@ -625,7 +613,7 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    /// `request`, with the body as the JSON that goes on the wire.
+    /// A send's URL, and its body as the JSON that goes on the wire.
     fn wire(
         channel: &Channel,
         recipient: &str,
@@ -633,8 +621,11 @@ mod tests {
         lane: Lane,
         callback: &str,
     ) -> Result<(String, Value), SendError> {
-        let (url, body) = request(channel, recipient, message, lane, callback)?;
-        Ok((url, serde_json::to_value(&body).expect("a body is JSON")))
+        let body = send_body(channel.platform, recipient, message, lane, callback)?;
+        Ok((
+            endpoint(channel),
+            serde_json::to_value(&body).expect("a body is JSON"),
+        ))
     }
 
     #[test]
@@ -759,7 +750,7 @@ mod tests {
                     "message": { "text": "hi", "metadata": "send-2" } })
         );
         assert!(matches!(
-            request(
+            wire(
                 &page,
                 "psid",
                 &Message::Template {
