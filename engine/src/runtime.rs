@@ -54,6 +54,9 @@ struct Inner {
     config: EngineConfig,
     clock: Arc<dyn Clock>,
     in_flight: Mutex<HashMap<JobId, InFlight>>,
+    /// Job tasks not yet ended. Unlike `in_flight` (claims still ours), it counts a task until
+    /// it has handed over what it did: shutdown waits for it before the last flush.
+    tasks: AtomicUsize,
     completions: mpsc::UnboundedSender<CompleterMsg>,
     is_leader: AtomicBool,
     /// Present: jobs with a rate key start only with a permit from it (see [`Producer::run_limited`]).
@@ -139,6 +142,7 @@ impl Engine {
             config,
             clock,
             in_flight: Mutex::new(HashMap::new()),
+            tasks: AtomicUsize::new(0),
             completions: tx,
             is_leader: AtomicBool::new(false),
             admission,
@@ -276,6 +280,13 @@ impl Engine {
                 }
             }
         }
+        // An aborted task stops at its next await, but one already past its last await (a
+        // thread the OS paused, a handler in blocking code) still hands its effect to the
+        // completer: wait for it, so that the flush below takes it along.
+        let deadline = Instant::now() + ABORTED_TASKS_WAIT;
+        while self.inner.tasks.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let (ack, done) = oneshot::channel();
         if self
             .inner
@@ -306,6 +317,9 @@ impl Engine {
         report
     }
 }
+
+/// How long shutdown waits for aborted job tasks to end before its last flush.
+const ABORTED_TASKS_WAIT: Duration = Duration::from_secs(1);
 
 impl Drop for Engine {
     fn drop(&mut self) {
@@ -778,6 +792,7 @@ impl Producer {
             return;
         }
         self.slots.running.fetch_add(jobs.len(), Ordering::AcqRel);
+        self.inner.tasks.fetch_add(jobs.len(), Ordering::AcqRel);
         // Held while spawning, so a job that finishes at once still finds itself in the map.
         let mut in_flight = self
             .inner
@@ -923,6 +938,7 @@ impl Drop for JobGuard {
         );
         self.slots.running.fetch_sub(1, Ordering::AcqRel);
         self.slots.freed.notify_one();
+        self.inner.tasks.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -42,6 +42,7 @@ conformance!(
     crashed_worker_jobs_are_rescued,
     paused_queue_runs_nothing_until_resumed,
     effects_are_written_with_the_completion,
+    an_effect_handed_over_after_shutdown_released_the_claim_is_kept,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1361,4 +1362,71 @@ async fn effects_are_written_with_the_completion(store: Arc<dyn Store>) {
     let untouched = delivery.send(ids[2]).await.expect("read").expect("exists");
     assert_eq!(untouched.status, SendStatus::Sending);
     stop(engine).await;
+}
+
+/// Records its effect, then blocks its thread (no await, so an abort cannot stop it) past the
+/// shutdown timeout: the claim is released under it, and the effect comes after.
+struct AcceptsLate {
+    started: Arc<AtomicBool>,
+}
+
+#[async_trait]
+impl Worker for AcceptsLate {
+    type Args = common::AcceptingArgs;
+    const KIND: &'static str = "test.accepts_late";
+
+    async fn work(&self, args: common::AcceptingArgs, ctx: &JobContext) -> Result<(), JobError> {
+        ctx.complete_with(herald_engine::model::Effect::SendAccepted {
+            send_id: args.send,
+            provider_message_id: format!("wamid.{}", args.send.simple()),
+        });
+        self.started.store(true, Ordering::SeqCst);
+        // Hands this worker's other tasks to another thread first, so only this task waits.
+        tokio::task::block_in_place(|| std::thread::sleep(ms(500)));
+        Ok(())
+    }
+}
+
+/// Shutdown releases a claim whose task is past its last await; the task's effect still
+/// reaches the store before the engine stops (it used to be lost when it came after the
+/// completer's last flush).
+async fn an_effect_handed_over_after_shutdown_released_the_claim_is_kept(store: Arc<dyn Store>) {
+    use herald_engine::delivery::SendStatus;
+    let channel = common::whatsapp_channel(&*store).await;
+    let ids = common::begun_sends(&*store, &channel, 1).await;
+    let started = Arc::new(AtomicBool::new(false));
+    let mut registry = Registry::new();
+    registry.register(AcceptsLate {
+        started: started.clone(),
+    });
+    let clock = system_clock();
+    let client = Client::new(store.clone(), clock.clone());
+    let config = EngineConfig {
+        shutdown_timeout: ms(50),
+        ..config(2)
+    };
+    let engine = Engine::start(store.clone(), registry, config, clock);
+    let job = enqueue(
+        &client,
+        NewJob::new(AcceptsLate::KIND, json!({ "send": ids[0] })),
+    )
+    .await;
+    eventually("the handler recorded its effect", || {
+        started.load(Ordering::SeqCst)
+    })
+    .await;
+    let report = engine.shutdown().await;
+    assert_eq!(report.released, 1, "the claim was released under the task");
+    assert_eq!(get(&*store, job).await.state, JobState::Available);
+    let send = store
+        .delivery()
+        .send(ids[0])
+        .await
+        .expect("read")
+        .expect("exists");
+    assert_eq!(send.status, SendStatus::Accepted);
+    assert_eq!(
+        send.provider_message_id,
+        Some(format!("wamid.{}", ids[0].simple()))
+    );
 }
