@@ -23,6 +23,9 @@ pub enum BenchCommand {
     /// Send N broadcast messages (and K interactive replies) through P processes sharing one
     /// channel on the Meta sandbox, limited to R messages a second.
     Delivery(crate::bench_delivery::DeliveryArgs),
+    /// Send N messages through the Meta client alone to the sandbox (another process) at R a
+    /// second: the HTTP floor under `delivery`'s CPU per message.
+    Client(crate::bench_client::ClientArgs),
     /// Send N signed WhatsApp webhooks from C connections to a server on PostgreSQL (or SQLite)
     /// and measure how fast they are stored durably.
     Webhooks(crate::bench_webhooks::WebhooksArgs),
@@ -69,6 +72,7 @@ pub async fn run(which: BenchCommand) -> Result<(), Box<dyn std::error::Error>> 
     match which {
         BenchCommand::Queue(args) => queue(args).await,
         BenchCommand::Delivery(args) => crate::bench_delivery::run(args).await,
+        BenchCommand::Client(args) => crate::bench_client::run(args).await,
         BenchCommand::Webhooks(args) => crate::bench_webhooks::run(args).await,
         BenchCommand::Import(args) => crate::bench_import::run(args).await,
     }

@@ -59,7 +59,7 @@ pub struct DeliveryArgs {
 }
 
 /// Children are killed if the bench stops early.
-struct Procs(Vec<Child>);
+pub(crate) struct Procs(pub(crate) Vec<Child>);
 
 impl Drop for Procs {
     fn drop(&mut self) {
@@ -77,14 +77,14 @@ fn unix_ms() -> f64 {
         .unwrap_or(0.0)
 }
 
-fn free_port() -> std::io::Result<u16> {
+pub(crate) fn free_port() -> std::io::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port())
 }
 
 /// CPU time (user + system) of a process so far.
-fn cpu_time(pid: u32, tick: f64) -> Duration {
+pub(crate) fn cpu_time(pid: u32, tick: f64) -> Duration {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return Duration::ZERO;
     };
@@ -102,7 +102,7 @@ fn cpu_time(pid: u32, tick: f64) -> Duration {
     Duration::from_secs_f64((ticks(11) + ticks(12)) / tick)
 }
 
-fn clock_ticks() -> f64 {
+pub(crate) fn clock_ticks() -> f64 {
     Command::new("getconf")
         .arg("CLK_TCK")
         .output()

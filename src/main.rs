@@ -2,6 +2,7 @@
 //! the handlers and starts the services each subcommand needs.
 
 mod bench;
+mod bench_client;
 mod bench_delivery;
 mod bench_import;
 mod bench_server;
