@@ -197,8 +197,11 @@ pub async fn receive(
 }
 
 /// The parts of Meta's envelope every delivery has: a known `object` and an `entry` array.
-/// Checked before storing so that a body that can never be processed is refused, not kept.
-/// (The whole body must be valid JSON, and so valid UTF-8, for this to pass.)
+/// Checked before storing so that a body that can never be processed is refused, not kept:
+/// the whole body must also be JSON the webhook worker can parse. The envelope is read with
+/// the rest skipped, which checks JSON syntax only; a body with anything the skipping does not
+/// check (invalid UTF-8, a lone surrogate escape, a number out of range, deep nesting) is
+/// parsed whole, as the worker will.
 pub fn check_envelope(body: &[u8]) -> Result<(), String> {
     #[derive(Deserialize)]
     struct Envelope<'a> {
@@ -215,6 +218,10 @@ pub fn check_envelope(body: &[u8]) -> Result<(), String> {
     }
     if e.entry.is_none() {
         return Err("no entry array".into());
+    }
+    if !herald_engine::inbox::json_strict_enough(body) {
+        serde_json::from_slice::<serde_json::Value>(body)
+            .map_err(|e| format!("body is not JSON: {e}"))?;
     }
     Ok(())
 }

@@ -237,6 +237,65 @@ pub trait InboxStore: Send + Sync + 'static {
     async fn inbound_messages(&self, channel_id: Uuid, limit: i64) -> Result<Vec<InboundMessage>>;
 }
 
+/// Whether a JSON body holds nothing that a `serde_json::Value` refuses but a typed reading
+/// (or `IgnoredAny`) skips over unchecked in the fields it ignores: invalid UTF-8, a `\uD800`-`\uDFFF` escape (a lone
+/// surrogate, or half of a pair: pairs are rare enough in status deliveries to take the full
+/// parser), a number too large for an f64 (an exponent, or a run of more than 300 digits),
+/// nesting deeper than serde_json's limit of 128 (it skips ignored values without one); and no
+/// escaped NUL, which the webhook worker's parser removes. False means: only a full parse can
+/// say. Cheap enough (one pass over the bytes) for every delivery at ingest.
+pub fn json_strict_enough(body: &[u8]) -> bool {
+    const MAX_DEPTH: usize = 64;
+    if std::str::from_utf8(body).is_err() {
+        return false;
+    }
+    let mut in_string = false;
+    let mut escaped = false;
+    let mut digits = 0usize;
+    let mut depth = 0usize;
+    let mut previous = 0u8;
+    for (i, &b) in body.iter().enumerate() {
+        if in_string {
+            if escaped {
+                escaped = false;
+                // `parse` drops U+0000 from every string and key first.
+                if b == b'u' && matches!(body.get(i + 1..i + 5), Some(b"0000" | [b'd' | b'D', ..]))
+                {
+                    return false;
+                }
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_DEPTH {
+                    return false;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            b'e' | b'E' if previous.is_ascii_digit() || previous == b'.' => return false,
+            b'0'..=b'9' => {
+                digits += 1;
+                if digits > 300 {
+                    return false;
+                }
+            }
+            _ => {}
+        }
+        if !b.is_ascii_digit() {
+            digits = 0;
+        }
+        previous = b;
+    }
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -183,7 +183,7 @@ pub fn whatsapp_statuses(channel: &Channel, body: &[u8], resolve: &Resolve<'_>) 
         errors: Option<IgnoredAny>,
     }
 
-    if !strict_enough(body) {
+    if !herald_engine::inbox::json_strict_enough(body) {
         return Quick::Unsure;
     }
     let Ok(MapOnly(delivery)) = serde_json::from_slice::<MapOnly<Delivery<'_>>>(body) else {
@@ -268,64 +268,6 @@ impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for MapOnly<T> {
         }
         d.deserialize_map(Object(std::marker::PhantomData))
     }
-}
-
-/// Whether a body holds nothing that a `serde_json::Value` refuses but a typed reading skips
-/// over unchecked in the fields it ignores: invalid UTF-8, a `\uD800`-`\uDFFF` escape (a lone
-/// surrogate, or half of a pair: pairs are rare enough in status deliveries to take the full
-/// parser), a number too large for an f64 (an exponent, or a run of more than 300 digits),
-/// nesting deeper than serde_json's limit of 128 (it skips ignored values without one); and no
-/// escaped NUL, which `parse` removes.
-fn strict_enough(body: &[u8]) -> bool {
-    const MAX_DEPTH: usize = 64;
-    if std::str::from_utf8(body).is_err() {
-        return false;
-    }
-    let mut in_string = false;
-    let mut escaped = false;
-    let mut digits = 0usize;
-    let mut depth = 0usize;
-    let mut previous = 0u8;
-    for (i, &b) in body.iter().enumerate() {
-        if in_string {
-            if escaped {
-                escaped = false;
-                // `parse` drops U+0000 from every string and key first.
-                if b == b'u' && matches!(body.get(i + 1..i + 5), Some(b"0000" | [b'd' | b'D', ..]))
-                {
-                    return false;
-                }
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
-            }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
-            b'[' | b'{' => {
-                depth += 1;
-                if depth > MAX_DEPTH {
-                    return false;
-                }
-            }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            b'e' | b'E' if previous.is_ascii_digit() || previous == b'.' => return false,
-            b'0'..=b'9' => {
-                digits += 1;
-                if digits > 300 {
-                    return false;
-                }
-            }
-            _ => {}
-        }
-        if !b.is_ascii_digit() {
-            digits = 0;
-        }
-        previous = b;
-    }
-    true
 }
 
 /// How [`Events::foreign`] reports an id that is not a string (followed by its JSON).
