@@ -64,6 +64,47 @@ pub struct Ingest {
     /// Sorts each delivery on its request's task (requests run concurrently; the writers do
     /// not), before it queues for a writer.
     triage: Option<Arc<dyn Triage>>,
+    /// Deliveries whose triage ran out of time: when the database is slow, every request
+    /// would warn, so the log gets one line per [`LATE_TRIAGE_WARN_EVERY`] with the count.
+    late_triage: Arc<Throttle>,
+}
+
+/// At most one warning about late triage this often.
+pub const LATE_TRIAGE_WARN_EVERY: Duration = Duration::from_secs(10);
+
+/// Counts events and says when one of them should be logged: the first, then at most one per
+/// period.
+struct Throttle {
+    started: std::time::Instant,
+    period_ms: u64,
+    count: std::sync::atomic::AtomicU64,
+    /// Milliseconds after `started` of the last logged event, plus one (0: none yet).
+    logged_at: std::sync::atomic::AtomicU64,
+}
+
+impl Throttle {
+    fn new(period: Duration) -> Throttle {
+        Throttle {
+            started: std::time::Instant::now(),
+            period_ms: period.as_millis().max(1) as u64,
+            count: Default::default(),
+            logged_at: Default::default(),
+        }
+    }
+
+    /// Counts one event at `now_ms` (after `started`); Some(events so far) if it is to be
+    /// logged.
+    fn note(&self, now_ms: u64) -> Option<u64> {
+        use std::sync::atomic::Ordering;
+        let count = self.count.fetch_add(1, Ordering::Relaxed) + 1;
+        let last = self.logged_at.load(Ordering::Relaxed);
+        let due = last == 0 || now_ms + 1 >= last + self.period_ms;
+        (due && self
+            .logged_at
+            .compare_exchange(last, now_ms + 1, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok())
+        .then_some(count)
+    }
 }
 
 impl Ingest {
@@ -84,7 +125,11 @@ impl Ingest {
                 config.max_batch.max(1),
             ));
         }
-        Ingest { tx, triage }
+        Ingest {
+            tx,
+            triage,
+            late_triage: Arc::new(Throttle::new(LATE_TRIAGE_WARN_EVERY)),
+        }
     }
 
     /// Stores one delivery durably (with the job that will process it); returns once committed.
@@ -98,7 +143,15 @@ impl Ingest {
             {
                 Ok(statuses) => event.statuses = statuses,
                 Err(_) => {
-                    tracing::warn!(%channel_id, "webhook ingest: triage took too long; the delivery goes to the job")
+                    let now_ms = self.late_triage.started.elapsed().as_millis() as u64;
+                    if let Some(late) = self.late_triage.note(now_ms) {
+                        tracing::warn!(
+                            %channel_id,
+                            late_since_start = late,
+                            "webhook ingest: triage took too long; the delivery goes to the job \
+                             (logged at most every 10 s)"
+                        )
+                    }
                 }
             }
         }
@@ -184,4 +237,25 @@ async fn store_with_retry(
 
 fn is_transient(e: &StoreError) -> bool {
     e.is_transient()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn late_triage_is_logged_first_then_once_a_period() {
+        let t = Throttle::new(Duration::from_secs(10));
+        assert_eq!(t.note(0), Some(1), "the first is logged");
+        assert_eq!(t.note(5), None);
+        assert_eq!(t.note(9_998), None);
+        assert_eq!(t.note(9_999), None, "within the period of the first");
+        assert_eq!(
+            t.note(10_000),
+            Some(5),
+            "a period later, with the count so far"
+        );
+        assert_eq!(t.note(10_001), None);
+        assert_eq!(t.note(60_000), Some(7));
+    }
 }
