@@ -230,8 +230,9 @@ impl Engine {
     }
 
     /// Graceful shutdown: stop claiming; let in-flight jobs finish for up to
-    /// `shutdown_timeout`; stop and release the rest at once (their attempt is not counted);
-    /// write every completion; give up leadership.
+    /// `shutdown_timeout`; stop and release the rest at once (their attempt is not counted),
+    /// and give the stopped tasks up to a second to hand over what they did; write every
+    /// completion (waiting at least 5 s for the database); give up leadership.
     pub async fn shutdown(mut self) -> ShutdownReport {
         let _ = self.stop_claiming.send(true);
         for p in self.producers.drain(..) {
@@ -294,7 +295,9 @@ impl Engine {
             .send(CompleterMsg::Flush(ack))
             .is_ok()
         {
-            let _ = tokio::time::timeout(self.inner.config.shutdown_timeout, done).await;
+            // Bounded on its own: completions are worth waiting for even when jobs were not.
+            let _ = tokio::time::timeout(FLUSH_WAIT.max(self.inner.config.shutdown_timeout), done)
+                .await;
         }
         if self.is_leader() {
             if let Err(e) = self
@@ -318,8 +321,11 @@ impl Engine {
     }
 }
 
-/// How long shutdown waits for aborted job tasks to end before its last flush.
+/// How long shutdown waits for aborted job tasks to end before its last flush (on top of
+/// `shutdown_timeout`).
 const ABORTED_TASKS_WAIT: Duration = Duration::from_secs(1);
+/// The least time shutdown gives its last flush of completions.
+const FLUSH_WAIT: Duration = Duration::from_secs(5);
 
 impl Drop for Engine {
     fn drop(&mut self) {
@@ -810,8 +816,12 @@ impl Producer {
                     .observe((claimed - job.run_at).to_std().unwrap_or_default());
             }
             let span = info_span!("job", id, kind = %job.kind, attempt);
+            // Made before the task: a task aborted before its first poll drops it unrun.
+            let counted = TaskCounted(inner.clone());
             let handle = tokio::spawn(
                 async move {
+                    // Dropped last, once the completion has been handed over.
+                    let _counted = counted;
                     let _guard = JobGuard {
                         inner: inner.clone(),
                         slots,
@@ -925,6 +935,15 @@ fn remove_claim(in_flight: &mut HashMap<JobId, InFlight>, id: JobId, attempt: i3
     false
 }
 
+/// Counts a job task in `Inner::tasks` until the task ends or is dropped unrun.
+struct TaskCounted(Arc<Inner>);
+
+impl Drop for TaskCounted {
+    fn drop(&mut self) {
+        self.0.tasks.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 impl Drop for JobGuard {
     fn drop(&mut self) {
         remove_claim(
@@ -938,7 +957,6 @@ impl Drop for JobGuard {
         );
         self.slots.running.fetch_sub(1, Ordering::AcqRel);
         self.slots.freed.notify_one();
-        self.inner.tasks.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

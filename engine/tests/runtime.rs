@@ -1382,7 +1382,7 @@ impl Worker for AcceptsLate {
         });
         self.started.store(true, Ordering::SeqCst);
         // Hands this worker's other tasks to another thread first, so only this task waits.
-        tokio::task::block_in_place(|| std::thread::sleep(ms(500)));
+        tokio::task::block_in_place(|| std::thread::sleep(ms(800)));
         Ok(())
     }
 }
@@ -1402,7 +1402,7 @@ async fn an_effect_handed_over_after_shutdown_released_the_claim_is_kept(store: 
     let clock = system_clock();
     let client = Client::new(store.clone(), clock.clone());
     let config = EngineConfig {
-        shutdown_timeout: ms(50),
+        shutdown_timeout: ms(100),
         ..config(2)
     };
     let engine = Engine::start(store.clone(), registry, config, clock);
