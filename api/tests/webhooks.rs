@@ -269,6 +269,15 @@ async fn bad_input_gets_a_clear_status_and_nothing_is_stored() {
             .into_bytes(),
             StatusCode::BAD_REQUEST,
         ),
+        // The worker drops NUL from keys too: this `entry` becomes 1, this `object` "x".
+        (
+            br#"{"object":"page","entry":[],"entry\u0000":1}"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            br#"{"object":"page","object\u0000":"x","entry":[]}"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
         // Parsed whole, and fine: a surrogate pair and an escaped NUL.
         (
             br#"{"object":"page","entry":[{"x":"\uD83D\uDE00\u0000"}]}"#.to_vec(),

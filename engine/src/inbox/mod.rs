@@ -296,6 +296,63 @@ pub fn json_strict_enough(body: &[u8]) -> bool {
     true
 }
 
+/// A delivery's body as the webhook worker reads it: parsed whole into a `Value`, U+0000
+/// removed from every string and key (see `strip_nul`).
+pub fn webhook_json(body: &[u8]) -> std::result::Result<serde_json::Value, String> {
+    let mut v: serde_json::Value =
+        serde_json::from_slice(body).map_err(|e| format!("body is not JSON: {e}"))?;
+    strip_nul(&mut v);
+    Ok(v)
+}
+
+/// The envelope every delivery has: a known `object` (`whatsapp_business_account`, `page` or
+/// `instagram`) and an `entry` array. Ingest checks it before storing and the worker reads it,
+/// so what ingest stores the worker can read.
+pub fn webhook_envelope(
+    v: &serde_json::Value,
+) -> std::result::Result<(&str, &Vec<serde_json::Value>), String> {
+    let object = match v.get("object") {
+        Some(serde_json::Value::String(o))
+            if matches!(
+                o.as_str(),
+                "whatsapp_business_account" | "page" | "instagram"
+            ) =>
+        {
+            o.as_str()
+        }
+        Some(serde_json::Value::String(other)) => {
+            return Err(format!("unknown webhook object {other:?}"))
+        }
+        Some(_) => return Err("the object field is not a string".into()),
+        None => return Err("no object field".into()),
+    };
+    let entries = v
+        .get("entry")
+        .and_then(serde_json::Value::as_array)
+        .ok_or("no entry array")?;
+    Ok((object, entries))
+}
+
+/// Removes U+0000 from every string (and key) of `v`. PostgreSQL's `text` and `jsonb` cannot
+/// hold it, so one NUL in a delivery made every write of its batch fail: the job retried
+/// until it was discarded, with the other deliveries of its batch. Meta never sends one.
+fn strip_nul(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::String(s) if s.contains('\0') => s.retain(|c| c != '\0'),
+        serde_json::Value::Array(items) => items.iter_mut().for_each(strip_nul),
+        serde_json::Value::Object(map) => {
+            if map.keys().any(|k| k.contains('\0')) {
+                *map = std::mem::take(map)
+                    .into_iter()
+                    .map(|(k, v)| (k.replace('\0', ""), v))
+                    .collect();
+            }
+            map.values_mut().for_each(strip_nul);
+        }
+        _ => {}
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -41,14 +41,8 @@ pub type Resolve<'a> = dyn Fn(&str) -> Option<(Uuid, Uuid)> + 'a;
 /// events without a Meta id go to it. Unknown fields and event types are ignored (Meta adds
 /// them); a body that is not Meta's shape is an error.
 pub fn parse(channel: &Channel, body: &[u8], resolve: &Resolve<'_>) -> Result<Events, String> {
-    let mut v: Value =
-        serde_json::from_slice(body).map_err(|e| format!("body is not JSON: {e}"))?;
-    strip_nul(&mut v);
-    let object = v.get("object").and_then(Value::as_str).unwrap_or("");
-    let entries = v
-        .get("entry")
-        .and_then(Value::as_array)
-        .ok_or("no entry array")?;
+    let v = herald_engine::inbox::webhook_json(body)?;
+    let (object, entries) = herald_engine::inbox::webhook_envelope(&v)?;
     let mut out = Events::default();
     match object {
         "whatsapp_business_account" => {
@@ -289,26 +283,6 @@ fn meta_id<'a>(id: Option<&'a Value>, channel: &'a Channel, out: &mut Events) ->
 
 fn array<'a>(v: &'a Value, key: &str) -> impl Iterator<Item = &'a Value> {
     v.get(key).and_then(Value::as_array).into_iter().flatten()
-}
-
-/// Removes U+0000 from every string (and key) of `v`. PostgreSQL's `text` and `jsonb` cannot
-/// hold it, so one NUL in a delivery made every write of its batch fail: the job retried
-/// until it was discarded, with the other deliveries of its batch. Meta never sends one.
-fn strip_nul(v: &mut Value) {
-    match v {
-        Value::String(s) if s.contains('\0') => s.retain(|c| c != '\0'),
-        Value::Array(items) => items.iter_mut().for_each(strip_nul),
-        Value::Object(map) => {
-            if map.keys().any(|k| k.contains('\0')) {
-                *map = std::mem::take(map)
-                    .into_iter()
-                    .map(|(k, v)| (k.replace('\0', ""), v))
-                    .collect();
-            }
-            map.values_mut().for_each(strip_nul);
-        }
-        _ => {}
-    }
 }
 
 /// The latest time a delivery may carry: the end of year 9999. Earlier than 1970 or later than
