@@ -92,6 +92,9 @@ pub async fn run(args: ClientArgs) -> Result<(), Box<dyn std::error::Error>> {
     // Until the sandbox answers; this also opens the first connection.
     let deadline = Instant::now() + Duration::from_secs(30);
     while let Err(e) = send(0).await {
+        if let Some(status) = procs.0[0].try_wait()? {
+            return Err(format!("the sandbox exited ({status}): {e}").into());
+        }
         if Instant::now() > deadline {
             return Err(format!("the sandbox did not come up: {e}").into());
         }
@@ -130,6 +133,9 @@ pub async fn run(args: ClientArgs) -> Result<(), Box<dyn std::error::Error>> {
     }
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = cpu_time(pid, ticks).saturating_sub(cpu_before);
+    if cpu.is_zero() {
+        return Err("cannot read this process's CPU time from /proc".into());
+    }
     if let Some(e) = first_error {
         return Err(format!("{failed} of {sent} sends failed, the first: {e}").into());
     }
