@@ -18,7 +18,10 @@
 //!   for its status webhook through the grace period.
 //! - Limits are taken before the call: the channel's rate by the engine's admission (the job
 //!   is claimed only with a permit), the pair rate and the messaging tier here. A send that
-//!   waits for one of them gives the channel's permit back and snoozes until it is due.
+//!   waits for one of them gives the channel's permit back and snoozes until it is due. A
+//!   send that goes out more than the channel's burst window after its claim (a slow
+//!   database) is charged to the channel's limit again where it has room, so that it does not
+//!   bunch with the sends on fresh permits (see [`spent_late`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,7 +34,7 @@ use herald_engine::delivery::{
 };
 use herald_engine::model::Effect;
 use herald_engine::{Backoff, Clock, JobContext, JobError, KindPolicy, Store, Worker};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use super::client::{MetaClient, SendError};
 use super::policy::{classify, pair_backoff, Action};
@@ -125,6 +128,18 @@ impl SendWorker {
         }
         JobError::Discard(why)
     }
+}
+
+/// Whether a permit granted at `granted` (the claim) is spent late at `now`: more than the
+/// channel's burst window after it. Within it, a late send bunches with sends on fresh permits
+/// by at most one burst: in any span the channel then sends at most its rate over the span
+/// plus two bursts, within what Meta tolerates. Later than that, the send is charged again.
+pub fn spent_late(
+    granted: chrono::DateTime<chrono::Utc>,
+    now: chrono::DateTime<chrono::Utc>,
+    limits: &herald_engine::delivery::ChannelLimits,
+) -> bool {
+    (now - granted).num_milliseconds() > i64::from(limits.burst_ms.max(1))
 }
 
 #[async_trait]
@@ -259,6 +274,21 @@ impl SendWorker {
         if let Some(wait) = self.admission.acquire_pair(&channel, &send.recipient).await {
             self.update(send.id, SendUpdate::Unsent).await?;
             return Err(self.wait(channel.id, wait).await);
+        }
+        if let Some(granted) = ctx.job.attempted_at {
+            if spent_late(granted, self.clock.now(), &channel.limits) {
+                // The permit was granted with the claim, but the send is going out long after
+                // (a slow database while a big broadcast is enqueued, say), where it bunches
+                // with sends on fresh permits. Charged again now, where the limiter has room,
+                // it holds back the sends that would bunch with it. Where it has none, the
+                // send goes on its old permit: waiting for a fresh one could wait for ever,
+                // since the producer takes every permit for its claims.
+                let fresh = self
+                    .admission
+                    .acquire(&channel_rate_key(channel.id), 1)
+                    .await;
+                debug!(send = %send.id, charged_again = fresh.granted, "permit spent late");
+            }
         }
         let callback = send.id.to_string();
         *called = true;
@@ -450,4 +480,29 @@ fn refused(code: Option<i64>, why: &str) -> SendUpdate {
 /// `d` plus up to 20% at random, so that refused sends do not come back in lockstep.
 fn jitter(d: Duration) -> Duration {
     d + d.mul_f64(fastrand::f64() * 0.2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use herald_engine::delivery::ChannelLimits;
+
+    #[test]
+    fn a_permit_is_spent_late_past_the_channels_burst_window() {
+        let limits = ChannelLimits::default();
+        assert_eq!(limits.burst_ms, 50);
+        let granted = chrono::Utc::now();
+        let at = |ms| granted + chrono::Duration::milliseconds(ms);
+        assert!(!spent_late(granted, at(0), &limits));
+        assert!(!spent_late(granted, at(50), &limits));
+        assert!(spent_late(granted, at(51), &limits));
+        assert!(spent_late(granted, at(60_000), &limits));
+        // A clock that went back is not lateness.
+        assert!(!spent_late(granted, at(-5_000), &limits));
+        let wide = ChannelLimits {
+            burst_ms: 200,
+            ..ChannelLimits::default()
+        };
+        assert!(!spent_late(granted, at(150), &wide));
+    }
 }
