@@ -199,9 +199,11 @@ pub async fn receive(
 /// The parts of Meta's envelope every delivery has: a known `object` and an `entry` array.
 /// Checked before storing so that a body that can never be processed is refused, not kept:
 /// the whole body must also be JSON the webhook worker can parse. The envelope is read with
-/// the rest skipped, which checks JSON syntax only; a body with anything the skipping does not
+/// the rest skipped, which checks JSON syntax only; a body that reading cannot vouch for is
+/// parsed whole, as the worker will (`webhook_json`, `webhook_envelope`): one that is not an
+/// object (serde fills a struct from an array too), one with anything the skipping does not
 /// check (invalid UTF-8, a lone surrogate escape, a number out of range, deep nesting, an
-/// escaped NUL) is parsed whole, as the worker will.
+/// escaped NUL), and one the typed reading refuses where a `Value` may not (a duplicate field).
 pub fn check_envelope(body: &[u8]) -> Result<(), String> {
     #[derive(Deserialize)]
     struct Envelope<'a> {
@@ -209,8 +211,18 @@ pub fn check_envelope(body: &[u8]) -> Result<(), String> {
         object: Option<std::borrow::Cow<'a, str>>,
         entry: Option<Vec<serde::de::IgnoredAny>>,
     }
-    let e: Envelope<'_> =
-        serde_json::from_slice(body).map_err(|e| format!("body is not JSON: {e}"))?;
+    let whole = || {
+        let v = herald_engine::inbox::webhook_json(body)?;
+        herald_engine::inbox::webhook_envelope(&v).map(|_| ())
+    };
+    if body.trim_ascii_start().first() != Some(&b'{')
+        || !herald_engine::inbox::json_strict_enough(body)
+    {
+        return whole();
+    }
+    let Ok(e) = serde_json::from_slice::<Envelope<'_>>(body) else {
+        return whole();
+    };
     match e.object.as_deref() {
         Some("whatsapp_business_account" | "page" | "instagram") => {}
         Some(other) => return Err(format!("unknown webhook object {other:?}")),
@@ -218,11 +230,6 @@ pub fn check_envelope(body: &[u8]) -> Result<(), String> {
     }
     if e.entry.is_none() {
         return Err("no entry array".into());
-    }
-    if !herald_engine::inbox::json_strict_enough(body) {
-        // As the worker will read it: an escaped NUL in a key can make another field of it.
-        let v = herald_engine::inbox::webhook_json(body)?;
-        herald_engine::inbox::webhook_envelope(&v)?;
     }
     Ok(())
 }

@@ -278,6 +278,20 @@ async fn bad_input_gets_a_clear_status_and_nothing_is_stored() {
             br#"{"object":"page","object\u0000":"x","entry":[]}"#.to_vec(),
             StatusCode::BAD_REQUEST,
         ),
+        // An array is not an object, though serde would fill the envelope from it.
+        (
+            br#"["whatsapp_business_account",[]]"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
+        // A duplicate field: the worker takes the last one, and so does the check.
+        (
+            br#"{"object":"other","object":"page","entry":[]}"#.to_vec(),
+            StatusCode::OK,
+        ),
+        (
+            br#"{"object":"page","object":"other","entry":[]}"#.to_vec(),
+            StatusCode::BAD_REQUEST,
+        ),
         // Parsed whole, and fine: a surrogate pair and an escaped NUL.
         (
             br#"{"object":"page","entry":[{"x":"\uD83D\uDE00\u0000"}]}"#.to_vec(),
