@@ -19,9 +19,9 @@
 //! - Limits are taken before the call: the channel's rate by the engine's admission (the job
 //!   is claimed only with a permit), the pair rate and the messaging tier here. A send that
 //!   waits for one of them gives the channel's permit back and snoozes until it is due. A
-//!   send that goes out more than the channel's burst window after its claim (a slow
-//!   database) is charged to the channel's limit again where it has room, so that it does not
-//!   bunch with the sends on fresh permits (see [`spent_late`]).
+//!   send that goes out after sends claimed more than the channel's burst window after it (a
+//!   slow write for one round, a fast one for the next) is charged to the channel's limit
+//!   again where it has room, so that it does not bunch with them (see [`OutOfOrder`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -74,6 +74,7 @@ pub struct SendWorker {
     clock: Arc<dyn Clock>,
     config: SendConfig,
     recorder: Recorder,
+    out_of_order: OutOfOrder,
 }
 
 impl SendWorker {
@@ -86,6 +87,7 @@ impl SendWorker {
     ) -> Self {
         SendWorker {
             recorder: Recorder::start(store.clone(), clock.clone()),
+            out_of_order: OutOfOrder::default(),
             store,
             admission,
             client,
@@ -130,16 +132,49 @@ impl SendWorker {
     }
 }
 
-/// Whether a permit granted at `granted` (the claim) is spent late at `now`: more than the
-/// channel's burst window after it. Within it, a late send bunches with sends on fresh permits
-/// by at most one burst: in any span the channel then sends at most its rate over the span
-/// plus two bursts, within what Meta tolerates. Later than that, the send is charged again.
-pub fn spent_late(
-    granted: chrono::DateTime<chrono::Utc>,
-    now: chrono::DateTime<chrono::Utc>,
-    limits: &herald_engine::delivery::ChannelLimits,
-) -> bool {
-    (now - granted).num_milliseconds() > i64::from(limits.burst_ms.max(1))
+/// Most channels [`OutOfOrder`] keeps; past it, it starts again (a send then misses the check
+/// once, as on a fresh process).
+const MAX_ORDER_CHANNELS: usize = 10_000;
+
+/// The newest claim among each channel's sends gone out from this process, to tell a send
+/// going out after sends claimed well after it.
+///
+/// A permit is taken with the claim, and the request leaves a little later. When that delay is
+/// the same for every send (even a long one: a slow database) the sends keep their order and
+/// their pace. When it shrinks (one round's write was slow, the next one's fast) the late
+/// round's sends go out together with the next round's, over the channel's burst: that is
+/// what got 130429 answers while a bench enqueued its broadcast. Such a send, out of order by
+/// more than the channel's burst window, is charged to the limit again (where the limit has
+/// room), which holds back the sends that would bunch with it. Within the window, a send
+/// bunches with later ones by at most one burst: in any span the channel sends at most its
+/// rate over the span plus two bursts. It sees only this process's sends.
+#[derive(Default)]
+pub struct OutOfOrder {
+    newest: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, chrono::DateTime<chrono::Utc>>>,
+}
+
+impl OutOfOrder {
+    /// Notes a send of `channel` claimed at `claimed` going out now; true if a send of the
+    /// channel claimed more than `window` after it has gone out already.
+    pub fn note(
+        &self,
+        channel: uuid::Uuid,
+        claimed: chrono::DateTime<chrono::Utc>,
+        window: Duration,
+    ) -> bool {
+        let mut newest = self
+            .newest
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if newest.len() >= MAX_ORDER_CHANNELS && !newest.contains_key(&channel) {
+            newest.clear();
+        }
+        let seen = newest.entry(channel).or_insert(claimed);
+        if claimed > *seen {
+            *seen = claimed;
+        }
+        (*seen - claimed).to_std().is_ok_and(|ahead| ahead > window)
+    }
 }
 
 #[async_trait]
@@ -275,19 +310,16 @@ impl SendWorker {
             self.update(send.id, SendUpdate::Unsent).await?;
             return Err(self.wait(channel.id, wait).await);
         }
-        if let Some(granted) = ctx.job.attempted_at {
-            if spent_late(granted, self.clock.now(), &channel.limits) {
-                // The permit was granted with the claim, but the send is going out long after
-                // (a slow database while a big broadcast is enqueued, say), where it bunches
-                // with sends on fresh permits. Charged again now, where the limiter has room,
-                // it holds back the sends that would bunch with it. Where it has none, the
-                // send goes on its old permit: waiting for a fresh one could wait for ever,
-                // since the producer takes every permit for its claims.
+        if let Some(claimed) = ctx.job.attempted_at {
+            let window = Duration::from_millis(u64::from(channel.limits.burst_ms.max(1)));
+            if self.out_of_order.note(channel.id, claimed, window) {
+                // Where the limiter has no room the send still goes: the producer takes every
+                // permit for its claims, and waiting for a fresh one could wait for ever.
                 let fresh = self
                     .admission
                     .acquire(&channel_rate_key(channel.id), 1)
                     .await;
-                debug!(send = %send.id, charged_again = fresh.granted, "permit spent late");
+                debug!(send = %send.id, charged_again = fresh.granted, "send out of order");
             }
         }
         let callback = send.id.to_string();
@@ -485,24 +517,27 @@ fn jitter(d: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use herald_engine::delivery::ChannelLimits;
 
     #[test]
-    fn a_permit_is_spent_late_past_the_channels_burst_window() {
-        let limits = ChannelLimits::default();
-        assert_eq!(limits.burst_ms, 50);
-        let granted = chrono::Utc::now();
-        let at = |ms| granted + chrono::Duration::milliseconds(ms);
-        assert!(!spent_late(granted, at(0), &limits));
-        assert!(!spent_late(granted, at(50), &limits));
-        assert!(spent_late(granted, at(51), &limits));
-        assert!(spent_late(granted, at(60_000), &limits));
-        // A clock that went back is not lateness.
-        assert!(!spent_late(granted, at(-5_000), &limits));
-        let wide = ChannelLimits {
-            burst_ms: 200,
-            ..ChannelLimits::default()
-        };
-        assert!(!spent_late(granted, at(150), &wide));
+    fn only_sends_overtaken_by_later_claims_are_out_of_order() {
+        let order = OutOfOrder::default();
+        let (a, b) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
+        let t0 = chrono::Utc::now();
+        let at = |ms| t0 + chrono::Duration::milliseconds(ms);
+        let window = Duration::from_millis(50);
+        // In order, however late each goes out: never.
+        for ms in [0, 20, 40, 60, 80] {
+            assert!(!order.note(a, at(ms), window), "claimed at {ms}");
+        }
+        // Overtaken by a send claimed 50 ms later: within the window.
+        assert!(!order.note(a, at(30), window));
+        // By one claimed 51 ms later: out of order.
+        assert!(order.note(a, at(29), window));
+        assert!(order.note(a, at(-1_000), window));
+        // Channels are apart.
+        assert!(!order.note(b, at(-1_000), window));
+        // A newer claim moves the mark.
+        assert!(!order.note(a, at(200), window));
+        assert!(order.note(a, at(100), window));
     }
 }
