@@ -798,7 +798,6 @@ impl Producer {
             return;
         }
         self.slots.running.fetch_add(jobs.len(), Ordering::AcqRel);
-        self.inner.tasks.fetch_add(jobs.len(), Ordering::AcqRel);
         // Held while spawning, so a job that finishes at once still finds itself in the map.
         let mut in_flight = self
             .inner
@@ -817,7 +816,7 @@ impl Producer {
             }
             let span = info_span!("job", id, kind = %job.kind, attempt);
             // Made before the task: a task aborted before its first poll drops it unrun.
-            let counted = TaskCounted(inner.clone());
+            let counted = TaskCounted::new(inner.clone());
             let handle = tokio::spawn(
                 async move {
                     // Dropped last, once the completion has been handed over.
@@ -937,6 +936,13 @@ fn remove_claim(in_flight: &mut HashMap<JobId, InFlight>, id: JobId, attempt: i3
 
 /// Counts a job task in `Inner::tasks` until the task ends or is dropped unrun.
 struct TaskCounted(Arc<Inner>);
+
+impl TaskCounted {
+    fn new(inner: Arc<Inner>) -> TaskCounted {
+        inner.tasks.fetch_add(1, Ordering::AcqRel);
+        TaskCounted(inner)
+    }
+}
 
 impl Drop for TaskCounted {
     fn drop(&mut self) {
