@@ -9,12 +9,15 @@
 //! starting with an empty bucket: the other processes may have taken the whole burst from Redis
 //! just before. It probes Redis every `probe_interval` and returns to Redis mode when it answers.
 //!
-//! It fails safe, never open: when unsure it grants less. Two cases it cannot see are bounded,
-//! not excluded: processes that start while Redis is down are not counted (set
-//! `min_processes` to the deployment's size to cover it), and on the way back to Redis a key's
+//! It fails safe, never open: when unsure it grants less. Three cases it cannot see are
+//! bounded, not excluded: processes that start while Redis is down are not counted (set
+//! `min_processes` to the deployment's size to cover it); on the way back to Redis a key's
 //! shared state may have expired during the outage, so each process's last fallback grants are
 //! not charged to it (at most the fallback burst plus what the fallback granted in the last
-//! bucket span).
+//! bucket span); and when only some processes lose Redis (a partition), those send at their
+//! fallback share while the others still take the whole rate through Redis, so together they
+//! may exceed the rate by the fallbacks' shares (`fallback_fraction / processes` each) for as
+//! long as the partition lasts.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
