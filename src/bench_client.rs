@@ -110,6 +110,12 @@ pub async fn run(args: ClientArgs) -> Result<(), Box<dyn std::error::Error>> {
     let mut tasks = tokio::task::JoinSet::new();
     let (mut sent, mut owed, mut failed) = (0usize, 0.0f64, 0usize);
     let mut first_error = None;
+    let mut settle = |done: Result<Result<(), String>, tokio::task::JoinError>| {
+        if let Err(e) = done.map_err(|e| e.to_string()).and_then(|r| r) {
+            failed += 1;
+            first_error.get_or_insert(e);
+        }
+    };
     while sent < args.messages {
         rounds.tick().await;
         owed += per_round;
@@ -119,17 +125,11 @@ pub async fn run(args: ClientArgs) -> Result<(), Box<dyn std::error::Error>> {
             sent += 1;
         }
         while let Some(done) = tasks.try_join_next() {
-            if let Err(e) = done.map_err(|e| e.to_string()).and_then(|r| r) {
-                failed += 1;
-                first_error.get_or_insert(e);
-            }
+            settle(done);
         }
     }
     while let Some(done) = tasks.join_next().await {
-        if let Err(e) = done.map_err(|e| e.to_string()).and_then(|r| r) {
-            failed += 1;
-            first_error.get_or_insert(e);
-        }
+        settle(done);
     }
     let elapsed = started.elapsed().as_secs_f64();
     let cpu = cpu_time(pid, ticks).saturating_sub(cpu_before);

@@ -223,15 +223,7 @@ pub fn check_envelope(body: &[u8]) -> Result<(), String> {
     let Ok(e) = serde_json::from_slice::<Envelope<'_>>(body) else {
         return whole();
     };
-    match e.object.as_deref() {
-        Some("whatsapp_business_account" | "page" | "instagram") => {}
-        Some(other) => return Err(format!("unknown webhook object {other:?}")),
-        None => return Err("no object field".into()),
-    }
-    if e.entry.is_none() {
-        return Err("no entry array".into());
-    }
-    Ok(())
+    herald_engine::inbox::webhook_object(e.object.as_deref(), e.entry.is_some()).map(|_| ())
 }
 
 async fn channel_of(state: &AppState, id: &str) -> Option<std::sync::Arc<Channel>> {

@@ -432,12 +432,7 @@ async fn a_refused_completion_still_records_its_effect() {
         .id;
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     let send = loop {
-        let send = store
-            .delivery()
-            .send(ids[0])
-            .await
-            .expect("read")
-            .expect("exists");
+        let send = common::send_of(&*store, ids[0]).await;
         if send.status == SendStatus::Accepted || std::time::Instant::now() > deadline {
             break send;
         }

@@ -1331,7 +1331,6 @@ async fn engine_survives_a_postgresql_restart() {
 async fn effects_are_written_with_the_completion(store: Arc<dyn Store>) {
     use common::Accepting;
     use herald_engine::delivery::SendStatus;
-    let delivery = store.delivery();
     let channel = common::whatsapp_channel(&*store).await;
     let ids = common::begun_sends(&*store, &channel, 3).await;
     let mut registry = Registry::new();
@@ -1352,14 +1351,14 @@ async fn effects_are_written_with_the_completion(store: Arc<dyn Store>) {
     wait_for_state(&*store, ok, JobState::Completed).await;
     wait_for_state(&*store, failed, JobState::Discarded).await;
     for id in &ids[..2] {
-        let send = delivery.send(*id).await.expect("read").expect("exists");
+        let send = common::send_of(&*store, *id).await;
         assert_eq!(send.status, SendStatus::Accepted, "send {id}");
         assert_eq!(
             send.provider_message_id,
             Some(format!("wamid.{}", id.simple()))
         );
     }
-    let untouched = delivery.send(ids[2]).await.expect("read").expect("exists");
+    let untouched = common::send_of(&*store, ids[2]).await;
     assert_eq!(untouched.status, SendStatus::Sending);
     stop(engine).await;
 }
@@ -1418,12 +1417,7 @@ async fn an_effect_handed_over_after_shutdown_released_the_claim_is_kept(store: 
     let report = engine.shutdown().await;
     assert_eq!(report.released, 1, "the claim was released under the task");
     assert_eq!(get(&*store, job).await.state, JobState::Available);
-    let send = store
-        .delivery()
-        .send(ids[0])
-        .await
-        .expect("read")
-        .expect("exists");
+    let send = common::send_of(&*store, ids[0]).await;
     assert_eq!(send.status, SendStatus::Accepted);
     assert_eq!(
         send.provider_message_id,

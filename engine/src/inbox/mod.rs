@@ -312,25 +312,27 @@ pub fn webhook_envelope(
     v: &serde_json::Value,
 ) -> std::result::Result<(&str, &Vec<serde_json::Value>), String> {
     let object = match v.get("object") {
-        Some(serde_json::Value::String(o))
-            if matches!(
-                o.as_str(),
-                "whatsapp_business_account" | "page" | "instagram"
-            ) =>
-        {
-            o.as_str()
-        }
-        Some(serde_json::Value::String(other)) => {
-            return Err(format!("unknown webhook object {other:?}"))
-        }
+        Some(serde_json::Value::String(o)) => Some(o.as_str()),
         Some(_) => return Err("the object field is not a string".into()),
+        None => None,
+    };
+    let entries = v.get("entry").and_then(serde_json::Value::as_array);
+    let object = webhook_object(object, entries.is_some())?;
+    Ok((object, entries.ok_or("no entry array")?))
+}
+
+/// The envelope's `object`, if it is one Meta sends and an `entry` array is beside it: the
+/// part of [`webhook_envelope`] that a typed reading of the two fields can share.
+pub fn webhook_object(object: Option<&str>, has_entry: bool) -> std::result::Result<&str, String> {
+    let object = match object {
+        Some(o @ ("whatsapp_business_account" | "page" | "instagram")) => o,
+        Some(other) => return Err(format!("unknown webhook object {other:?}")),
         None => return Err("no object field".into()),
     };
-    let entries = v
-        .get("entry")
-        .and_then(serde_json::Value::as_array)
-        .ok_or("no entry array")?;
-    Ok((object, entries))
+    if !has_entry {
+        return Err("no entry array".into());
+    }
+    Ok(object)
 }
 
 /// Removes U+0000 from every string (and key) of `v`. PostgreSQL's `text` and `jsonb` cannot

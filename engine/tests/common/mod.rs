@@ -255,6 +255,16 @@ pub async fn begun_sends(
     ids
 }
 
+/// The send `id`, which must exist.
+pub async fn send_of(store: &dyn Store, id: uuid::Uuid) -> herald_engine::delivery::SendRecord {
+    store
+        .delivery()
+        .send(id)
+        .await
+        .expect("read the send")
+        .expect("the send exists")
+}
+
 /// Records a send as accepted through its completion (`JobContext::complete_with`), with
 /// Meta's id `wamid.<send id>`, then succeeds or, with `fail`, is discarded.
 pub struct Accepting;
