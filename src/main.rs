@@ -24,6 +24,7 @@ use clap::{Parser, Subcommand};
 use herald_engine::delivery::{AdmissionConfig, ChannelAdmission};
 use herald_engine::inbox::{InboundHandOff, INBOUND_KIND};
 use herald_engine::limit::{FailSafeConfig, FailSafeLimiter, Limiter, LocalLimiter};
+use herald_engine::store::StoreBoard;
 use herald_engine::{Engine, Store, SystemClock};
 use herald_workers::meta::{ClientConfig, MetaClient, SendConfig, SendWorker, WebhookWorker};
 use tracing::{error, info, warn};
@@ -238,6 +239,7 @@ pub async fn start_engine(
                     min_processes: settings.redis_min_processes,
                     ..FailSafeConfig::default()
                 },
+                Some(Arc::new(StoreBoard(store.clone()))),
             )
             .await
             .map_err(|e| format!("redis_url (HERALD_REDIS_URL): {e}"))?,

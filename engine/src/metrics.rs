@@ -245,6 +245,11 @@ impl EngineMetrics {
                 "# HELP herald_limiter_redis_errors_total Redis calls of the limiter that failed or timed out.\n# TYPE herald_limiter_redis_errors_total counter\nherald_limiter_redis_errors_total {}",
                 s.redis_errors
             );
+            let _ = writeln!(
+                out,
+                "# HELP herald_limiter_reserved_share Share of every shared rate left free for processes that lost Redis and send at their fallback share.\n# TYPE herald_limiter_reserved_share gauge\nherald_limiter_reserved_share {}",
+                s.reserved_for_fallbacks
+            );
         }
     }
 }

@@ -50,6 +50,11 @@ pub const POSTGRES: &[Migration] = &[
         name: "contact_handles",
         sql: include_str!("../../migrations/postgres/0008_contact_handles.sql"),
     },
+    Migration {
+        version: 9,
+        name: "limiter_fallbacks",
+        sql: include_str!("../../migrations/postgres/0009_limiter_fallbacks.sql"),
+    },
 ];
 
 pub const SQLITE: &[Migration] = &[
@@ -92,6 +97,11 @@ pub const SQLITE: &[Migration] = &[
         version: 8,
         name: "contact_handles",
         sql: include_str!("../../migrations/sqlite/0008_contact_handles.sql"),
+    },
+    Migration {
+        version: 9,
+        name: "limiter_fallbacks",
+        sql: include_str!("../../migrations/sqlite/0009_limiter_fallbacks.sql"),
     },
 ];
 

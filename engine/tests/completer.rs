@@ -157,6 +157,20 @@ impl Store for RefusesOne {
     async fn resign(&self, name: &str, leader: &str) -> herald_engine::Result<()> {
         self.inner.resign(name, leader).await
     }
+    async fn announce_fallback(
+        &self,
+        process_id: &str,
+        share: f64,
+        ttl: std::time::Duration,
+    ) -> herald_engine::Result<()> {
+        self.inner.announce_fallback(process_id, share, ttl).await
+    }
+    async fn withdraw_fallback(&self, process_id: &str) -> herald_engine::Result<()> {
+        self.inner.withdraw_fallback(process_id).await
+    }
+    async fn fallback_shares(&self, process_id: &str) -> herald_engine::Result<f64> {
+        self.inner.fallback_shares(process_id).await
+    }
     async fn get_job(&self, id: JobId) -> herald_engine::Result<Option<Job>> {
         self.inner.get_job(id).await
     }

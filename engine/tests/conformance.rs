@@ -70,6 +70,7 @@ conformance!(
     release_gives_back_without_counting,
     pruner_respects_retention,
     leader_election,
+    fallback_board,
     stats_and_listing,
     wakeups_on_enqueue,
 );
@@ -906,6 +907,42 @@ async fn leader_election(store: Arc<dyn Store>) {
         .try_lead("m", "a", t0() + secs(23), t0() + secs(23) + ttl)
         .await
         .expect("lead after resign"));
+}
+
+/// The fail-safe limiter's board: each process sees the others' unexpired shares, not its own;
+/// a renewal replaces, a withdrawal removes, an announcement expires by itself.
+async fn fallback_board(store: Arc<dyn Store>) {
+    let long = Duration::from_secs(60);
+    assert_eq!(store.fallback_shares("a").await.expect("read"), 0.0);
+    store.announce_fallback("a", 0.25, long).await.expect("a");
+    store.announce_fallback("b", 0.125, long).await.expect("b");
+    assert_eq!(store.fallback_shares("a").await.expect("read"), 0.125);
+    assert_eq!(store.fallback_shares("b").await.expect("read"), 0.25);
+    assert_eq!(store.fallback_shares("c").await.expect("read"), 0.375);
+    // A renewal replaces the share (the live count may have changed), it does not add.
+    store
+        .announce_fallback("a", 0.5, long)
+        .await
+        .expect("renew");
+    assert_eq!(store.fallback_shares("c").await.expect("read"), 0.625);
+    store.withdraw_fallback("a").await.expect("withdraw");
+    store.withdraw_fallback("a").await.expect("withdraw twice");
+    assert_eq!(store.fallback_shares("c").await.expect("read"), 0.125);
+    // Expiry is by the store's clock, so this test waits for it.
+    store
+        .announce_fallback("d", 0.25, Duration::from_millis(300))
+        .await
+        .expect("d");
+    assert_eq!(store.fallback_shares("c").await.expect("read"), 0.375);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(store.fallback_shares("c").await.expect("read"), 0.125);
+    // A withdrawal also forgets expired announcements; a renewal after expiry counts again.
+    store.withdraw_fallback("x").await.expect("withdraw");
+    store
+        .announce_fallback("d", 0.25, long)
+        .await
+        .expect("d again");
+    assert_eq!(store.fallback_shares("c").await.expect("read"), 0.375);
 }
 
 async fn stats_and_listing(store: Arc<dyn Store>) {

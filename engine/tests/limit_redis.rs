@@ -9,9 +9,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use herald_engine::limit::{
-    FailSafeConfig, FailSafeLimiter, LimitError, Limiter, LimiterMode, Rate, RedisLimiter,
-    RedisLimiterConfig,
+    FailSafeConfig, FailSafeLimiter, FallbackBoard, LimitError, Limiter, LimiterMode, Rate,
+    RedisLimiter, RedisLimiterConfig,
 };
+use herald_engine::store::StoreBoard;
+
+mod common;
 
 fn redis_url() -> String {
     std::env::var("HERALD_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
@@ -310,10 +313,10 @@ async fn failsafe_uses_redis_when_it_answers() {
         key_prefix: prefix.clone(),
         ..FailSafeConfig::default()
     };
-    let a = FailSafeLimiter::connect(&url, "a".into(), config.clone())
+    let a = FailSafeLimiter::connect(&url, "a".into(), config.clone(), None)
         .await
         .unwrap();
-    let b = FailSafeLimiter::connect(&url, "b".into(), config)
+    let b = FailSafeLimiter::connect(&url, "b".into(), config, None)
         .await
         .unwrap();
     for limiter in [&a, &b] {
@@ -419,12 +422,12 @@ async fn failsafe_falls_back_when_redis_dies_and_returns_when_it_is_back() {
         ..FailSafeConfig::default()
     };
     let a = Arc::new(
-        FailSafeLimiter::connect(&url, "a".into(), config.clone())
+        FailSafeLimiter::connect(&url, "a".into(), config.clone(), None)
             .await
             .unwrap(),
     );
     let b = Arc::new(
-        FailSafeLimiter::connect(&url, "b".into(), config)
+        FailSafeLimiter::connect(&url, "b".into(), config, None)
             .await
             .unwrap(),
     );
@@ -493,13 +496,156 @@ async fn failsafe_falls_back_when_redis_dies_and_returns_when_it_is_back() {
     drop(server);
 }
 
+/// A TCP proxy to a port, so that a test can cut one process off Redis while the others still
+/// reach it (a partition). Cutting closes every proxied connection and stops listening.
+struct Proxy {
+    accept: tokio::task::JoinHandle<()>,
+    pipes: Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Proxy {
+    async fn start(port: u16, target: u16) -> Proxy {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+            .await
+            .expect("bind the proxy");
+        let pipes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let held = Arc::clone(&pipes);
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let pipe = tokio::spawn(async move {
+                    if let Ok(mut outbound) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", target)).await
+                    {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                held.lock().expect("pipes").push(pipe);
+            }
+        });
+        Proxy { accept, pipes }
+    }
+
+    fn cut(self) {
+        self.accept.abort();
+        for pipe in self.pipes.lock().expect("pipes").drain(..) {
+            pipe.abort();
+        }
+    }
+}
+
+/// A partition: one of two processes loses Redis, the other keeps it. The one in fallback
+/// announces its share on the board (a real SQLite store) and waits until the other has read
+/// it; the other leaves that share free. Together they never exceed the rate, which they would
+/// (by the fallback's 50/s) without the board. When the partition heals, the share is withdrawn
+/// and the rate is whole again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failsafe_partition_never_exceeds_the_rate() {
+    let redis_port = free_port();
+    let _server = Server::start(redis_port);
+    let proxy_port = free_port();
+    let proxy = Proxy::start(proxy_port, redis_port).await;
+    let (store, _dropped) = common::sqlite().await;
+    let board: Arc<dyn FallbackBoard> = Arc::new(StoreBoard(store));
+    let config = FailSafeConfig {
+        key_prefix: prefix(),
+        probe_interval: Duration::from_millis(300),
+        heartbeat_interval: Duration::from_millis(200),
+        process_ttl: Duration::from_secs(2),
+        call_timeout: Duration::from_millis(100),
+        ..FailSafeConfig::default()
+    };
+    // Each call within 100 ms: the heartbeat's sleep, its Redis call and the board read.
+    let hold = Duration::from_millis(200 + 3 * 100);
+    let a = Arc::new(
+        FailSafeLimiter::connect(
+            &format!("redis://127.0.0.1:{redis_port}"),
+            "a".into(),
+            config.clone(),
+            Some(Arc::clone(&board)),
+        )
+        .await
+        .unwrap(),
+    );
+    let b = Arc::new(
+        FailSafeLimiter::connect(
+            &format!("redis://127.0.0.1:{proxy_port}"),
+            "b".into(),
+            config,
+            Some(board),
+        )
+        .await
+        .unwrap(),
+    );
+    wait_for(
+        "both processes see two live",
+        Duration::from_secs(2),
+        || a.live_processes() == 2 && b.live_processes() == 2,
+    )
+    .await;
+    assert_eq!(b.status().mode, LimiterMode::Redis);
+    assert_eq!(a.status().reserved_for_fallbacks, 0.0);
+    let rate = Rate {
+        per_second: 200.0,
+        burst: 20,
+    };
+
+    proxy.cut();
+    let cut = Instant::now();
+    let run_for = Duration::from_millis(2500);
+    let until = cut + run_for;
+    let (events_a, events_b) = tokio::join!(
+        hammer(Arc::clone(&a), "channel", rate, until),
+        hammer(Arc::clone(&b), "channel", rate, until),
+    );
+    assert_eq!(a.status().mode, LimiterMode::Redis, "{:?}", a.status());
+    assert_eq!(b.status().mode, LimiterMode::Fallback, "{:?}", b.status());
+    // b takes 200 * 0.5 / 2 = 50/s; a leaves it free.
+    assert_eq!(b.fallback_rate(rate).per_second, 50.0);
+    assert_eq!(a.status().reserved_for_fallbacks, 0.25);
+    let metrics = herald_engine::metrics::EngineMetrics::default();
+    metrics.set_limiter(Arc::clone(&a) as Arc<dyn Limiter>);
+    let mut out = String::new();
+    metrics.render(&mut out);
+    assert!(out.contains("herald_limiter_reserved_share 0.25"), "{out}");
+    // b grants nothing before a can have read its announcement (one Redis grant in flight
+    // at the cut aside).
+    let early: u32 = events_b
+        .iter()
+        .filter(|e| e.0 < cut + hold)
+        .map(|e| e.1)
+        .sum();
+    assert!(early <= 5, "{early} permits to b within the hold");
+    let total_b: u32 = events_b.iter().map(|e| e.1).sum();
+    assert!(
+        f64::from(total_b) >= 0.7 * 50.0 * (run_for - hold).as_secs_f64(),
+        "b used too little of its share: {total_b}"
+    );
+    let mut events = events_a;
+    events.extend(events_b);
+    let total: u32 = events.iter().map(|e| e.1).sum();
+    println!("partition: {total} permits in {run_for:?} at 200/s ({total_b} by the fallback)");
+    // Both buckets may be full at the cut: a's in Redis and b's local one; one more permit
+    // for a Redis grant timed after it was decided.
+    check_local_windows(&events, rate.per_second, rate.burst + 5 + 1);
+
+    let _proxy = Proxy::start(proxy_port, redis_port).await;
+    wait_for("b back on Redis", Duration::from_secs(3), || {
+        b.status().mode == LimiterMode::Redis
+    })
+    .await;
+    wait_for("the share withdrawn", Duration::from_secs(2), || {
+        a.status().reserved_for_fallbacks == 0.0
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failsafe_starts_in_fallback_when_redis_is_down() {
     let port = free_port(); // nothing listens there
     let url = format!("redis://127.0.0.1:{port}");
     let started = Instant::now();
     let limiter = Arc::new(
-        FailSafeLimiter::connect(&url, "lonely".into(), FailSafeConfig::default())
+        FailSafeLimiter::connect(&url, "lonely".into(), FailSafeConfig::default(), None)
             .await
             .expect("a Redis that is down is not an error"),
     );
@@ -530,7 +676,7 @@ async fn failsafe_starts_in_fallback_when_redis_is_down() {
 
 #[tokio::test]
 async fn failsafe_rejects_a_malformed_url_and_bad_settings() {
-    let err = FailSafeLimiter::connect("not a url", "x".into(), FailSafeConfig::default())
+    let err = FailSafeLimiter::connect("not a url", "x".into(), FailSafeConfig::default(), None)
         .await
         .expect_err("a malformed URL is an error");
     assert!(matches!(err, LimitError::InvalidUrl(_)), "{err:?}");
@@ -538,7 +684,7 @@ async fn failsafe_rejects_a_malformed_url_and_bad_settings() {
         fallback_fraction: 1.5,
         ..FailSafeConfig::default()
     };
-    let err = FailSafeLimiter::connect(&redis_url(), "x".into(), config)
+    let err = FailSafeLimiter::connect(&redis_url(), "x".into(), config, None)
         .await
         .expect_err("a fraction above 1 fails open");
     assert!(matches!(err, LimitError::InvalidConfig(_)), "{err:?}");

@@ -1,6 +1,6 @@
-//! The one error type of the rate limiters. Only the Redis limiter and construction can fail:
-//! the `Limiter` trait never fails, because the fail-safe wrapper turns every error into a
-//! conservative local decision.
+//! The one error type of the rate limiters. Only Redis, the fallback board and construction
+//! can fail: the `Limiter` trait never fails, because the fail-safe wrapper turns every error
+//! into a conservative local decision.
 
 use std::time::Duration;
 
@@ -24,4 +24,8 @@ pub enum LimitError {
     /// the same name, or a Redis that changed underneath).
     #[error("unexpected reply from Redis: {0}")]
     Reply(String),
+    /// The fallback board (the job store, where processes without Redis announce their
+    /// shares) failed or did not answer within the call timeout.
+    #[error("fallback board: {0}")]
+    Board(String),
 }

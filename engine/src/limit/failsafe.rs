@@ -9,23 +9,35 @@
 //! starting with an empty bucket: the other processes may have taken the whole burst from Redis
 //! just before. It probes Redis every `probe_interval` and returns to Redis mode when it answers.
 //!
-//! It fails safe, never open: when unsure it grants less. Three cases it cannot see are
-//! bounded, not excluded: processes that start while Redis is down are not counted (set
-//! `min_processes` to the deployment's size to cover it); on the way back to Redis a key's
+//! When only some processes lose Redis (a partition), the others still take the rate from
+//! Redis. So a process in fallback announces its share on the *fallback board* (the job store,
+//! which it still reaches: [`FallbackBoard`]), renewed every probe, valid for `process_ttl`.
+//! The processes on Redis read the board at every heartbeat and take only
+//! `rate * (1 - announced shares)` from Redis; one that cannot read the board assumes the most
+//! the fallbacks can take together, `fallback_fraction`. A process in fallback grants nothing
+//! until every process on Redis has read its announcement (`heartbeat_interval + 3 *
+//! call_timeout` after the board stored it: a heartbeat's sleep, its Redis call and the board
+//! read), and stops granting when its announcement may have expired (`process_ttl` after it
+//! sent it) without a renewal. Sends pause for that hold at every fallback, also when all
+//! processes lose Redis at once: a short pause is the price of never exceeding a rate.
+//!
+//! It fails safe, never open: when unsure it grants less. Two cases it cannot see are bounded,
+//! not excluded: processes that start while Redis is down are not counted (set
+//! `min_processes` to the deployment's size to cover it); and on the way back to Redis a key's
 //! shared state may have expired during the outage, so each process's last fallback grants are
 //! not charged to it (at most the fallback burst plus what the fallback granted in the last
-//! bucket span); and when only some processes lose Redis (a partition), those send at their
-//! fallback share while the others still take the whole rate through Redis, so together they
-//! may exceed the rate by the fallbacks' shares (`fallback_fraction / processes` each) for as
-//! long as the partition lasts.
+//! bucket span). Without a board ([`FailSafeLimiter::connect`] with `None`, for tests of the
+//! limiter alone) a partition is not covered: together the processes may exceed the rate by
+//! the fallbacks' shares (`fallback_fraction / processes` each) for as long as it lasts.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use redis::Client;
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use super::local::LocalLimiter;
@@ -45,6 +57,22 @@ pub(crate) const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 pub(crate) const DEFAULT_PROCESS_TTL: Duration = Duration::from_secs(5);
 /// Default [`FailSafeConfig::refund_grace`].
 pub(crate) const DEFAULT_REFUND_GRACE: Duration = Duration::from_secs(1);
+
+/// Where processes that lost Redis announce the share of every rate they take from a local
+/// limiter, so that the processes still on Redis leave it free. It must not depend on Redis;
+/// production uses the job store (`herald_engine::store::StoreBoard`), which every process
+/// reaches.
+#[async_trait]
+pub trait FallbackBoard: Send + Sync + 'static {
+    /// Records that `process_id` takes `share` (a fraction) of every rate locally, for `ttl`
+    /// from when the board stores it, by the board's clock; renews an earlier announcement.
+    async fn announce(&self, process_id: &str, share: f64, ttl: Duration)
+        -> Result<(), LimitError>;
+    /// Withdraws `process_id`'s announcement, if any.
+    async fn withdraw(&self, process_id: &str) -> Result<(), LimitError>;
+    /// The sum of the unexpired shares announced by processes other than `process_id`.
+    async fn others(&self, process_id: &str) -> Result<f64, LimitError>;
+}
 
 /// Settings of a [`FailSafeLimiter`]. `Default` gives the values named `DEFAULT_*`.
 #[derive(Debug, Clone)]
@@ -66,7 +94,8 @@ pub struct FailSafeConfig {
     /// shrinking the others' fallback shares soon. Default 5 s.
     pub process_ttl: Duration,
     /// The longest a Redis call may take before it counts as a failure and the limiter falls
-    /// back: a send waits on it. Default 250 ms.
+    /// back: a send waits on it. Also the longest a fallback board call may take. Default
+    /// 250 ms.
     pub call_timeout: Duration,
     /// The longest one attempt to (re)connect to Redis may take, at start and when probing.
     /// Default 1 s.
@@ -146,6 +175,19 @@ struct Shared {
     epoch: Instant,
     /// When the mode last switched, in nanoseconds since `epoch`, or [`NEVER`].
     changed_at: AtomicU64,
+    /// Where this process announces its fallback share and reads the others'; `None`: a
+    /// partition is not covered (see the module documentation).
+    board: Option<Arc<dyn FallbackBoard>>,
+    /// In Redis mode, the shares (`f64` bits) processes in fallback announced: left free.
+    reserved: AtomicU64,
+    /// Whether the last board read failed, so that a failing board is logged once.
+    board_failing: AtomicBool,
+    /// In fallback with a board, local grants start at `grant_from` (or [`NEVER`]: not yet
+    /// announced) and end at `grant_until`, in nanoseconds since `epoch`.
+    grant_from: AtomicU64,
+    grant_until: AtomicU64,
+    /// Wakes the background task at a switch to fallback, so that it announces at once.
+    wake: Arc<Notify>,
 }
 
 impl Shared {
@@ -174,9 +216,168 @@ impl Shared {
         }
     }
 
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(NEVER - 1)
+    }
+
     fn mark_switch(&self) {
-        let now = u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(NEVER - 1);
-        self.changed_at.store(now, Ordering::Release);
+        self.changed_at.store(self.now_ns(), Ordering::Release);
+    }
+
+    fn reserved(&self) -> f64 {
+        f64::from_bits(self.reserved.load(Ordering::Relaxed))
+    }
+
+    /// What this process may take of `rate` from Redis: less the shares processes in fallback
+    /// announced.
+    fn redis_rate(&self, rate: Rate) -> Rate {
+        let reserved = self.reserved();
+        if reserved <= 0.0 {
+            return rate;
+        }
+        let part = (1.0 - reserved).max(0.0);
+        let burst = (f64::from(rate.burst.max(1)) * part).floor();
+        Rate {
+            per_second: rate.per_second * part,
+            // `as` saturates; the product is at most `burst`.
+            burst: (burst as u32).max(1),
+        }
+    }
+
+    /// How long after its announcement was stored a process in fallback waits before it grants:
+    /// by then every process on Redis has read the board (a heartbeat's sleep, its Redis call,
+    /// and the board read from its snapshot to its answer, each call within `call_timeout`).
+    fn hold(&self) -> Duration {
+        self.config.heartbeat_interval + self.config.call_timeout * 3
+    }
+
+    /// In fallback with a board: how long until local grants may start, or `None` if they may
+    /// now (announced, held long enough, and not yet possibly expired).
+    fn fallback_closed(&self) -> Option<Duration> {
+        self.board.as_ref()?;
+        let now = self.now_ns();
+        let from = self.grant_from.load(Ordering::Acquire);
+        let until = self.grant_until.load(Ordering::Acquire);
+        if from == NEVER || now >= until {
+            return Some(
+                self.config
+                    .probe_interval
+                    .min(self.config.heartbeat_interval),
+            );
+        }
+        (now < from).then(|| Duration::from_nanos(from - now))
+    }
+
+    /// Reads the shares the processes in fallback announced, to leave them free in Redis mode.
+    /// When the board cannot be read, assumes the most they can take together:
+    /// `fallback_fraction` (or more, if more was announced last time).
+    async fn refresh_reserved(&self) {
+        let Some(board) = &self.board else {
+            return;
+        };
+        let timeout = self.config.call_timeout;
+        let read = match tokio::time::timeout(timeout, board.others(&self.process_id)).await {
+            Ok(read) => read,
+            Err(_elapsed) => Err(LimitError::Board(format!("no answer within {timeout:?}"))),
+        };
+        let value = match read {
+            Ok(v) if v.is_finite() && v >= 0.0 => {
+                if self.board_failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!(process_id = %self.process_id, "fallback board readable again");
+                }
+                v.min(1.0)
+            }
+            other => {
+                let error = match other {
+                    Ok(v) => LimitError::Board(format!("unusable total share {v}")),
+                    Err(error) => error,
+                };
+                if !self.board_failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        process_id = %self.process_id,
+                        error = %error,
+                        fallback_fraction = self.config.fallback_fraction,
+                        "cannot read the fallback board: shared rates leave the most processes \
+                         without Redis could take free"
+                    );
+                }
+                self.config.fallback_fraction.max(self.reserved())
+            }
+        };
+        let before = f64::from_bits(self.reserved.swap(value.to_bits(), Ordering::Relaxed));
+        if before != value && !self.board_failing.load(Ordering::Relaxed) {
+            if value > 0.0 {
+                tracing::warn!(
+                    process_id = %self.process_id,
+                    reserved = value,
+                    "processes without Redis announced fallback shares: shared rates leave them free"
+                );
+            } else {
+                tracing::info!(
+                    process_id = %self.process_id,
+                    "no process announces a fallback share: shared rates are whole again"
+                );
+            }
+        }
+    }
+
+    /// In fallback: announces (or renews) this process's share on the board, and opens local
+    /// grants once the processes on Redis have read it.
+    async fn announce(&self) {
+        let Some(board) = &self.board else {
+            return;
+        };
+        let period = self.fallbacks.load(Ordering::Acquire);
+        let started = self.now_ns();
+        let share = self.config.fallback_fraction / f64::from(self.live());
+        let ttl = self.config.process_ttl;
+        let timeout = self.config.call_timeout;
+        let result =
+            match tokio::time::timeout(timeout, board.announce(&self.process_id, share, ttl)).await
+            {
+                Ok(result) => result,
+                Err(_elapsed) => Err(LimitError::Board(format!("no answer within {timeout:?}"))),
+            };
+        if let Err(error) = result {
+            tracing::warn!(
+                process_id = %self.process_id,
+                error = %error,
+                "cannot announce this process's fallback share: it grants nothing until it can"
+            );
+            return;
+        }
+        let _guard = self
+            .switching
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if self.mode.load(Ordering::Acquire) != MODE_FALLBACK
+            || self.fallbacks.load(Ordering::Acquire) != period
+        {
+            return;
+        }
+        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(NEVER - 1);
+        if self.grant_from.load(Ordering::Acquire) == NEVER {
+            let from = self.now_ns().saturating_add(ns(self.hold()));
+            self.grant_from.store(from, Ordering::Release);
+        }
+        self.grant_until
+            .store(started.saturating_add(ns(ttl)), Ordering::Release);
+    }
+
+    /// Back on Redis: withdraws this process's announcement, so that the others take the
+    /// whole rate at their next heartbeat rather than after `process_ttl`.
+    async fn withdraw(&self) {
+        let Some(board) = &self.board else {
+            return;
+        };
+        let result =
+            tokio::time::timeout(self.config.call_timeout, board.withdraw(&self.process_id)).await;
+        if !matches!(result, Ok(Ok(()))) {
+            tracing::debug!(
+                process_id = %self.process_id,
+                "cannot withdraw the fallback share: it expires by itself"
+            );
+        }
     }
 
     fn in_refund_grace(&self) -> bool {
@@ -199,11 +400,15 @@ impl Shared {
         if self.mode.load(Ordering::Acquire) == MODE_FALLBACK {
             return;
         }
-        // Cleared before the mode says fallback, so nobody uses last period's buckets.
+        // Cleared before the mode says fallback, so nobody uses last period's buckets or
+        // grants before this period's announcement.
         self.local.clear();
+        self.grant_from.store(NEVER, Ordering::Release);
+        self.grant_until.store(0, Ordering::Release);
         self.mark_switch();
-        self.fallbacks.fetch_add(1, Ordering::Relaxed);
+        self.fallbacks.fetch_add(1, Ordering::Release);
         self.mode.store(MODE_FALLBACK, Ordering::Release);
+        self.wake.notify_one();
         tracing::warn!(
             process_id = %self.process_id,
             error = %error,
@@ -239,16 +444,19 @@ impl Shared {
         Ok(())
     }
 
-    /// One round of the background task: a heartbeat in Redis mode, a probe in fallback.
+    /// One round of the background task: a heartbeat and a board read in Redis mode; an
+    /// announcement and a probe in fallback.
     async fn tick(&self) {
         if self.mode() == LimiterMode::Redis {
             if let Some(redis) = self.redis.get() {
-                if let Err(error) = self.heartbeat(redis).await {
-                    self.on_error(&error);
+                match self.heartbeat(redis).await {
+                    Ok(()) => self.refresh_reserved().await,
+                    Err(error) => self.on_error(&error),
                 }
             }
             return;
         }
+        self.announce().await;
         if let Err(error) = self.probe().await {
             self.redis_errors.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(process_id = %self.process_id, error = %error, "Redis probe failed");
@@ -271,7 +479,9 @@ impl Shared {
             redis.ping().await?;
         }
         self.heartbeat(redis).await?;
+        self.refresh_reserved().await;
         self.on_recovery();
+        self.withdraw().await;
         Ok(())
     }
 }
@@ -287,7 +497,8 @@ pub struct FailSafeLimiter {
 impl FailSafeLimiter {
     /// Connects to Redis at `url` as the process `process_id` (unique per process: a host name
     /// and pid, or a UUID), registers it, and starts the heartbeat and probe task (on the
-    /// current Tokio runtime).
+    /// current Tokio runtime). `board` is where processes in fallback announce their shares:
+    /// the job store in production; `None` leaves partitions uncovered (module documentation).
     ///
     /// A Redis that is down (or slow) at start is not an error: the limiter starts in fallback
     /// (which counts as one fallback in its status, with the warning) and probes. A malformed
@@ -296,6 +507,7 @@ impl FailSafeLimiter {
         url: &str,
         process_id: String,
         config: FailSafeConfig,
+        board: Option<Arc<dyn FallbackBoard>>,
     ) -> Result<Self, LimitError> {
         config.validate()?;
         let client = open_client(url)?;
@@ -318,6 +530,12 @@ impl FailSafeLimiter {
             live_seen: AtomicU32::new(0),
             epoch: Instant::now(),
             changed_at: AtomicU64::new(NEVER),
+            board,
+            reserved: AtomicU64::new(0.0_f64.to_bits()),
+            board_failing: AtomicBool::new(false),
+            grant_from: AtomicU64::new(NEVER),
+            grant_until: AtomicU64::new(0),
+            wake: Arc::new(Notify::new()),
         });
         let started = async {
             let conn = connect_manager(shared.client.clone(), &shared.redis_config).await?;
@@ -326,10 +544,11 @@ impl FailSafeLimiter {
                 .get_or_init(|| RedisLimiter::with_manager(conn, shared.redis_config.clone()));
             shared.heartbeat(redis).await
         };
-        if let Err(error) = started.await {
-            shared.on_error(&error);
+        match started.await {
+            Ok(()) => shared.refresh_reserved().await,
+            Err(error) => shared.on_error(&error),
         }
-        let task = tokio::spawn(run(Arc::downgrade(&shared)));
+        let task = tokio::spawn(run(Arc::downgrade(&shared), Arc::clone(&shared.wake)));
         Ok(FailSafeLimiter { shared, task })
     }
 
@@ -350,9 +569,10 @@ impl FailSafeLimiter {
     }
 
     /// Removes this process from the registry, so that the others' fallback shares grow at
-    /// once rather than after `process_ttl`. For graceful shutdown; the heartbeat would add it
-    /// back if the limiter were used on.
+    /// once rather than after `process_ttl`, and withdraws its fallback share from the board.
+    /// For graceful shutdown; the heartbeat would add it back if the limiter were used on.
     pub async fn deregister(&self) -> Result<(), LimitError> {
+        self.shared.withdraw().await;
         match self.shared.redis.get() {
             Some(redis) => redis.deregister_process(&self.shared.process_id).await,
             None => Ok(()),
@@ -360,16 +580,20 @@ impl FailSafeLimiter {
     }
 }
 
-/// The background task: heartbeats every `heartbeat_interval` in Redis mode, probes every
-/// `probe_interval` in fallback. Ends when the limiter is dropped.
-async fn run(shared: Weak<Shared>) {
+/// The background task: heartbeats every `heartbeat_interval` in Redis mode, announces and
+/// probes every `probe_interval` in fallback, and at once when the limiter falls back. Ends
+/// when the limiter is dropped.
+async fn run(shared: Weak<Shared>, wake: Arc<Notify>) {
     loop {
         let pause = match shared.upgrade() {
             Some(s) if s.mode() == LimiterMode::Redis => s.config.heartbeat_interval,
             Some(s) => s.config.probe_interval,
             None => return,
         };
-        tokio::time::sleep(pause).await;
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = wake.notified() => {}
+        }
         let Some(s) = shared.upgrade() else {
             return;
         };
@@ -398,11 +622,17 @@ impl Limiter for FailSafeLimiter {
         let s = &self.shared;
         if s.mode() == LimiterMode::Redis {
             if let Some(redis) = s.redis.get() {
-                match redis.acquire(key, rate, want).await {
+                match redis.acquire(key, s.redis_rate(rate), want).await {
                     Ok(grant) => return grant,
                     Err(error) => s.on_error(&error),
                 }
             }
+        }
+        if let Some(next_in) = s.fallback_closed() {
+            return Grant {
+                granted: 0,
+                next_in,
+            };
         }
         s.local.acquire_now(key, s.share(rate), want)
     }
@@ -415,7 +645,7 @@ impl Limiter for FailSafeLimiter {
         }
         match (mode, s.redis.get()) {
             (LimiterMode::Redis, Some(redis)) => {
-                if let Err(error) = redis.refund(key, rate, n).await {
+                if let Err(error) = redis.refund(key, s.redis_rate(rate), n).await {
                     s.on_error(&error);
                 }
             }
@@ -424,10 +654,16 @@ impl Limiter for FailSafeLimiter {
     }
 
     fn status(&self) -> LimiterStatus {
+        let mode = self.shared.mode();
         LimiterStatus {
-            mode: self.shared.mode(),
+            mode,
             fallbacks: self.shared.fallbacks.load(Ordering::Relaxed),
             redis_errors: self.shared.redis_errors.load(Ordering::Relaxed),
+            reserved_for_fallbacks: if mode == LimiterMode::Redis {
+                self.shared.reserved()
+            } else {
+                0.0
+            },
         }
     }
 }

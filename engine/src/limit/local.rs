@@ -414,6 +414,7 @@ where
             mode: LimiterMode::Local,
             fallbacks: 0,
             redis_errors: 0,
+            reserved_for_fallbacks: 0.0,
         }
     }
 }

@@ -13,7 +13,8 @@
 //! - [`RedisLimiter`] (`redis.rs`): shared by every process through an atomic Lua script on
 //!   Redis's clock; its methods return errors instead of deciding what an outage means.
 //! - [`FailSafeLimiter`] (`failsafe.rs`): the production [`Limiter`]: Redis, and while Redis is
-//!   unreachable a local limiter at `fallback_fraction / live_processes` of each rate.
+//!   unreachable a local limiter at `fallback_fraction / live_processes` of each rate, announced
+//!   on a [`FallbackBoard`] (the job store) so that the processes still on Redis leave it free.
 
 use std::time::Duration;
 
@@ -25,7 +26,7 @@ mod local;
 mod redis;
 
 pub use error::LimitError;
-pub use failsafe::{FailSafeConfig, FailSafeLimiter};
+pub use failsafe::{FailSafeConfig, FailSafeLimiter, FallbackBoard};
 pub use local::LocalLimiter;
 pub use redis::{RedisLimiter, RedisLimiterConfig};
 
@@ -61,7 +62,7 @@ pub enum LimiterMode {
 }
 
 /// A limiter's counters, for logs and metrics.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LimiterStatus {
     /// Where the limiter keeps its state now, so operators see when limits are only local.
     pub mode: LimiterMode,
@@ -69,6 +70,9 @@ pub struct LimiterStatus {
     pub fallbacks: u64,
     /// Redis calls that failed or timed out.
     pub redis_errors: u64,
+    /// The share of every shared rate left free for processes that lost Redis and announced
+    /// their fallback shares (0 when none did, or when this process is not on Redis).
+    pub reserved_for_fallbacks: f64,
 }
 
 /// A rate limiter keyed by string (a channel, or a channel and one recipient), shared by the

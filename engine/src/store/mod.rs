@@ -12,6 +12,7 @@ use chrono::{DateTime, Utc};
 
 use crate::delivery::DeliveryStore;
 use crate::error::{Result, StoreError};
+use crate::limit::{FallbackBoard, LimitError};
 use crate::model::{Completion, Enqueued, Job, JobFilter, JobId, NewJob, QueueStat};
 use crate::wakeup::Wakeups;
 
@@ -68,6 +69,39 @@ pub enum RateScope<'a> {
     Key(&'a str),
     /// Jobs of this rate key with a priority number at most this (the more urgent ones).
     KeyUpTo(&'a str, i16),
+}
+
+/// The job store as the fail-safe limiter's [`FallbackBoard`]: every process reaches the
+/// database, including one that lost Redis.
+pub struct StoreBoard(pub Arc<dyn Store>);
+
+#[async_trait]
+impl FallbackBoard for StoreBoard {
+    async fn announce(
+        &self,
+        process_id: &str,
+        share: f64,
+        ttl: Duration,
+    ) -> std::result::Result<(), LimitError> {
+        self.0
+            .announce_fallback(process_id, share, ttl)
+            .await
+            .map_err(|e| LimitError::Board(e.to_string()))
+    }
+
+    async fn withdraw(&self, process_id: &str) -> std::result::Result<(), LimitError> {
+        self.0
+            .withdraw_fallback(process_id)
+            .await
+            .map_err(|e| LimitError::Board(e.to_string()))
+    }
+
+    async fn others(&self, process_id: &str) -> std::result::Result<f64, LimitError> {
+        self.0
+            .fallback_shares(process_id)
+            .await
+            .map_err(|e| LimitError::Board(e.to_string()))
+    }
 }
 
 /// One rate key's part of [`Store::claim_keys`]: at most `limit` of its jobs, only those with a
@@ -283,6 +317,17 @@ pub trait Store: Send + Sync + 'static {
 
     /// Gives up the leadership (so another process takes over at once, not after the TTL).
     async fn resign(&self, name: &str, leader: &str) -> Result<()>;
+
+    /// Fail-safe limiter: records that `process_id` lost Redis and takes `share` (a fraction)
+    /// of every shared rate from a local limiter, until `ttl` from now by the store's clock
+    /// (the database's, on PostgreSQL); renews an earlier announcement of the same process.
+    async fn announce_fallback(&self, process_id: &str, share: f64, ttl: Duration) -> Result<()>;
+
+    /// Withdraws `process_id`'s fallback announcement, if any (and forgets expired ones).
+    async fn withdraw_fallback(&self, process_id: &str) -> Result<()>;
+
+    /// The sum of the unexpired fallback shares announced by processes other than `process_id`.
+    async fn fallback_shares(&self, process_id: &str) -> Result<f64>;
 
     /// One job, unfinished or final.
     async fn get_job(&self, id: JobId) -> Result<Option<Job>>;

@@ -1065,6 +1065,43 @@ impl Store for PgStore {
         Ok(())
     }
 
+    async fn announce_fallback(&self, process_id: &str, share: f64, ttl: Duration) -> Result<()> {
+        sqlx::query(
+            "INSERT INTO herald_limiter_fallbacks (process_id, share, expires_at)
+             VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3))
+             ON CONFLICT (process_id) DO UPDATE
+                SET share = excluded.share, expires_at = excluded.expires_at",
+        )
+        .bind(process_id)
+        .bind(share)
+        .bind(ttl.as_secs_f64())
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn withdraw_fallback(&self, process_id: &str) -> Result<()> {
+        sqlx::query(
+            "DELETE FROM herald_limiter_fallbacks
+              WHERE process_id = $1 OR expires_at < clock_timestamp()",
+        )
+        .bind(process_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn fallback_shares(&self, process_id: &str) -> Result<f64> {
+        let sum: f64 = sqlx::query_scalar(
+            "SELECT COALESCE(SUM(share), 0)::float8 FROM herald_limiter_fallbacks
+              WHERE process_id <> $1 AND expires_at > clock_timestamp()",
+        )
+        .bind(process_id)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(sum)
+    }
+
     async fn get_job(&self, id: JobId) -> Result<Option<Job>> {
         let row = sqlx::query(&format!(
             "SELECT {HOT_COLUMNS} FROM herald_jobs WHERE id = $1

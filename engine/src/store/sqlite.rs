@@ -777,6 +777,48 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn announce_fallback(&self, process_id: &str, share: f64, ttl: Duration) -> Result<()> {
+        let ttl = chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX);
+        let until = Utc::now()
+            .checked_add_signed(ttl)
+            .unwrap_or(DateTime::<Utc>::MAX_UTC);
+        sqlx::query(
+            "INSERT INTO herald_limiter_fallbacks (process_id, share, expires_at)
+             VALUES (?1, ?2, ?3)
+             ON CONFLICT (process_id) DO UPDATE
+                SET share = excluded.share, expires_at = excluded.expires_at",
+        )
+        .bind(process_id)
+        .bind(share)
+        .bind(to_micros(until))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn withdraw_fallback(&self, process_id: &str) -> Result<()> {
+        sqlx::query(
+            "DELETE FROM herald_limiter_fallbacks WHERE process_id = ?1 OR expires_at < ?2",
+        )
+        .bind(process_id)
+        .bind(to_micros(Utc::now()))
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn fallback_shares(&self, process_id: &str) -> Result<f64> {
+        let sum: f64 = sqlx::query_scalar(
+            "SELECT COALESCE(SUM(share), 0.0) FROM herald_limiter_fallbacks
+              WHERE process_id <> ?1 AND expires_at > ?2",
+        )
+        .bind(process_id)
+        .bind(to_micros(Utc::now()))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(sum)
+    }
+
     async fn get_job(&self, id: JobId) -> Result<Option<Job>> {
         let row = sqlx::query(&format!(
             "SELECT {HOT_COLUMNS} FROM herald_jobs WHERE id = ?1
