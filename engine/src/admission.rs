@@ -29,6 +29,11 @@ pub trait Admission: Send + Sync + 'static {
     async fn max_priority(&self, _rate_key: &str) -> Option<i16> {
         None
     }
+
+    /// The process stops dispatching (graceful shutdown): gives up what it holds in state
+    /// shared with other processes, so that they see it gone at once rather than after a
+    /// timeout. Nothing by default.
+    async fn leave(&self) {}
 }
 
 /// Grants everything at once: rate keys are then only labels. For tests and for processes that

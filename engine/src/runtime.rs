@@ -316,6 +316,9 @@ impl Engine {
         if let Some(c) = self.completer.take() {
             c.abort();
         }
+        if let Some(admission) = &self.inner.admission {
+            admission.leave().await;
+        }
         info!(released = report.released, "engine stopped");
         report
     }

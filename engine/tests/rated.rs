@@ -58,6 +58,8 @@ struct Rates {
     rates: HashMap<String, Rate>,
     /// (key, permits) handed back.
     refunds: Mutex<Vec<(String, u32)>>,
+    /// Whether the engine left (at shutdown).
+    left: std::sync::atomic::AtomicBool,
 }
 
 impl Rates {
@@ -66,6 +68,7 @@ impl Rates {
             limiter: LocalLimiter::new(),
             rates: rates.iter().map(|(k, r)| (k.to_string(), *r)).collect(),
             refunds: Mutex::new(Vec::new()),
+            left: std::sync::atomic::AtomicBool::new(false),
         })
     }
 }
@@ -87,6 +90,10 @@ impl Admission for Rates {
         if let Some(rate) = self.rates.get(key) {
             self.limiter.refund(key, *rate, n).await;
         }
+    }
+
+    async fn leave(&self) {
+        self.left.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -174,9 +181,14 @@ async fn a_key_never_starts_faster_than_its_rate(store: Arc<dyn Store>) {
     let admission = Rates::new(&[("a", rate)]);
     let jobs: Vec<NewJob> = (0..120).map(|n| job(Some("a"), n, 0, 0)).collect();
     client(&store).enqueue_many(&jobs).await.expect("enqueue");
-    let (engine, starts) = start(&store, 50, admission);
+    let (engine, starts) = start(&store, 50, admission.clone());
     wait_for_count(store.as_ref(), JobState::Completed, 120).await;
+    assert!(!admission.left.load(std::sync::atomic::Ordering::SeqCst));
     engine.shutdown().await;
+    assert!(
+        admission.left.load(std::sync::atomic::Ordering::SeqCst),
+        "shutdown leaves the shared limiter state"
+    );
     let times: Vec<Instant> = starts.list().iter().map(|s| s.2).collect();
     assert_eq!(times.len(), 120, "every job ran once");
     assert_paced("a", &times, rate);

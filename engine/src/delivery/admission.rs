@@ -255,6 +255,10 @@ impl Admission for ChannelAdmission {
         self.limiter.acquire(rate_key, rate, want).await
     }
 
+    async fn leave(&self) {
+        self.limiter.leave().await;
+    }
+
     async fn max_priority(&self, rate_key: &str) -> Option<i16> {
         let channel = self.channel(channel_of_rate_key(rate_key)?).await?;
         (channel.paused_reason.is_some() && channel.paused_broadcasts_only)

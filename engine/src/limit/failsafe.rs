@@ -637,6 +637,18 @@ impl Limiter for FailSafeLimiter {
         s.local.acquire_now(key, s.share(rate), want)
     }
 
+    /// Deregisters the process and withdraws its fallback share (see
+    /// [`FailSafeLimiter::deregister`]).
+    async fn leave(&self) {
+        if let Err(error) = self.deregister().await {
+            tracing::warn!(
+                process_id = %self.shared.process_id,
+                error = %error,
+                "could not deregister from Redis: the others count this process until it expires"
+            );
+        }
+    }
+
     async fn refund(&self, key: &str, rate: Rate, n: u32) {
         let s = &self.shared;
         let mode = s.mode();

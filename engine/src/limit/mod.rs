@@ -92,6 +92,10 @@ pub trait Limiter: Send + Sync + 'static {
     /// grants less.
     async fn refund(&self, key: &str, rate: Rate, n: u32);
 
+    /// The process stops using this limiter (graceful shutdown): gives up what it holds in
+    /// state shared with other processes. Nothing by default.
+    async fn leave(&self) {}
+
     /// The limiter's mode and counters, for logs and metrics.
     fn status(&self) -> LimiterStatus;
 }
