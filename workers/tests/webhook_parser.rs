@@ -431,3 +431,62 @@ fn what_postgresql_cannot_store_is_cleaned_out() {
     assert_eq!(events.inbound[0].text.as_deref(), Some("hithere"));
     assert_eq!(events.inbound[0].profile_name.as_deref(), Some("Ann"));
 }
+
+/// A WhatsApp message without a usable time (missing, not a number, past year 9999, negative)
+/// was dropped: the user's message was lost. It is kept with the time it arrived.
+#[test]
+fn a_message_without_a_usable_time_is_kept() {
+    let message = |id: &str, timestamp: Option<Value>| {
+        let mut m = json!({ "from": "15551234567", "id": id, "type": "text",
+                            "text": { "body": "hello" } });
+        if let Some(t) = timestamp {
+            m["timestamp"] = t;
+        }
+        m
+    };
+    let body = serde_json::to_vec(&json!({
+        "object": "whatsapp_business_account",
+        "entry": [{ "id": "waba", "changes": [{ "field": "messages", "value": {
+            "metadata": { "phone_number_id": "1555" },
+            "messages": [
+                message("wamid.none", None),
+                message("wamid.text", Some(json!("soon"))),
+                message("wamid.number", Some(json!(1767225600))),
+                message("wamid.far", Some(json!("99999999999999"))),
+                message("wamid.negative", Some(json!("-5"))),
+                message("wamid.good", Some(json!("1767225600"))),
+            ]
+        }}]}]
+    }))
+    .expect("json");
+    let before = chrono::Utc::now();
+    let events = parse(&channel(), &body, &resolve).expect("parses");
+    let after = chrono::Utc::now();
+    check(&events);
+    let ids: Vec<&str> = events
+        .inbound
+        .iter()
+        .map(|m| m.provider_message_id.as_str())
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            "wamid.none",
+            "wamid.text",
+            "wamid.number",
+            "wamid.far",
+            "wamid.negative",
+            "wamid.good"
+        ]
+    );
+    for m in &events.inbound[..5] {
+        assert!(
+            (before..=after).contains(&m.sent_at),
+            "{}: {}",
+            m.provider_message_id,
+            m.sent_at
+        );
+        assert_eq!(m.text.as_deref(), Some("hello"));
+    }
+    assert_eq!(events.inbound[5].sent_at.timestamp(), 1_767_225_600);
+}

@@ -336,7 +336,9 @@ fn wa_status(channel_id: Uuid, s: &Value) -> Option<StatusEvent> {
     })
 }
 
-/// A WhatsApp message; None without a sender, id or timestamp.
+/// A WhatsApp message; None without a sender or id. One whose time is missing or out of range
+/// is kept with the time it arrived, as statuses and Messenger's events are: the message
+/// matters more than its time (its raw payload keeps what Meta sent).
 fn wa_message(channel_id: Uuid, workspace_id: Uuid, m: &Value) -> Option<InboundMessage> {
     let kind = m.get("type").and_then(Value::as_str).unwrap_or("unknown");
     let text = match kind {
@@ -361,7 +363,8 @@ fn wa_message(channel_id: Uuid, workspace_id: Uuid, m: &Value) -> Option<Inbound
         sent_at: m
             .get("timestamp")
             .and_then(Value::as_str)
-            .and_then(unix_seconds)?,
+            .and_then(unix_seconds)
+            .unwrap_or_else(Utc::now),
         profile_name: None,
     })
 }
