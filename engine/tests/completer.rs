@@ -160,15 +160,21 @@ impl Store for RefusesOne {
     async fn announce_fallback(
         &self,
         process_id: &str,
+        period: u64,
         share: f64,
         ttl: std::time::Duration,
     ) -> herald_engine::Result<()> {
-        self.inner.announce_fallback(process_id, share, ttl).await
+        self.inner
+            .announce_fallback(process_id, period, share, ttl)
+            .await
     }
-    async fn withdraw_fallback(&self, process_id: &str) -> herald_engine::Result<()> {
-        self.inner.withdraw_fallback(process_id).await
+    async fn withdraw_fallback(&self, process_id: &str, period: u64) -> herald_engine::Result<()> {
+        self.inner.withdraw_fallback(process_id, period).await
     }
-    async fn fallback_shares(&self, process_id: &str) -> herald_engine::Result<f64> {
+    async fn fallback_shares(
+        &self,
+        process_id: &str,
+    ) -> herald_engine::Result<herald_engine::limit::Fallbacks> {
         self.inner.fallback_shares(process_id).await
     }
     async fn get_job(&self, id: JobId) -> herald_engine::Result<Option<Job>> {

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeZone, Utc};
+use herald_engine::limit::Fallbacks;
 use herald_engine::model::{AttemptError, Completion, JobFilter, Outcome};
 use herald_engine::runtime::rescue_once;
 use herald_engine::{JobState, NewJob, Store};
@@ -909,40 +910,90 @@ async fn leader_election(store: Arc<dyn Store>) {
         .expect("lead after resign"));
 }
 
-/// The fail-safe limiter's board: each process sees the others' unexpired shares, not its own;
-/// a renewal replaces, a withdrawal removes, an announcement expires by itself.
+/// The fail-safe limiter's board: each process sees the others' unexpired shares and their
+/// number, not its own; a renewal replaces, a withdrawal of the same period removes (a late
+/// one of an earlier period does not), an announcement expires by itself.
 async fn fallback_board(store: Arc<dyn Store>) {
     let long = Duration::from_secs(60);
-    assert_eq!(store.fallback_shares("a").await.expect("read"), 0.0);
-    store.announce_fallback("a", 0.25, long).await.expect("a");
-    store.announce_fallback("b", 0.125, long).await.expect("b");
-    assert_eq!(store.fallback_shares("a").await.expect("read"), 0.125);
-    assert_eq!(store.fallback_shares("b").await.expect("read"), 0.25);
-    assert_eq!(store.fallback_shares("c").await.expect("read"), 0.375);
-    // A renewal replaces the share (the live count may have changed), it does not add.
+    let seen = |share: f64, processes: u32| Fallbacks { share, processes };
+    assert_eq!(
+        store.fallback_shares("a").await.expect("read"),
+        seen(0.0, 0)
+    );
     store
-        .announce_fallback("a", 0.5, long)
+        .announce_fallback("a", 1, 0.25, long)
+        .await
+        .expect("a");
+    store
+        .announce_fallback("b", 1, 0.125, long)
+        .await
+        .expect("b");
+    assert_eq!(
+        store.fallback_shares("a").await.expect("read"),
+        seen(0.125, 1)
+    );
+    assert_eq!(
+        store.fallback_shares("b").await.expect("read"),
+        seen(0.25, 1)
+    );
+    assert_eq!(
+        store.fallback_shares("c").await.expect("read"),
+        seen(0.375, 2)
+    );
+    // A renewal replaces the share, it does not add.
+    store
+        .announce_fallback("a", 1, 0.5, long)
         .await
         .expect("renew");
-    assert_eq!(store.fallback_shares("c").await.expect("read"), 0.625);
-    store.withdraw_fallback("a").await.expect("withdraw");
-    store.withdraw_fallback("a").await.expect("withdraw twice");
-    assert_eq!(store.fallback_shares("c").await.expect("read"), 0.125);
+    assert_eq!(
+        store.fallback_shares("c").await.expect("read"),
+        seen(0.625, 2)
+    );
+    // A withdrawal of period 1 that arrives after period 2 was announced removes nothing.
+    store
+        .announce_fallback("a", 2, 0.5, long)
+        .await
+        .expect("period 2");
+    store
+        .withdraw_fallback("a", 1)
+        .await
+        .expect("late withdraw");
+    assert_eq!(
+        store.fallback_shares("c").await.expect("read"),
+        seen(0.625, 2)
+    );
+    store.withdraw_fallback("a", 2).await.expect("withdraw");
+    store
+        .withdraw_fallback("a", 2)
+        .await
+        .expect("withdraw twice");
+    assert_eq!(
+        store.fallback_shares("c").await.expect("read"),
+        seen(0.125, 1)
+    );
     // Expiry is by the store's clock, so this test waits for it.
     store
-        .announce_fallback("d", 0.25, Duration::from_millis(300))
+        .announce_fallback("d", 1, 0.25, Duration::from_secs(1))
         .await
         .expect("d");
-    assert_eq!(store.fallback_shares("c").await.expect("read"), 0.375);
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(store.fallback_shares("c").await.expect("read"), 0.125);
-    // A withdrawal also forgets expired announcements; a renewal after expiry counts again.
-    store.withdraw_fallback("x").await.expect("withdraw");
+    assert_eq!(
+        store.fallback_shares("c").await.expect("read"),
+        seen(0.375, 2)
+    );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        store.fallback_shares("c").await.expect("read"),
+        seen(0.125, 1)
+    );
+    // A renewal after expiry counts again.
     store
-        .announce_fallback("d", 0.25, long)
+        .announce_fallback("d", 1, 0.25, long)
         .await
         .expect("d again");
-    assert_eq!(store.fallback_shares("c").await.expect("read"), 0.375);
+    assert_eq!(
+        store.fallback_shares("c").await.expect("read"),
+        seen(0.375, 2)
+    );
 }
 
 async fn stats_and_listing(store: Arc<dyn Store>) {

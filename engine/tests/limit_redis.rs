@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use herald_engine::limit::{
-    FailSafeConfig, FailSafeLimiter, FallbackBoard, LimitError, Limiter, LimiterMode, Rate,
-    RedisLimiter, RedisLimiterConfig,
+    FailSafeConfig, FailSafeLimiter, FallbackBoard, Fallbacks, LimitError, Limiter, LimiterMode,
+    Rate, RedisLimiter, RedisLimiterConfig,
 };
 use herald_engine::store::StoreBoard;
 
@@ -541,10 +541,10 @@ impl Proxy {
 }
 
 /// A partition: one of two processes loses Redis, the other keeps it. The one in fallback
-/// announces its share on the board (a real SQLite store) and waits until the other has read
-/// it; the other leaves that share free. Together they never exceed the rate, which they would
-/// (by the fallback's 50/s) without the board. When the partition heals, the share is withdrawn
-/// and the rate is whole again.
+/// announces its share on the board (a real SQLite store) and grants nothing before the other
+/// leaves that share free; together they never exceed the rate, which they would (by the
+/// fallback's 50/s) without the board. When the partition heals, the share is withdrawn and
+/// the rate is whole again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failsafe_partition_never_exceeds_the_rate() {
     let redis_port = free_port();
@@ -557,12 +557,12 @@ async fn failsafe_partition_never_exceeds_the_rate() {
         key_prefix: prefix(),
         probe_interval: Duration::from_millis(300),
         heartbeat_interval: Duration::from_millis(200),
-        process_ttl: Duration::from_secs(2),
-        call_timeout: Duration::from_millis(100),
+        process_ttl: Duration::from_secs(3),
+        call_timeout: Duration::from_millis(200),
+        board_timeout: Duration::from_millis(300),
         ..FailSafeConfig::default()
     };
-    // Each call within 100 ms: the heartbeat's sleep, its Redis call and the board read.
-    let hold = Duration::from_millis(200 + 3 * 100);
+    let hold = config.hold();
     let a = Arc::new(
         FailSafeLimiter::connect(
             &format!("redis://127.0.0.1:{redis_port}"),
@@ -598,42 +598,70 @@ async fn failsafe_partition_never_exceeds_the_rate() {
 
     proxy.cut();
     let cut = Instant::now();
-    let run_for = Duration::from_millis(2500);
+    let run_for = hold + Duration::from_millis(2000);
     let until = cut + run_for;
+    // When a first leaves b's share free.
+    let watch = {
+        let a = Arc::clone(&a);
+        tokio::spawn(async move {
+            while Instant::now() < until {
+                if a.status().reserved_for_fallbacks >= 0.25 {
+                    return Some(Instant::now());
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            None
+        })
+    };
     let (events_a, events_b) = tokio::join!(
         hammer(Arc::clone(&a), "channel", rate, until),
-        hammer(Arc::clone(&b), "channel", rate, until),
+        hammer_noting_mode(Arc::clone(&b), "channel", rate, until),
     );
+    let reserved_at = watch
+        .await
+        .expect("watch")
+        .expect("a never left b's share free");
     assert_eq!(a.status().mode, LimiterMode::Redis, "{:?}", a.status());
     assert_eq!(b.status().mode, LimiterMode::Fallback, "{:?}", b.status());
     // b takes 200 * 0.5 / 2 = 50/s; a leaves it free.
     assert_eq!(b.fallback_rate(rate).per_second, 50.0);
-    assert_eq!(a.status().reserved_for_fallbacks, 0.25);
+    let local_b: Vec<(Instant, u32)> = events_b
+        .iter()
+        .filter(|e| e.2 == LimiterMode::Fallback)
+        .map(|e| (e.0, e.1))
+        .collect();
+    let first_local = local_b.first().expect("b granted nothing in fallback").0;
+    assert!(
+        first_local >= reserved_at,
+        "b granted locally {:?} before a left its share free",
+        reserved_at - first_local
+    );
+    let total_b: u32 = local_b.iter().map(|e| e.1).sum();
+    assert!(
+        f64::from(total_b) >= 0.5 * 50.0 * (run_for - hold).as_secs_f64(),
+        "b used too little of its share: {total_b}"
+    );
+    let mut events = events_a;
+    events.extend(events_b.iter().map(|e| (e.0, e.1)));
+    let total: u32 = events.iter().map(|e| e.1).sum();
+    println!(
+        "partition: {total} permits in {run_for:?} at 200/s ({total_b} by the fallback, \
+         share left free {:?} after the cut, first local grant {:?} after it)",
+        reserved_at - cut,
+        first_local - cut
+    );
+    // Both buckets may be full at the cut: a's in Redis and b's local one; one more permit
+    // for a Redis grant timed after it was decided.
+    check_local_windows(&events, rate.per_second, rate.burst + 5 + 1);
+    wait_for("a leaves b's share free", Duration::from_secs(2), || {
+        a.status().reserved_for_fallbacks == 0.25
+    })
+    .await;
     let metrics = herald_engine::metrics::EngineMetrics::default();
     metrics.set_limiter(Arc::clone(&a) as Arc<dyn Limiter>);
     let mut out = String::new();
     metrics.render(&mut out);
     assert!(out.contains("herald_limiter_reserved_share 0.25"), "{out}");
-    // b grants nothing before a can have read its announcement (one Redis grant in flight
-    // at the cut aside).
-    let early: u32 = events_b
-        .iter()
-        .filter(|e| e.0 < cut + hold)
-        .map(|e| e.1)
-        .sum();
-    assert!(early <= 5, "{early} permits to b within the hold");
-    let total_b: u32 = events_b.iter().map(|e| e.1).sum();
-    assert!(
-        f64::from(total_b) >= 0.7 * 50.0 * (run_for - hold).as_secs_f64(),
-        "b used too little of its share: {total_b}"
-    );
-    let mut events = events_a;
-    events.extend(events_b);
-    let total: u32 = events.iter().map(|e| e.1).sum();
-    println!("partition: {total} permits in {run_for:?} at 200/s ({total_b} by the fallback)");
-    // Both buckets may be full at the cut: a's in Redis and b's local one; one more permit
-    // for a Redis grant timed after it was decided.
-    check_local_windows(&events, rate.per_second, rate.burst + 5 + 1);
 
     let _proxy = Proxy::start(proxy_port, redis_port).await;
     wait_for("b back on Redis", Duration::from_secs(3), || {
@@ -644,6 +672,268 @@ async fn failsafe_partition_never_exceeds_the_rate() {
         a.status().reserved_for_fallbacks == 0.0
     })
     .await;
+}
+
+/// Like [`hammer`], noting the limiter's mode after each grant (a grant made in fallback is
+/// followed by fallback mode: the limiter returns to Redis only from its background task).
+async fn hammer_noting_mode(
+    limiter: Arc<FailSafeLimiter>,
+    key: &'static str,
+    rate: Rate,
+    until: Instant,
+) -> Vec<(Instant, u32, LimiterMode)> {
+    let mut events = Vec::new();
+    while Instant::now() < until {
+        let grant = limiter.acquire(key, rate, 5).await;
+        if grant.granted > 0 {
+            events.push((Instant::now(), grant.granted, limiter.status().mode));
+        } else {
+            tokio::time::sleep(grant.next_in.max(Duration::from_millis(1))).await;
+        }
+    }
+    events
+}
+
+/// A board in memory that a test can make fail: the limiter's own logic against the board's
+/// contract (the store's implementation is in the conformance suite).
+#[derive(Default)]
+struct TestBoard {
+    /// process -> (period, share, stored at, expires at)
+    rows: std::sync::Mutex<std::collections::HashMap<String, (u64, f64, Instant, Instant)>>,
+    /// When each announcement was stored, in order.
+    stored: std::sync::Mutex<Vec<Instant>>,
+    failing: std::sync::atomic::AtomicBool,
+}
+
+impl TestBoard {
+    fn fail(&self, failing: bool) {
+        self.failing
+            .store(failing, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn check(&self) -> Result<(), LimitError> {
+        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(LimitError::Board("down (test)".into()));
+        }
+        Ok(())
+    }
+
+    fn row(&self, process: &str) -> Option<(u64, f64, Instant, Instant)> {
+        self.rows.lock().expect("rows").get(process).copied()
+    }
+
+    /// When the first announcement stored at or after `since` was stored.
+    fn first_stored(&self, since: Instant) -> Option<Instant> {
+        let stored = self.stored.lock().expect("stored");
+        stored.iter().copied().find(|t| *t >= since)
+    }
+}
+
+#[async_trait::async_trait]
+impl FallbackBoard for TestBoard {
+    async fn announce(
+        &self,
+        process_id: &str,
+        period: u64,
+        share: f64,
+        ttl: Duration,
+    ) -> Result<(), LimitError> {
+        self.check()?;
+        let now = Instant::now();
+        self.rows
+            .lock()
+            .expect("rows")
+            .insert(process_id.to_owned(), (period, share, now, now + ttl));
+        self.stored.lock().expect("stored").push(now);
+        Ok(())
+    }
+
+    async fn withdraw(&self, process_id: &str, period: u64) -> Result<(), LimitError> {
+        self.check()?;
+        let mut rows = self.rows.lock().expect("rows");
+        if rows.get(process_id).is_some_and(|r| r.0 == period) {
+            rows.remove(process_id);
+        }
+        Ok(())
+    }
+
+    async fn others(&self, process_id: &str) -> Result<Fallbacks, LimitError> {
+        self.check()?;
+        let now = Instant::now();
+        let rows = self.rows.lock().expect("rows");
+        let live = rows
+            .iter()
+            .filter(|(p, r)| p.as_str() != process_id && r.3 > now);
+        Ok(live.fold(Fallbacks::default(), |f, (_, r)| Fallbacks {
+            share: f.share + r.1,
+            processes: f.processes + 1,
+        }))
+    }
+}
+
+fn quick_config() -> FailSafeConfig {
+    FailSafeConfig {
+        key_prefix: prefix(),
+        probe_interval: Duration::from_millis(100),
+        heartbeat_interval: Duration::from_millis(100),
+        call_timeout: Duration::from_millis(100),
+        connect_timeout: Duration::from_millis(200),
+        board_timeout: Duration::from_millis(100),
+        process_ttl: Duration::from_millis(1500),
+        ..FailSafeConfig::default()
+    }
+}
+
+/// In fallback a process grants nothing until the hold has passed since its announcement was
+/// stored; it stops granting before its announcement expires when it cannot renew it; and
+/// after a renewal that came too late it holds again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failsafe_grants_only_under_a_fresh_announcement() {
+    let config = quick_config();
+    let hold = config.hold();
+    let board = Arc::new(TestBoard::default());
+    let limiter = FailSafeLimiter::connect(
+        &format!("redis://127.0.0.1:{}", free_port()), // nothing listens there
+        "p".into(),
+        config,
+        Some(Arc::clone(&board) as Arc<dyn FallbackBoard>),
+    )
+    .await
+    .expect("a Redis that is down is not an error");
+    assert_eq!(limiter.status().mode, LimiterMode::Fallback);
+    let rate = Rate {
+        per_second: 1000.0,
+        burst: 10,
+    };
+    async fn grants(limiter: &FailSafeLimiter, rate: Rate) -> u32 {
+        limiter.acquire("k", rate, 1).await.granted
+    }
+    let connected = Instant::now();
+    assert_eq!(
+        grants(&limiter, rate).await,
+        0,
+        "nothing before the announcement"
+    );
+    // Grants start only once the hold has passed since the announcement was stored.
+    let started = Instant::now();
+    loop {
+        if grants(&limiter, rate).await > 0 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(3), "never granted");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let first = Instant::now();
+    let (_, share, _, _) = board.row("p").expect("announced");
+    let stored = board
+        .first_stored(connected - Duration::from_secs(1))
+        .expect("announced");
+    assert_eq!(share, 0.5, "one process: half the rate");
+    assert!(
+        first >= stored + hold,
+        "granted {:?} after the announcement",
+        first - stored
+    );
+
+    // The board goes away: the last announcement expires, and the process stops before it.
+    board.fail(true);
+    let (_, _, _, expires) = board.row("p").expect("announced");
+    let mut last_grant = Instant::now();
+    while Instant::now() < expires + Duration::from_millis(300) {
+        if grants(&limiter, rate).await > 0 {
+            last_grant = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert!(
+        last_grant < expires,
+        "granted {:?} after the announcement expired",
+        last_grant - expires
+    );
+    // The board is back: the renewal came after the expiry, so the process holds again.
+    board.fail(false);
+    let back = Instant::now();
+    loop {
+        if grants(&limiter, rate).await > 0 {
+            break;
+        }
+        assert!(
+            back.elapsed() < Duration::from_secs(3),
+            "never granted again"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let again = Instant::now();
+    let stored = board.first_stored(back).expect("announced again");
+    assert!(
+        again >= stored + hold,
+        "granted {:?} after the late renewal",
+        again - stored
+    );
+}
+
+/// A process on Redis leaves announced shares free, counts the processes in fallback as live,
+/// and, when it cannot read the board, trusts its last reading only for the hold: then it
+/// leaves `fallback_fraction` free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failsafe_on_redis_distrusts_an_old_reading_of_the_board() {
+    let config = quick_config();
+    let hold = config.hold();
+    let board = Arc::new(TestBoard::default());
+    let limiter = FailSafeLimiter::connect(
+        &redis_url(),
+        "q".into(),
+        config,
+        Some(Arc::clone(&board) as Arc<dyn FallbackBoard>),
+    )
+    .await
+    .unwrap();
+    assert_eq!(limiter.status().mode, LimiterMode::Redis);
+    assert_eq!(limiter.status().reserved_for_fallbacks, 0.0);
+    assert_eq!(limiter.live_processes(), 1);
+    board
+        .announce("other", 1, 0.25, Duration::from_secs(60))
+        .await
+        .unwrap();
+    wait_for("the share left free", Duration::from_secs(2), || {
+        limiter.status().reserved_for_fallbacks == 0.25
+    })
+    .await;
+    assert_eq!(
+        limiter.live_processes(),
+        2,
+        "the process in fallback counts"
+    );
+    let rate = Rate {
+        per_second: 100.0,
+        burst: 8,
+    };
+    // 8 * (1 - 0.25) = 6 at once from Redis.
+    assert_eq!(limiter.acquire("k", rate, 8).await.granted, 6);
+
+    board.fail(true);
+    let waited = wait_for("half the rate left free", Duration::from_secs(3), || {
+        limiter.status().reserved_for_fallbacks == 0.5
+    })
+    .await;
+    // The last good reading started before the failure, at most a heartbeat round (300 ms)
+    // before it: it is distrusted once it is older than the hold, not before.
+    assert!(
+        waited + Duration::from_millis(300) >= hold && waited <= hold + Duration::from_millis(200),
+        "distrusted after {waited:?} (hold {hold:?})"
+    );
+    board.fail(false);
+    wait_for("the reading trusted again", Duration::from_secs(2), || {
+        limiter.status().reserved_for_fallbacks == 0.25
+    })
+    .await;
+    board.withdraw("other", 1).await.unwrap();
+    wait_for("the rate whole again", Duration::from_secs(2), || {
+        limiter.status().reserved_for_fallbacks == 0.0
+    })
+    .await;
+    assert_eq!(limiter.live_processes(), 1);
+    limiter.leave().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -695,6 +985,23 @@ async fn failsafe_rejects_a_malformed_url_and_bad_settings() {
         .await
         .expect_err("a fraction above 1 fails open");
     assert!(matches!(err, LimitError::InvalidConfig(_)), "{err:?}");
+    // An announcement that expires before its renewal would stop sends at every round.
+    let config = FailSafeConfig {
+        process_ttl: Duration::from_millis(2500),
+        ..FailSafeConfig::default()
+    };
+    let err = config.validate().expect_err("ttl within a fallback round");
+    assert!(err.to_string().contains("process_ttl must exceed"), "{err}");
+    let config = FailSafeConfig {
+        board_timeout: Duration::ZERO,
+        ..FailSafeConfig::default()
+    };
+    assert!(config.validate().is_err(), "a zero board timeout");
+    assert!(FailSafeConfig::default().validate().is_ok());
+    assert_eq!(
+        FailSafeConfig::default().hold(),
+        Duration::from_millis(2250)
+    );
 }
 
 /// Prints the cost of one acquire round trip to the shared Redis (run with `--nocapture`).

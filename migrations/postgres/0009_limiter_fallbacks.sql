@@ -6,6 +6,8 @@
 -- reading and writing here shares.
 CREATE TABLE herald_limiter_fallbacks (
     process_id text             PRIMARY KEY,
+    -- The process's fallback period: a late withdrawal of an earlier period removes nothing.
+    period     bigint           NOT NULL,
     share      double precision NOT NULL,
     expires_at timestamptz      NOT NULL
 );

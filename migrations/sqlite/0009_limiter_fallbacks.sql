@@ -4,6 +4,7 @@
 -- machine).
 CREATE TABLE herald_limiter_fallbacks (
     process_id TEXT    PRIMARY KEY,
+    period     INTEGER NOT NULL,
     share      REAL    NOT NULL,
     expires_at INTEGER NOT NULL
 );

@@ -11,24 +11,35 @@
 //!
 //! When only some processes lose Redis (a partition), the others still take the rate from
 //! Redis. So a process in fallback announces its share on the *fallback board* (the job store,
-//! which it still reaches: [`FallbackBoard`]), renewed every probe, valid for `process_ttl`.
-//! The processes on Redis read the board at every heartbeat and take only
-//! `rate * (1 - announced shares)` from Redis; one that cannot read the board assumes the most
-//! the fallbacks can take together, `fallback_fraction`. A process in fallback grants nothing
-//! until every process on Redis has read its announcement (`heartbeat_interval + 3 *
-//! call_timeout` after the board stored it: a heartbeat's sleep, its Redis call and the board
-//! read), and stops granting when its announcement may have expired (`process_ttl` after it
-//! sent it) without a renewal. Sends pause for that hold at every fallback, also when all
-//! processes lose Redis at once: a short pause is the price of never exceeding a rate.
+//! which it still reaches: [`FallbackBoard`]), renewed at every probe and valid for
+//! `process_ttl`. The processes on Redis read the board at every heartbeat and take only
+//! `rate * (1 - announced shares)` from Redis. A reading is trusted for [`hold`] from the
+//! moment it started (`heartbeat_interval + call_timeout + 2 * board_timeout`, more than a
+//! heartbeat round takes); a process whose last reading is older, or that never read the board,
+//! leaves free at least `fallback_fraction`, the most all fallbacks can take together. A process
+//! in fallback grants nothing until [`hold`] after its announcement was stored (so every
+//! process on Redis has read it, or distrusts its older reading), stops granting when the
+//! announcement may have expired (`process_ttl` after it sent it) without a renewal, and holds
+//! again after a renewal that came too late. Processes in fallback also count in the number the
+//! shares are divided by (the board says how many there are), so that processes losing Redis
+//! one after another do not take more than `fallback_fraction` together. Sends pause for the
+//! hold at every fallback, also when all processes lose Redis at once, and fallback needs the
+//! database: a short pause is the price of never exceeding a rate.
 //!
-//! It fails safe, never open: when unsure it grants less. Two cases it cannot see are bounded,
-//! not excluded: processes that start while Redis is down are not counted (set
-//! `min_processes` to the deployment's size to cover it); and on the way back to Redis a key's
+//! It fails safe, never open: when unsure it grants less. Three cases it cannot see are
+//! bounded, not excluded: processes that start while Redis is down are not counted (set
+//! `min_processes` to the deployment's size to cover it); on the way back to Redis a key's
 //! shared state may have expired during the outage, so each process's last fallback grants are
 //! not charged to it (at most the fallback burst plus what the fallback granted in the last
-//! bucket span). Without a board ([`FailSafeLimiter::connect`] with `None`, for tests of the
-//! limiter alone) a partition is not covered: together the processes may exceed the rate by
-//! the fallbacks' shares (`fallback_fraction / processes` each) for as long as it lasts.
+//! bucket span); and every share's burst is at least one permit, so with many processes in
+//! fallback on a rate whose burst is smaller than their number, a window may hold one permit
+//! more per process in fallback. Without a board ([`FailSafeLimiter::connect`] with `None`, for
+//! tests of the limiter alone) a partition is not covered: together the processes may exceed
+//! the rate by the fallbacks' shares (`fallback_fraction / processes` each) for as long as it
+//! lasts. On SQLite the board's expiry is by the wall clock (processes share it only on one
+//! machine); a step of the clock by more than the hold can end an announcement early.
+//!
+//! [`hold`]: FailSafeConfig::hold
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
@@ -55,6 +66,8 @@ pub(crate) const DEFAULT_PROBE_INTERVAL: Duration = Duration::from_secs(1);
 pub(crate) const DEFAULT_HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
 /// Default [`FailSafeConfig::process_ttl`].
 pub(crate) const DEFAULT_PROCESS_TTL: Duration = Duration::from_secs(5);
+/// Default [`FailSafeConfig::board_timeout`].
+pub(crate) const DEFAULT_BOARD_TIMEOUT: Duration = Duration::from_millis(500);
 /// Default [`FailSafeConfig::refund_grace`].
 pub(crate) const DEFAULT_REFUND_GRACE: Duration = Duration::from_secs(1);
 
@@ -64,14 +77,30 @@ pub(crate) const DEFAULT_REFUND_GRACE: Duration = Duration::from_secs(1);
 /// reaches.
 #[async_trait]
 pub trait FallbackBoard: Send + Sync + 'static {
-    /// Records that `process_id` takes `share` (a fraction) of every rate locally, for `ttl`
-    /// from when the board stores it, by the board's clock; renews an earlier announcement.
-    async fn announce(&self, process_id: &str, share: f64, ttl: Duration)
-        -> Result<(), LimitError>;
-    /// Withdraws `process_id`'s announcement, if any.
-    async fn withdraw(&self, process_id: &str) -> Result<(), LimitError>;
-    /// The sum of the unexpired shares announced by processes other than `process_id`.
-    async fn others(&self, process_id: &str) -> Result<f64, LimitError>;
+    /// Records that `process_id`, in its fallback period `period`, takes `share` (a fraction)
+    /// of every rate locally, for `ttl` from when the board stores it, by the board's clock;
+    /// replaces an earlier announcement of the process.
+    async fn announce(
+        &self,
+        process_id: &str,
+        period: u64,
+        share: f64,
+        ttl: Duration,
+    ) -> Result<(), LimitError>;
+    /// Withdraws `process_id`'s announcement of `period`, if it is still there: a withdrawal
+    /// that arrives late never removes a later period's announcement.
+    async fn withdraw(&self, process_id: &str, period: u64) -> Result<(), LimitError>;
+    /// The unexpired announcements of processes other than `process_id`.
+    async fn others(&self, process_id: &str) -> Result<Fallbacks, LimitError>;
+}
+
+/// What a [`FallbackBoard`] holds about the other processes.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Fallbacks {
+    /// The sum of their shares.
+    pub share: f64,
+    /// How many processes announced one.
+    pub processes: u32,
 }
 
 /// Settings of a [`FailSafeLimiter`]. `Default` gives the values named `DEFAULT_*`.
@@ -107,6 +136,11 @@ pub struct FailSafeConfig {
     /// start) have been seen. Set it to the deployment's size to divide the fallback rate
     /// correctly even then. Default 1.
     pub min_processes: u32,
+    /// The longest a fallback board call (announce, withdraw, read) may take: a database call,
+    /// so longer than `call_timeout`; a process on Redis distrusts its reading of the board
+    /// (and leaves `fallback_fraction` free) only after [`Self::hold`], which grows with it.
+    /// Default 500 ms.
+    pub board_timeout: Duration,
     /// Refunds are dropped for this long after a switch between Redis and fallback: a refund
     /// cannot say which store its permits came from, and handing them back to the other one
     /// would credit permits never taken there. Dropping a refund only grants less. Default 1 s.
@@ -124,6 +158,7 @@ impl Default for FailSafeConfig {
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
             key_prefix: DEFAULT_KEY_PREFIX.to_string(),
             min_processes: 1,
+            board_timeout: DEFAULT_BOARD_TIMEOUT,
             refund_grace: DEFAULT_REFUND_GRACE,
         }
     }
@@ -140,13 +175,33 @@ impl FailSafeConfig {
             || self.heartbeat_interval.is_zero()
             || self.call_timeout.is_zero()
             || self.connect_timeout.is_zero()
+            || self.board_timeout.is_zero()
         {
-            return bad("probe_interval, heartbeat_interval, call_timeout and connect_timeout must be positive");
+            return bad("probe_interval, heartbeat_interval, call_timeout, connect_timeout and board_timeout must be positive");
         }
         if self.process_ttl < self.heartbeat_interval * 2 + self.call_timeout {
             return bad("process_ttl must be at least twice heartbeat_interval plus call_timeout");
         }
+        // An announcement must be renewed before it expires: a round in fallback is the
+        // announcement, a probe (a connection attempt or two calls) and `probe_interval`.
+        if self.process_ttl
+            <= self.probe_interval
+                + self.board_timeout
+                + self.connect_timeout.max(self.call_timeout * 2)
+        {
+            return bad("process_ttl must exceed probe_interval + board_timeout + max(connect_timeout, 2 * call_timeout)");
+        }
         Ok(())
+    }
+
+    /// How long a process on Redis trusts a reading of the fallback board, from the moment the
+    /// reading started; and how long a process in fallback waits after its announcement was
+    /// stored before it grants. Longer than a heartbeat round between two readings (the sleep,
+    /// the Redis call, the reading, and on the way back from fallback a withdrawal), so that a
+    /// process on Redis distrusts its reading (leaving `fallback_fraction` free) only when its
+    /// heartbeat is late.
+    pub fn hold(&self) -> Duration {
+        self.heartbeat_interval + self.call_timeout + self.board_timeout * 2
     }
 }
 
@@ -154,6 +209,10 @@ const MODE_REDIS: u8 = 0;
 const MODE_FALLBACK: u8 = 1;
 /// `changed_at` before any switch.
 const NEVER: u64 = u64::MAX;
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(NEVER - 1)
+}
 
 /// What the limiter and its background task share.
 struct Shared {
@@ -178,8 +237,16 @@ struct Shared {
     /// Where this process announces its fallback share and reads the others'; `None`: a
     /// partition is not covered (see the module documentation).
     board: Option<Arc<dyn FallbackBoard>>,
-    /// In Redis mode, the shares (`f64` bits) processes in fallback announced: left free.
+    /// The shares (`f64` bits) the other processes announced at the last good reading of the
+    /// board: left free in Redis mode.
     reserved: AtomicU64,
+    /// When the last good reading started (nanoseconds since `epoch`), or [`NEVER`].
+    read_at: AtomicU64,
+    /// How many processes announced a share at the last good reading: they count as live.
+    fallbacks_seen: AtomicU32,
+    /// The part of every rate this process announced in its current fallback period (`f64`
+    /// bits): what it grants itself, whatever the live count says by now.
+    announced: AtomicU64,
     /// Whether the last board read failed, so that a failing board is logged once.
     board_failing: AtomicBool,
     /// In fallback with a board, local grants start at `grant_from` (or [`NEVER`]: not yet
@@ -198,16 +265,27 @@ impl Shared {
         }
     }
 
+    /// The processes last seen on Redis and in fallback, at least `min_processes`.
     fn live(&self) -> u32 {
         self.live_seen
             .load(Ordering::Relaxed)
+            .saturating_add(self.fallbacks_seen.load(Ordering::Relaxed))
             .max(self.config.min_processes)
             .max(1)
     }
 
+    /// The part of every rate this process takes in fallback: with a board, the part it
+    /// announced.
+    fn part(&self) -> f64 {
+        match self.board {
+            Some(_) => f64::from_bits(self.announced.load(Ordering::Acquire)),
+            None => self.config.fallback_fraction / f64::from(self.live()),
+        }
+    }
+
     /// This process's share of `rate` while Redis is unreachable.
     fn share(&self, rate: Rate) -> Rate {
-        let part = self.config.fallback_fraction / f64::from(self.live());
+        let part = self.part();
         let burst = (f64::from(rate.burst.max(1)) * part).floor();
         Rate {
             per_second: rate.per_second * part,
@@ -217,15 +295,27 @@ impl Shared {
     }
 
     fn now_ns(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(NEVER - 1)
+        nanos(self.epoch.elapsed())
     }
 
     fn mark_switch(&self) {
         self.changed_at.store(self.now_ns(), Ordering::Release);
     }
 
+    /// The share of every rate left free for processes in fallback: as last read from the
+    /// board, and at least `fallback_fraction` when that reading is older than the hold (or
+    /// there was none).
     fn reserved(&self) -> f64 {
-        f64::from_bits(self.reserved.load(Ordering::Relaxed))
+        if self.board.is_none() {
+            return 0.0;
+        }
+        let read = f64::from_bits(self.reserved.load(Ordering::Acquire));
+        let at = self.read_at.load(Ordering::Acquire);
+        if at == NEVER || self.now_ns().saturating_sub(at) > nanos(self.config.hold()) {
+            read.max(self.config.fallback_fraction)
+        } else {
+            read
+        }
     }
 
     /// What this process may take of `rate` from Redis: less the shares processes in fallback
@@ -242,13 +332,6 @@ impl Shared {
             // `as` saturates; the product is at most `burst`.
             burst: (burst as u32).max(1),
         }
-    }
-
-    /// How long after its announcement was stored a process in fallback waits before it grants:
-    /// by then every process on Redis has read the board (a heartbeat's sleep, its Redis call,
-    /// and the board read from its snapshot to its answer, each call within `call_timeout`).
-    fn hold(&self) -> Duration {
-        self.config.heartbeat_interval + self.config.call_timeout * 3
     }
 
     /// In fallback with a board: how long until local grants may start, or `None` if they may
@@ -269,27 +352,23 @@ impl Shared {
     }
 
     /// Reads the shares the processes in fallback announced, to leave them free in Redis mode.
-    /// When the board cannot be read, assumes the most they can take together:
-    /// `fallback_fraction` (or more, if more was announced last time).
+    /// A failed reading changes nothing: the last good one is trusted until it is older than
+    /// the hold, then `fallback_fraction` is left free (see [`Shared::reserved`]).
     async fn refresh_reserved(&self) {
         let Some(board) = &self.board else {
             return;
         };
-        let timeout = self.config.call_timeout;
+        let started = self.now_ns();
+        let timeout = self.config.board_timeout;
         let read = match tokio::time::timeout(timeout, board.others(&self.process_id)).await {
             Ok(read) => read,
             Err(_elapsed) => Err(LimitError::Board(format!("no answer within {timeout:?}"))),
         };
-        let value = match read {
-            Ok(v) if v.is_finite() && v >= 0.0 => {
-                if self.board_failing.swap(false, Ordering::Relaxed) {
-                    tracing::info!(process_id = %self.process_id, "fallback board readable again");
-                }
-                v.min(1.0)
-            }
+        let seen = match read {
+            Ok(seen) if seen.share.is_finite() && seen.share >= 0.0 => seen,
             other => {
                 let error = match other {
-                    Ok(v) => LimitError::Board(format!("unusable total share {v}")),
+                    Ok(seen) => LimitError::Board(format!("unusable total share {}", seen.share)),
                     Err(error) => error,
                 };
                 if !self.board_failing.swap(true, Ordering::Relaxed) {
@@ -298,18 +377,26 @@ impl Shared {
                         error = %error,
                         fallback_fraction = self.config.fallback_fraction,
                         "cannot read the fallback board: shared rates leave the most processes \
-                         without Redis could take free"
+                         without Redis could take free once the last reading is too old"
                     );
                 }
-                self.config.fallback_fraction.max(self.reserved())
+                return;
             }
         };
-        let before = f64::from_bits(self.reserved.swap(value.to_bits(), Ordering::Relaxed));
-        if before != value && !self.board_failing.load(Ordering::Relaxed) {
+        if self.board_failing.swap(false, Ordering::Relaxed) {
+            tracing::info!(process_id = %self.process_id, "fallback board readable again");
+        }
+        let value = seen.share.min(1.0);
+        let before = f64::from_bits(self.reserved.swap(value.to_bits(), Ordering::AcqRel));
+        self.fallbacks_seen.store(seen.processes, Ordering::Relaxed);
+        // Readings are made one at a time (at connect, then by the background task).
+        self.read_at.store(started, Ordering::Release);
+        if before != value {
             if value > 0.0 {
                 tracing::warn!(
                     process_id = %self.process_id,
                     reserved = value,
+                    processes = seen.processes,
                     "processes without Redis announced fallback shares: shared rates leave them free"
                 );
             } else {
@@ -322,22 +409,23 @@ impl Shared {
     }
 
     /// In fallback: announces (or renews) this process's share on the board, and opens local
-    /// grants once the processes on Redis have read it.
+    /// grants once the processes on Redis have read it: [`FailSafeConfig::hold`] after it was
+    /// stored, the first time in a fallback period and whenever a renewal came after the last
+    /// announcement may have expired.
     async fn announce(&self) {
         let Some(board) = &self.board else {
             return;
         };
         let period = self.fallbacks.load(Ordering::Acquire);
         let started = self.now_ns();
-        let share = self.config.fallback_fraction / f64::from(self.live());
+        let part = self.config.fallback_fraction / f64::from(self.live());
         let ttl = self.config.process_ttl;
-        let timeout = self.config.call_timeout;
-        let result =
-            match tokio::time::timeout(timeout, board.announce(&self.process_id, share, ttl)).await
-            {
-                Ok(result) => result,
-                Err(_elapsed) => Err(LimitError::Board(format!("no answer within {timeout:?}"))),
-            };
+        let timeout = self.config.board_timeout;
+        let call = board.announce(&self.process_id, period, part, ttl);
+        let result = match tokio::time::timeout(timeout, call).await {
+            Ok(result) => result,
+            Err(_elapsed) => Err(LimitError::Board(format!("no answer within {timeout:?}"))),
+        };
         if let Err(error) = result {
             tracing::warn!(
                 process_id = %self.process_id,
@@ -355,13 +443,20 @@ impl Shared {
         {
             return;
         }
-        let ns = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(NEVER - 1);
-        if self.grant_from.load(Ordering::Acquire) == NEVER {
-            let from = self.now_ns().saturating_add(ns(self.hold()));
-            self.grant_from.store(from, Ordering::Release);
+        let now = self.now_ns();
+        if self.grant_from.load(Ordering::Acquire) == NEVER
+            || self.grant_until.load(Ordering::Acquire) <= now
+        {
+            // First announcement, or the last one may have expired before this one was stored:
+            // the processes on Redis may have stopped leaving the share free meanwhile.
+            self.grant_from.store(
+                now.saturating_add(nanos(self.config.hold())),
+                Ordering::Release,
+            );
         }
+        self.announced.store(part.to_bits(), Ordering::Release);
         self.grant_until
-            .store(started.saturating_add(ns(ttl)), Ordering::Release);
+            .store(started.saturating_add(nanos(ttl)), Ordering::Release);
     }
 
     /// Back on Redis: withdraws this process's announcement, so that the others take the
@@ -370,8 +465,9 @@ impl Shared {
         let Some(board) = &self.board else {
             return;
         };
-        let result =
-            tokio::time::timeout(self.config.call_timeout, board.withdraw(&self.process_id)).await;
+        let period = self.fallbacks.load(Ordering::Acquire);
+        let call = board.withdraw(&self.process_id, period);
+        let result = tokio::time::timeout(self.config.board_timeout, call).await;
         if !matches!(result, Ok(Ok(()))) {
             tracing::debug!(
                 process_id = %self.process_id,
@@ -532,6 +628,9 @@ impl FailSafeLimiter {
             changed_at: AtomicU64::new(NEVER),
             board,
             reserved: AtomicU64::new(0.0_f64.to_bits()),
+            read_at: AtomicU64::new(NEVER),
+            fallbacks_seen: AtomicU32::new(0),
+            announced: AtomicU64::new(0.0_f64.to_bits()),
             board_failing: AtomicBool::new(false),
             grant_from: AtomicU64::new(NEVER),
             grant_until: AtomicU64::new(0),

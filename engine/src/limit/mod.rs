@@ -26,7 +26,7 @@ mod local;
 mod redis;
 
 pub use error::LimitError;
-pub use failsafe::{FailSafeConfig, FailSafeLimiter, FallbackBoard};
+pub use failsafe::{FailSafeConfig, FailSafeLimiter, FallbackBoard, Fallbacks};
 pub use local::LocalLimiter;
 pub use redis::{RedisLimiter, RedisLimiterConfig};
 

@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 
 use crate::delivery::DeliveryStore;
 use crate::error::{Result, StoreError};
-use crate::limit::{FallbackBoard, LimitError};
+use crate::limit::{FallbackBoard, Fallbacks, LimitError};
 use crate::model::{Completion, Enqueued, Job, JobFilter, JobId, NewJob, QueueStat};
 use crate::wakeup::Wakeups;
 
@@ -80,23 +80,24 @@ impl FallbackBoard for StoreBoard {
     async fn announce(
         &self,
         process_id: &str,
+        period: u64,
         share: f64,
         ttl: Duration,
     ) -> std::result::Result<(), LimitError> {
         self.0
-            .announce_fallback(process_id, share, ttl)
+            .announce_fallback(process_id, period, share, ttl)
             .await
             .map_err(|e| LimitError::Board(e.to_string()))
     }
 
-    async fn withdraw(&self, process_id: &str) -> std::result::Result<(), LimitError> {
+    async fn withdraw(&self, process_id: &str, period: u64) -> std::result::Result<(), LimitError> {
         self.0
-            .withdraw_fallback(process_id)
+            .withdraw_fallback(process_id, period)
             .await
             .map_err(|e| LimitError::Board(e.to_string()))
     }
 
-    async fn others(&self, process_id: &str) -> std::result::Result<f64, LimitError> {
+    async fn others(&self, process_id: &str) -> std::result::Result<Fallbacks, LimitError> {
         self.0
             .fallback_shares(process_id)
             .await
@@ -318,16 +319,24 @@ pub trait Store: Send + Sync + 'static {
     /// Gives up the leadership (so another process takes over at once, not after the TTL).
     async fn resign(&self, name: &str, leader: &str) -> Result<()>;
 
-    /// Fail-safe limiter: records that `process_id` lost Redis and takes `share` (a fraction)
-    /// of every shared rate from a local limiter, until `ttl` from now by the store's clock
-    /// (the database's, on PostgreSQL); renews an earlier announcement of the same process.
-    async fn announce_fallback(&self, process_id: &str, share: f64, ttl: Duration) -> Result<()>;
+    /// Fail-safe limiter: records that `process_id` lost Redis (its fallback period `period`)
+    /// and takes `share` (a fraction) of every shared rate from a local limiter, until `ttl`
+    /// from now by the store's clock (the database's, on PostgreSQL); replaces an earlier
+    /// announcement of the same process.
+    async fn announce_fallback(
+        &self,
+        process_id: &str,
+        period: u64,
+        share: f64,
+        ttl: Duration,
+    ) -> Result<()>;
 
-    /// Withdraws `process_id`'s fallback announcement, if any (and forgets expired ones).
-    async fn withdraw_fallback(&self, process_id: &str) -> Result<()>;
+    /// Withdraws `process_id`'s fallback announcement of `period`, if it is still there (not one
+    /// of a later period), and forgets expired ones.
+    async fn withdraw_fallback(&self, process_id: &str, period: u64) -> Result<()>;
 
-    /// The sum of the unexpired fallback shares announced by processes other than `process_id`.
-    async fn fallback_shares(&self, process_id: &str) -> Result<f64>;
+    /// The unexpired fallback announcements of processes other than `process_id`.
+    async fn fallback_shares(&self, process_id: &str) -> Result<Fallbacks>;
 
     /// One job, unfinished or final.
     async fn get_job(&self, id: JobId) -> Result<Option<Job>>;

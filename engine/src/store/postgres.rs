@@ -27,6 +27,7 @@ use super::{
     RateScope, Store, CANCELLABLE, CLAIM_COLUMNS,
 };
 use crate::error::{Result, StoreError};
+use crate::limit::Fallbacks;
 use crate::migrate;
 use crate::model::{
     AttemptError, Completion, Enqueued, Job, JobFilter, JobId, JobState, NewJob, QueueStat,
@@ -1065,14 +1066,22 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn announce_fallback(&self, process_id: &str, share: f64, ttl: Duration) -> Result<()> {
+    async fn announce_fallback(
+        &self,
+        process_id: &str,
+        period: u64,
+        share: f64,
+        ttl: Duration,
+    ) -> Result<()> {
         sqlx::query(
-            "INSERT INTO herald_limiter_fallbacks (process_id, share, expires_at)
-             VALUES ($1, $2, clock_timestamp() + make_interval(secs => $3))
+            "INSERT INTO herald_limiter_fallbacks (process_id, period, share, expires_at)
+             VALUES ($1, $2, $3, clock_timestamp() + make_interval(secs => $4))
              ON CONFLICT (process_id) DO UPDATE
-                SET share = excluded.share, expires_at = excluded.expires_at",
+                SET period = excluded.period, share = excluded.share,
+                    expires_at = excluded.expires_at",
         )
         .bind(process_id)
+        .bind(i64::try_from(period).unwrap_or(i64::MAX))
         .bind(share)
         .bind(ttl.as_secs_f64())
         .execute(&self.pool)
@@ -1080,26 +1089,30 @@ impl Store for PgStore {
         Ok(())
     }
 
-    async fn withdraw_fallback(&self, process_id: &str) -> Result<()> {
+    async fn withdraw_fallback(&self, process_id: &str, period: u64) -> Result<()> {
         sqlx::query(
             "DELETE FROM herald_limiter_fallbacks
-              WHERE process_id = $1 OR expires_at < clock_timestamp()",
+              WHERE (process_id = $1 AND period = $2) OR expires_at < clock_timestamp()",
         )
         .bind(process_id)
+        .bind(i64::try_from(period).unwrap_or(i64::MAX))
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
-    async fn fallback_shares(&self, process_id: &str) -> Result<f64> {
-        let sum: f64 = sqlx::query_scalar(
-            "SELECT COALESCE(SUM(share), 0)::float8 FROM herald_limiter_fallbacks
+    async fn fallback_shares(&self, process_id: &str) -> Result<Fallbacks> {
+        let (share, processes): (f64, i64) = sqlx::query_as(
+            "SELECT COALESCE(SUM(share), 0)::float8, COUNT(*) FROM herald_limiter_fallbacks
               WHERE process_id <> $1 AND expires_at > clock_timestamp()",
         )
         .bind(process_id)
         .fetch_one(&self.pool)
         .await?;
-        Ok(sum)
+        Ok(Fallbacks {
+            share,
+            processes: u32::try_from(processes).unwrap_or(u32::MAX),
+        })
     }
 
     async fn get_job(&self, id: JobId) -> Result<Option<Job>> {

@@ -37,6 +37,7 @@ use super::{
 };
 use crate::clock::{from_micros, to_micros};
 use crate::error::{Result, StoreError};
+use crate::limit::Fallbacks;
 use crate::migrate;
 use crate::model::{Completion, Enqueued, Job, JobFilter, JobId, JobState, NewJob, QueueStat};
 use crate::wakeup::Wakeups;
@@ -777,18 +778,26 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn announce_fallback(&self, process_id: &str, share: f64, ttl: Duration) -> Result<()> {
+    async fn announce_fallback(
+        &self,
+        process_id: &str,
+        period: u64,
+        share: f64,
+        ttl: Duration,
+    ) -> Result<()> {
         let ttl = chrono::Duration::from_std(ttl).unwrap_or(chrono::Duration::MAX);
         let until = Utc::now()
             .checked_add_signed(ttl)
             .unwrap_or(DateTime::<Utc>::MAX_UTC);
         sqlx::query(
-            "INSERT INTO herald_limiter_fallbacks (process_id, share, expires_at)
-             VALUES (?1, ?2, ?3)
+            "INSERT INTO herald_limiter_fallbacks (process_id, period, share, expires_at)
+             VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (process_id) DO UPDATE
-                SET share = excluded.share, expires_at = excluded.expires_at",
+                SET period = excluded.period, share = excluded.share,
+                    expires_at = excluded.expires_at",
         )
         .bind(process_id)
+        .bind(i64::try_from(period).unwrap_or(i64::MAX))
         .bind(share)
         .bind(to_micros(until))
         .execute(&self.pool)
@@ -796,27 +805,32 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn withdraw_fallback(&self, process_id: &str) -> Result<()> {
+    async fn withdraw_fallback(&self, process_id: &str, period: u64) -> Result<()> {
         sqlx::query(
-            "DELETE FROM herald_limiter_fallbacks WHERE process_id = ?1 OR expires_at < ?2",
+            "DELETE FROM herald_limiter_fallbacks
+              WHERE (process_id = ?1 AND period = ?2) OR expires_at < ?3",
         )
         .bind(process_id)
+        .bind(i64::try_from(period).unwrap_or(i64::MAX))
         .bind(to_micros(Utc::now()))
         .execute(&self.pool)
         .await?;
         Ok(())
     }
 
-    async fn fallback_shares(&self, process_id: &str) -> Result<f64> {
-        let sum: f64 = sqlx::query_scalar(
-            "SELECT COALESCE(SUM(share), 0.0) FROM herald_limiter_fallbacks
+    async fn fallback_shares(&self, process_id: &str) -> Result<Fallbacks> {
+        let (share, processes): (f64, i64) = sqlx::query_as(
+            "SELECT COALESCE(SUM(share), 0.0), COUNT(*) FROM herald_limiter_fallbacks
               WHERE process_id <> ?1 AND expires_at > ?2",
         )
         .bind(process_id)
         .bind(to_micros(Utc::now()))
         .fetch_one(&self.pool)
         .await?;
-        Ok(sum)
+        Ok(Fallbacks {
+            share,
+            processes: u32::try_from(processes).unwrap_or(u32::MAX),
+        })
     }
 
     async fn get_job(&self, id: JobId) -> Result<Option<Job>> {
