@@ -962,6 +962,15 @@ async fn fallback_board(store: Arc<dyn Store>) {
         store.fallback_shares("c").await.expect("read"),
         seen(0.625, 2)
     );
+    // Nor does a late announcement of period 1 replace period 2's.
+    store
+        .announce_fallback("a", 1, 0.0625, long)
+        .await
+        .expect("late announcement");
+    assert_eq!(
+        store.fallback_shares("c").await.expect("read"),
+        seen(0.625, 2)
+    );
     store.withdraw_fallback("a", 2).await.expect("withdraw");
     store
         .withdraw_fallback("a", 2)

@@ -338,14 +338,16 @@ async fn failsafe_uses_redis_when_it_answers() {
     assert_eq!(b.acquire("k", rate, 4).await.granted, 2);
     b.refund("k", rate, 2).await;
     assert_eq!(a.acquire("k", rate, 4).await.granted, 2);
-    // Leaving (at shutdown, before the limiter is dropped) deregisters: b counts one process
-    // at its next heartbeat.
+    // Leaving (at shutdown) deregisters and stops the heartbeats, which would register it
+    // again: b counts one process at its next heartbeat, while a is still there.
     a.leave().await;
-    drop(a);
     wait_for("b sees a gone", Duration::from_secs(3), || {
         b.live_processes() == 1
     })
     .await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(b.live_processes(), 1, "a registered again after leaving");
+    drop(a);
 }
 
 /// A `redis-server` of the test's own, killed when dropped.
@@ -740,10 +742,12 @@ impl FallbackBoard for TestBoard {
     ) -> Result<(), LimitError> {
         self.check()?;
         let now = Instant::now();
-        self.rows
-            .lock()
-            .expect("rows")
-            .insert(process_id.to_owned(), (period, share, now, now + ttl));
+        let mut rows = self.rows.lock().expect("rows");
+        if rows.get(process_id).is_some_and(|r| r.0 > period) {
+            return Ok(());
+        }
+        rows.insert(process_id.to_owned(), (period, share, now, now + ttl));
+        drop(rows);
         self.stored.lock().expect("stored").push(now);
         Ok(())
     }
@@ -840,8 +844,10 @@ async fn failsafe_grants_only_under_a_fresh_announcement() {
     let (_, _, _, expires) = board.row("p").expect("announced");
     let mut last_grant = Instant::now();
     while Instant::now() < expires + Duration::from_millis(300) {
+        // Timed before the ask: the limiter decides a moment later.
+        let asked = Instant::now();
         if grants(&limiter, rate).await > 0 {
-            last_grant = Instant::now();
+            last_grant = asked;
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
@@ -851,8 +857,8 @@ async fn failsafe_grants_only_under_a_fresh_announcement() {
         last_grant - expires
     );
     // The board is back: the renewal came after the expiry, so the process holds again.
-    board.fail(false);
     let back = Instant::now();
+    board.fail(false);
     loop {
         if grants(&limiter, rate).await > 0 {
             break;
@@ -873,12 +879,12 @@ async fn failsafe_grants_only_under_a_fresh_announcement() {
 }
 
 /// A process on Redis leaves announced shares free, counts the processes in fallback as live,
-/// and, when it cannot read the board, trusts its last reading only for the hold: then it
-/// leaves `fallback_fraction` free.
+/// and, when it cannot read the board, trusts its last reading only for a while: then it
+/// leaves `fallback_fraction` more free.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failsafe_on_redis_distrusts_an_old_reading_of_the_board() {
     let config = quick_config();
-    let hold = config.hold();
+    let trust = config.trust();
     let board = Arc::new(TestBoard::default());
     let limiter = FailSafeLimiter::connect(
         &redis_url(),
@@ -912,15 +918,18 @@ async fn failsafe_on_redis_distrusts_an_old_reading_of_the_board() {
     assert_eq!(limiter.acquire("k", rate, 8).await.granted, 6);
 
     board.fail(true);
-    let waited = wait_for("half the rate left free", Duration::from_secs(3), || {
-        limiter.status().reserved_for_fallbacks == 0.5
-    })
+    let waited = wait_for(
+        "half the rate more left free",
+        Duration::from_secs(3),
+        || limiter.status().reserved_for_fallbacks == 0.75,
+    )
     .await;
     // The last good reading started before the failure, at most a heartbeat round (300 ms)
-    // before it: it is distrusted once it is older than the hold, not before.
+    // before it: it is distrusted once it is older than `trust`, not before.
     assert!(
-        waited + Duration::from_millis(300) >= hold && waited <= hold + Duration::from_millis(200),
-        "distrusted after {waited:?} (hold {hold:?})"
+        waited + Duration::from_millis(300) >= trust
+            && waited <= trust + Duration::from_millis(200),
+        "distrusted after {waited:?} (trust {trust:?})"
     );
     board.fail(false);
     wait_for("the reading trusted again", Duration::from_secs(2), || {
@@ -990,7 +999,10 @@ async fn failsafe_rejects_a_malformed_url_and_bad_settings() {
         process_ttl: Duration::from_millis(2500),
         ..FailSafeConfig::default()
     };
-    let err = config.validate().expect_err("ttl within a fallback round");
+    config.validate().expect("without a board, fine");
+    let err = config
+        .validate_with_board()
+        .expect_err("ttl within a fallback round");
     assert!(err.to_string().contains("process_ttl must exceed"), "{err}");
     let config = FailSafeConfig {
         board_timeout: Duration::ZERO,
@@ -998,9 +1010,10 @@ async fn failsafe_rejects_a_malformed_url_and_bad_settings() {
     };
     assert!(config.validate().is_err(), "a zero board timeout");
     assert!(FailSafeConfig::default().validate().is_ok());
+    assert!(FailSafeConfig::default().validate_with_board().is_ok());
     assert_eq!(
         FailSafeConfig::default().hold(),
-        Duration::from_millis(2250)
+        Duration::from_millis(2500)
     );
 }
 

@@ -13,18 +13,20 @@
 //! Redis. So a process in fallback announces its share on the *fallback board* (the job store,
 //! which it still reaches: [`FallbackBoard`]), renewed at every probe and valid for
 //! `process_ttl`. The processes on Redis read the board at every heartbeat and take only
-//! `rate * (1 - announced shares)` from Redis. A reading is trusted for [`hold`] from the
+//! `rate * (1 - announced shares)` from Redis. A reading is trusted for [`trust`] from the
 //! moment it started (`heartbeat_interval + call_timeout + 2 * board_timeout`, more than a
 //! heartbeat round takes); a process whose last reading is older, or that never read the board,
-//! leaves free at least `fallback_fraction`, the most all fallbacks can take together. A process
-//! in fallback grants nothing until [`hold`] after its announcement was stored (so every
-//! process on Redis has read it, or distrusts its older reading), stops granting when the
-//! announcement may have expired (`process_ttl` after it sent it) without a renewal, and holds
-//! again after a renewal that came too late. Processes in fallback also count in the number the
-//! shares are divided by (the board says how many there are), so that processes losing Redis
-//! one after another do not take more than `fallback_fraction` together. Sends pause for the
-//! hold at every fallback, also when all processes lose Redis at once, and fallback needs the
-//! database: a short pause is the price of never exceeding a rate.
+//! leaves `fallback_fraction` more free. A process in fallback grants nothing until [`hold`]
+//! (`trust` and one Redis call) after its announcement was stored, so that every process on
+//! Redis has read it or distrusts its older reading, and no Redis call decided at the old rate
+//! is still under way; it stops granting when the announcement may have expired
+//! (`process_ttl` after it sent it) without a renewal, and holds again after a renewal that
+//! came too late. Processes in fallback also count in the number the shares are divided by
+//! (the board says how many there are, also to a process before its first announcement), so
+//! that processes losing Redis one after another do not take more than `fallback_fraction`
+//! together. Sends pause for the hold at every fallback (2.5 s with the defaults), also when
+//! all processes lose Redis at once, and fallback needs the database: a short pause is the
+//! price of never exceeding a rate.
 //!
 //! It fails safe, never open: when unsure it grants less. Three cases it cannot see are
 //! bounded, not excluded: processes that start while Redis is down are not counted (set
@@ -40,6 +42,7 @@
 //! machine); a step of the clock by more than the hold can end an announcement early.
 //!
 //! [`hold`]: FailSafeConfig::hold
+//! [`trust`]: FailSafeConfig::trust
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
@@ -79,7 +82,7 @@ pub(crate) const DEFAULT_REFUND_GRACE: Duration = Duration::from_secs(1);
 pub trait FallbackBoard: Send + Sync + 'static {
     /// Records that `process_id`, in its fallback period `period`, takes `share` (a fraction)
     /// of every rate locally, for `ttl` from when the board stores it, by the board's clock;
-    /// replaces an earlier announcement of the process.
+    /// replaces the process's announcement of the same or an earlier period, never a later one.
     async fn announce(
         &self,
         process_id: &str,
@@ -123,8 +126,7 @@ pub struct FailSafeConfig {
     /// shrinking the others' fallback shares soon. Default 5 s.
     pub process_ttl: Duration,
     /// The longest a Redis call may take before it counts as a failure and the limiter falls
-    /// back: a send waits on it. Also the longest a fallback board call may take. Default
-    /// 250 ms.
+    /// back: a send waits on it. Default 250 ms.
     pub call_timeout: Duration,
     /// The longest one attempt to (re)connect to Redis may take, at start and when probing.
     /// Default 1 s.
@@ -182,26 +184,39 @@ impl FailSafeConfig {
         if self.process_ttl < self.heartbeat_interval * 2 + self.call_timeout {
             return bad("process_ttl must be at least twice heartbeat_interval plus call_timeout");
         }
-        // An announcement must be renewed before it expires: a round in fallback is the
-        // announcement, a probe (a connection attempt or two calls) and `probe_interval`.
-        if self.process_ttl
-            <= self.probe_interval
-                + self.board_timeout
-                + self.connect_timeout.max(self.call_timeout * 2)
-        {
-            return bad("process_ttl must exceed probe_interval + board_timeout + max(connect_timeout, 2 * call_timeout)");
-        }
         Ok(())
     }
 
-    /// How long a process on Redis trusts a reading of the fallback board, from the moment the
-    /// reading started; and how long a process in fallback waits after its announcement was
-    /// stored before it grants. Longer than a heartbeat round between two readings (the sleep,
-    /// the Redis call, the reading, and on the way back from fallback a withdrawal), so that a
-    /// process on Redis distrusts its reading (leaving `fallback_fraction` free) only when its
-    /// heartbeat is late.
+    /// How long a process in fallback waits after its announcement was stored before it
+    /// grants: the time a process on Redis trusts a reading of the board ([`Self::trust`]) plus
+    /// one Redis call, which may still be deciding at the old rate.
     pub fn hold(&self) -> Duration {
+        self.trust() + self.call_timeout
+    }
+
+    /// How long a process on Redis trusts a reading of the fallback board, from the moment the
+    /// reading started: longer than a heartbeat round between two readings (the sleep, the
+    /// Redis call, the reading, and on the way back from fallback a withdrawal), so that a
+    /// process on Redis distrusts its reading only when its heartbeat is late.
+    pub fn trust(&self) -> Duration {
         self.heartbeat_interval + self.call_timeout + self.board_timeout * 2
+    }
+
+    /// The settings' additional requirement when the limiter has a fallback board: an
+    /// announcement must be renewed before it expires, and a round in fallback is the first
+    /// reading of the board, the announcement, a probe (a connection attempt and three calls)
+    /// and `probe_interval`.
+    pub fn validate_with_board(&self) -> Result<(), LimitError> {
+        let round = self.probe_interval
+            + self.board_timeout * 2
+            + self.connect_timeout
+            + self.call_timeout * 3;
+        if self.process_ttl <= round {
+            return Err(LimitError::InvalidConfig(
+                "with a fallback board, process_ttl must exceed probe_interval + 2 * board_timeout + connect_timeout + 3 * call_timeout".into(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -303,16 +318,16 @@ impl Shared {
     }
 
     /// The share of every rate left free for processes in fallback: as last read from the
-    /// board, and at least `fallback_fraction` when that reading is older than the hold (or
-    /// there was none).
+    /// board; when that reading is older than [`FailSafeConfig::trust`] (or there was none),
+    /// `fallback_fraction` more for the processes that may have fallen back since.
     fn reserved(&self) -> f64 {
         if self.board.is_none() {
             return 0.0;
         }
         let read = f64::from_bits(self.reserved.load(Ordering::Acquire));
         let at = self.read_at.load(Ordering::Acquire);
-        if at == NEVER || self.now_ns().saturating_sub(at) > nanos(self.config.hold()) {
-            read.max(self.config.fallback_fraction)
+        if at == NEVER || self.now_ns().saturating_sub(at) > nanos(self.config.trust()) {
+            (read + self.config.fallback_fraction).min(1.0)
         } else {
             read
         }
@@ -387,8 +402,8 @@ impl Shared {
             tracing::info!(process_id = %self.process_id, "fallback board readable again");
         }
         let value = seen.share.min(1.0);
-        let before = f64::from_bits(self.reserved.swap(value.to_bits(), Ordering::AcqRel));
         self.fallbacks_seen.store(seen.processes, Ordering::Relaxed);
+        let before = f64::from_bits(self.reserved.swap(value.to_bits(), Ordering::AcqRel));
         // Readings are made one at a time (at connect, then by the background task).
         self.read_at.store(started, Ordering::Release);
         if before != value {
@@ -417,6 +432,16 @@ impl Shared {
             return;
         };
         let period = self.fallbacks.load(Ordering::Acquire);
+        if self.grant_from.load(Ordering::Acquire) == NEVER {
+            // The first announcement of a period: count the processes already in fallback (a
+            // process that started without Redis has never read the board).
+            let read =
+                tokio::time::timeout(self.config.board_timeout, board.others(&self.process_id));
+            if let Ok(Ok(seen)) = read.await {
+                self.fallbacks_seen
+                    .fetch_max(seen.processes, Ordering::Relaxed);
+            }
+        }
         let started = self.now_ns();
         let part = self.config.fallback_fraction / f64::from(self.live());
         let ttl = self.config.process_ttl;
@@ -461,11 +486,10 @@ impl Shared {
 
     /// Back on Redis: withdraws this process's announcement, so that the others take the
     /// whole rate at their next heartbeat rather than after `process_ttl`.
-    async fn withdraw(&self) {
+    async fn withdraw(&self, period: u64) {
         let Some(board) = &self.board else {
             return;
         };
-        let period = self.fallbacks.load(Ordering::Acquire);
         let call = board.withdraw(&self.process_id, period);
         let result = tokio::time::timeout(self.config.board_timeout, call).await;
         if !matches!(result, Ok(Ok(()))) {
@@ -514,13 +538,15 @@ impl Shared {
         );
     }
 
-    fn on_recovery(&self) {
+    /// Back to Redis mode; returns the fallback period that ended (taken under the lock, so
+    /// that a fallback right after cannot make the withdrawal take the new period's share).
+    fn on_recovery(&self) -> Option<u64> {
         let _guard = self
             .switching
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if self.mode.load(Ordering::Acquire) == MODE_REDIS {
-            return;
+            return None;
         }
         self.mark_switch();
         self.mode.store(MODE_REDIS, Ordering::Release);
@@ -529,6 +555,7 @@ impl Shared {
             live_processes = self.live(),
             "Redis reachable again: rate limits are shared through Redis"
         );
+        Some(self.fallbacks.load(Ordering::Acquire))
     }
 
     /// Registers this process and records the live count; true if Redis answered.
@@ -576,8 +603,9 @@ impl Shared {
         }
         self.heartbeat(redis).await?;
         self.refresh_reserved().await;
-        self.on_recovery();
-        self.withdraw().await;
+        if let Some(period) = self.on_recovery() {
+            self.withdraw(period).await;
+        }
         Ok(())
     }
 }
@@ -606,6 +634,9 @@ impl FailSafeLimiter {
         board: Option<Arc<dyn FallbackBoard>>,
     ) -> Result<Self, LimitError> {
         config.validate()?;
+        if board.is_some() {
+            config.validate_with_board()?;
+        }
         let client = open_client(url)?;
         let redis_config = RedisLimiterConfig {
             key_prefix: config.key_prefix.clone(),
@@ -656,13 +687,14 @@ impl FailSafeLimiter {
         &self.shared.process_id
     }
 
-    /// The number of processes fallback shares are divided by: the last count seen in Redis,
-    /// at least `min_processes`.
+    /// The number of processes fallback shares are divided by: the last count seen in Redis
+    /// plus the processes last seen in fallback on the board, at least `min_processes`.
     pub fn live_processes(&self) -> u32 {
         self.shared.live()
     }
 
-    /// The rate this process allows itself for `rate` while in fallback.
+    /// The rate this process allows itself for `rate` while in fallback: with a board, the
+    /// part it announced (nothing before its first announcement).
     pub fn fallback_rate(&self, rate: Rate) -> Rate {
         self.shared.share(rate)
     }
@@ -671,7 +703,8 @@ impl FailSafeLimiter {
     /// once rather than after `process_ttl`, and withdraws its fallback share from the board.
     /// For graceful shutdown; the heartbeat would add it back if the limiter were used on.
     pub async fn deregister(&self) -> Result<(), LimitError> {
-        self.shared.withdraw().await;
+        let period = self.shared.fallbacks.load(Ordering::Acquire);
+        self.shared.withdraw(period).await;
         match self.shared.redis.get() {
             Some(redis) => redis.deregister_process(&self.shared.process_id).await,
             None => Ok(()),
@@ -736,9 +769,11 @@ impl Limiter for FailSafeLimiter {
         s.local.acquire_now(key, s.share(rate), want)
     }
 
-    /// Deregisters the process and withdraws its fallback share (see
-    /// [`FailSafeLimiter::deregister`]).
+    /// Stops the heartbeats and probes, deregisters the process and withdraws its fallback
+    /// share (see [`FailSafeLimiter::deregister`]); the limiter still answers, locally.
     async fn leave(&self) {
+        // No more heartbeats or announcements: they would register the process again.
+        self.task.abort();
         if let Err(error) = self.deregister().await {
             tracing::warn!(
                 process_id = %self.shared.process_id,

@@ -321,8 +321,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Fail-safe limiter: records that `process_id` lost Redis (its fallback period `period`)
     /// and takes `share` (a fraction) of every shared rate from a local limiter, until `ttl`
-    /// from now by the store's clock (the database's, on PostgreSQL); replaces an earlier
-    /// announcement of the same process.
+    /// from now by the store's clock (the database's, on PostgreSQL); replaces an announcement
+    /// of the same process and the same or an earlier period (a late one of an earlier period
+    /// changes nothing).
     async fn announce_fallback(
         &self,
         process_id: &str,

@@ -1078,7 +1078,8 @@ impl Store for PgStore {
              VALUES ($1, $2, $3, clock_timestamp() + make_interval(secs => $4))
              ON CONFLICT (process_id) DO UPDATE
                 SET period = excluded.period, share = excluded.share,
-                    expires_at = excluded.expires_at",
+                    expires_at = excluded.expires_at
+              WHERE herald_limiter_fallbacks.period <= excluded.period",
         )
         .bind(process_id)
         .bind(i64::try_from(period).unwrap_or(i64::MAX))

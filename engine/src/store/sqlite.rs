@@ -794,7 +794,8 @@ impl Store for SqliteStore {
              VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (process_id) DO UPDATE
                 SET period = excluded.period, share = excluded.share,
-                    expires_at = excluded.expires_at",
+                    expires_at = excluded.expires_at
+              WHERE herald_limiter_fallbacks.period <= excluded.period",
         )
         .bind(process_id)
         .bind(i64::try_from(period).unwrap_or(i64::MAX))
