@@ -92,33 +92,36 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("herald: cannot start the async runtime: {e}");
+    // The benchmark reads no settings (it makes its own schema or file), nor does the sandbox.
+    if let Command::Bench { .. } | Command::Sandbox(_) = cli.command {
+        let Some(runtime) = runtime(0) else {
             return ExitCode::FAILURE;
+        };
+        return runtime.block_on(async move {
+            match cli.command {
+                Command::Bench { which } => {
+                    init_tracing(&std::env::var("HERALD_LOG").unwrap_or_else(|_| "warn".into()));
+                    report(bench::run(which).await)
+                }
+                Command::Sandbox(args) => {
+                    init_tracing(&std::env::var("HERALD_LOG").unwrap_or_else(|_| "info".into()));
+                    report(sandbox_cmd::run(args).await)
+                }
+                _ => ExitCode::FAILURE,
+            }
+        });
+    }
+    let settings = match Settings::load(cli.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("herald: {e}");
+            return ExitCode::from(2);
         }
     };
+    let Some(runtime) = runtime(settings.threads) else {
+        return ExitCode::FAILURE;
+    };
     runtime.block_on(async move {
-        // The benchmark reads no settings (it makes its own schema or file).
-        if let Command::Bench { which } = cli.command {
-            init_tracing(&std::env::var("HERALD_LOG").unwrap_or_else(|_| "warn".into()));
-            return report(bench::run(which).await);
-        }
-        if let Command::Sandbox(args) = cli.command {
-            init_tracing(&std::env::var("HERALD_LOG").unwrap_or_else(|_| "info".into()));
-            return report(sandbox_cmd::run(args).await);
-        }
-        let settings = match Settings::load(cli.config.as_deref()) {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("herald: {e}");
-                return ExitCode::from(2);
-            }
-        };
         init_tracing(&settings.log);
         let result = match cli.command {
             Command::Serve => serve(settings).await,
@@ -136,6 +139,25 @@ fn main() -> ExitCode {
         };
         report(result)
     })
+}
+
+/// The async runtime with `threads` worker threads: 0, one per core; 1, the current thread only
+/// (no hand-offs between threads, the least CPU per message).
+fn runtime(threads: usize) -> Option<tokio::runtime::Runtime> {
+    let mut builder = match threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    if threads > 1 {
+        builder.worker_threads(threads);
+    }
+    match builder.enable_all().build() {
+        Ok(runtime) => Some(runtime),
+        Err(e) => {
+            eprintln!("herald: cannot start the async runtime: {e}");
+            None
+        }
+    }
 }
 
 fn report(result: Result<(), Box<dyn std::error::Error>>) -> ExitCode {
@@ -297,7 +319,12 @@ async fn serve(settings: Settings) -> Result<(), Box<dyn std::error::Error>> {
                 settings.listen
             )
         })?;
-    info!(addr = %listener.local_addr()?, database = store.backend().as_str(), "herald serving");
+    info!(
+        addr = %listener.local_addr()?,
+        database = store.backend().as_str(),
+        threads = tokio::runtime::Handle::current().metrics().num_workers(),
+        "herald serving"
+    );
     run(listener, store, &settings, shutdown_signal()).await
 }
 

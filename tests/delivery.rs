@@ -17,12 +17,24 @@ static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(())
 
 /// Runs `herald bench delivery` and returns its last line, parsed.
 async fn bench(dir: &TestDir, name: &str, args: &[&str], redis_url: Option<&str>) -> Value {
+    bench_with(dir, name, args, redis_url, &[]).await
+}
+
+/// [`bench`] with more environment for the engine processes.
+async fn bench_with(
+    dir: &TestDir,
+    name: &str,
+    args: &[&str],
+    redis_url: Option<&str>,
+    more: &[(&'static str, &'static str)],
+) -> Value {
     let mut full = vec!["bench", "delivery"];
     full.extend_from_slice(args);
     let mut env = vec![("HERALD_LOG", "warn,herald_engine::limit=info")];
     if let Some(url) = redis_url {
         env.push(("HERALD_REDIS_URL", url));
     }
+    env.extend_from_slice(more);
     run_bench(dir, name, &full, &env).await
 }
 
@@ -39,7 +51,9 @@ fn assert_clean(result: &Value, what: &str) {
 async fn two_processes_share_a_channel_through_redis_with_lost_answers() {
     let _turn = ONE_AT_A_TIME.lock().await;
     let dir = TestDir::new();
-    let result = bench(
+    // The engine processes run on one thread each (`threads = 1`), the others in this file on
+    // one per core.
+    let result = bench_with(
         &dir,
         "bench-2p",
         &[
@@ -57,9 +71,24 @@ async fn two_processes_share_a_channel_through_redis_with_lost_answers() {
             &pg_url(),
         ],
         None,
+        &[
+            ("HERALD_THREADS", "1"),
+            ("HERALD_LOG", "warn,herald_engine::limit=info,herald=info"),
+        ],
     )
     .await;
     assert_clean(&result, "2 processes, 3% lost answers");
+    let logs = std::fs::read_to_string(dir.path().join("bench-2p.stderr")).unwrap_or_default();
+    assert_eq!(
+        logs.matches("herald serving").count(),
+        2,
+        "both processes started:\n{logs}"
+    );
+    assert_eq!(
+        logs.matches("threads=1").count(),
+        2,
+        "both on one thread:\n{logs}"
+    );
     assert_eq!(result["processes"], 2);
     assert!(
         result["interactive_p99_ms"].is_number(),
