@@ -208,6 +208,19 @@ async fn inbound_messages_are_stored_once_and_open_windows(store: Arc<dyn Store>
         d.last_inbound(other, "15550000001").await.expect("window"),
         Some(t0() + chrono::Duration::seconds(5))
     );
+    // A redelivery of a message whose time is its delivery's (Meta gave none): the later
+    // copy is stored nowhere and moves no window.
+    let late = [message(other, "wamid.1", "15550000001", 500)];
+    let fresh = inbox
+        .finish_webhooks(&[], &late, None, t0())
+        .await
+        .expect("late copy");
+    assert!(fresh.is_empty());
+    assert_eq!(
+        d.last_inbound(other, "15550000001").await.expect("window"),
+        Some(t0() + chrono::Duration::seconds(5)),
+        "a message seen before opens no window again"
+    );
 }
 
 async fn a_big_batch_of_deliveries(store: Arc<dyn Store>) {

@@ -67,7 +67,7 @@ fuzz_target!(|body: &[u8]| {
         answers.borrow_mut().push((sender.to_owned(), answer));
         answer
     };
-    let Ok(events) = parse(channel(), body, &resolve) else {
+    let Ok(events) = parse(channel(), body, chrono::DateTime::UNIX_EPOCH, &resolve) else {
         return;
     };
     let answers = answers.into_inner();

@@ -38,9 +38,15 @@ pub struct Events {
 pub type Resolve<'a> = dyn Fn(&str) -> Option<(Uuid, Uuid)> + 'a;
 
 /// Parses a delivery of any of the three platforms. `channel` is the one whose URL Meta called:
-/// events without a Meta id go to it. Unknown fields and event types are ignored (Meta adds
-/// them); a body that is not Meta's shape is an error.
-pub fn parse(channel: &Channel, body: &[u8], resolve: &Resolve<'_>) -> Result<Events, String> {
+/// events without a Meta id go to it. An event without a usable time gets `received_at`, when
+/// the delivery arrived (the same however often the job runs). Unknown fields and event types
+/// are ignored (Meta adds them); a body that is not Meta's shape is an error.
+pub fn parse(
+    channel: &Channel,
+    body: &[u8],
+    received_at: DateTime<Utc>,
+    resolve: &Resolve<'_>,
+) -> Result<Events, String> {
     let v = herald_engine::inbox::webhook_json(body)?;
     let (object, entries) = herald_engine::inbox::webhook_envelope(&v)?;
     let mut out = Events::default();
@@ -68,12 +74,12 @@ pub fn parse(channel: &Channel, body: &[u8], resolve: &Resolve<'_>) -> Result<Ev
                         continue;
                     };
                     for s in array(value, "statuses") {
-                        if let Some(e) = wa_status(channel_id, s) {
+                        if let Some(e) = wa_status(channel_id, s, received_at) {
                             out.statuses.push(e);
                         }
                     }
                     for m in array(value, "messages") {
-                        if let Some(mut m) = wa_message(channel_id, workspace_id, m) {
+                        if let Some(mut m) = wa_message(channel_id, workspace_id, m, received_at) {
                             m.profile_name = array(value, "contacts")
                                 .find(|c| c.get("wa_id").and_then(Value::as_str) == Some(&m.sender))
                                 .and_then(|c| c.pointer("/profile/name"))
@@ -95,7 +101,7 @@ pub fn parse(channel: &Channel, body: &[u8], resolve: &Resolve<'_>) -> Result<Ev
                     continue;
                 };
                 for m in array(entry, "messaging") {
-                    messenger_item(channel_id, workspace_id, m, &mut out);
+                    messenger_item(channel_id, workspace_id, m, received_at, &mut out);
                 }
             }
         }
@@ -123,7 +129,12 @@ pub enum Quick {
 /// those statuses and nothing else (a property test checks this); anything it is not sure of
 /// (a field of another type, a duplicate key, an escaped NUL, an error object whose absent and
 /// null fields `parse` tells apart) is [`Quick::Unsure`], and the caller parses in full.
-pub fn whatsapp_statuses(channel: &Channel, body: &[u8], resolve: &Resolve<'_>) -> Quick {
+pub fn whatsapp_statuses(
+    channel: &Channel,
+    body: &[u8],
+    received_at: DateTime<Utc>,
+    resolve: &Resolve<'_>,
+) -> Quick {
     use std::borrow::Cow;
 
     use serde::de::IgnoredAny;
@@ -232,7 +243,7 @@ pub fn whatsapp_statuses(channel: &Channel, body: &[u8], resolve: &Resolve<'_>) 
                 status,
                 error_code: None,
                 error: None,
-                at: s.timestamp.and_then(unix_seconds).unwrap_or_else(Utc::now),
+                at: s.timestamp.and_then(unix_seconds).unwrap_or(received_at),
             });
         }
     }
@@ -306,7 +317,7 @@ fn unix_millis(v: &Value) -> Option<DateTime<Utc>> {
     Utc.timestamp_millis_opt(millis).single()
 }
 
-fn wa_status(channel_id: Uuid, s: &Value) -> Option<StatusEvent> {
+fn wa_status(channel_id: Uuid, s: &Value, received_at: DateTime<Utc>) -> Option<StatusEvent> {
     let status = match s.get("status").and_then(Value::as_str)? {
         "sent" => SendStatus::Sent,
         "delivered" => SendStatus::Delivered,
@@ -332,14 +343,19 @@ fn wa_status(channel_id: Uuid, s: &Value) -> Option<StatusEvent> {
             .get("timestamp")
             .and_then(Value::as_str)
             .and_then(unix_seconds)
-            .unwrap_or_else(Utc::now),
+            .unwrap_or(received_at),
     })
 }
 
 /// A WhatsApp message; None without a sender or id. One whose time is missing or out of range
-/// is kept with the time it arrived, as statuses and Messenger's events are: the message
-/// matters more than its time (its raw payload keeps what Meta sent).
-fn wa_message(channel_id: Uuid, workspace_id: Uuid, m: &Value) -> Option<InboundMessage> {
+/// is kept with the time its delivery arrived, as statuses and Messenger's events are: the
+/// message matters more than its time (its raw payload keeps what Meta sent).
+fn wa_message(
+    channel_id: Uuid,
+    workspace_id: Uuid,
+    m: &Value,
+    received_at: DateTime<Utc>,
+) -> Option<InboundMessage> {
     let kind = m.get("type").and_then(Value::as_str).unwrap_or("unknown");
     let text = match kind {
         "text" => m.pointer("/text/body"),
@@ -364,16 +380,22 @@ fn wa_message(channel_id: Uuid, workspace_id: Uuid, m: &Value) -> Option<Inbound
             .get("timestamp")
             .and_then(Value::as_str)
             .and_then(unix_seconds)
-            .unwrap_or_else(Utc::now),
+            .unwrap_or(received_at),
         profile_name: None,
     })
 }
 
-fn messenger_item(channel_id: Uuid, workspace_id: Uuid, m: &Value, out: &mut Events) {
+fn messenger_item(
+    channel_id: Uuid,
+    workspace_id: Uuid,
+    m: &Value,
+    received_at: DateTime<Utc>,
+    out: &mut Events,
+) {
     let at = m
         .get("timestamp")
         .and_then(unix_millis)
-        .unwrap_or_else(Utc::now);
+        .unwrap_or(received_at);
     if let Some(msg) = m.get("message") {
         let mid = msg.get("mid").and_then(Value::as_str);
         if msg.get("is_echo").and_then(Value::as_bool) == Some(true) {
@@ -570,14 +592,16 @@ impl Triage for WebhookTriage {
         };
         memchr::memmem::find(body, marker)?;
         let resolve = |sender: &str| sibling(&channels, channel, sender);
+        // The delivery is being received: it is stored in a moment with about this time.
+        let received_at = Utc::now();
         if channel.platform == Platform::Whatsapp {
-            match whatsapp_statuses(channel, body, &resolve) {
+            match whatsapp_statuses(channel, body, received_at, &resolve) {
                 Quick::Statuses(statuses) => return Some(statuses),
                 Quick::Other => return None,
                 Quick::Unsure => {}
             }
         }
-        let events = parse(channel, body, &resolve).ok()?;
+        let events = parse(channel, body, received_at, &resolve).ok()?;
         let ours = |s: &StatusEvent| s.send_id.is_some();
         (events.inbound.is_empty()
             && events.foreign.is_empty()
@@ -629,7 +653,7 @@ pub async fn process_with(
             warn!(delivery = d.id, channel = %d.channel_id, "webhook: the channel is gone; its delivery is dropped");
             continue;
         };
-        match parse(channel, &d.body, &|sender| {
+        match parse(channel, &d.body, d.received_at, &|sender| {
             sibling(&channels, channel, sender)
         }) {
             Ok(events) => {

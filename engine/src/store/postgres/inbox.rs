@@ -195,11 +195,12 @@ impl InboxStore for PgStore {
                 fresh.push(m.clone());
             }
         }
-        // Latest message per (channel, user), in key order so concurrent batches lock the
-        // window rows in the same order.
+        // Latest new message per (channel, user), in key order so concurrent batches lock the
+        // window rows in the same order. Only new ones: a redelivered message whose time is
+        // its delivery's (Meta gave none) would move the window again.
         let mut windows: std::collections::BTreeMap<(Uuid, String), DateTime<Utc>> =
             Default::default();
-        for m in inbound {
+        for m in &fresh {
             let w = windows
                 .entry((m.channel_id, canonical_recipient(&m.sender).into_owned()))
                 .or_insert(m.sent_at);

@@ -137,9 +137,12 @@ impl InboxStore for SqliteStore {
             .execute(&mut *tx)
             .await?
             .rows_affected();
-            if inserted > 0 {
-                fresh.push(m.clone());
+            if inserted == 0 {
+                // Seen before: its window was opened then (a redelivered message whose time is
+                // its delivery's, Meta having given none, would move it again).
+                continue;
             }
+            fresh.push(m.clone());
             sqlx::query(
                 "INSERT INTO herald_windows (channel_id, recipient, last_inbound_at) VALUES (?1, ?2, ?3)
                  ON CONFLICT (channel_id, recipient) DO UPDATE
