@@ -347,6 +347,11 @@ async fn failsafe_uses_redis_when_it_answers() {
     .await;
     tokio::time::sleep(Duration::from_millis(2500)).await;
     assert_eq!(b.live_processes(), 1, "a registered again after leaving");
+    assert_eq!(
+        a.acquire("k", rate, 1).await.granted,
+        0,
+        "a left: it grants nothing"
+    );
     drop(a);
 }
 

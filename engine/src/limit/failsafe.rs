@@ -270,6 +270,9 @@ struct Shared {
     grant_until: AtomicU64,
     /// Wakes the background task at a switch to fallback, so that it announces at once.
     wake: Arc<Notify>,
+    /// Set by `leave`: the process is no longer counted and its share is withdrawn, so the
+    /// limiter grants nothing more.
+    left: AtomicBool,
 }
 
 impl Shared {
@@ -666,6 +669,7 @@ impl FailSafeLimiter {
             grant_from: AtomicU64::new(NEVER),
             grant_until: AtomicU64::new(0),
             wake: Arc::new(Notify::new()),
+            left: AtomicBool::new(false),
         });
         let started = async {
             let conn = connect_manager(shared.client.clone(), &shared.redis_config).await?;
@@ -752,6 +756,12 @@ impl fmt::Debug for FailSafeLimiter {
 impl Limiter for FailSafeLimiter {
     async fn acquire(&self, key: &str, rate: Rate, want: u32) -> Grant {
         let s = &self.shared;
+        if s.left.load(Ordering::Acquire) {
+            return Grant {
+                granted: 0,
+                next_in: s.config.probe_interval,
+            };
+        }
         if s.mode() == LimiterMode::Redis {
             if let Some(redis) = s.redis.get() {
                 match redis.acquire(key, s.redis_rate(rate), want).await {
@@ -770,9 +780,12 @@ impl Limiter for FailSafeLimiter {
     }
 
     /// Stops the heartbeats and probes, deregisters the process and withdraws its fallback
-    /// share (see [`FailSafeLimiter::deregister`]); the limiter still answers, locally.
+    /// share (see [`FailSafeLimiter::deregister`]); from then on the limiter grants nothing
+    /// (its share is no longer counted or announced).
     async fn leave(&self) {
-        // No more heartbeats or announcements: they would register the process again.
+        self.shared.left.store(true, Ordering::Release);
+        // No more heartbeats or announcements: they would register the process again. (One
+        // already under way may still land; the process then counts until it expires.)
         self.task.abort();
         if let Err(error) = self.deregister().await {
             tracing::warn!(
