@@ -140,8 +140,8 @@ pub struct FailSafeConfig {
     pub min_processes: u32,
     /// The longest a fallback board call (announce, withdraw, read) may take: a database call,
     /// so longer than `call_timeout`; a process on Redis distrusts its reading of the board
-    /// (and leaves `fallback_fraction` free) only after [`Self::hold`], which grows with it.
-    /// Default 500 ms.
+    /// (and leaves `fallback_fraction` more free) only after [`Self::trust`], which grows with
+    /// it, as does the pause at a fallback ([`Self::hold`]). Default 500 ms.
     pub board_timeout: Duration,
     /// Refunds are dropped for this long after a switch between Redis and fallback: a refund
     /// cannot say which store its permits came from, and handing them back to the other one
@@ -371,7 +371,8 @@ impl Shared {
 
     /// Reads the shares the processes in fallback announced, to leave them free in Redis mode.
     /// A failed reading changes nothing: the last good one is trusted until it is older than
-    /// the hold, then `fallback_fraction` is left free (see [`Shared::reserved`]).
+    /// [`FailSafeConfig::trust`], then `fallback_fraction` more is left free (see
+    /// [`Shared::reserved`]).
     async fn refresh_reserved(&self) {
         let Some(board) = &self.board else {
             return;
