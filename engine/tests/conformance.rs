@@ -916,10 +916,7 @@ async fn leader_election(store: Arc<dyn Store>) {
 async fn fallback_board(store: Arc<dyn Store>) {
     let long = Duration::from_secs(60);
     let seen = |share: f64, processes: u32| Fallbacks { share, processes };
-    assert_eq!(
-        store.fallback_shares("a").await.expect("read"),
-        seen(0.0, 0)
-    );
+    assert_eq!(others(&*store, "a").await, seen(0.0, 0));
     store
         .announce_fallback("a", 1, 0.25, long)
         .await
@@ -928,27 +925,15 @@ async fn fallback_board(store: Arc<dyn Store>) {
         .announce_fallback("b", 1, 0.125, long)
         .await
         .expect("b");
-    assert_eq!(
-        store.fallback_shares("a").await.expect("read"),
-        seen(0.125, 1)
-    );
-    assert_eq!(
-        store.fallback_shares("b").await.expect("read"),
-        seen(0.25, 1)
-    );
-    assert_eq!(
-        store.fallback_shares("c").await.expect("read"),
-        seen(0.375, 2)
-    );
+    assert_eq!(others(&*store, "a").await, seen(0.125, 1));
+    assert_eq!(others(&*store, "b").await, seen(0.25, 1));
+    assert_eq!(others(&*store, "c").await, seen(0.375, 2));
     // A renewal replaces the share, it does not add.
     store
         .announce_fallback("a", 1, 0.5, long)
         .await
         .expect("renew");
-    assert_eq!(
-        store.fallback_shares("c").await.expect("read"),
-        seen(0.625, 2)
-    );
+    assert_eq!(others(&*store, "c").await, seen(0.625, 2));
     // A withdrawal of period 1 that arrives after period 2 was announced removes nothing.
     store
         .announce_fallback("a", 2, 0.5, long)
@@ -958,51 +943,38 @@ async fn fallback_board(store: Arc<dyn Store>) {
         .withdraw_fallback("a", 1)
         .await
         .expect("late withdraw");
-    assert_eq!(
-        store.fallback_shares("c").await.expect("read"),
-        seen(0.625, 2)
-    );
+    assert_eq!(others(&*store, "c").await, seen(0.625, 2));
     // Nor does a late announcement of period 1 replace period 2's.
     store
         .announce_fallback("a", 1, 0.0625, long)
         .await
         .expect("late announcement");
-    assert_eq!(
-        store.fallback_shares("c").await.expect("read"),
-        seen(0.625, 2)
-    );
+    assert_eq!(others(&*store, "c").await, seen(0.625, 2));
     store.withdraw_fallback("a", 2).await.expect("withdraw");
     store
         .withdraw_fallback("a", 2)
         .await
         .expect("withdraw twice");
-    assert_eq!(
-        store.fallback_shares("c").await.expect("read"),
-        seen(0.125, 1)
-    );
+    assert_eq!(others(&*store, "c").await, seen(0.125, 1));
     // Expiry is by the store's clock, so this test waits for it.
     store
         .announce_fallback("d", 1, 0.25, Duration::from_secs(1))
         .await
         .expect("d");
-    assert_eq!(
-        store.fallback_shares("c").await.expect("read"),
-        seen(0.375, 2)
-    );
+    assert_eq!(others(&*store, "c").await, seen(0.375, 2));
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    assert_eq!(
-        store.fallback_shares("c").await.expect("read"),
-        seen(0.125, 1)
-    );
+    assert_eq!(others(&*store, "c").await, seen(0.125, 1));
     // A renewal after expiry counts again.
     store
         .announce_fallback("d", 1, 0.25, long)
         .await
         .expect("d again");
-    assert_eq!(
-        store.fallback_shares("c").await.expect("read"),
-        seen(0.375, 2)
-    );
+    assert_eq!(others(&*store, "c").await, seen(0.375, 2));
+}
+
+/// The board as process `p` reads it.
+async fn others(store: &dyn Store, p: &str) -> Fallbacks {
+    store.fallback_shares(p).await.expect("read the board")
 }
 
 async fn stats_and_listing(store: Arc<dyn Store>) {
