@@ -336,14 +336,15 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let engine = start_engine(store.clone(), settings).await?;
+    let clock: Arc<dyn herald_engine::Clock> = Arc::new(SystemClock);
     let app = herald_api::app(herald_api::AppState::new(
         store.clone(),
-        Arc::new(SystemClock),
+        clock.clone(),
         herald_api::ApiConfig {
             admin_token: settings.admin_token.as_ref().map(|t| t.0.clone()),
             engine_metrics: Some(engine.metrics()),
             triage: Some(Arc::new(herald_workers::meta::webhook::WebhookTriage::new(
-                store,
+                store, clock,
             ))),
             ..herald_api::ApiConfig::default()
         },

@@ -944,6 +944,7 @@ async fn status_only_deliveries_are_applied_as_they_arrive() {
     let ch = channel(&f.store, Platform::Whatsapp).await;
     let triage = Arc::new(herald_workers::meta::webhook::WebhookTriage::new(
         f.store.clone(),
+        Arc::new(herald_engine::SystemClock),
     ));
     let send = accepted_send(&f.store, &ch, "wamid.T").await;
     let body = wa_status(&ch, "wamid.T", Some(send), "delivered");

@@ -562,13 +562,17 @@ fn sibling(channels: &[Channel], called: &Channel, sender: &str) -> Option<(Uuid
 /// the `meta.webhook` job, which also logs what it could not use.
 pub struct WebhookTriage {
     store: Arc<dyn Store>,
+    /// The time of statuses without a usable one: the ingest's clock, which also stamps the
+    /// stored delivery.
+    clock: Arc<dyn Clock>,
     channels: ChannelDirectory,
 }
 
 impl WebhookTriage {
-    pub fn new(store: Arc<dyn Store>) -> Self {
+    pub fn new(store: Arc<dyn Store>, clock: Arc<dyn Clock>) -> Self {
         WebhookTriage {
             store,
+            clock,
             channels: ChannelDirectory::new(ChannelDirectory::DEFAULT_TTL),
         }
     }
@@ -593,7 +597,7 @@ impl Triage for WebhookTriage {
         memchr::memmem::find(body, marker)?;
         let resolve = |sender: &str| sibling(&channels, channel, sender);
         // The delivery is being received: it is stored in a moment with about this time.
-        let received_at = Utc::now();
+        let received_at = self.clock.now();
         if channel.platform == Platform::Whatsapp {
             match whatsapp_statuses(channel, body, received_at, &resolve) {
                 Quick::Statuses(statuses) => return Some(statuses),
