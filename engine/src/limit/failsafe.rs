@@ -229,6 +229,27 @@ fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(NEVER - 1)
 }
 
+/// `part` of `rate`, its burst scaled likewise (at least one permit).
+fn scaled(rate: Rate, part: f64) -> Rate {
+    let burst = (f64::from(rate.burst.max(1)) * part).floor();
+    Rate {
+        per_second: rate.per_second * part,
+        // `as` saturates; the product is at most `burst`.
+        burst: (burst as u32).max(1),
+    }
+}
+
+/// A fallback board call, bounded by `timeout`.
+async fn timed<T>(
+    timeout: Duration,
+    call: impl std::future::Future<Output = Result<T, LimitError>>,
+) -> Result<T, LimitError> {
+    match tokio::time::timeout(timeout, call).await {
+        Ok(result) => result,
+        Err(_elapsed) => Err(LimitError::Board(format!("no answer within {timeout:?}"))),
+    }
+}
+
 /// What the limiter and its background task share.
 struct Shared {
     client: Client,
@@ -303,13 +324,7 @@ impl Shared {
 
     /// This process's share of `rate` while Redis is unreachable.
     fn share(&self, rate: Rate) -> Rate {
-        let part = self.part();
-        let burst = (f64::from(rate.burst.max(1)) * part).floor();
-        Rate {
-            per_second: rate.per_second * part,
-            // `as` saturates; the product is at most `burst`.
-            burst: (burst as u32).max(1),
-        }
+        scaled(rate, self.part())
     }
 
     fn now_ns(&self) -> u64 {
@@ -343,13 +358,7 @@ impl Shared {
         if reserved <= 0.0 {
             return rate;
         }
-        let part = (1.0 - reserved).max(0.0);
-        let burst = (f64::from(rate.burst.max(1)) * part).floor();
-        Rate {
-            per_second: rate.per_second * part,
-            // `as` saturates; the product is at most `burst`.
-            burst: (burst as u32).max(1),
-        }
+        scaled(rate, (1.0 - reserved).max(0.0))
     }
 
     /// In fallback with a board: how long until local grants may start, or `None` if they may
@@ -378,11 +387,7 @@ impl Shared {
             return;
         };
         let started = self.now_ns();
-        let timeout = self.config.board_timeout;
-        let read = match tokio::time::timeout(timeout, board.others(&self.process_id)).await {
-            Ok(read) => read,
-            Err(_elapsed) => Err(LimitError::Board(format!("no answer within {timeout:?}"))),
-        };
+        let read = timed(self.config.board_timeout, board.others(&self.process_id)).await;
         let seen = match read {
             Ok(seen) if seen.share.is_finite() && seen.share >= 0.0 => seen,
             other => {
@@ -439,9 +444,8 @@ impl Shared {
         if self.grant_from.load(Ordering::Acquire) == NEVER {
             // The first announcement of a period: count the processes already in fallback (a
             // process that started without Redis has never read the board).
-            let read =
-                tokio::time::timeout(self.config.board_timeout, board.others(&self.process_id));
-            if let Ok(Ok(seen)) = read.await {
+            let read = timed(self.config.board_timeout, board.others(&self.process_id));
+            if let Ok(seen) = read.await {
                 self.fallbacks_seen
                     .fetch_max(seen.processes, Ordering::Relaxed);
             }
@@ -449,13 +453,8 @@ impl Shared {
         let started = self.now_ns();
         let part = self.config.fallback_fraction / f64::from(self.live());
         let ttl = self.config.process_ttl;
-        let timeout = self.config.board_timeout;
         let call = board.announce(&self.process_id, period, part, ttl);
-        let result = match tokio::time::timeout(timeout, call).await {
-            Ok(result) => result,
-            Err(_elapsed) => Err(LimitError::Board(format!("no answer within {timeout:?}"))),
-        };
-        if let Err(error) = result {
+        if let Err(error) = timed(self.config.board_timeout, call).await {
             tracing::warn!(
                 process_id = %self.process_id,
                 error = %error,
@@ -495,8 +494,7 @@ impl Shared {
             return;
         };
         let call = board.withdraw(&self.process_id, period);
-        let result = tokio::time::timeout(self.config.board_timeout, call).await;
-        if !matches!(result, Ok(Ok(()))) {
+        if timed(self.config.board_timeout, call).await.is_err() {
             tracing::debug!(
                 process_id = %self.process_id,
                 "cannot withdraw the fallback share: it expires by itself"

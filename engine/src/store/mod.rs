@@ -71,6 +71,10 @@ pub enum RateScope<'a> {
     KeyUpTo(&'a str, i16),
 }
 
+fn board_error(e: StoreError) -> LimitError {
+    LimitError::Board(e.to_string())
+}
+
 /// The job store as the fail-safe limiter's [`FallbackBoard`]: every process reaches the
 /// database, including one that lost Redis.
 pub struct StoreBoard(pub Arc<dyn Store>);
@@ -87,21 +91,21 @@ impl FallbackBoard for StoreBoard {
         self.0
             .announce_fallback(process_id, period, share, ttl)
             .await
-            .map_err(|e| LimitError::Board(e.to_string()))
+            .map_err(board_error)
     }
 
     async fn withdraw(&self, process_id: &str, period: u64) -> std::result::Result<(), LimitError> {
         self.0
             .withdraw_fallback(process_id, period)
             .await
-            .map_err(|e| LimitError::Board(e.to_string()))
+            .map_err(board_error)
     }
 
     async fn others(&self, process_id: &str) -> std::result::Result<Fallbacks, LimitError> {
         self.0
             .fallback_shares(process_id)
             .await
-            .map_err(|e| LimitError::Board(e.to_string()))
+            .map_err(board_error)
     }
 }
 
