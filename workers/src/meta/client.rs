@@ -6,11 +6,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use herald_engine::delivery::{Button, Channel, Lane, Message, Platform};
-use reqwest::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE};
+use http::header::HeaderValue;
 use serde::ser::{SerializeMap, Serializer};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use uuid::Uuid;
+
+use super::http::{Endpoint, Failure, Transport, TransportConfig};
 
 /// Settings of the [`MetaClient`].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -83,12 +85,18 @@ pub enum SendError {
 /// The Graph API client. Cheap to clone (one shared connection pool).
 #[derive(Clone)]
 pub struct MetaClient {
-    http: reqwest::Client,
+    http: Arc<Transport>,
     /// Each channel's parsed endpoint and `Authorization` header, so that a send does not parse
     /// a URL and validate a header again (URL parsing alone was a twentieth of the CPU of a
     /// send at 1,000/s).
     targets: Arc<Mutex<HashMap<Uuid, Arc<Target>>>>,
 }
+
+/// An idle connection is closed after this (as reqwest and hyper-util do by default).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Meta answers a send in a few hundred bytes; a larger answer is refused as lost.
+const MAX_ANSWER_BYTES: usize = 1 << 20;
 
 /// Most channels whose targets are kept; past it the cache starts again (channels are few,
 /// but a long-running process may see many come and go).
@@ -102,7 +110,7 @@ struct Target {
     sender_id: String,
     access_token: String,
     platform: Platform,
-    url: reqwest::Url,
+    endpoint: Endpoint,
     authorization: HeaderValue,
 }
 
@@ -122,13 +130,9 @@ impl Target {
                  URL: {what}"
             ))
         };
-        let url = reqwest::Url::parse(&endpoint(channel))
-            .map_err(|e| bad(&format!("builder error: {e}")))?;
-        if !matches!(url.scheme(), "http" | "https") || !url.has_host() {
-            return Err(bad(&format!("builder error: {url} is not an HTTP URL")));
-        }
+        let endpoint = Endpoint::parse(&endpoint(channel)).map_err(|e| bad(&e))?;
         let mut authorization = HeaderValue::from_str(&format!("Bearer {}", channel.access_token))
-            .map_err(|e| bad(&format!("builder error: {e}")))?;
+            .map_err(|e| bad(&format!("the access token cannot be a header: {e}")))?;
         authorization.set_sensitive(true);
         Ok(Target {
             graph_base_url: channel.graph_base_url.clone(),
@@ -136,26 +140,27 @@ impl Target {
             sender_id: channel.sender_id.clone(),
             access_token: channel.access_token.clone(),
             platform: channel.platform,
-            url,
+            endpoint,
             authorization,
         })
     }
 }
 
 impl MetaClient {
-    pub fn new(config: ClientConfig) -> Result<Self, reqwest::Error> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(config.connect_timeout)
-            .timeout(config.request_timeout)
-            .pool_max_idle_per_host(config.pool_max_idle_per_host)
-            .tcp_nodelay(true)
-            // The Graph API answers sends itself; following a redirect would re-post a message
-            // to somewhere else. A 3xx is an answer without Meta's body, like any other.
-            .redirect(reqwest::redirect::Policy::none())
-            .user_agent(concat!("herald/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+    /// The error says why the client cannot be made (only TLS settings can fail).
+    pub fn new(config: ClientConfig) -> Result<Self, String> {
+        // Redirects are never followed: the Graph API answers sends itself, and following one
+        // would re-post a message to somewhere else. A 3xx is an answer without Meta's body,
+        // like any other.
+        let http = Transport::new(TransportConfig {
+            connect_timeout: config.connect_timeout,
+            request_timeout: config.request_timeout,
+            max_idle_per_origin: config.pool_max_idle_per_host,
+            idle_timeout: IDLE_TIMEOUT,
+            max_answer_bytes: MAX_ANSWER_BYTES,
+        })?;
         Ok(MetaClient {
-            http,
+            http: Arc::new(http),
             targets: Arc::default(),
         })
     }
@@ -191,33 +196,17 @@ impl MetaClient {
         let target = self.target(channel)?;
         let body = serde_json::to_vec(&body)
             .map_err(|e| SendError::Unsupported(format!("the message cannot be encoded: {e}")))?;
-        let response = self
+        let answer = self
             .http
-            .post(target.url.clone())
-            .header(AUTHORIZATION, target.authorization.clone())
-            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-            .body(body)
-            .send()
+            .post_json(&target.endpoint, &target.authorization, body)
             .await
-            .map_err(|e| {
-                if e.is_builder() {
-                    // Nothing left the process: the channel's token or URL cannot be used.
-                    SendError::BadChannel(format!(
-                        "the request cannot be built from the channel's access token and Graph \
-                         base URL: {e}"
-                    ))
-                } else if e.is_connect() {
-                    SendError::NotSent(e.to_string())
-                } else {
-                    SendError::Lost(e.to_string())
-                }
+            .map_err(|e| match e {
+                Failure::NotSent(why) => SendError::NotSent(why),
+                Failure::Lost(why) => SendError::Lost(why),
             })?;
-        let status = response.status().as_u16();
-        let usage_percent = usage_percent(response.headers());
-        let bytes = response
-            .bytes()
-            .await
-            .map_err(|e| SendError::Lost(e.to_string()))?;
+        let status = answer.status;
+        let usage_percent = usage_percent(&answer.headers);
+        let bytes = answer.body;
         if (200..300).contains(&status) {
             return match message_id(&bytes) {
                 Some(message_id) => Ok(Accepted {
@@ -288,7 +277,7 @@ fn message_id(body: &[u8]) -> Option<String> {
 }
 
 /// The highest `call_count` / `total_cputime` / `total_time` percentage in Meta's usage headers.
-fn usage_percent(headers: &reqwest::header::HeaderMap) -> Option<f64> {
+fn usage_percent(headers: &http::HeaderMap) -> Option<f64> {
     let mut highest: Option<f64> = None;
     for name in ["x-business-use-case-usage", "x-app-usage", "x-page-usage"] {
         let Some(v) = headers.get(name).and_then(|v| v.to_str().ok()) else {
@@ -630,7 +619,7 @@ mod tests {
 
     #[test]
     fn usage_headers_give_the_highest_percentage() {
-        let mut h = reqwest::header::HeaderMap::new();
+        let mut h = http::HeaderMap::new();
         h.insert(
             "x-business-use-case-usage",
             r#"{"123":[{"type":"whatsapp","call_count":42,"total_cputime":91,"total_time":5}]}"#
@@ -640,7 +629,7 @@ mod tests {
         assert_eq!(usage_percent(&h), Some(91.0));
         h.insert("x-app-usage", r#"{"call_count":95}"#.parse().unwrap());
         assert_eq!(usage_percent(&h), Some(95.0));
-        let mut bad = reqwest::header::HeaderMap::new();
+        let mut bad = http::HeaderMap::new();
         bad.insert("x-app-usage", "not json".parse().unwrap());
         assert_eq!(usage_percent(&bad), None);
     }
@@ -825,10 +814,9 @@ mod tests {
         let client = MetaClient::new(ClientConfig::default()).expect("client");
         let mut wa = channel(Platform::Whatsapp);
         let first = client.target(&wa).expect("target");
-        assert_eq!(
-            first.url.as_str(),
-            "https://graph.example/v21.0/123/messages"
-        );
+        assert_eq!(first.endpoint.host_header, "graph.example");
+        assert_eq!(first.endpoint.path.as_str(), "/v21.0/123/messages");
+        assert!(first.endpoint.origin.https);
         assert_eq!(first.authorization, "Bearer token");
         assert!(first.authorization.is_sensitive());
         assert!(Arc::ptr_eq(&first, &client.target(&wa).expect("again")));
@@ -838,10 +826,10 @@ mod tests {
             "Bearer rotated"
         );
         wa.graph_base_url = "http://127.0.0.1:9/".into();
-        assert_eq!(
-            client.target(&wa).expect("new base").url.as_str(),
-            "http://127.0.0.1:9/v21.0/123/messages"
-        );
+        let moved = client.target(&wa).expect("new base");
+        assert_eq!(moved.endpoint.host_header, "127.0.0.1:9");
+        assert_eq!(moved.endpoint.path.as_str(), "/v21.0/123/messages");
+        assert!(!moved.endpoint.origin.https);
         wa.access_token = "bad\ntoken".into();
         assert!(matches!(client.target(&wa), Err(SendError::BadChannel(_))));
         wa.access_token = "token".into();

@@ -2,6 +2,7 @@
 //! the processing of Meta's webhooks.
 
 pub mod client;
+mod http;
 pub mod policy;
 pub mod recorder;
 pub mod send;

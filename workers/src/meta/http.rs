@@ -1,0 +1,626 @@
+//! The HTTP/1.1 transport under the Meta client: hyper's connection API with a connection pool
+//! of our own.
+//!
+//! Why not reqwest or hyper-util's pooled client: the HTTP request is most of what a send costs
+//! the engine, and their generic layers (connector services, a pool keyed by URI with a
+//! checkout future and a task per returned connection, redirect and proxy handling) cost a
+//! third of it. Meta's send API needs none of them: one origin per Graph base URL, one POST,
+//! a small JSON answer, no redirects. Measured with `herald bench client` (one request per
+//! message, 1,000 a second, one-thread runtime): see the README's delivery figures.
+//!
+//! What a send may assume of the answer (the send policy relies on it):
+//! - [`Failure::NotSent`]: no byte of the request left the process (no connection could be
+//!   made, or a pooled connection turned out closed before the request was written and a
+//!   fresh one could not be made). Safe to retry at once.
+//! - [`Failure::Lost`]: the request may have reached Meta (timeout, broken connection,
+//!   unreadable or oversized answer).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, HOST, USER_AGENT};
+use http::uri::PathAndQuery;
+use http::{HeaderMap, Method, Request, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+/// Where requests go: scheme, host and port. One pool of connections per origin.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct Origin {
+    pub https: bool,
+    pub host: Host,
+    pub port: u16,
+}
+
+/// A URL's host: a name to resolve, or an address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum Host {
+    Name(String),
+    Ip(IpAddr),
+}
+
+/// A parsed endpoint: its origin, the `Host` header and the request target.
+#[derive(Debug, Clone)]
+pub(crate) struct Endpoint {
+    pub origin: Origin,
+    pub host_header: HeaderValue,
+    pub path: PathAndQuery,
+}
+
+impl Endpoint {
+    /// Parses an `http` or `https` URL with a host. The error says what is wrong with it.
+    pub fn parse(url: &str) -> Result<Endpoint, String> {
+        let url = url::Url::parse(url).map_err(|e| format!("{url:?} is not a URL: {e}"))?;
+        let https = match url.scheme() {
+            "https" => true,
+            "http" => false,
+            other => return Err(format!("{url} is not an HTTP URL (scheme {other})")),
+        };
+        let host = match url.host() {
+            Some(url::Host::Domain(d)) if !d.is_empty() => Host::Name(d.to_owned()),
+            Some(url::Host::Ipv4(ip)) => Host::Ip(ip.into()),
+            Some(url::Host::Ipv6(ip)) => Host::Ip(ip.into()),
+            _ => return Err(format!("{url} has no host")),
+        };
+        let port = url
+            .port_or_known_default()
+            .ok_or_else(|| format!("{url} has no port"))?;
+        let authority = &url[url::Position::BeforeHost..url::Position::AfterPort];
+        let host_header = HeaderValue::from_str(authority)
+            .map_err(|e| format!("{url}: the host cannot be a header: {e}"))?;
+        let path =
+            PathAndQuery::try_from(&url[url::Position::BeforePath..url::Position::AfterQuery])
+                .map_err(|e| format!("{url}: the path cannot be a request target: {e}"))?;
+        Ok(Endpoint {
+            origin: Origin { https, host, port },
+            host_header,
+            path,
+        })
+    }
+}
+
+/// Meta's answer, read whole.
+#[derive(Debug)]
+pub(crate) struct Answer {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// Why a request has no answer.
+#[derive(Debug)]
+pub(crate) enum Failure {
+    /// Nothing was sent.
+    NotSent(String),
+    /// The request may have reached the server.
+    Lost(String),
+}
+
+/// The transport's settings.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TransportConfig {
+    /// Making a connection (TCP and TLS) longer than this fails as [`Failure::NotSent`].
+    pub connect_timeout: Duration,
+    /// From handing the request to a connection to the last byte of the answer.
+    pub request_timeout: Duration,
+    /// Idle connections kept per origin.
+    pub max_idle_per_origin: usize,
+    /// An idle connection older than this is closed rather than reused: servers close idle
+    /// connections too (reusing one they are closing risks a lost answer).
+    pub idle_timeout: Duration,
+    /// Larger answers are refused as [`Failure::Lost`]: Meta's answers to a send are a few
+    /// hundred bytes, and a misbehaving server must not make the engine buffer without end.
+    pub max_answer_bytes: usize,
+}
+
+/// A connection waiting in the pool.
+struct Idle {
+    sender: http1::SendRequest<Full<Bytes>>,
+    since: Instant,
+}
+
+/// HTTP/1.1 POSTs over pooled keep-alive connections. Cheap to share: one pool per process.
+pub(crate) struct Transport {
+    config: TransportConfig,
+    tls: tokio_rustls::TlsConnector,
+    user_agent: HeaderValue,
+    idle: Mutex<HashMap<Origin, Vec<Idle>>>,
+}
+
+impl Transport {
+    pub fn new(config: TransportConfig) -> Result<Transport, String> {
+        let roots = rustls::RootCertStore {
+            roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
+        };
+        let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS settings: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Transport {
+            config,
+            tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
+            user_agent: HeaderValue::from_static(concat!("herald/", env!("CARGO_PKG_VERSION"))),
+            idle: Mutex::default(),
+        })
+    }
+
+    /// POSTs `body` as JSON to `endpoint` with `authorization`, and reads the whole answer.
+    pub async fn post_json(
+        &self,
+        endpoint: &Endpoint,
+        authorization: &HeaderValue,
+        body: Vec<u8>,
+    ) -> Result<Answer, Failure> {
+        let mut request = Some(self.request(endpoint, authorization, body));
+        // A pooled connection may turn out closed; then the next one, and at last a new one.
+        loop {
+            let (mut sender, pooled) = match self.checkout(&endpoint.origin) {
+                Some(sender) => (sender, true),
+                None => (self.connect(&endpoint.origin).await?, false),
+            };
+            if pooled {
+                // Ready at once unless the connection is still finishing its last answer.
+                match tokio::time::timeout(self.config.connect_timeout, sender.ready()).await {
+                    Ok(Ok(())) => {}
+                    _ => continue,
+                }
+            }
+            let Some(req) = request.take() else {
+                return Err(Failure::NotSent("the request was consumed".into()));
+            };
+            let started = Instant::now();
+            let sent =
+                tokio::time::timeout(self.config.request_timeout, sender.try_send_request(req))
+                    .await;
+            let response = match sent {
+                Ok(Ok(response)) => response,
+                Ok(Err(mut e)) => match e.take_message() {
+                    // Not written: the connection was closed under us. Try the next one.
+                    Some(req) if pooled => {
+                        request = Some(req);
+                        continue;
+                    }
+                    Some(_) => return Err(Failure::NotSent(e.into_error().to_string())),
+                    None => return Err(Failure::Lost(e.into_error().to_string())),
+                },
+                Err(_) => {
+                    return Err(Failure::Lost(format!(
+                        "no answer within {:?}",
+                        self.config.request_timeout
+                    )))
+                }
+            };
+            let (parts, body) = response.into_parts();
+            let remaining = self
+                .config
+                .request_timeout
+                .saturating_sub(started.elapsed());
+            let body = tokio::time::timeout(
+                remaining,
+                Limited::new(body, self.config.max_answer_bytes).collect(),
+            )
+            .await
+            .map_err(|_| {
+                Failure::Lost(format!(
+                    "the answer was not read within {:?}",
+                    self.config.request_timeout
+                ))
+            })?
+            .map_err(|e| Failure::Lost(format!("the answer could not be read: {e}")))?
+            .to_bytes();
+            self.checkin(&endpoint.origin, sender);
+            return Ok(Answer {
+                status: parts.status.as_u16(),
+                headers: parts.headers,
+                body,
+            });
+        }
+    }
+
+    fn request(
+        &self,
+        endpoint: &Endpoint,
+        authorization: &HeaderValue,
+        body: Vec<u8>,
+    ) -> Request<Full<Bytes>> {
+        let mut req = Request::new(Full::new(Bytes::from(body)));
+        *req.method_mut() = Method::POST;
+        *req.uri_mut() = Uri::from(endpoint.path.clone());
+        let headers = req.headers_mut();
+        headers.insert(HOST, endpoint.host_header.clone());
+        headers.insert(AUTHORIZATION, authorization.clone());
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        headers.insert(USER_AGENT, self.user_agent.clone());
+        req
+    }
+
+    /// The most recently used open connection to `origin`, if any is young enough.
+    fn checkout(&self, origin: &Origin) -> Option<http1::SendRequest<Full<Bytes>>> {
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let list = idle.get_mut(origin)?;
+        while let Some(conn) = list.pop() {
+            if !conn.sender.is_closed() && conn.since.elapsed() < self.config.idle_timeout {
+                return Some(conn.sender);
+            }
+        }
+        None
+    }
+
+    /// Puts a connection whose answer was read whole back into the pool.
+    fn checkin(&self, origin: &Origin, sender: http1::SendRequest<Full<Bytes>>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let list = idle.entry(origin.clone()).or_default();
+        if list.len() >= self.config.max_idle_per_origin {
+            // The oldest goes: the pool keeps the connections used most recently.
+            list.remove(0);
+        }
+        list.push(Idle {
+            sender,
+            since: Instant::now(),
+        });
+    }
+
+    /// A new connection to `origin`, its driver running as a task of its own.
+    async fn connect(&self, origin: &Origin) -> Result<http1::SendRequest<Full<Bytes>>, Failure> {
+        let connect = async {
+            let tcp = match &origin.host {
+                Host::Ip(ip) => TcpStream::connect((*ip, origin.port)).await,
+                Host::Name(name) => TcpStream::connect((name.as_str(), origin.port)).await,
+            }
+            .map_err(|e| format!("connect to {}: {e}", origin_text(origin)))?;
+            tcp.set_nodelay(true)
+                .map_err(|e| format!("connect to {}: {e}", origin_text(origin)))?;
+            if origin.https {
+                let name = match &origin.host {
+                    Host::Ip(ip) => rustls::pki_types::ServerName::IpAddress((*ip).into()),
+                    Host::Name(name) => rustls::pki_types::ServerName::try_from(name.clone())
+                        .map_err(|e| format!("{name} cannot be a TLS server name: {e}"))?,
+                };
+                let tls = self
+                    .tls
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| format!("TLS with {}: {e}", origin_text(origin)))?;
+                handshake(TokioIo::new(tls)).await
+            } else {
+                handshake(TokioIo::new(tcp)).await
+            }
+        };
+        match tokio::time::timeout(self.config.connect_timeout, connect).await {
+            Ok(Ok(sender)) => Ok(sender),
+            Ok(Err(why)) => Err(Failure::NotSent(why)),
+            Err(_) => Err(Failure::NotSent(format!(
+                "no connection to {} within {:?}",
+                origin_text(origin),
+                self.config.connect_timeout
+            ))),
+        }
+    }
+}
+
+/// The HTTP/1.1 handshake (no I/O yet) and the connection's driver task.
+async fn handshake<T>(io: T) -> Result<http1::SendRequest<Full<Bytes>>, String>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (sender, conn) = http1::handshake(io)
+        .await
+        .map_err(|e| format!("HTTP handshake: {e}"))?;
+    tokio::spawn(async move {
+        // Ends when the connection closes; the next checkout then drops its sender.
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "Graph API connection closed");
+        }
+    });
+    Ok(sender)
+}
+
+fn origin_text(origin: &Origin) -> String {
+    let scheme = if origin.https { "https" } else { "http" };
+    match &origin.host {
+        Host::Name(n) => format!("{scheme}://{n}:{}", origin.port),
+        Host::Ip(IpAddr::V6(ip)) => format!("{scheme}://[{ip}]:{}", origin.port),
+        Host::Ip(ip) => format!("{scheme}://{ip}:{}", origin.port),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    #[test]
+    fn endpoints_keep_host_port_and_path() {
+        let e = Endpoint::parse("https://graph.facebook.com/v21.0/123/messages").expect("parse");
+        assert_eq!(
+            e.origin,
+            Origin {
+                https: true,
+                host: Host::Name("graph.facebook.com".into()),
+                port: 443
+            }
+        );
+        assert_eq!(e.host_header, "graph.facebook.com");
+        assert_eq!(e.path.as_str(), "/v21.0/123/messages");
+
+        let e = Endpoint::parse("http://127.0.0.1:8080/v21.0/me/messages?x=1").expect("parse");
+        assert_eq!(e.origin.host, Host::Ip("127.0.0.1".parse().expect("ip")));
+        assert_eq!(e.origin.port, 8080);
+        assert_eq!(e.host_header, "127.0.0.1:8080");
+        assert_eq!(e.path.as_str(), "/v21.0/me/messages?x=1");
+
+        let e = Endpoint::parse("http://[::1]:9/a").expect("parse");
+        assert_eq!(e.origin.host, Host::Ip("::1".parse().expect("ip")));
+        assert_eq!(e.host_header, "[::1]:9");
+
+        for bad in [
+            "not a url",
+            "mailto:meta@example.com",
+            "file:///tmp",
+            "ftp://x/y",
+        ] {
+            assert!(Endpoint::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// What the test server does with each request it reads.
+    #[derive(Clone, Copy)]
+    enum Reply {
+        /// A 200 with a JSON body, keeping the connection.
+        Ok,
+        /// A 200 with a chunked JSON body.
+        Chunked,
+        /// A 200 with a body of this many bytes.
+        Big(usize),
+        /// Read the request, then close without a byte.
+        Close,
+        /// Read the request, then never answer.
+        Hang,
+        /// Answer, then close the connection.
+        OkThenClose,
+    }
+
+    /// A raw HTTP/1.1 server: counts connections, keeps each request's head, answers as told.
+    struct Server {
+        endpoint: Endpoint,
+        connections: Arc<AtomicUsize>,
+        heads: Arc<Mutex<Vec<String>>>,
+    }
+
+    async fn server(reply: Reply) -> Server {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let (c, h) = (connections.clone(), heads.clone());
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                c.fetch_add(1, Ordering::SeqCst);
+                let heads = h.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    loop {
+                        // One request: the head, then its Content-Length body.
+                        let head_end = loop {
+                            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                                break i + 4;
+                            }
+                            let mut chunk = [0u8; 4096];
+                            match sock.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        };
+                        let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+                        let len: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length: "))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        while buf.len() < head_end + len {
+                            let mut chunk = [0u8; 4096];
+                            match sock.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        buf.drain(..head_end + len);
+                        heads.lock().expect("heads").push(head);
+                        let body = r#"{"messages":[{"id":"wamid.1"}]}"#;
+                        let answer = match reply {
+                            Reply::Ok | Reply::OkThenClose => format!(
+                                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                                 content-length: {}\r\n\r\n{body}",
+                                body.len()
+                            ),
+                            Reply::Chunked => format!(
+                                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+                                 {:x}\r\n{}\r\n{:x}\r\n{}\r\n0\r\n\r\n",
+                                10,
+                                &body[..10],
+                                body.len() - 10,
+                                &body[10..]
+                            ),
+                            Reply::Big(n) => format!(
+                                "HTTP/1.1 200 OK\r\ncontent-length: {n}\r\n\r\n{}",
+                                "x".repeat(n)
+                            ),
+                            Reply::Close => return,
+                            Reply::Hang => {
+                                tokio::time::sleep(Duration::from_secs(60)).await;
+                                return;
+                            }
+                        };
+                        if sock.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                        if matches!(reply, Reply::OkThenClose) {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Server {
+            endpoint: Endpoint::parse(&format!("http://127.0.0.1:{port}/v21.0/123/messages"))
+                .expect("endpoint"),
+            connections,
+            heads,
+        }
+    }
+
+    fn transport() -> Transport {
+        Transport::new(TransportConfig {
+            connect_timeout: Duration::from_secs(2),
+            request_timeout: Duration::from_millis(500),
+            max_idle_per_origin: 4,
+            idle_timeout: Duration::from_secs(90),
+            max_answer_bytes: 64 * 1024,
+        })
+        .expect("transport")
+    }
+
+    async fn post(t: &Transport, e: &Endpoint) -> Result<Answer, Failure> {
+        t.post_json(e, &HeaderValue::from_static("Bearer t"), b"{}".to_vec())
+            .await
+    }
+
+    #[tokio::test]
+    async fn requests_reuse_one_connection_and_carry_their_headers() {
+        let s = server(Reply::Ok).await;
+        let t = transport();
+        for _ in 0..3 {
+            let a = post(&t, &s.endpoint).await.expect("answer");
+            assert_eq!(a.status, 200);
+            assert_eq!(&a.body[..], br#"{"messages":[{"id":"wamid.1"}]}"#);
+        }
+        assert_eq!(s.connections.load(Ordering::SeqCst), 1);
+        let heads = s.heads.lock().expect("heads").clone();
+        assert_eq!(heads.len(), 3);
+        let head = heads[0].to_ascii_lowercase();
+        assert!(
+            head.starts_with("post /v21.0/123/messages http/1.1\r\n"),
+            "{head}"
+        );
+        let port = s.endpoint.origin.port;
+        for line in [
+            format!("host: 127.0.0.1:{port}"),
+            "authorization: bearer t".into(),
+            "content-type: application/json".into(),
+            "content-length: 2".into(),
+            concat!("user-agent: herald/", env!("CARGO_PKG_VERSION")).into(),
+        ] {
+            assert!(head.contains(&format!("{line}\r\n")), "{line} in {head}");
+        }
+    }
+
+    #[tokio::test]
+    async fn concurrent_requests_open_connections_and_keep_a_bounded_pool() {
+        let s = server(Reply::Ok).await;
+        let t = transport();
+        let all = (0..8).map(|_| post(&t, &s.endpoint));
+        for a in futures_util::future::join_all(all).await {
+            assert_eq!(a.expect("answer").status, 200);
+        }
+        assert_eq!(s.connections.load(Ordering::SeqCst), 8);
+        let kept = t.idle.lock().expect("idle")[&s.endpoint.origin].len();
+        assert_eq!(kept, 4, "max_idle_per_origin");
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_server_closed_is_replaced_without_a_failure() {
+        let s = server(Reply::OkThenClose).await;
+        let t = transport();
+        for _ in 0..3 {
+            assert_eq!(post(&t, &s.endpoint).await.expect("answer").status, 200);
+            // The server's close reaches the pooled connection.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert_eq!(s.connections.load(Ordering::SeqCst), 3);
+        assert_eq!(
+            s.heads.lock().expect("heads").len(),
+            3,
+            "each request sent once"
+        );
+    }
+
+    #[tokio::test]
+    async fn chunked_answers_are_read_whole() {
+        let s = server(Reply::Chunked).await;
+        let t = transport();
+        for _ in 0..2 {
+            let a = post(&t, &s.endpoint).await.expect("answer");
+            assert_eq!(&a.body[..], br#"{"messages":[{"id":"wamid.1"}]}"#);
+        }
+        assert_eq!(s.connections.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn no_server_is_not_sent() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr").port()
+        };
+        let e = Endpoint::parse(&format!("http://127.0.0.1:{port}/x")).expect("endpoint");
+        assert!(matches!(
+            post(&transport(), &e).await,
+            Err(Failure::NotSent(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn tls_that_fails_is_not_sent() {
+        // A plain HTTP server behind an https URL: the handshake fails before any request.
+        let s = server(Reply::Ok).await;
+        let e = Endpoint::parse(&format!("https://127.0.0.1:{}/x", s.endpoint.origin.port))
+            .expect("endpoint");
+        assert!(matches!(
+            post(&transport(), &e).await,
+            Err(Failure::NotSent(_))
+        ));
+        assert!(s.heads.lock().expect("heads").is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_closed_or_silent_server_after_the_request_is_lost() {
+        for reply in [Reply::Close, Reply::Hang] {
+            let s = server(reply).await;
+            let t = transport();
+            assert!(matches!(post(&t, &s.endpoint).await, Err(Failure::Lost(_))));
+            assert_eq!(s.heads.lock().expect("heads").len(), 1);
+        }
+    }
+
+    #[tokio::test]
+    async fn an_oversized_answer_is_lost_and_its_connection_not_reused() {
+        let s = server(Reply::Big(100 * 1024)).await;
+        let t = transport();
+        assert!(matches!(post(&t, &s.endpoint).await, Err(Failure::Lost(_))));
+        assert!(t
+            .idle
+            .lock()
+            .expect("idle")
+            .get(&s.endpoint.origin)
+            .is_none_or(Vec::is_empty));
+    }
+}
