@@ -133,10 +133,16 @@ pub(crate) struct Transport {
 }
 
 impl Transport {
+    /// Trusts Mozilla's roots (webpki-roots), as reqwest did: the same on every machine,
+    /// whatever the system's store holds.
     pub fn new(config: TransportConfig) -> Result<Transport, String> {
         let roots = rustls::RootCertStore {
             roots: webpki_roots::TLS_SERVER_ROOTS.to_vec(),
         };
+        Transport::with_roots(config, roots)
+    }
+
+    fn with_roots(config: TransportConfig, roots: rustls::RootCertStore) -> Result<Self, String> {
         let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
@@ -345,8 +351,10 @@ fn origin_text(origin: &Origin) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
     use tokio::net::TcpListener;
 
     #[test]
@@ -408,96 +416,123 @@ mod tests {
     }
 
     async fn server(reply: Reply) -> Server {
+        serve(reply, None).await
+    }
+
+    /// The test server, over TLS when `tls` is given (then its endpoint names `localhost`).
+    async fn serve(reply: Reply, tls: Option<tokio_rustls::TlsAcceptor>) -> Server {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let connections = Arc::new(AtomicUsize::new(0));
         let heads = Arc::new(Mutex::new(Vec::new()));
         let (c, h) = (connections.clone(), heads.clone());
+        let url = match tls {
+            Some(_) => format!("https://localhost:{port}/v21.0/123/messages"),
+            None => format!("http://127.0.0.1:{port}/v21.0/123/messages"),
+        };
         tokio::spawn(async move {
-            while let Ok((mut sock, _)) = listener.accept().await {
+            while let Ok((sock, _)) = listener.accept().await {
                 c.fetch_add(1, Ordering::SeqCst);
-                let heads = h.clone();
+                let (heads, tls) = (h.clone(), tls.clone());
                 tokio::spawn(async move {
-                    let mut buf = Vec::new();
-                    loop {
-                        // One request: the head, then its Content-Length body.
-                        let head_end = loop {
-                            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                                break i + 4;
-                            }
-                            let mut chunk = [0u8; 4096];
-                            match sock.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                            }
-                        };
-                        let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-                        let len: usize = head
-                            .lines()
-                            .find_map(|l| l.strip_prefix("content-length: "))
-                            .and_then(|v| v.trim().parse().ok())
-                            .unwrap_or(0);
-                        while buf.len() < head_end + len {
-                            let mut chunk = [0u8; 4096];
-                            match sock.read(&mut chunk).await {
-                                Ok(0) | Err(_) => return,
-                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    match tls {
+                        Some(acceptor) => {
+                            if let Ok(sock) = acceptor.accept(sock).await {
+                                answer(sock, reply, heads).await;
                             }
                         }
-                        buf.drain(..head_end + len);
-                        heads.lock().expect("heads").push(head);
-                        let body = r#"{"messages":[{"id":"wamid.1"}]}"#;
-                        let answer = match reply {
-                            Reply::Ok | Reply::OkThenClose => format!(
-                                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
-                                 content-length: {}\r\n\r\n{body}",
-                                body.len()
-                            ),
-                            Reply::Chunked => format!(
-                                "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
-                                 {:x}\r\n{}\r\n{:x}\r\n{}\r\n0\r\n\r\n",
-                                10,
-                                &body[..10],
-                                body.len() - 10,
-                                &body[10..]
-                            ),
-                            Reply::Big(n) => format!(
-                                "HTTP/1.1 200 OK\r\ncontent-length: {n}\r\n\r\n{}",
-                                "x".repeat(n)
-                            ),
-                            Reply::Close => return,
-                            Reply::Hang => {
-                                tokio::time::sleep(Duration::from_secs(60)).await;
-                                return;
-                            }
-                        };
-                        if sock.write_all(answer.as_bytes()).await.is_err() {
-                            return;
-                        }
-                        if matches!(reply, Reply::OkThenClose) {
-                            return;
-                        }
+                        None => answer(sock, reply, heads).await,
                     }
                 });
             }
         });
         Server {
-            endpoint: Endpoint::parse(&format!("http://127.0.0.1:{port}/v21.0/123/messages"))
-                .expect("endpoint"),
+            endpoint: Endpoint::parse(&url).expect("endpoint"),
             connections,
             heads,
         }
     }
 
-    fn transport() -> Transport {
-        Transport::new(TransportConfig {
+    /// Reads requests off one connection and answers each as told.
+    async fn answer<S: AsyncRead + AsyncWrite + Unpin>(
+        mut sock: S,
+        reply: Reply,
+        heads: Arc<Mutex<Vec<String>>>,
+    ) {
+        let mut buf = Vec::new();
+        loop {
+            // One request: the head, then its Content-Length body.
+            let head_end = loop {
+                if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    break i + 4;
+                }
+                let mut chunk = [0u8; 4096];
+                match sock.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            };
+            let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            while buf.len() < head_end + len {
+                let mut chunk = [0u8; 4096];
+                match sock.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            buf.drain(..head_end + len);
+            heads.lock().expect("heads").push(head);
+            let body = r#"{"messages":[{"id":"wamid.1"}]}"#;
+            let answer = match reply {
+                Reply::Ok | Reply::OkThenClose => format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\
+                     content-length: {}\r\n\r\n{body}",
+                    body.len()
+                ),
+                Reply::Chunked => format!(
+                    "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+                     {:x}\r\n{}\r\n{:x}\r\n{}\r\n0\r\n\r\n",
+                    10,
+                    &body[..10],
+                    body.len() - 10,
+                    &body[10..]
+                ),
+                Reply::Big(n) => format!(
+                    "HTTP/1.1 200 OK\r\ncontent-length: {n}\r\n\r\n{}",
+                    "x".repeat(n)
+                ),
+                Reply::Close => return,
+                Reply::Hang => {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                    return;
+                }
+            };
+            if sock.write_all(answer.as_bytes()).await.is_err() {
+                return;
+            }
+            if matches!(reply, Reply::OkThenClose) {
+                return;
+            }
+        }
+    }
+
+    fn config() -> TransportConfig {
+        TransportConfig {
             connect_timeout: Duration::from_secs(2),
             request_timeout: Duration::from_millis(500),
             max_idle_per_origin: 4,
             idle_timeout: Duration::from_secs(90),
             max_answer_bytes: 64 * 1024,
-        })
-        .expect("transport")
+        }
+    }
+
+    fn transport() -> Transport {
+        Transport::new(config()).expect("transport")
     }
 
     async fn post(t: &Transport, e: &Endpoint) -> Result<Answer, Failure> {
@@ -622,5 +657,93 @@ mod tests {
             .expect("idle")
             .get(&s.endpoint.origin)
             .is_none_or(Vec::is_empty));
+    }
+
+    /// A certificate authority and a certificate it signed for `localhost`, made by the
+    /// `openssl` command (on every machine this project builds on), so that no private key
+    /// lives in the repository. Returns the authority's certificate, the server's, and its key.
+    fn localhost_certificate() -> (
+        CertificateDer<'static>,
+        CertificateDer<'static>,
+        PrivateKeyDer<'static>,
+    ) {
+        let dir = std::env::temp_dir().join(format!("herald-tls-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let file = |name: &str| dir.join(name).to_string_lossy().into_owned();
+        let run = |args: &str| {
+            let status = std::process::Command::new("openssl")
+                .args(args.split_whitespace())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .expect("the TLS test needs the openssl command");
+            assert!(status.success(), "openssl {args} failed");
+        };
+        let ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+        let (ca, ca_key, csr) = (file("ca.pem"), file("ca-key.pem"), file("csr.pem"));
+        let (cert, key, ext) = (file("cert.pem"), file("key.pem"), file("ext.cnf"));
+        std::fs::write(
+            &ext,
+            "basicConstraints=critical,CA:FALSE\nsubjectAltName=DNS:localhost\n",
+        )
+        .expect("extensions");
+        run(&format!(
+            "req -x509 {ec} -days 1 -subj /CN=herald-test-ca -keyout {ca_key} -out {ca}"
+        ));
+        run(&format!(
+            "req {ec} -subj /CN=localhost -keyout {key} -out {csr}"
+        ));
+        run(&format!(
+            "x509 -req -in {csr} -CA {ca} -CAkey {ca_key} -CAcreateserial -days 1 \
+             -extfile {ext} -out {cert}"
+        ));
+        let parts = (
+            CertificateDer::from_pem_file(&ca).expect("authority"),
+            CertificateDer::from_pem_file(&cert).expect("certificate"),
+            PrivateKeyDer::from_pem_file(&key).expect("key"),
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+        parts
+    }
+
+    #[tokio::test]
+    async fn tls_with_a_trusted_certificate_carries_requests_and_checks_the_name() {
+        let (ca, cert, key) = localhost_certificate();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut server_tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("versions")
+            .with_no_client_auth()
+            .with_single_cert(vec![cert], key)
+            .expect("server TLS");
+        server_tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server_tls));
+        let s = serve(Reply::Ok, Some(acceptor)).await;
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca).expect("root");
+        let t = Transport::with_roots(config(), roots).expect("transport");
+        for _ in 0..2 {
+            let a = post(&t, &s.endpoint).await.expect("answer over TLS");
+            assert_eq!(a.status, 200);
+            assert_eq!(&a.body[..], br#"{"messages":[{"id":"wamid.1"}]}"#);
+        }
+        assert_eq!(s.connections.load(Ordering::SeqCst), 1, "kept alive");
+        let head = s.heads.lock().expect("heads")[0].to_ascii_lowercase();
+        assert!(head.contains(&format!("host: localhost:{}\r\n", s.endpoint.origin.port)));
+
+        // The same server by its address: the certificate does not name it.
+        let by_ip = Endpoint::parse(&format!("https://127.0.0.1:{}/x", s.endpoint.origin.port))
+            .expect("endpoint");
+        assert!(matches!(post(&t, &by_ip).await, Err(Failure::NotSent(_))));
+        // And a client that does not trust it (Mozilla's roots only).
+        assert!(matches!(
+            post(&transport(), &s.endpoint).await,
+            Err(Failure::NotSent(_))
+        ));
+        assert_eq!(
+            s.heads.lock().expect("heads").len(),
+            2,
+            "no request sent untrusted"
+        );
     }
 }
