@@ -22,6 +22,7 @@ conformance!(
     a_big_batch_of_deliveries,
     new_messages_are_handed_on_once_in_order,
     statuses_are_applied_as_their_deliveries_are_stored,
+    batches_of_the_same_messages_in_any_order_store_each_once,
 );
 
 fn t0() -> DateTime<Utc> {
@@ -221,6 +222,57 @@ async fn inbound_messages_are_stored_once_and_open_windows(store: Arc<dyn Store>
         Some(t0() + chrono::Duration::seconds(5)),
         "a message seen before opens no window again"
     );
+}
+
+async fn batches_of_the_same_messages_in_any_order_store_each_once(store: Arc<dyn Store>) {
+    let ch = Uuid::new_v4();
+    // Of one message twice in a batch, the first copy is the one stored and handed back.
+    let mut first = message(ch, "wamid.b", "15550000001", 10);
+    first.text = Some("first copy".into());
+    let mut second = first.clone();
+    second.text = Some("second copy".into());
+    let batch = [message(ch, "wamid.c", "15550000001", 5), first, second];
+    let fresh = store
+        .inbox()
+        .finish_webhooks(&[], &batch, None, t0())
+        .await
+        .expect("batch with a duplicate");
+    let texts: Vec<_> = fresh.iter().map(|m| m.text.as_deref()).collect();
+    assert_eq!(texts, [Some("text of wamid.c"), Some("first copy")]);
+    let stored = store.inbox().inbound_messages(ch, 10).await.expect("list");
+    let b = stored
+        .iter()
+        .find(|m| m.provider_message_id == "wamid.b")
+        .expect("stored");
+    assert_eq!(b.text.as_deref(), Some("first copy"));
+
+    // Two deliveries of the same messages in opposite orders, at once (Meta retries a
+    // delivery while the first is still being processed): both succeed (no deadlock), and
+    // each message is new to exactly one of them.
+    for round in 0..10 {
+        let forward: Vec<_> = (0..40)
+            .map(|i| message(ch, &format!("wamid.r{round}.{i}"), "15550000002", i))
+            .collect();
+        let mut backward = forward.clone();
+        backward.reverse();
+        let (a, b) = tokio::join!(
+            store.inbox().finish_webhooks(&[], &forward, None, t0()),
+            store.inbox().finish_webhooks(&[], &backward, None, t0()),
+        );
+        let (a, b) = (a.expect("forward"), b.expect("backward"));
+        let mut all: Vec<_> = a
+            .iter()
+            .chain(&b)
+            .map(|m| m.provider_message_id.clone())
+            .collect();
+        all.sort();
+        let mut want: Vec<_> = forward
+            .iter()
+            .map(|m| m.provider_message_id.clone())
+            .collect();
+        want.sort();
+        assert_eq!(all, want, "round {round}: each message new exactly once");
+    }
 }
 
 async fn a_big_batch_of_deliveries(store: Arc<dyn Store>) {

@@ -149,40 +149,39 @@ impl InboxStore for PgStore {
         }
         let mut tx = sqlx::Connection::begin(&mut *conn).await?;
         let mut fresh = Vec::new();
-        let payloads: Vec<String> = inbound.iter().map(|m| m.payload.to_string()).collect();
+        // Inserted in key order, so that two batches holding the same messages lock their rows
+        // in the same order and cannot deadlock. The sort is stable and the rows go in in that
+        // order (ORDER BY n): of one message twice in a batch, the first is stored.
+        let mut order: Vec<&InboundMessage> = inbound.iter().collect();
+        order.sort_by(|a, b| {
+            (a.channel_id, a.provider_message_id.as_str())
+                .cmp(&(b.channel_id, b.provider_message_id.as_str()))
+        });
+        let payloads: Vec<String> = order.iter().map(|m| m.payload.to_string()).collect();
         let new_keys: Vec<(Uuid, String)> = sqlx::query_as(
             "INSERT INTO herald_inbound_messages (channel_id, provider_message_id, workspace_id,
                                                   sender, kind, text, payload, sent_at, received_at)
              SELECT ch, mid, ws, sender, kind, txt, payload::jsonb, sent, $9
                FROM unnest($1::uuid[], $2::text[], $3::uuid[], $4::text[], $5::text[],
-                           $6::text[], $7::text[], $8::timestamptz[])
-                    AS t(ch, mid, ws, sender, kind, txt, payload, sent)
+                           $6::text[], $7::text[], $8::timestamptz[]) WITH ORDINALITY
+                    AS t(ch, mid, ws, sender, kind, txt, payload, sent, n)
+              ORDER BY n
              ON CONFLICT (channel_id, provider_message_id) DO NOTHING
              RETURNING channel_id, provider_message_id",
         )
-        .bind(inbound.iter().map(|m| m.channel_id).collect::<Vec<_>>())
+        .bind(order.iter().map(|m| m.channel_id).collect::<Vec<_>>())
         .bind(
-            inbound
+            order
                 .iter()
                 .map(|m| m.provider_message_id.as_str())
                 .collect::<Vec<_>>(),
         )
-        .bind(inbound.iter().map(|m| m.workspace_id).collect::<Vec<_>>())
-        .bind(
-            inbound
-                .iter()
-                .map(|m| m.sender.as_str())
-                .collect::<Vec<_>>(),
-        )
-        .bind(inbound.iter().map(|m| m.kind.as_str()).collect::<Vec<_>>())
-        .bind(
-            inbound
-                .iter()
-                .map(|m| m.text.as_deref())
-                .collect::<Vec<_>>(),
-        )
+        .bind(order.iter().map(|m| m.workspace_id).collect::<Vec<_>>())
+        .bind(order.iter().map(|m| m.sender.as_str()).collect::<Vec<_>>())
+        .bind(order.iter().map(|m| m.kind.as_str()).collect::<Vec<_>>())
+        .bind(order.iter().map(|m| m.text.as_deref()).collect::<Vec<_>>())
         .bind(&payloads)
-        .bind(inbound.iter().map(|m| m.sent_at).collect::<Vec<_>>())
+        .bind(order.iter().map(|m| m.sent_at).collect::<Vec<_>>())
         .bind(now)
         .fetch_all(&mut *tx)
         .await?;
