@@ -195,7 +195,7 @@ pub const KEYS: &[(&str, &str, &str, &str)] = &[
         "meta_timeout",
         "HERALD_META_TIMEOUT",
         "15s",
-        "a request to Meta without an answer after this long counts as lost",
+        "a request to Meta not answered within this long (connecting included) counts as lost, or as not sent if no connection was made; proxies are not used",
     ),
     (
         "admin_token",

@@ -19,10 +19,12 @@ use super::http::{Endpoint, Failure, Transport, TransportConfig};
 pub struct ClientConfig {
     /// A connection not made in this long fails as "not sent" (safe to retry at once).
     pub connect_timeout: Duration,
-    /// A request without an answer after this long is "unknown": Meta may have the message.
-    /// Meta answers in well under a second; 15 s leaves room for its slow moments.
+    /// The whole request, connecting included: without an answer by then it is "unknown"
+    /// (Meta may have the message), or "not sent" if no connection was made. Meta answers in
+    /// well under a second; 15 s leaves room for its slow moments.
     pub request_timeout: Duration,
-    /// Idle connections kept per host: enough for the sends in flight at 1,000/s.
+    /// Idle connections kept per origin (scheme, host and port): enough for the sends in
+    /// flight at 1,000/s. 0 keeps none.
     pub pool_max_idle_per_host: usize,
 }
 
@@ -92,7 +94,8 @@ pub struct MetaClient {
     targets: Arc<Mutex<HashMap<Uuid, Arc<Target>>>>,
 }
 
-/// An idle connection is closed after this (as reqwest and hyper-util do by default).
+/// An idle connection is not reused after this, and is swept from the pool (reqwest's and
+/// hyper-util's default).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Meta answers a send in a few hundred bytes; a larger answer is refused as lost.
@@ -147,8 +150,18 @@ impl Target {
 }
 
 impl MetaClient {
-    /// The error says why the client cannot be made (only TLS settings can fail).
+    /// The error says why the client cannot be made (only TLS settings can fail). The client
+    /// connects to Meta directly: a proxy set in the environment is not used, and a warning
+    /// says so.
     pub fn new(config: ClientConfig) -> Result<Self, String> {
+        for var in ["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"] {
+            if std::env::var_os(var).is_some_and(|v| !v.is_empty()) {
+                tracing::warn!(
+                    variable = var,
+                    "a proxy is set, but the Meta client connects to the Graph API directly"
+                );
+            }
+        }
         // Redirects are never followed: the Graph API answers sends itself, and following one
         // would re-post a message to somewhere else. A 3xx is an answer without Meta's body,
         // like any other.

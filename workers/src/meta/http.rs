@@ -9,14 +9,18 @@
 //! message, 1,000 a second, one-thread runtime): see the README's delivery figures.
 //!
 //! What a send may assume of the answer (the send policy relies on it):
-//! - [`Failure::NotSent`]: no byte of the request left the process (no connection could be
-//!   made, or a pooled connection turned out closed before the request was written and a
-//!   fresh one could not be made). Safe to retry at once.
+//! - [`Failure::NotSent`]: no byte of the request left the process: no connection could be
+//!   made in time, or the connection closed before hyper began writing the request (hyper
+//!   hands such a request back; on a pooled connection the next one is tried). Safe to retry
+//!   at once.
 //! - [`Failure::Lost`]: the request may have reached Meta (timeout, broken connection,
 //!   unreadable or oversized answer).
+//!
+//! Not supported, unlike reqwest: proxies (`HTTPS_PROXY` and the like are ignored, and the
+//! client says so when it is made), HTTP/2, and credentials in the URL.
 
 use std::collections::HashMap;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -27,7 +31,7 @@ use http::{HeaderMap, Method, Request, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
+use tokio::net::{lookup_host, TcpStream};
 
 /// Where requests go: scheme, host and port. One pool of connections per origin.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -104,19 +108,32 @@ pub(crate) enum Failure {
 /// The transport's settings.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct TransportConfig {
-    /// Making a connection (TCP and TLS) longer than this fails as [`Failure::NotSent`].
+    /// Making a connection (name lookup, TCP and TLS) longer than this fails as
+    /// [`Failure::NotSent`]; with several addresses, each gets its share of it.
     pub connect_timeout: Duration,
-    /// From handing the request to a connection to the last byte of the answer.
+    /// The whole request, from its start (connecting included) to the last byte of the
+    /// answer, as reqwest's timeout was: a send never waits on the transport longer.
     pub request_timeout: Duration,
-    /// Idle connections kept per origin.
+    /// Idle connections kept per origin (0: none, every request connects anew).
     pub max_idle_per_origin: usize,
     /// An idle connection older than this is closed rather than reused: servers close idle
-    /// connections too (reusing one they are closing risks a lost answer).
+    /// connections too (reusing one they are closing risks a lost answer). The pool is swept
+    /// of such connections at least this often.
     pub idle_timeout: Duration,
     /// Larger answers are refused as [`Failure::Lost`]: Meta's answers to a send are a few
     /// hundred bytes, and a misbehaving server must not make the engine buffer without end.
     pub max_answer_bytes: usize,
 }
+
+/// Most origins with idle connections: channels name their own Graph base URL, and a pool
+/// without a bound would let them hold open sockets without end. Past it, connections to new
+/// origins are not kept.
+const MAX_ORIGINS: usize = 256;
+
+/// TCP keepalive probes on every connection (as reqwest's defaults): a connection that died
+/// silently is noticed in the pool, not by the send that reuses it (a lost answer).
+const KEEPALIVE: Duration = Duration::from_secs(15);
+const KEEPALIVE_RETRIES: u32 = 3;
 
 /// A connection waiting in the pool.
 struct Idle {
@@ -124,12 +141,18 @@ struct Idle {
     since: Instant,
 }
 
+/// The idle connections, oldest first in each origin's list.
+struct Pool {
+    origins: HashMap<Origin, Vec<Idle>>,
+    last_sweep: Instant,
+}
+
 /// HTTP/1.1 POSTs over pooled keep-alive connections. Cheap to share: one pool per process.
 pub(crate) struct Transport {
     config: TransportConfig,
     tls: tokio_rustls::TlsConnector,
     user_agent: HeaderValue,
-    idle: Mutex<HashMap<Origin, Vec<Idle>>>,
+    idle: Mutex<Pool>,
 }
 
 impl Transport {
@@ -155,44 +178,49 @@ impl Transport {
             config,
             tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
             user_agent: HeaderValue::from_static(concat!("herald/", env!("CARGO_PKG_VERSION"))),
-            idle: Mutex::default(),
+            idle: Mutex::new(Pool {
+                origins: HashMap::new(),
+                last_sweep: Instant::now(),
+            }),
         })
     }
 
-    /// POSTs `body` as JSON to `endpoint` with `authorization`, and reads the whole answer.
+    /// POSTs `body` as JSON to `endpoint` with `authorization`, and reads the whole answer,
+    /// all within `request_timeout`.
     pub async fn post_json(
         &self,
         endpoint: &Endpoint,
         authorization: &HeaderValue,
         body: Vec<u8>,
     ) -> Result<Answer, Failure> {
-        let mut request = Some(self.request(endpoint, authorization, body));
+        let deadline = tokio::time::Instant::now() + self.config.request_timeout;
+        let mut req = self.request(endpoint, authorization, body);
         // A pooled connection may turn out closed; then the next one, and at last a new one.
         loop {
             let (mut sender, pooled) = match self.checkout(&endpoint.origin) {
                 Some(sender) => (sender, true),
-                None => (self.connect(&endpoint.origin).await?, false),
+                None => (self.connect(&endpoint.origin, deadline).await?, false),
             };
             if pooled {
                 // Ready at once unless the connection is still finishing its last answer.
-                match tokio::time::timeout(self.config.connect_timeout, sender.ready()).await {
+                match tokio::time::timeout_at(deadline, sender.ready()).await {
                     Ok(Ok(())) => {}
-                    _ => continue,
+                    Ok(Err(_)) => continue,
+                    Err(_) => {
+                        return Err(Failure::NotSent(format!(
+                            "no connection was ready within {:?}",
+                            self.config.request_timeout
+                        )))
+                    }
                 }
             }
-            let Some(req) = request.take() else {
-                return Err(Failure::NotSent("the request was consumed".into()));
-            };
-            let started = Instant::now();
-            let sent =
-                tokio::time::timeout(self.config.request_timeout, sender.try_send_request(req))
-                    .await;
+            let sent = tokio::time::timeout_at(deadline, sender.try_send_request(req)).await;
             let response = match sent {
                 Ok(Ok(response)) => response,
                 Ok(Err(mut e)) => match e.take_message() {
-                    // Not written: the connection was closed under us. Try the next one.
-                    Some(req) if pooled => {
-                        request = Some(req);
+                    // Not written: the connection closed before hyper began the request.
+                    Some(back) if pooled => {
+                        req = back;
                         continue;
                     }
                     Some(_) => return Err(Failure::NotSent(e.into_error().to_string())),
@@ -206,12 +234,8 @@ impl Transport {
                 }
             };
             let (parts, body) = response.into_parts();
-            let remaining = self
-                .config
-                .request_timeout
-                .saturating_sub(started.elapsed());
-            let body = tokio::time::timeout(
-                remaining,
+            let body = tokio::time::timeout_at(
+                deadline,
                 Limited::new(body, self.config.max_answer_bytes).collect(),
             )
             .await
@@ -251,49 +275,113 @@ impl Transport {
 
     /// The most recently used open connection to `origin`, if any is young enough.
     fn checkout(&self, origin: &Origin) -> Option<http1::SendRequest<Full<Bytes>>> {
-        let mut idle = self
+        let mut pool = self
             .idle
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let list = idle.get_mut(origin)?;
+        let list = pool.origins.get_mut(origin)?;
+        let mut found = None;
         while let Some(conn) = list.pop() {
             if !conn.sender.is_closed() && conn.since.elapsed() < self.config.idle_timeout {
-                return Some(conn.sender);
+                found = Some(conn.sender);
+                break;
             }
         }
-        None
+        if list.is_empty() {
+            pool.origins.remove(origin);
+        }
+        found
     }
 
-    /// Puts a connection whose answer was read whole back into the pool.
+    /// Puts a connection whose answer was read whole back into the pool, and now and then
+    /// sweeps the pool of connections that closed or idled too long.
     fn checkin(&self, origin: &Origin, sender: http1::SendRequest<Full<Bytes>>) {
-        if sender.is_closed() {
+        let max = self.config.max_idle_per_origin;
+        if sender.is_closed() || max == 0 {
             return;
         }
-        let mut idle = self
+        let mut pool = self
             .idle
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let list = idle.entry(origin.clone()).or_default();
-        if list.len() >= self.config.max_idle_per_origin {
+        let now = Instant::now();
+        let idle_timeout = self.config.idle_timeout;
+        if now.duration_since(pool.last_sweep) >= idle_timeout / 2 {
+            pool.last_sweep = now;
+            pool.origins.retain(|_, list| {
+                list.retain(|c| {
+                    !c.sender.is_closed() && now.duration_since(c.since) < idle_timeout
+                });
+                !list.is_empty()
+            });
+        }
+        if !pool.origins.contains_key(origin) {
+            if pool.origins.len() >= MAX_ORIGINS {
+                return;
+            }
+            pool.origins.insert(origin.clone(), Vec::new());
+        }
+        let Some(list) = pool.origins.get_mut(origin) else {
+            return;
+        };
+        if list.len() >= max {
             // The oldest goes: the pool keeps the connections used most recently.
             list.remove(0);
         }
-        list.push(Idle {
-            sender,
-            since: Instant::now(),
-        });
+        list.push(Idle { sender, since: now });
     }
 
-    /// A new connection to `origin`, its driver running as a task of its own.
-    async fn connect(&self, origin: &Origin) -> Result<http1::SendRequest<Full<Bytes>>, Failure> {
-        let connect = async {
-            let tcp = match &origin.host {
-                Host::Ip(ip) => TcpStream::connect((*ip, origin.port)).await,
-                Host::Name(name) => TcpStream::connect((name.as_str(), origin.port)).await,
+    /// A new connection to `origin`, its driver running as a task of its own. Each of the
+    /// name's addresses is tried in turn, with its share of what is left of the connect time.
+    async fn connect(
+        &self,
+        origin: &Origin,
+        deadline: tokio::time::Instant,
+    ) -> Result<http1::SendRequest<Full<Bytes>>, Failure> {
+        let deadline = deadline.min(tokio::time::Instant::now() + self.config.connect_timeout);
+        let within = |what: &str| {
+            Failure::NotSent(format!(
+                "{what} {} within {:?}",
+                origin_text(origin),
+                self.config.connect_timeout
+            ))
+        };
+        let addresses: Vec<SocketAddr> = match &origin.host {
+            Host::Ip(ip) => vec![SocketAddr::new(*ip, origin.port)],
+            Host::Name(name) => {
+                tokio::time::timeout_at(deadline, lookup_host((name.as_str(), origin.port)))
+                    .await
+                    .map_err(|_| within("no address for"))?
+                    .map_err(|e| Failure::NotSent(format!("{}: {e}", origin_text(origin))))?
+                    .collect()
             }
-            .map_err(|e| format!("connect to {}: {e}", origin_text(origin)))?;
-            tcp.set_nodelay(true)
-                .map_err(|e| format!("connect to {}: {e}", origin_text(origin)))?;
+        };
+        let mut last = format!("{} has no address", origin_text(origin));
+        let mut tcp = None;
+        for (i, address) in addresses.iter().enumerate() {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let share = left / u32::try_from(addresses.len() - i).unwrap_or(u32::MAX);
+            match tokio::time::timeout(share, TcpStream::connect(address)).await {
+                Ok(Ok(stream)) => {
+                    tcp = Some(stream);
+                    break;
+                }
+                Ok(Err(e)) => last = format!("connect to {address}: {e}"),
+                Err(_) => last = format!("connect to {address}: no answer within {share:?}"),
+            }
+        }
+        let tcp = tcp.ok_or(Failure::NotSent(last))?;
+        let setup = || -> std::io::Result<()> {
+            tcp.set_nodelay(true)?;
+            socket2::SockRef::from(&tcp).set_tcp_keepalive(
+                &socket2::TcpKeepalive::new()
+                    .with_time(KEEPALIVE)
+                    .with_interval(KEEPALIVE)
+                    .with_retries(KEEPALIVE_RETRIES),
+            )
+        };
+        setup().map_err(|e| Failure::NotSent(format!("{}: {e}", origin_text(origin))))?;
+        let handshake = async {
             if origin.https {
                 let name = match &origin.host {
                     Host::Ip(ip) => rustls::pki_types::ServerName::IpAddress((*ip).into()),
@@ -310,14 +398,10 @@ impl Transport {
                 handshake(TokioIo::new(tcp)).await
             }
         };
-        match tokio::time::timeout(self.config.connect_timeout, connect).await {
+        match tokio::time::timeout_at(deadline, handshake).await {
             Ok(Ok(sender)) => Ok(sender),
             Ok(Err(why)) => Err(Failure::NotSent(why)),
-            Err(_) => Err(Failure::NotSent(format!(
-                "no connection to {} within {:?}",
-                origin_text(origin),
-                self.config.connect_timeout
-            ))),
+            Err(_) => Err(within("no TLS session with")),
         }
     }
 }
@@ -331,7 +415,8 @@ where
         .await
         .map_err(|e| format!("HTTP handshake: {e}"))?;
     tokio::spawn(async move {
-        // Ends when the connection closes; the next checkout then drops its sender.
+        // Ends when the connection closes; its sender then reads as closed, and the pool
+        // drops it at a checkout or a sweep.
         if let Err(e) = conn.await {
             tracing::debug!(error = %e, "Graph API connection closed");
         }
@@ -377,6 +462,11 @@ mod tests {
         assert_eq!(e.host_header, "127.0.0.1:8080");
         assert_eq!(e.path.as_str(), "/v21.0/me/messages?x=1");
 
+        // A Graph base URL behind a path prefix keeps it.
+        let e = Endpoint::parse("https://proxy.example/graph/v21.0/me/messages").expect("parse");
+        assert_eq!(e.path.as_str(), "/graph/v21.0/me/messages");
+        assert_eq!(e.origin.port, 443);
+
         let e = Endpoint::parse("http://[::1]:9/a").expect("parse");
         assert_eq!(e.origin.host, Host::Ip("::1".parse().expect("ip")));
         assert_eq!(e.host_header, "[::1]:9");
@@ -410,6 +500,7 @@ mod tests {
 
     /// A raw HTTP/1.1 server: counts connections, keeps each request's head, answers as told.
     struct Server {
+        addr: SocketAddr,
         endpoint: Endpoint,
         connections: Arc<AtomicUsize>,
         heads: Arc<Mutex<Vec<String>>>,
@@ -421,8 +512,15 @@ mod tests {
 
     /// The test server, over TLS when `tls` is given (then its endpoint names `localhost`).
     async fn serve(reply: Reply, tls: Option<tokio_rustls::TlsAcceptor>) -> Server {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let port = listener.local_addr().expect("addr").port();
+        // By name over TLS (the certificate names `localhost`): bound where the name points.
+        let at = if tls.is_some() {
+            "localhost:0"
+        } else {
+            "127.0.0.1:0"
+        };
+        let listener = TcpListener::bind(at).await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let port = addr.port();
         let connections = Arc::new(AtomicUsize::new(0));
         let heads = Arc::new(Mutex::new(Vec::new()));
         let (c, h) = (connections.clone(), heads.clone());
@@ -447,6 +545,7 @@ mod tests {
             }
         });
         Server {
+            addr,
             endpoint: Endpoint::parse(&url).expect("endpoint"),
             connections,
             heads,
@@ -578,7 +677,7 @@ mod tests {
             assert_eq!(a.expect("answer").status, 200);
         }
         assert_eq!(s.connections.load(Ordering::SeqCst), 8);
-        let kept = t.idle.lock().expect("idle")[&s.endpoint.origin].len();
+        let kept = t.idle.lock().expect("idle").origins[&s.endpoint.origin].len();
         assert_eq!(kept, 4, "max_idle_per_origin");
     }
 
@@ -597,6 +696,47 @@ mod tests {
             3,
             "each request sent once"
         );
+    }
+
+    #[tokio::test]
+    async fn a_request_racing_the_servers_close_is_never_sent_twice() {
+        // No pause: the next request often meets the connection as the server closes it.
+        // Either hyper hands it back unwritten (and the next connection takes it), or it went
+        // out and is lost; never twice, never "not sent".
+        let s = server(Reply::OkThenClose).await;
+        let t = transport();
+        let (mut ok, mut lost) = (0, 0);
+        for _ in 0..50 {
+            match post(&t, &s.endpoint).await {
+                Ok(a) => {
+                    assert_eq!(a.status, 200);
+                    ok += 1;
+                }
+                Err(Failure::Lost(_)) => lost += 1,
+                Err(Failure::NotSent(why)) => panic!("not sent: {why}"),
+            }
+        }
+        assert!(ok > 0);
+        assert_eq!(
+            s.heads.lock().expect("heads").len(),
+            ok + lost,
+            "each sent at most once"
+        );
+    }
+
+    #[tokio::test]
+    async fn without_a_pool_every_request_connects() {
+        let s = server(Reply::Ok).await;
+        let t = Transport::new(TransportConfig {
+            max_idle_per_origin: 0,
+            ..config()
+        })
+        .expect("transport");
+        for _ in 0..3 {
+            assert_eq!(post(&t, &s.endpoint).await.expect("answer").status, 200);
+        }
+        assert_eq!(s.connections.load(Ordering::SeqCst), 3);
+        assert!(t.idle.lock().expect("idle").origins.is_empty());
     }
 
     #[tokio::test]
@@ -625,15 +765,21 @@ mod tests {
 
     #[tokio::test]
     async fn tls_that_fails_is_not_sent() {
-        // A plain HTTP server behind an https URL: the handshake fails before any request.
-        let s = server(Reply::Ok).await;
-        let e = Endpoint::parse(&format!("https://127.0.0.1:{}/x", s.endpoint.origin.port))
-            .expect("endpoint");
-        assert!(matches!(
-            post(&transport(), &e).await,
-            Err(Failure::NotSent(_))
-        ));
-        assert!(s.heads.lock().expect("heads").is_empty());
+        // A plain HTTP server behind an https URL: it answers the TLS hello with HTTP.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                let _ = sock
+                    .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+            }
+        });
+        let e = Endpoint::parse(&format!("https://127.0.0.1:{port}/x")).expect("endpoint");
+        match post(&transport(), &e).await {
+            Err(Failure::NotSent(why)) => assert!(why.starts_with("TLS with"), "{why}"),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[tokio::test]
@@ -641,8 +787,13 @@ mod tests {
         for reply in [Reply::Close, Reply::Hang] {
             let s = server(reply).await;
             let t = transport();
+            let started = Instant::now();
             assert!(matches!(post(&t, &s.endpoint).await, Err(Failure::Lost(_))));
             assert_eq!(s.heads.lock().expect("heads").len(), 1);
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "within request_timeout"
+            );
         }
     }
 
@@ -655,6 +806,7 @@ mod tests {
             .idle
             .lock()
             .expect("idle")
+            .origins
             .get(&s.endpoint.origin)
             .is_none_or(Vec::is_empty));
     }
@@ -667,19 +819,33 @@ mod tests {
         CertificateDer<'static>,
         PrivateKeyDer<'static>,
     ) {
-        let dir = std::env::temp_dir().join(format!("herald-tls-{}", uuid::Uuid::new_v4()));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        let file = |name: &str| dir.join(name).to_string_lossy().into_owned();
-        let run = |args: &str| {
+        /// Removes the directory however the test ends.
+        struct TempDir(std::path::PathBuf);
+        impl Drop for TempDir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let dir =
+            TempDir(std::env::temp_dir().join(format!("herald-tls-{}", uuid::Uuid::new_v4())));
+        std::fs::create_dir_all(&dir.0).expect("temp dir");
+        let file = |name: &str| dir.0.join(name).to_string_lossy().into_owned();
+        let run = |args: &[&str]| {
             let status = std::process::Command::new("openssl")
-                .args(args.split_whitespace())
+                .args(args)
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
                 .status()
                 .expect("the TLS test needs the openssl command");
-            assert!(status.success(), "openssl {args} failed");
+            assert!(status.success(), "openssl {args:?} failed");
         };
-        let ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
         let (ca, ca_key, csr) = (file("ca.pem"), file("ca-key.pem"), file("csr.pem"));
         let (cert, key, ext) = (file("cert.pem"), file("key.pem"), file("ext.cnf"));
         std::fs::write(
@@ -687,23 +853,42 @@ mod tests {
             "basicConstraints=critical,CA:FALSE\nsubjectAltName=DNS:localhost\n",
         )
         .expect("extensions");
-        run(&format!(
-            "req -x509 {ec} -days 1 -subj /CN=herald-test-ca -keyout {ca_key} -out {ca}"
-        ));
-        run(&format!(
-            "req {ec} -subj /CN=localhost -keyout {key} -out {csr}"
-        ));
-        run(&format!(
-            "x509 -req -in {csr} -CA {ca} -CAkey {ca_key} -CAcreateserial -days 1 \
-             -extfile {ext} -out {cert}"
-        ));
-        let parts = (
+        run(&[
+            &["req", "-x509"][..],
+            &ec,
+            &["-days", "1", "-subj", "/CN=herald-test-ca"],
+            &["-keyout", &ca_key, "-out", &ca],
+        ]
+        .concat());
+        run(&[
+            &["req"][..],
+            &ec,
+            &["-subj", "/CN=localhost", "-keyout", &key, "-out", &csr],
+        ]
+        .concat());
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-extfile",
+            &ext,
+            "-out",
+            &cert,
+        ]);
+        // Read before `dir` is dropped with the other locals.
+        (
             CertificateDer::from_pem_file(&ca).expect("authority"),
             CertificateDer::from_pem_file(&cert).expect("certificate"),
             PrivateKeyDer::from_pem_file(&key).expect("key"),
-        );
-        let _ = std::fs::remove_dir_all(&dir);
-        parts
+        )
     }
 
     #[tokio::test]
@@ -732,14 +917,14 @@ mod tests {
         assert!(head.contains(&format!("host: localhost:{}\r\n", s.endpoint.origin.port)));
 
         // The same server by its address: the certificate does not name it.
-        let by_ip = Endpoint::parse(&format!("https://127.0.0.1:{}/x", s.endpoint.origin.port))
-            .expect("endpoint");
-        assert!(matches!(post(&t, &by_ip).await, Err(Failure::NotSent(_))));
+        let by_ip = Endpoint::parse(&format!("https://{}/x", s.addr)).expect("endpoint");
+        let refused = |r: Result<Answer, Failure>| match r {
+            Err(Failure::NotSent(why)) => assert!(why.contains("certificate"), "{why}"),
+            other => panic!("{other:?}"),
+        };
+        refused(post(&t, &by_ip).await);
         // And a client that does not trust it (Mozilla's roots only).
-        assert!(matches!(
-            post(&transport(), &s.endpoint).await,
-            Err(Failure::NotSent(_))
-        ));
+        refused(post(&transport(), &s.endpoint).await);
         assert_eq!(
             s.heads.lock().expect("heads").len(),
             2,
