@@ -75,7 +75,6 @@ pub struct SendWorker {
     config: SendConfig,
     recorder: Recorder,
     out_of_order: OutOfOrder,
-    lateness: Lateness,
 }
 
 impl SendWorker {
@@ -89,7 +88,6 @@ impl SendWorker {
         SendWorker {
             recorder: Recorder::start(store.clone(), clock.clone()),
             out_of_order: OutOfOrder::default(),
-            lateness: Lateness::default(),
             store,
             admission,
             client,
@@ -131,51 +129,6 @@ impl SendWorker {
             return JobError::retry(e);
         }
         JobError::Discard(why)
-    }
-}
-
-/// How long this process's sends usually take from their claim to their request: a moving
-/// average over the last few hundred sends, in microseconds.
-///
-/// A send held up far longer than usual (its process stalled, its write was slow) goes out
-/// when its permit's moment has passed, on top of the sends other processes claimed since:
-/// [`OutOfOrder`] cannot see those. Such a send, later than usual by more than the channel's
-/// burst window, must find a fresh permit or go back to the queue. A delay that lasts (a
-/// steadily slow database) becomes the usual one within a few hundred sends, so that sends are
-/// not all charged twice.
-#[derive(Default)]
-pub struct Lateness {
-    usual_micros: std::sync::atomic::AtomicU64,
-}
-
-/// The weight of each new delay in [`Lateness`]'s average: 1/256.
-const LATENESS_WEIGHT_SHIFT: u32 = 8;
-
-impl Lateness {
-    /// Notes a send going out `delay` after its claim; true if that is later than usual by
-    /// more than `window`.
-    pub fn note(&self, delay: Duration, window: Duration) -> bool {
-        use std::sync::atomic::Ordering;
-        // Capped, so that one send held for minutes (a retry's claim) does not move the
-        // average for the next thousands.
-        let micros = u64::try_from(delay.as_micros())
-            .unwrap_or(u64::MAX)
-            .min(10_000_000);
-        let mut usual = self.usual_micros.load(Ordering::Relaxed);
-        loop {
-            // usual + (micros - usual) / 256, in integers.
-            let next = ((usual << LATENESS_WEIGHT_SHIFT) - usual + micros) >> LATENESS_WEIGHT_SHIFT;
-            match self.usual_micros.compare_exchange_weak(
-                usual,
-                next,
-                Ordering::Relaxed,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => break,
-                Err(now) => usual = now,
-            }
-        }
-        micros > usual.saturating_add(u64::try_from(window.as_micros()).unwrap_or(u64::MAX))
     }
 }
 
@@ -359,24 +312,14 @@ impl SendWorker {
         }
         if let Some(claimed) = ctx.job.attempted_at {
             let window = Duration::from_millis(u64::from(channel.limits.burst_ms.max(1)));
-            let delay = (self.clock.now() - claimed).to_std().unwrap_or_default();
-            let late = self.lateness.note(delay, window);
-            if self.out_of_order.note(channel.id, claimed, window) || late {
+            if self.out_of_order.note(channel.id, claimed, window) {
+                // Where the limiter has no room the send still goes: the producer takes every
+                // permit for its claims, and waiting for a fresh one could wait for ever.
                 let fresh = self
                     .admission
                     .acquire(&channel_rate_key(channel.id), 1)
                     .await;
-                debug!(send = %send.id, charged_again = fresh.granted, late, "send out of order");
-                if late && fresh.granted == 0 {
-                    // Its permit's moment has passed, and the sends claimed since (by any
-                    // process) have taken the limit: sent now, it would go out on top of them.
-                    // Back to the queue (no slot waits), to be claimed with a fresh permit.
-                    // The old permit is not refunded: its moment is gone.
-                    self.update(send.id, SendUpdate::Unsent).await?;
-                    return Err(JobError::Snooze(fresh.next_in.max(window)));
-                }
-                // An out-of-order send that is not late still goes where the limit has no
-                // room: it bunches by at most one burst (see `OutOfOrder`).
+                debug!(send = %send.id, charged_again = fresh.granted, "send out of order");
             }
         }
         let callback = send.id.to_string();
@@ -596,27 +539,5 @@ mod tests {
         // A newer claim moves the mark.
         assert!(!order.note(a, at(200), window));
         assert!(order.note(a, at(100), window));
-    }
-
-    #[test]
-    fn sends_far_later_than_usual_are_late_until_it_is_usual() {
-        let l = Lateness::default();
-        let ms = Duration::from_millis;
-        let window = ms(50);
-        for _ in 0..1_000 {
-            assert!(!l.note(ms(5), window));
-        }
-        // Within the window of the usual 5 ms: not late.
-        assert!(!l.note(ms(54), window));
-        // A stall: late.
-        assert!(l.note(ms(500), window));
-        assert!(l.note(ms(400), window));
-        // A delay that lasts becomes the usual one: after a thousand, not late any more.
-        let late = (0..1_000).filter(|_| l.note(ms(120), window)).count();
-        assert!((100..1_000).contains(&late), "{late}");
-        assert!(!l.note(ms(120), window));
-        // One send held for an hour moves the average by little.
-        assert!(l.note(Duration::from_secs(3_600), window));
-        assert!(!l.note(ms(120), window));
     }
 }
