@@ -226,25 +226,33 @@ async fn inbound_messages_are_stored_once_and_open_windows(store: Arc<dyn Store>
 
 async fn batches_of_the_same_messages_in_any_order_store_each_once(store: Arc<dyn Store>) {
     let ch = Uuid::new_v4();
-    // Of one message twice in a batch, the first copy is the one stored and handed back.
-    let mut first = message(ch, "wamid.b", "15550000001", 10);
-    first.text = Some("first copy".into());
-    let mut second = first.clone();
-    second.text = Some("second copy".into());
-    let batch = [message(ch, "wamid.c", "15550000001", 5), first, second];
+    // Of one message twice in a batch, the first copy is the one stored and handed back;
+    // enough of them, interleaved, that an unstable sort would put some second copies first.
+    let mut batch = Vec::new();
+    for copy in ["first copy", "second copy", "third copy"] {
+        for i in (0..30).rev() {
+            let mut m = message(ch, &format!("wamid.d{i:02}"), "15550000001", i);
+            m.text = Some(copy.into());
+            batch.push(m);
+        }
+    }
     let fresh = store
         .inbox()
         .finish_webhooks(&[], &batch, None, t0())
         .await
-        .expect("batch with a duplicate");
-    let texts: Vec<_> = fresh.iter().map(|m| m.text.as_deref()).collect();
-    assert_eq!(texts, [Some("text of wamid.c"), Some("first copy")]);
-    let stored = store.inbox().inbound_messages(ch, 10).await.expect("list");
-    let b = stored
+        .expect("batch with duplicates");
+    assert_eq!(fresh.len(), 30);
+    assert!(fresh
         .iter()
-        .find(|m| m.provider_message_id == "wamid.b")
-        .expect("stored");
-    assert_eq!(b.text.as_deref(), Some("first copy"));
+        .all(|m| m.text.as_deref() == Some("first copy")));
+    let stored = store.inbox().inbound_messages(ch, 100).await.expect("list");
+    assert_eq!(stored.len(), 30);
+    assert!(
+        stored
+            .iter()
+            .all(|m| m.text.as_deref() == Some("first copy")),
+        "the first copy of each is stored"
+    );
 
     // Two deliveries of the same messages in opposite orders, at once (Meta retries a
     // delivery while the first is still being processed): both succeed (no deadlock), and

@@ -154,7 +154,14 @@ impl MetaClient {
     /// connects to Meta directly: a proxy set in the environment is not used, and a warning
     /// says so.
     pub fn new(config: ClientConfig) -> Result<Self, String> {
-        for var in ["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"] {
+        for var in [
+            "HTTPS_PROXY",
+            "https_proxy",
+            "HTTP_PROXY",
+            "http_proxy",
+            "ALL_PROXY",
+            "all_proxy",
+        ] {
             if std::env::var_os(var).is_some_and(|v| !v.is_empty()) {
                 tracing::warn!(
                     variable = var,

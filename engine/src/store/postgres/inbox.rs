@@ -207,7 +207,9 @@ impl InboxStore for PgStore {
         }
         sqlx::query(
             "INSERT INTO herald_windows (channel_id, recipient, last_inbound_at)
-             SELECT * FROM unnest($1::uuid[], $2::text[], $3::timestamptz[])
+             SELECT ch, r, at FROM unnest($1::uuid[], $2::text[], $3::timestamptz[])
+                    WITH ORDINALITY AS t(ch, r, at, n)
+              ORDER BY n
              ON CONFLICT (channel_id, recipient) DO UPDATE
                 SET last_inbound_at = greatest(herald_windows.last_inbound_at, excluded.last_inbound_at)",
         )
