@@ -647,14 +647,19 @@ mod tests {
             .await
     }
 
+    /// The test server's answer, read whole.
+    fn assert_answered(a: Result<Answer, Failure>) {
+        let a = a.expect("answer");
+        assert_eq!(a.status, 200);
+        assert_eq!(&a.body[..], br#"{"messages":[{"id":"wamid.1"}]}"#);
+    }
+
     #[tokio::test]
     async fn requests_reuse_one_connection_and_carry_their_headers() {
         let s = server(Reply::Ok).await;
         let t = transport();
         for _ in 0..3 {
-            let a = post(&t, &s.endpoint).await.expect("answer");
-            assert_eq!(a.status, 200);
-            assert_eq!(&a.body[..], br#"{"messages":[{"id":"wamid.1"}]}"#);
+            assert_answered(post(&t, &s.endpoint).await);
         }
         assert_eq!(s.connections.load(Ordering::SeqCst), 1);
         let heads = s.heads.lock().expect("heads").clone();
@@ -769,8 +774,7 @@ mod tests {
         let s = server(Reply::Chunked).await;
         let t = transport();
         for _ in 0..2 {
-            let a = post(&t, &s.endpoint).await.expect("answer");
-            assert_eq!(&a.body[..], br#"{"messages":[{"id":"wamid.1"}]}"#);
+            assert_answered(post(&t, &s.endpoint).await);
         }
         assert_eq!(s.connections.load(Ordering::SeqCst), 1);
     }
@@ -933,9 +937,7 @@ mod tests {
         roots.add(ca).expect("root");
         let t = Transport::with_roots(config(), roots).expect("transport");
         for _ in 0..2 {
-            let a = post(&t, &s.endpoint).await.expect("answer over TLS");
-            assert_eq!(a.status, 200);
-            assert_eq!(&a.body[..], br#"{"messages":[{"id":"wamid.1"}]}"#);
+            assert_answered(post(&t, &s.endpoint).await);
         }
         assert_eq!(s.connections.load(Ordering::SeqCst), 1, "kept alive");
         let head = s.heads.lock().expect("heads")[0].to_ascii_lowercase();
