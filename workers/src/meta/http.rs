@@ -117,8 +117,9 @@ pub(crate) struct TransportConfig {
     /// Idle connections kept per origin (0: none, every request connects anew).
     pub max_idle_per_origin: usize,
     /// An idle connection older than this is closed rather than reused: servers close idle
-    /// connections too (reusing one they are closing risks a lost answer). The pool is swept
-    /// of such connections at least this often.
+    /// connections too (reusing one they are closing risks a lost answer). Check-ins sweep
+    /// the pool of such connections, and of closed ones, every half of this; a connection the
+    /// server closes frees its socket at once (its driver task ends).
     pub idle_timeout: Duration,
     /// Larger answers are refused as [`Failure::Lost`]: Meta's answers to a send are a few
     /// hundred bytes, and a misbehaving server must not make the engine buffer without end.
@@ -279,18 +280,15 @@ impl Transport {
             .idle
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // An emptied list stays (the connection comes back to it; the sweep removes lists
+        // left empty).
         let list = pool.origins.get_mut(origin)?;
-        let mut found = None;
         while let Some(conn) = list.pop() {
             if !conn.sender.is_closed() && conn.since.elapsed() < self.config.idle_timeout {
-                found = Some(conn.sender);
-                break;
+                return Some(conn.sender);
             }
         }
-        if list.is_empty() {
-            pool.origins.remove(origin);
-        }
-        found
+        None
     }
 
     /// Puts a connection whose answer was read whole back into the pool, and now and then
@@ -767,6 +765,32 @@ mod tests {
         }
         assert_eq!(s.connections.load(Ordering::SeqCst), 3);
         assert!(t.idle.lock().expect("idle").origins.is_empty());
+    }
+
+    #[tokio::test]
+    async fn idle_connections_past_their_time_are_swept_and_not_reused() {
+        let (a, b) = (server(Reply::Ok).await, server(Reply::Ok).await);
+        let t = Transport::new(TransportConfig {
+            idle_timeout: Duration::from_millis(100),
+            ..config()
+        })
+        .expect("transport");
+        assert_answered(post(&t, &a.endpoint).await);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        // The next check-in (to b) sweeps a's expired connection and its origin.
+        assert_answered(post(&t, &b.endpoint).await);
+        let origins: Vec<Origin> = t
+            .idle
+            .lock()
+            .expect("idle")
+            .origins
+            .keys()
+            .cloned()
+            .collect();
+        assert_eq!(origins, std::slice::from_ref(&b.endpoint.origin));
+        // And a's next request connects anew rather than reuse an expired connection.
+        assert_answered(post(&t, &a.endpoint).await);
+        assert_eq!(a.connections.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
