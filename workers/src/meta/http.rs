@@ -117,9 +117,10 @@ pub(crate) struct TransportConfig {
     /// Idle connections kept per origin (0: none, every request connects anew).
     pub max_idle_per_origin: usize,
     /// An idle connection older than this is closed rather than reused: servers close idle
-    /// connections too (reusing one they are closing risks a lost answer). Check-ins sweep
-    /// the pool of such connections, and of closed ones, every half of this; a connection the
-    /// server closes frees its socket at once (its driver task ends).
+    /// connections too (reusing one they are closing risks a lost answer). The pool is swept
+    /// of such connections, and of closed ones, every half of this (by a task of its own, and
+    /// at check-ins); a connection the server closes frees its socket at once (its driver task
+    /// ends).
     pub idle_timeout: Duration,
     /// Larger answers are refused as [`Failure::Lost`]: Meta's answers to a send are a few
     /// hundred bytes, and a misbehaving server must not make the engine buffer without end.
@@ -153,7 +154,44 @@ pub(crate) struct Transport {
     config: TransportConfig,
     tls: tokio_rustls::TlsConnector,
     user_agent: HeaderValue,
-    idle: Mutex<Pool>,
+    /// Shared with the sweeper task, which holds it weakly and ends with the transport.
+    idle: Arc<Mutex<Pool>>,
+}
+
+impl Pool {
+    /// Drops closed connections and those idle for `idle_timeout`, and origins left empty.
+    fn sweep(&mut self, idle_timeout: Duration, now: Instant) {
+        self.last_sweep = now;
+        self.origins.retain(|_, list| {
+            list.retain(|c| !c.sender.is_closed() && now.duration_since(c.since) < idle_timeout);
+            !list.is_empty()
+        });
+    }
+}
+
+/// Sweeps the pool every half `idle_timeout` while the transport lives (check-ins sweep too,
+/// but a process that stops sending makes none): idle connections to a server that never
+/// closes them are not kept for ever. Without a runtime (a client made outside one) only the
+/// check-ins sweep.
+fn start_sweeper(pool: &Arc<Mutex<Pool>>, idle_timeout: Duration) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let pool = Arc::downgrade(pool);
+    let period = (idle_timeout / 2).max(Duration::from_millis(10));
+    runtime.spawn(async move {
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(pool) = pool.upgrade() else {
+                return;
+            };
+            pool.lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .sweep(idle_timeout, Instant::now());
+        }
+    });
 }
 
 impl Transport {
@@ -175,14 +213,16 @@ impl Transport {
         .with_root_certificates(roots)
         .with_no_client_auth();
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let idle = Arc::new(Mutex::new(Pool {
+            origins: HashMap::new(),
+            last_sweep: Instant::now(),
+        }));
+        start_sweeper(&idle, config.idle_timeout);
         Ok(Transport {
             config,
             tls: tokio_rustls::TlsConnector::from(Arc::new(tls)),
             user_agent: HeaderValue::from_static(concat!("herald/", env!("CARGO_PKG_VERSION"))),
-            idle: Mutex::new(Pool {
-                origins: HashMap::new(),
-                last_sweep: Instant::now(),
-            }),
+            idle,
         })
     }
 
@@ -305,13 +345,7 @@ impl Transport {
         let now = Instant::now();
         let idle_timeout = self.config.idle_timeout;
         if now.duration_since(pool.last_sweep) >= idle_timeout / 2 {
-            pool.last_sweep = now;
-            pool.origins.retain(|_, list| {
-                list.retain(|c| {
-                    !c.sender.is_closed() && now.duration_since(c.since) < idle_timeout
-                });
-                !list.is_empty()
-            });
+            pool.sweep(idle_timeout, now);
         }
         if !pool.origins.contains_key(origin) {
             if pool.origins.len() >= MAX_ORIGINS {
@@ -791,6 +825,26 @@ mod tests {
         // And a's next request connects anew rather than reuse an expired connection.
         assert_answered(post(&t, &a.endpoint).await);
         assert_eq!(a.connections.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn an_idle_pool_is_swept_without_further_sends_and_the_sweeper_ends_with_it() {
+        let s = server(Reply::Ok).await;
+        let t = Transport::new(TransportConfig {
+            idle_timeout: Duration::from_millis(100),
+            ..config()
+        })
+        .expect("transport");
+        assert_answered(post(&t, &s.endpoint).await);
+        assert_eq!(t.idle.lock().expect("idle").origins.len(), 1);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(t.idle.lock().expect("idle").origins.is_empty(), "swept");
+        let weak = Arc::downgrade(&t.idle);
+        drop(t);
+        assert!(
+            weak.upgrade().is_none(),
+            "the sweeper holds the pool only weakly"
+        );
     }
 
     #[tokio::test]
