@@ -127,9 +127,10 @@ pub(crate) struct TransportConfig {
     pub max_answer_bytes: usize,
 }
 
-/// Most origins with idle connections: channels name their own Graph base URL, and a pool
-/// without a bound would let them hold open sockets without end. Past it, connections to new
-/// origins are not kept.
+/// Most origins in the pool (a list stays while its connections are out, until a sweep finds
+/// it empty): channels name their own Graph base URL, and a pool without a bound would let
+/// them hold open sockets without end. When it is full, empty lists make room first; past
+/// that, connections to new origins are not kept.
 const MAX_ORIGINS: usize = 256;
 
 /// TCP keepalive probes on every connection (as reqwest's defaults): a connection that died
@@ -348,6 +349,9 @@ impl Transport {
             pool.sweep(idle_timeout, now);
         }
         if !pool.origins.contains_key(origin) {
+            if pool.origins.len() >= MAX_ORIGINS {
+                pool.origins.retain(|_, list| !list.is_empty());
+            }
             if pool.origins.len() >= MAX_ORIGINS {
                 return;
             }
@@ -811,7 +815,7 @@ mod tests {
         .expect("transport");
         assert_answered(post(&t, &a.endpoint).await);
         tokio::time::sleep(Duration::from_millis(150)).await;
-        // The next check-in (to b) sweeps a's expired connection and its origin.
+        // By now a sweep (the sweeper's, or b's check-in) has taken a's expired connection.
         assert_answered(post(&t, &b.endpoint).await);
         let origins: Vec<Origin> = t
             .idle
@@ -837,14 +841,66 @@ mod tests {
         .expect("transport");
         assert_answered(post(&t, &s.endpoint).await);
         assert_eq!(t.idle.lock().expect("idle").origins.len(), 1);
-        tokio::time::sleep(Duration::from_millis(250)).await;
-        assert!(t.idle.lock().expect("idle").origins.is_empty(), "swept");
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while !t.idle.lock().expect("idle").origins.is_empty() {
+            assert!(Instant::now() < deadline, "not swept");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let weak = Arc::downgrade(&t.idle);
         drop(t);
         assert!(
             weak.upgrade().is_none(),
             "the sweeper holds the pool only weakly"
         );
+    }
+
+    #[tokio::test]
+    async fn check_ins_sweep_a_pool_made_outside_a_runtime() {
+        let (a, b) = (server(Reply::Ok).await, server(Reply::Ok).await);
+        // Made on a thread without a runtime: no sweeper, only the check-ins sweep.
+        let t = std::thread::spawn(|| {
+            Transport::new(TransportConfig {
+                idle_timeout: Duration::from_millis(100),
+                ..config()
+            })
+        })
+        .join()
+        .expect("thread")
+        .expect("transport");
+        assert_answered(post(&t, &a.endpoint).await);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        assert_eq!(t.idle.lock().expect("idle").origins.len(), 1, "no sweeper");
+        assert_answered(post(&t, &b.endpoint).await);
+        let origins: Vec<Origin> = t
+            .idle
+            .lock()
+            .expect("idle")
+            .origins
+            .keys()
+            .cloned()
+            .collect();
+        assert_eq!(origins, std::slice::from_ref(&b.endpoint.origin));
+    }
+
+    #[tokio::test]
+    async fn a_full_pool_makes_room_from_empty_lists() {
+        let s = server(Reply::Ok).await;
+        let t = transport();
+        {
+            let mut pool = t.idle.lock().expect("idle");
+            for n in 0..MAX_ORIGINS {
+                let origin = Origin {
+                    https: false,
+                    host: Host::Name(format!("origin-{n}.invalid")),
+                    port: 1,
+                };
+                pool.origins.insert(origin, Vec::new());
+            }
+        }
+        assert_answered(post(&t, &s.endpoint).await);
+        let pool = t.idle.lock().expect("idle");
+        assert_eq!(pool.origins.len(), 1, "the empty lists made room");
+        assert_eq!(pool.origins[&s.endpoint.origin].len(), 1);
     }
 
     #[tokio::test]
