@@ -683,6 +683,12 @@ mod tests {
             .await
     }
 
+    /// The origins the pool holds a list for.
+    fn pooled_origins(t: &Transport) -> Vec<Origin> {
+        let pool = t.idle.lock().expect("idle");
+        pool.origins.keys().cloned().collect()
+    }
+
     /// The test server's answer, read whole.
     fn assert_answered(a: Result<Answer, Failure>) {
         let a = a.expect("answer");
@@ -817,15 +823,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(150)).await;
         // By now a sweep (the sweeper's, or b's check-in) has taken a's expired connection.
         assert_answered(post(&t, &b.endpoint).await);
-        let origins: Vec<Origin> = t
-            .idle
-            .lock()
-            .expect("idle")
-            .origins
-            .keys()
-            .cloned()
-            .collect();
-        assert_eq!(origins, std::slice::from_ref(&b.endpoint.origin));
+        assert_eq!(pooled_origins(&t), std::slice::from_ref(&b.endpoint.origin));
         // And a's next request connects anew rather than reuse an expired connection.
         assert_answered(post(&t, &a.endpoint).await);
         assert_eq!(a.connections.load(Ordering::SeqCst), 2);
@@ -871,15 +869,7 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(150)).await;
         assert_eq!(t.idle.lock().expect("idle").origins.len(), 1, "no sweeper");
         assert_answered(post(&t, &b.endpoint).await);
-        let origins: Vec<Origin> = t
-            .idle
-            .lock()
-            .expect("idle")
-            .origins
-            .keys()
-            .cloned()
-            .collect();
-        assert_eq!(origins, std::slice::from_ref(&b.endpoint.origin));
+        assert_eq!(pooled_origins(&t), std::slice::from_ref(&b.endpoint.origin));
     }
 
     #[tokio::test]
