@@ -422,6 +422,16 @@ async fn wait_for(what: &str, within: Duration, mut done: impl FnMut() -> bool) 
     start.elapsed()
 }
 
+/// Waits until each of two processes counts both as live.
+async fn both_live(a: &FailSafeLimiter, b: &FailSafeLimiter) {
+    wait_for(
+        "both processes see two live",
+        Duration::from_secs(2),
+        || a.live_processes() == 2 && b.live_processes() == 2,
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failsafe_falls_back_when_redis_dies_and_returns_when_it_is_back() {
     let port = free_port();
@@ -446,12 +456,7 @@ async fn failsafe_falls_back_when_redis_dies_and_returns_when_it_is_back() {
             .unwrap(),
     );
     // `a` registered before `b` existed; its next heartbeat sees both.
-    wait_for(
-        "both processes see two live",
-        Duration::from_secs(2),
-        || a.live_processes() == 2 && b.live_processes() == 2,
-    )
-    .await;
+    both_live(&a, &b).await;
     let rate = Rate {
         per_second: 200.0,
         burst: 20,
@@ -590,12 +595,7 @@ async fn failsafe_partition_never_exceeds_the_rate() {
         .await
         .unwrap(),
     );
-    wait_for(
-        "both processes see two live",
-        Duration::from_secs(2),
-        || a.live_processes() == 2 && b.live_processes() == 2,
-    )
-    .await;
+    both_live(&a, &b).await;
     assert_eq!(b.status().mode, LimiterMode::Redis);
     assert_eq!(a.status().reserved_for_fallbacks, 0.0);
     let rate = Rate {
