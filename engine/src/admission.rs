@@ -21,6 +21,18 @@ pub trait Admission: Send + Sync + 'static {
     /// that may not send at all (a paused channel) grants nothing, with the time to look again.
     async fn acquire(&self, rate_key: &str, want: u32) -> Grant;
 
+    /// [`Admission::acquire`] for several keys, the grants in the order of `asks`: the producer
+    /// asks for every due key of a round at once, so that permits shared through Redis cost one
+    /// round trip a round, and the first key's permits do not wait on the others' round trips
+    /// before they are used. One after another by default.
+    async fn acquire_many(&self, asks: &[(&str, u32)]) -> Vec<Grant> {
+        let mut grants = Vec::with_capacity(asks.len());
+        for (key, want) in asks {
+            grants.push(self.acquire(key, *want).await);
+        }
+        grants
+    }
+
     /// Hands back permits granted by `acquire` for which no job was found.
     async fn refund(&self, rate_key: &str, n: u32);
 

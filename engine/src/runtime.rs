@@ -605,21 +605,30 @@ impl Producer {
                     let split = due.partition_point(|k| k <= c);
                     due.rotate_left(split);
                 }
-                // Every due key asks for its permits first; then one claim takes each key's
-                // jobs up to its grant, so a round over a hundred channels is one statement.
+                // Every due key asks for its permits first, all in one call (one round trip
+                // when the limits are shared through Redis: a round's first permits must not
+                // wait on the other keys' round trips before they are used); then one claim
+                // takes each key's jobs up to its grant, so a round over a hundred channels is
+                // one statement. The free slots are shared out evenly, one at least, as far as
+                // they go; the keys left over ask in a later round, from the cursor on.
                 let round = at;
-                let mut left = due.len();
-                let mut reserved = 0usize;
+                let free = self.free();
+                let asked = due.len().min(free);
+                let share = (free / asked.max(1)).clamp(1, batch);
+                let asks: Vec<(&str, u32)> = due[..asked]
+                    .iter()
+                    .map(|k| (k.as_str(), share as u32))
+                    .collect();
+                let grants = if asks.is_empty() {
+                    Vec::new()
+                } else {
+                    admission.acquire_many(&asks).await
+                };
+                if let Some(last) = due[..asked].last() {
+                    cursor = Some(last.clone());
+                }
                 let mut wants: Vec<Want> = Vec::new();
-                for key in due {
-                    let free = self.free().saturating_sub(reserved);
-                    if free == 0 {
-                        break;
-                    }
-                    let share = (free / left.max(1)).clamp(1, batch);
-                    left -= 1;
-                    cursor = Some(key.clone());
-                    let grant = admission.acquire(&key, share as u32).await;
+                for (key, grant) in due.into_iter().take(asked).zip(grants) {
                     let next = on_grid(origin, cfg.rate_tick, round, grant.next_in);
                     let permits = self.inner.metrics.key(&key);
                     permits.requested.fetch_add(share as u64, Ordering::Relaxed);
@@ -632,7 +641,6 @@ impl Producer {
                         .granted
                         .fetch_add(u64::from(grant.granted), Ordering::Relaxed);
                     let max_priority = admission.max_priority(&key).await;
-                    reserved += grant.granted as usize;
                     wants.push(Want {
                         key,
                         granted: grant.granted,

@@ -176,6 +176,148 @@ fn three_processes_sharing_a_key_stay_within_the_rate() {
     );
 }
 
+/// Three processes take permits of three keys with different rates in one call each (one of
+/// them alternates with single-key calls): every key stays within its own rate.
+#[test]
+fn three_processes_taking_many_keys_at_once_stay_within_each_rate() {
+    let prefix = prefix();
+    let rates = [
+        (
+            "a",
+            Rate {
+                per_second: 600.0,
+                burst: 6,
+            },
+        ),
+        (
+            "b",
+            Rate {
+                per_second: 200.0,
+                burst: 2,
+            },
+        ),
+        (
+            "c",
+            Rate {
+                per_second: 50.0,
+                burst: 2,
+            },
+        ),
+    ];
+    let run_for = Duration::from_millis(1500);
+    let t0 = Instant::now();
+    let processes: Vec<_> = (0..3)
+        .map(|p| {
+            let prefix = prefix.clone();
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("no Tokio runtime");
+                runtime.block_on(async move {
+                    let limiter = limiter(&prefix).await;
+                    let mut events: Vec<Vec<Event>> = vec![Vec::new(); rates.len()];
+                    let mut round = 0u32;
+                    while t0.elapsed() < run_for {
+                        round += 1;
+                        let sent = t0.elapsed().as_micros() as u64;
+                        let grants = if p == 0 && round % 2 == 0 {
+                            vec![limiter
+                                .acquire(rates[1].0, rates[1].1, 4)
+                                .await
+                                .unwrap_or_else(|e| panic!("acquire failed: {e}"))]
+                        } else {
+                            let asks: Vec<(&str, Rate, u32)> =
+                                rates.iter().map(|(k, r)| (*k, *r, 4)).collect();
+                            limiter
+                                .acquire_many(&asks)
+                                .await
+                                .unwrap_or_else(|e| panic!("acquire_many failed: {e}"))
+                        };
+                        let received = t0.elapsed().as_micros() as u64;
+                        let keys: &[usize] = if grants.len() == 1 { &[1] } else { &[0, 1, 2] };
+                        for (k, grant) in keys.iter().zip(&grants) {
+                            if grant.granted > 0 {
+                                events[*k].push(Event {
+                                    sent,
+                                    received,
+                                    granted: grant.granted,
+                                });
+                            }
+                        }
+                        if grants.iter().all(|g| g.granted == 0) {
+                            let wait = grants.iter().map(|g| g.next_in).min();
+                            tokio::time::sleep(wait.unwrap_or_default()).await;
+                        }
+                    }
+                    events
+                })
+            })
+        })
+        .collect();
+    let mut events: Vec<Vec<Event>> = vec![Vec::new(); rates.len()];
+    for process in processes {
+        let got = process.join().expect("a hammering process panicked");
+        for (all, mine) in events.iter_mut().zip(got) {
+            all.extend(mine);
+        }
+    }
+    for ((key, rate), events) in rates.iter().zip(&events) {
+        let total: u64 = events.iter().map(|e| u64::from(e.granted)).sum();
+        println!("key {key} at {}/s: {total} permits", rate.per_second);
+        check_bracketed_windows(events, rate.per_second, rate.burst, 2.0);
+        assert!(
+            total as f64 >= 0.9 * rate.per_second * run_for.as_secs_f64(),
+            "key {key}: only {total} permits in {run_for:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn acquire_many_grants_each_key_what_acquire_would() {
+    let limiter = limiter(&prefix()).await;
+    let ten = Rate {
+        per_second: 10.0,
+        burst: 3,
+    };
+    let slow = Rate {
+        per_second: 1.0,
+        burst: 1,
+    };
+    let unusable = Rate {
+        per_second: 0.0,
+        burst: 5,
+    };
+    assert!(limiter.acquire_many(&[]).await.unwrap().is_empty());
+    let grants = limiter
+        .acquire_many(&[
+            ("x", ten, 5),
+            ("bad", unusable, 5),
+            ("y", slow, 2),
+            ("x", ten, 1),
+        ])
+        .await
+        .unwrap();
+    let granted: Vec<u32> = grants.iter().map(|g| g.granted).collect();
+    // x has a burst of 3; the second ask for x comes after the first within the same call.
+    assert_eq!(granted, vec![3, 0, 1, 0]);
+    assert!(grants[0].next_in > Duration::from_millis(50), "{grants:?}");
+    assert!(
+        grants[0].next_in <= Duration::from_millis(100),
+        "{grants:?}"
+    );
+    assert!(grants[2].next_in > Duration::from_millis(900), "{grants:?}");
+    // The keys' state is the one single-key calls see.
+    assert_eq!(limiter.acquire("x", ten, 5).await.unwrap().granted, 0);
+    assert_eq!(limiter.acquire("y", slow, 1).await.unwrap().granted, 0);
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    let again = limiter.acquire_many(&[("x", ten, 5)]).await.unwrap();
+    assert_eq!(again[0].granted, 1, "{again:?}");
+    // A call with only unusable rates does not ask Redis and grants nothing.
+    let none = limiter.acquire_many(&[("bad", unusable, 5)]).await.unwrap();
+    assert_eq!(none[0].granted, 0);
+}
+
 #[tokio::test]
 async fn refund_gives_permits_back() {
     let limiter = limiter(&prefix()).await;
@@ -983,6 +1125,67 @@ async fn failsafe_starts_in_fallback_when_redis_is_down() {
         "{total} permits in {run_for:?}: above the share"
     );
     assert_eq!(limiter.status().mode, LimiterMode::Fallback);
+}
+
+/// Several keys in one call go through Redis while it answers (the state is the one other
+/// processes see), and all fall back together when it is gone: each key then within its
+/// fallback share, starting empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failsafe_takes_many_keys_through_redis_and_falls_back_for_all() {
+    let port = free_port();
+    let server = Server::start(port);
+    let url = format!("redis://127.0.0.1:{port}");
+    let config = quick_config();
+    let prefix = config.key_prefix.clone();
+    let limiter = FailSafeLimiter::connect(&url, "many".into(), config, None)
+        .await
+        .unwrap();
+    let other = RedisLimiter::connect(&url, self::config(&prefix))
+        .await
+        .unwrap();
+    let rate = Rate {
+        per_second: 100.0,
+        burst: 4,
+    };
+    let grants = limiter
+        .acquire_many(&[("p", rate, 10), ("q", rate, 2)])
+        .await;
+    assert_eq!(
+        grants.iter().map(|g| g.granted).collect::<Vec<_>>(),
+        vec![4, 2]
+    );
+    assert_eq!(limiter.status().mode, LimiterMode::Redis);
+    // Another process sees what was taken.
+    assert_eq!(other.acquire("p", rate, 10).await.unwrap().granted, 0);
+    assert_eq!(other.acquire("q", rate, 10).await.unwrap().granted, 2);
+
+    drop(server);
+    let grants = limiter
+        .acquire_many(&[("p", rate, 10), ("q", rate, 10)])
+        .await;
+    assert_eq!(limiter.status().mode, LimiterMode::Fallback);
+    // Fallback keys start empty.
+    assert!(grants.iter().all(|g| g.granted == 0), "{grants:?}");
+    let share = limiter.fallback_rate(rate);
+    let run_for = Duration::from_millis(500);
+    let until = Instant::now() + run_for;
+    let mut totals = [0u32; 2];
+    while Instant::now() < until {
+        let grants = limiter
+            .acquire_many(&[("p", rate, 10), ("q", rate, 10)])
+            .await;
+        for (t, g) in totals.iter_mut().zip(&grants) {
+            *t += g.granted;
+        }
+        let wait = grants.iter().map(|g| g.next_in).min().unwrap_or_default();
+        tokio::time::sleep(wait.max(Duration::from_millis(1))).await;
+    }
+    for total in totals {
+        assert!(
+            f64::from(total) <= share.per_second * run_for.as_secs_f64() + 1.0,
+            "{total} permits in {run_for:?}: above the fallback share {share:?}"
+        );
+    }
 }
 
 #[tokio::test]

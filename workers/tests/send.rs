@@ -670,6 +670,58 @@ async fn a_channel_connected_while_running_can_send_at_once() {
     h.finish().await;
 }
 
+/// The producer asks for every due channel at once: each key gets what it would get alone (a
+/// key that is not a channel everything, an unknown channel one at a time, a paused channel
+/// nothing, a channel its burst), and the limiter's state is the one single asks see.
+#[tokio::test]
+async fn admission_asks_for_many_keys_as_it_would_one_by_one() {
+    let h = Harness::new(Setup::new(Backend::Sqlite).stopped()).await;
+    let limits = ChannelLimits {
+        mps: 100.0,
+        burst_ms: 50,
+        ..ChannelLimits::default()
+    };
+    let open = h.channel("1555000130", Some(limits), None).await;
+    let paused = h.channel("1555000131", Some(limits), None).await;
+    let replies_only = h.channel("1555000132", Some(limits), None).await;
+    let delivery = h.store.delivery();
+    assert!(delivery
+        .pause_channel(paused.id, Some("test"), false, h.now())
+        .await
+        .unwrap());
+    assert!(delivery
+        .pause_channel(replies_only.id, Some("test"), true, h.now())
+        .await
+        .unwrap());
+    h.admission.invalidate();
+    let (open_key, paused_key, replies_key, unknown_key) = (
+        channel_rate_key(open.id),
+        channel_rate_key(paused.id),
+        channel_rate_key(replies_only.id),
+        channel_rate_key(Uuid::new_v4()),
+    );
+    let burst = limits.rate().burst;
+    let grants = h
+        .admission
+        .acquire_many(&[
+            ("not-a-channel", 7),
+            (open_key.as_str(), 100),
+            (paused_key.as_str(), 5),
+            (unknown_key.as_str(), 5),
+            (replies_key.as_str(), 100),
+        ])
+        .await;
+    let granted: Vec<u32> = grants.iter().map(|g| g.granted).collect();
+    assert_eq!(granted, vec![7, burst, 0, 1, burst], "{grants:?}");
+    // Looked at again after the admission's `paused_recheck` (200 ms in these tests).
+    assert_eq!(grants[2].next_in, Duration::from_millis(200));
+    // The permits were taken from the same limiter single asks use.
+    assert_eq!(h.admission.acquire(&open_key, 100).await.granted, 0);
+    assert_eq!(h.admission.acquire(&replies_key, 100).await.granted, 0);
+    assert!(h.admission.acquire_many(&[]).await.is_empty());
+    h.finish().await;
+}
+
 /// …and its rate applies from its first send, even before the admission's cache knows it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_channel_connected_while_running_is_paced_from_its_first_send() {

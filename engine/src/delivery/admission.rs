@@ -218,15 +218,24 @@ impl ChannelAdmission {
     }
 }
 
-#[async_trait]
-impl Admission for ChannelAdmission {
-    async fn acquire(&self, rate_key: &str, want: u32) -> Grant {
+/// What admission decides for a key before the limiter is asked.
+enum Decision {
+    /// Granted or refused without the limiter.
+    Now(Grant),
+    /// The limiter decides, under this rate.
+    Limit(Rate),
+}
+
+impl ChannelAdmission {
+    /// The rate `rate_key` is admitted at, or the grant it gets without asking the limiter (a
+    /// key that is not a channel, an unknown or a paused channel).
+    async fn decide(&self, rate_key: &str, want: u32) -> Decision {
         let Some(id) = channel_of_rate_key(rate_key) else {
             // Not a channel: nothing limits it here (the handler decides what it is).
-            return Grant {
+            return Decision::Now(Grant {
                 granted: want,
                 next_in: Duration::ZERO,
-            };
+            });
         };
         let channel = match self.channel(id).await {
             Some(c) => Some(c),
@@ -240,19 +249,55 @@ impl Admission for ChannelAdmission {
         let Some(channel) = channel else {
             // Unknown channel: let its jobs run one at a time, so their handler fails them with
             // the reason instead of leaving them waiting for ever.
-            return Grant {
+            return Decision::Now(Grant {
                 granted: want.min(1),
                 next_in: self.config.miss_reload,
-            };
+            });
         };
         if channel.paused_reason.is_some() && !channel.paused_broadcasts_only {
-            return Grant {
+            return Decision::Now(Grant {
                 granted: 0,
                 next_in: self.config.paused_recheck,
-            };
+            });
         }
-        let rate = self.rate_of(&channel);
-        self.limiter.acquire(rate_key, rate, want).await
+        Decision::Limit(self.rate_of(&channel))
+    }
+}
+
+#[async_trait]
+impl Admission for ChannelAdmission {
+    async fn acquire(&self, rate_key: &str, want: u32) -> Grant {
+        match self.decide(rate_key, want).await {
+            Decision::Now(grant) => grant,
+            Decision::Limit(rate) => self.limiter.acquire(rate_key, rate, want).await,
+        }
+    }
+
+    async fn acquire_many(&self, asks: &[(&str, u32)]) -> Vec<Grant> {
+        let mut grants = Vec::with_capacity(asks.len());
+        // (index in `asks`, key, rate, want) of the keys the limiter decides, asked together.
+        let mut limited = Vec::new();
+        for (i, (key, want)) in asks.iter().enumerate() {
+            match self.decide(key, *want).await {
+                Decision::Now(grant) => grants.push(grant),
+                Decision::Limit(rate) => {
+                    grants.push(crate::limit::Grant {
+                        granted: 0,
+                        next_in: Duration::ZERO,
+                    });
+                    limited.push((i, (*key, rate, *want)));
+                }
+            }
+        }
+        if limited.is_empty() {
+            return grants;
+        }
+        let ask: Vec<(&str, Rate, u32)> = limited.iter().map(|(_, a)| *a).collect();
+        let got = self.limiter.acquire_many(&ask).await;
+        for ((i, _), grant) in limited.iter().zip(got) {
+            grants[*i] = grant;
+        }
+        grants
     }
 
     async fn leave(&self) {

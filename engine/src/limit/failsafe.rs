@@ -778,6 +778,41 @@ impl Limiter for FailSafeLimiter {
         s.local.acquire_now(key, s.share(rate), want)
     }
 
+    /// One Redis call for every key; when it fails, every key falls back together, exactly as
+    /// each would have alone.
+    async fn acquire_many(&self, asks: &[(&str, Rate, u32)]) -> Vec<Grant> {
+        let s = &self.shared;
+        if s.left.load(Ordering::Acquire) {
+            let closed = Grant {
+                granted: 0,
+                next_in: s.config.probe_interval,
+            };
+            return vec![closed; asks.len()];
+        }
+        if s.mode() == LimiterMode::Redis {
+            if let Some(redis) = s.redis.get() {
+                let shared: Vec<(&str, Rate, u32)> = asks
+                    .iter()
+                    .map(|(key, rate, want)| (*key, s.redis_rate(*rate), *want))
+                    .collect();
+                match redis.acquire_many(&shared).await {
+                    Ok(grants) => return grants,
+                    Err(error) => s.on_error(&error),
+                }
+            }
+        }
+        if let Some(next_in) = s.fallback_closed() {
+            let closed = Grant {
+                granted: 0,
+                next_in,
+            };
+            return vec![closed; asks.len()];
+        }
+        asks.iter()
+            .map(|(key, rate, want)| s.local.acquire_now(key, s.share(*rate), *want))
+            .collect()
+    }
+
     /// Stops the heartbeats and probes, deregisters the process and withdraws its fallback
     /// share (see [`FailSafeLimiter::deregister`]); from then on the limiter grants nothing
     /// (its share is no longer counted or announced).

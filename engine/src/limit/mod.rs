@@ -83,6 +83,17 @@ pub trait Limiter: Send + Sync + 'static {
     /// Never fails: a limiter that cannot decide grants nothing.
     async fn acquire(&self, key: &str, rate: Rate, want: u32) -> Grant;
 
+    /// [`Limiter::acquire`] for several keys at once, the grants in the order of `asks`. A
+    /// limiter whose state is remote takes them in one round trip; by default they are taken
+    /// one after another.
+    async fn acquire_many(&self, asks: &[(&str, Rate, u32)]) -> Vec<Grant> {
+        let mut grants = Vec::with_capacity(asks.len());
+        for (key, rate, want) in asks {
+            grants.push(self.acquire(key, *rate, *want).await);
+        }
+        grants
+    }
+
     /// Hands back `n` permits taken by `acquire` but not used.
     ///
     /// Call it right after the `acquire` whose permits went unused (in the same dispatch round):

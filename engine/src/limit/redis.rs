@@ -25,51 +25,57 @@ use redis::{Client, Script};
 
 use super::{invalid_rate_grant, Gcra, Grant, LimitError, Rate};
 
-/// Takes up to `want` permits. KEYS[1] the key; ARGV: T (µs), burst, want.
-/// Returns {granted, microseconds until the next permit}.
+/// Takes up to `want` permits of each key, all in one atomic step on one reading of Redis's
+/// clock. KEYS[i] the i-th key; ARGV[3i-2..3i]: its T (µs), burst, want. Returns
+/// {granted, microseconds until the next permit} for each key in order, flattened.
 const ACQUIRE_LUA: &str = r"
-local t = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local want = tonumber(ARGV[3])
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
-local tau = t * (burst - 1)
-local tat = now
-local dirty = false
-local stored = redis.call('GET', KEYS[1])
-if stored then
-  local s_tat, s_t = string.match(stored, '^(%d+):(%d+)$')
-  if s_tat then
-    local debt = tonumber(s_tat) - now
-    if debt > 0 then
-      local old_t = tonumber(s_t)
-      if old_t ~= t and old_t > 0 then
-        debt = math.ceil(debt * t / old_t)
-        dirty = true
+local out = {}
+for i = 1, #KEYS do
+  local t = tonumber(ARGV[3 * i - 2])
+  local burst = tonumber(ARGV[3 * i - 1])
+  local want = tonumber(ARGV[3 * i])
+  local tau = t * (burst - 1)
+  local tat = now
+  local dirty = false
+  local stored = redis.call('GET', KEYS[i])
+  if stored then
+    local s_tat, s_t = string.match(stored, '^(%d+):(%d+)$')
+    if s_tat then
+      local debt = tonumber(s_tat) - now
+      if debt > 0 then
+        local old_t = tonumber(s_t)
+        if old_t ~= t and old_t > 0 then
+          debt = math.ceil(debt * t / old_t)
+          dirty = true
+        end
+        tat = now + debt
       end
-      tat = now + debt
+    else
+      -- Not ours or corrupt: take the bucket as empty (grant less, never more) and rewrite it.
+      tat = now + tau + t
+      dirty = true
     end
-  else
-    -- Not ours or corrupt: take the bucket as empty (grant less, never more) and rewrite it.
-    tat = now + tau + t
+  end
+  local avail = math.floor((now + tau - tat) / t) + 1
+  if avail < 0 then avail = 0 end
+  local granted = want
+  if avail < granted then granted = avail end
+  if granted > 0 then
+    tat = tat + granted * t
     dirty = true
   end
+  if dirty and tat > now then
+    local ttl_ms = math.ceil((tat - now) / 1000) + 1
+    redis.call('SET', KEYS[i], string.format('%.0f:%.0f', tat, t), 'PX', string.format('%.0f', ttl_ms))
+  end
+  local next_in = tat - tau - now
+  if next_in < 0 then next_in = 0 end
+  out[2 * i - 1] = granted
+  out[2 * i] = next_in
 end
-local avail = math.floor((now + tau - tat) / t) + 1
-if avail < 0 then avail = 0 end
-local granted = want
-if avail < granted then granted = avail end
-if granted > 0 then
-  tat = tat + granted * t
-  dirty = true
-end
-if dirty and tat > now then
-  local ttl_ms = math.ceil((tat - now) / 1000) + 1
-  redis.call('SET', KEYS[1], string.format('%.0f:%.0f', tat, t), 'PX', string.format('%.0f', ttl_ms))
-end
-local next_in = tat - tau - now
-if next_in < 0 then next_in = 0 end
-return {granted, next_in}
+return out
 ";
 
 /// Hands back permits. KEYS[1] the key; ARGV: n. Moves the TAT back by n times the interval
@@ -191,23 +197,58 @@ impl RedisLimiter {
     /// Takes up to `want` permits of `key` under `rate`, atomically for every process. A rate
     /// that is not usable grants nothing without asking Redis.
     pub async fn acquire(&self, key: &str, rate: Rate, want: u32) -> Result<Grant, LimitError> {
-        let Some(gcra) = Gcra::from_rate(rate) else {
-            return Ok(invalid_rate_grant());
-        };
+        let grants = self.acquire_many(&[(key, rate, want)]).await?;
+        grants
+            .into_iter()
+            .next()
+            .ok_or_else(|| LimitError::Reply("no grant for the key".into()))
+    }
+
+    /// [`RedisLimiter::acquire`] for several keys in one call to Redis (one script, so one
+    /// round trip and one reading of Redis's clock however many keys): a dispatch round over
+    /// fifty channels must not take fifty round trips, each of which delays the permits taken
+    /// before it. The grants are in the order of `asks`; a key with a rate that is not usable
+    /// grants nothing and is not sent to Redis.
+    pub async fn acquire_many(&self, asks: &[(&str, Rate, u32)]) -> Result<Vec<Grant>, LimitError> {
+        let mut grants = vec![invalid_rate_grant(); asks.len()];
+        let mut call = self.acquire_script.prepare_invoke();
+        let mut sent = Vec::with_capacity(asks.len());
+        for (i, (key, rate, want)) in asks.iter().enumerate() {
+            let Some(gcra) = Gcra::from_rate(*rate) else {
+                continue;
+            };
+            call.key(self.redis_key(key))
+                .arg(gcra.t_us())
+                .arg(gcra.burst)
+                .arg(*want);
+            sent.push((i, *want));
+        }
+        if sent.is_empty() {
+            return Ok(grants);
+        }
         let mut conn = self.conn.clone();
-        let mut call = self.acquire_script.key(self.redis_key(key));
-        call.arg(gcra.t_us()).arg(gcra.burst).arg(want);
-        let (granted, next_in_us): (i64, i64) = self.timed(call.invoke_async(&mut conn)).await?;
-        let granted = u32::try_from(granted)
-            .ok()
-            .filter(|g| *g <= want)
-            .ok_or_else(|| LimitError::Reply(format!("granted {granted} of {want}")))?;
-        let next_in_us = u64::try_from(next_in_us)
-            .map_err(|_| LimitError::Reply(format!("next permit in {next_in_us} µs")))?;
-        Ok(Grant {
-            granted,
-            next_in: Duration::from_micros(next_in_us),
-        })
+        let reply: Vec<i64> = self.timed(call.invoke_async(&mut conn)).await?;
+        if reply.len() != 2 * sent.len() {
+            return Err(LimitError::Reply(format!(
+                "{} numbers for {} keys",
+                reply.len(),
+                sent.len()
+            )));
+        }
+        for (pair, (i, want)) in reply.chunks_exact(2).zip(sent) {
+            let (granted, next_in_us) = (pair[0], pair[1]);
+            let granted = u32::try_from(granted)
+                .ok()
+                .filter(|g| *g <= want)
+                .ok_or_else(|| LimitError::Reply(format!("granted {granted} of {want}")))?;
+            let next_in_us = u64::try_from(next_in_us)
+                .map_err(|_| LimitError::Reply(format!("next permit in {next_in_us} µs")))?;
+            grants[i] = Grant {
+                granted,
+                next_in: Duration::from_micros(next_in_us),
+            };
+        }
+        Ok(grants)
     }
 
     /// Hands back `n` permits of `key` (see [`super::Limiter::refund`] for when). `rate` only
