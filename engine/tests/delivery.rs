@@ -264,6 +264,7 @@ async fn channels_create_get_list_and_defaults(store: Arc<dyn Store>) {
         mps: 1000.0,
         headroom: 0.05,
         burst_ms: 200,
+        meta_burst_ms: 300,
         pair_interval_ms: 3_000,
         pair_burst: 4,
         tier: Some(2_000),
@@ -424,6 +425,7 @@ async fn invalid_channels_store_nothing(store: Arc<dyn Store>) {
         ("headroom 0.95", bad_limits(|l| l.headroom = 0.95)),
         ("negative headroom", bad_limits(|l| l.headroom = -0.1)),
         ("burst_ms 0", bad_limits(|l| l.burst_ms = 0)),
+        ("meta_burst_ms 0", bad_limits(|l| l.meta_burst_ms = 0)),
         ("pair_interval_ms 0", bad_limits(|l| l.pair_interval_ms = 0)),
         ("tier 0", bad_limits(|l| l.tier = Some(0))),
     ];

@@ -15,9 +15,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use herald_engine::admission::Admission;
 use herald_engine::delivery::{
-    channel_rate_key, AdmissionConfig, Channel, ChannelAdmission, ChannelLimits, Lane, Message,
-    NewChannel, NewSend, Platform, SendRecord, SendStatus, SendUpdate, StatusEvent, SEND_KIND,
-    SEND_QUEUE,
+    arrival_rate_key, channel_rate_key, AdmissionConfig, Channel, ChannelAdmission, ChannelLimits,
+    Lane, Message, NewChannel, NewSend, Platform, SendRecord, SendStatus, SendUpdate, StatusEvent,
+    SEND_KIND, SEND_QUEUE,
 };
 use herald_engine::limit::LocalLimiter;
 use herald_engine::{
@@ -719,6 +719,59 @@ async fn admission_asks_for_many_keys_as_it_would_one_by_one() {
     assert_eq!(h.admission.acquire(&open_key, 100).await.granted, 0);
     assert_eq!(h.admission.acquire(&replies_key, 100).await.granted, 0);
     assert!(h.admission.acquire_many(&[]).await.is_empty());
+    h.finish().await;
+}
+
+/// A send whose request would run ahead of the channel's pace as Meta sees it (its permit
+/// was taken, and meanwhile other processes' sends went out) is not sent then: it goes back to
+/// the queue, no request and no attempt counted, and goes out once the pace allows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_ahead_of_the_channels_pace_waits_at_its_request() {
+    let h = Harness::new(Setup::new(Backend::Sqlite).stopped()).await;
+    let limits = ChannelLimits {
+        mps: 1.0,
+        ..ChannelLimits::default()
+    };
+    let ch = h.channel("1555000133", Some(limits), None).await;
+    // Other processes' requests took the whole arrival burst just now (two at 1/s); the claim
+    // rate, taken apart from it, still has permits.
+    let arrival = limits.arrival_rate();
+    let taken = h
+        .admission
+        .limiter()
+        .acquire(&arrival_rate_key(ch.id), arrival, 10)
+        .await;
+    assert_eq!(taken.granted, arrival.burst);
+    let free_at = Utc::now() + chrono::Duration::milliseconds(1_000);
+    let id = h
+        .create_one(h.template(&ch, "15552820001", Lane::Interactive))
+        .await;
+    let mut h = h;
+    h.start();
+    let s = h
+        .wait_send(id, "the send went out once the pace allowed", |s| {
+            s.status == SendStatus::Accepted
+        })
+        .await;
+    assert_eq!(s.requests, 1, "one request: {s:#?}");
+    assert_eq!(h.copies(id), 1);
+    let accepted = h.sandbox.accepted(&id.to_string());
+    let at_ms = accepted.first().map_or(0.0, |a| a.accepted_unix_ms);
+    // The sandbox's clock and this one are the same machine's; allow a few ms of rounding.
+    assert!(
+        at_ms + 5.0 >= free_at.timestamp_millis() as f64,
+        "sent {} ms before the pace allowed",
+        free_at.timestamp_millis() as f64 - at_ms
+    );
+    assert_eq!(errors_of(&h.sandbox.stats(), 130429), 0);
+    let job = h
+        .wait_job(id, "its job completed", |j| j.state.is_final())
+        .await;
+    assert_eq!(job.state, JobState::Completed, "{job:#?}");
+    assert_eq!(
+        job.attempt, 1,
+        "waiting for the pace is not an attempt: {job:#?}"
+    );
     h.finish().await;
 }
 

@@ -206,16 +206,60 @@ impl ChannelAdmission {
         }
     }
 
-    /// One permit of the (channel, recipient) pair rate: Meta tolerates about one message per
-    /// 6 s to one user. Returns how long to wait when there is none.
-    pub async fn acquire_pair(&self, channel: &Channel, recipient: &str) -> Option<Duration> {
-        let key = format!("pair:{}:{recipient}", channel.id);
-        let grant = self
+    /// The checks at the moment of a request, taken together (one round trip when limits
+    /// are shared through Redis): one permit of the (channel, recipient) pair rate (Meta
+    /// tolerates about one message per 6 s to one user), and one of the channel's arrival rate
+    /// ([`super::ChannelLimits::arrival_rate`]), so that a send held up since its claim does not
+    /// go out on top of the sends claimed after it, by this process or any other. When one is
+    /// refused the other is handed back.
+    pub async fn at_request(&self, channel: &Channel, recipient: &str) -> RequestGate {
+        let pair_key = format!("pair:{}:{recipient}", channel.id);
+        let arrival_key = arrival_rate_key(channel.id);
+        let (pair_rate, arrival_rate) = (channel.limits.pair_rate(), channel.limits.arrival_rate());
+        let grants = self
             .limiter
-            .acquire(&key, channel.limits.pair_rate(), 1)
+            .acquire_many(&[
+                (pair_key.as_str(), pair_rate, 1),
+                (arrival_key.as_str(), arrival_rate, 1),
+            ])
             .await;
-        (grant.granted == 0).then_some(grant.next_in.max(Duration::from_millis(1)))
+        let (pair, arrival) = match grants.as_slice() {
+            [pair, arrival] => (*pair, *arrival),
+            // A limiter that answered for fewer keys granted nothing.
+            _ => return RequestGate::Ahead(crate::limit::INVALID_RATE_RETRY),
+        };
+        let wait = |g: Grant| g.next_in.max(Duration::from_millis(1));
+        match (pair.granted > 0, arrival.granted > 0) {
+            (true, true) => RequestGate::Go,
+            (false, arrival_granted) => {
+                if arrival_granted {
+                    self.limiter.refund(&arrival_key, arrival_rate, 1).await;
+                }
+                RequestGate::Pair(wait(pair))
+            }
+            (true, false) => {
+                self.limiter.refund(&pair_key, pair_rate, 1).await;
+                RequestGate::Ahead(wait(arrival))
+            }
+        }
     }
+}
+
+/// The limiter key of a channel's arrival rate: `arrive:<channel id>`.
+pub fn arrival_rate_key(channel_id: Uuid) -> String {
+    format!("arrive:{channel_id}")
+}
+
+/// What [`ChannelAdmission::at_request`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestGate {
+    /// Send now.
+    Go,
+    /// The recipient has had its share: wait this long (Meta would answer 131056).
+    Pair(Duration),
+    /// Sent now, the request would run ahead of the channel's pace as Meta sees it (its
+    /// permit was taken long ago and later sends went first): wait this long.
+    Ahead(Duration),
 }
 
 /// What admission decides for a key before the limiter is asked.

@@ -24,7 +24,7 @@ use crate::error::Result;
 use crate::model::NewJob;
 
 mod admission;
-pub use admission::{AdmissionConfig, ChannelAdmission};
+pub use admission::{arrival_rate_key, AdmissionConfig, ChannelAdmission, RequestGate};
 
 /// The job kind that performs a send.
 pub const SEND_KIND: &str = "meta.send";
@@ -101,6 +101,13 @@ pub struct ChannelLimits {
     /// The most sends let out at once, as milliseconds of `mps`. Small: Meta's tolerance for
     /// bursts is not documented.
     pub burst_ms: u32,
+    /// How far ahead of its pace Meta is taken to let a sender run before it refuses with
+    /// 130429, as milliseconds of `mps` (Meta does not document it; never less than
+    /// `burst_ms`). Every send is checked against it at the moment of its request, by every
+    /// process together: a send whose permit was taken long before (its process was held up
+    /// while the others went on) and would now go out on top of later ones waits instead.
+    /// Lower it if Meta refuses bursts that Herald lets out.
+    pub meta_burst_ms: u32,
     /// Meta tolerates about one message per 6 s to one user (131056 beyond).
     pub pair_interval_ms: u64,
     /// Short bursts to one user are tolerated but borrow from later quota.
@@ -140,6 +147,20 @@ impl ChannelLimits {
         }
     }
 
+    /// The pace requests may reach Meta at, checked at the moment of each request: `mps`
+    /// itself (no headroom: this is Meta's limit, not Herald's target) with a burst of
+    /// `meta_burst_ms` (at least `burst_ms`) of it. Permits are taken at `rate()` when sends
+    /// are claimed, a little before their requests; this check bounds what the delays between
+    /// the two can bunch, whichever processes the sends are in.
+    pub fn arrival_rate(&self) -> crate::limit::Rate {
+        let window = self.meta_burst_ms.max(self.burst_ms);
+        let burst = (self.mps * f64::from(window) / 1000.0).floor();
+        crate::limit::Rate {
+            per_second: self.mps,
+            burst: (burst as u32).max(2),
+        }
+    }
+
     /// The per-recipient rate.
     pub fn pair_rate(&self) -> crate::limit::Rate {
         crate::limit::Rate {
@@ -158,6 +179,9 @@ impl ChannelLimits {
         if self.burst_ms == 0 || self.burst_ms > 10_000 {
             return Err("limits.burst_ms must be 1 to 10000".into());
         }
+        if self.meta_burst_ms == 0 || self.meta_burst_ms > 10_000 {
+            return Err("limits.meta_burst_ms must be 1 to 10000".into());
+        }
         if self.pair_interval_ms == 0 || self.pair_burst == 0 {
             return Err("limits.pair_interval_ms and limits.pair_burst must be at least 1".into());
         }
@@ -174,6 +198,7 @@ impl Default for ChannelLimits {
             mps: 80.0,
             headroom: 0.01,
             burst_ms: 50,
+            meta_burst_ms: 150,
             pair_interval_ms: 6_000,
             pair_burst: 10,
             tier: None,
@@ -824,5 +849,31 @@ mod tests {
         // Shared numbers (20/s) and slow channels: a tick's lateness must not be lost.
         assert_eq!(limits(20.0, 50).rate().burst, 2, "at least two");
         assert_eq!(limits(1.0, 1).rate().burst, 2, "at least two");
+    }
+
+    #[test]
+    fn the_arrival_rate_is_metas_with_its_burst_never_below_herals() {
+        let r = limits(80.0, 50).arrival_rate();
+        assert_eq!(
+            (r.per_second, r.burst),
+            (80.0, 12),
+            "150 ms of 80/s, no headroom"
+        );
+        assert_eq!(limits(1000.0, 50).arrival_rate().burst, 150);
+        assert_eq!(limits(20.0, 50).arrival_rate().burst, 3);
+        // Herald's own burst is never refused by the check.
+        assert_eq!(limits(1000.0, 400).arrival_rate().burst, 400);
+        assert_eq!(limits(1.0, 50).arrival_rate().burst, 2, "at least two");
+        let mut bad = limits(80.0, 50);
+        bad.meta_burst_ms = 0;
+        assert!(bad.validate().is_err());
+        bad.meta_burst_ms = 10_001;
+        assert!(bad.validate().is_err());
+        bad.meta_burst_ms = 10_000;
+        assert!(bad.validate().is_ok());
+        // Limits stored before the setting existed read with its default.
+        let stored: ChannelLimits =
+            serde_json::from_str(r#"{"mps":80.0,"headroom":0.01,"burst_ms":50}"#).unwrap();
+        assert_eq!(stored.meta_burst_ms, 150);
     }
 }

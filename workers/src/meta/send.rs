@@ -18,10 +18,13 @@
 //!   for its status webhook through the grace period.
 //! - Limits are taken before the call: the channel's rate by the engine's admission (the job
 //!   is claimed only with a permit), the pair rate and the messaging tier here. A send that
-//!   waits for one of them gives the channel's permit back and snoozes until it is due. A
-//!   send that goes out after sends claimed more than the channel's burst window after it (a
-//!   slow write for one round, a fast one for the next) is charged to the channel's limit
-//!   again where it has room, so that it does not bunch with them (see [`OutOfOrder`]).
+//!   waits for one of them gives the channel's permit back and snoozes until it is due.
+//! - The moment of the request is checked too, against the channel's arrival rate (Meta's
+//!   `mps` with a burst of `meta_burst_ms`), by every process together: a send held up since
+//!   its claim (a slow write, a stalled process) while later sends went out would bunch with
+//!   them, so it goes back to the queue instead, keeping no slot, and is claimed again with a
+//!   fresh permit. This bounds the bunching at Meta to the arrival burst, whatever the delays
+//!   between claims and requests.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,8 +32,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use herald_engine::admission::Admission;
 use herald_engine::delivery::{
-    channel_rate_key, ChannelAdmission, Message, Platform, SendArgs, SendRecord, SendStatus,
-    SendUpdate, SEND_KIND,
+    channel_rate_key, ChannelAdmission, Message, Platform, RequestGate, SendArgs, SendRecord,
+    SendStatus, SendUpdate, SEND_KIND,
 };
 use herald_engine::model::Effect;
 use herald_engine::{Backoff, Clock, JobContext, JobError, KindPolicy, Store, Worker};
@@ -74,7 +77,6 @@ pub struct SendWorker {
     clock: Arc<dyn Clock>,
     config: SendConfig,
     recorder: Recorder,
-    out_of_order: OutOfOrder,
 }
 
 impl SendWorker {
@@ -87,7 +89,6 @@ impl SendWorker {
     ) -> Self {
         SendWorker {
             recorder: Recorder::start(store.clone(), clock.clone()),
-            out_of_order: OutOfOrder::default(),
             store,
             admission,
             client,
@@ -129,51 +130,6 @@ impl SendWorker {
             return JobError::retry(e);
         }
         JobError::Discard(why)
-    }
-}
-
-/// Most channels [`OutOfOrder`] keeps; past it, it starts again (a send then misses the check
-/// once, as on a fresh process).
-const MAX_ORDER_CHANNELS: usize = 10_000;
-
-/// The newest claim among each channel's sends gone out from this process, to tell a send
-/// going out after sends claimed well after it.
-///
-/// A permit is taken with the claim, and the request leaves a little later. When that delay is
-/// the same for every send (even a long one: a slow database) the sends keep their order and
-/// their pace. When it shrinks (one round's write was slow, the next one's fast) the late
-/// round's sends go out together with the next round's, over the channel's burst: that is
-/// what got 130429 answers while a bench enqueued its broadcast. Such a send, out of order by
-/// more than the channel's burst window, is charged to the limit again (where the limit has
-/// room), which holds back the sends that would bunch with it. Within the window, a send
-/// bunches with later ones by at most one burst: in any span the channel sends at most its
-/// rate over the span plus two bursts. It sees only this process's sends.
-#[derive(Default)]
-pub struct OutOfOrder {
-    newest: std::sync::Mutex<std::collections::HashMap<uuid::Uuid, chrono::DateTime<chrono::Utc>>>,
-}
-
-impl OutOfOrder {
-    /// Notes a send of `channel` claimed at `claimed` going out now; true if a send of the
-    /// channel claimed more than `window` after it has gone out already.
-    pub fn note(
-        &self,
-        channel: uuid::Uuid,
-        claimed: chrono::DateTime<chrono::Utc>,
-        window: Duration,
-    ) -> bool {
-        let mut newest = self
-            .newest
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if newest.len() >= MAX_ORDER_CHANNELS && !newest.contains_key(&channel) {
-            newest.clear();
-        }
-        let seen = newest.entry(channel).or_insert(claimed);
-        if claimed > *seen {
-            *seen = claimed;
-        }
-        (*seen - claimed).to_std().is_ok_and(|ahead| ahead > window)
     }
 }
 
@@ -306,20 +262,19 @@ impl SendWorker {
                 }
             }
         }
-        if let Some(wait) = self.admission.acquire_pair(&channel, &send.recipient).await {
-            self.update(send.id, SendUpdate::Unsent).await?;
-            return Err(self.wait(channel.id, wait).await);
-        }
-        if let Some(claimed) = ctx.job.attempted_at {
-            let window = Duration::from_millis(u64::from(channel.limits.burst_ms.max(1)));
-            if self.out_of_order.note(channel.id, claimed, window) {
-                // Where the limiter has no room the send still goes: the producer takes every
-                // permit for its claims, and waiting for a fresh one could wait for ever.
-                let fresh = self
-                    .admission
-                    .acquire(&channel_rate_key(channel.id), 1)
-                    .await;
-                debug!(send = %send.id, charged_again = fresh.granted, "send out of order");
+        match self.admission.at_request(&channel, &send.recipient).await {
+            RequestGate::Go => {}
+            RequestGate::Pair(wait) => {
+                self.update(send.id, SendUpdate::Unsent).await?;
+                return Err(self.wait(channel.id, wait).await);
+            }
+            RequestGate::Ahead(wait) => {
+                // Held up since its claim while later sends went out: sent now it would bunch
+                // with them. Back to the queue, to be claimed with a fresh permit; the old one
+                // is not given back, its moment has passed.
+                debug!(send = %send.id, ?wait, "send ahead of the channel's pace: back to the queue");
+                self.update(send.id, SendUpdate::Unsent).await?;
+                return Err(JobError::Snooze(wait));
             }
         }
         let callback = send.id.to_string();
@@ -512,32 +467,4 @@ fn refused(code: Option<i64>, why: &str) -> SendUpdate {
 /// `d` plus up to 20% at random, so that refused sends do not come back in lockstep.
 fn jitter(d: Duration) -> Duration {
     d + d.mul_f64(fastrand::f64() * 0.2)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_sends_overtaken_by_later_claims_are_out_of_order() {
-        let order = OutOfOrder::default();
-        let (a, b) = (uuid::Uuid::new_v4(), uuid::Uuid::new_v4());
-        let t0 = chrono::Utc::now();
-        let at = |ms| t0 + chrono::Duration::milliseconds(ms);
-        let window = Duration::from_millis(50);
-        // In order, however late each goes out: never.
-        for ms in [0, 20, 40, 60, 80] {
-            assert!(!order.note(a, at(ms), window), "claimed at {ms}");
-        }
-        // Overtaken by a send claimed 50 ms later: within the window.
-        assert!(!order.note(a, at(30), window));
-        // By one claimed 51 ms later: out of order.
-        assert!(order.note(a, at(29), window));
-        assert!(order.note(a, at(-1_000), window));
-        // Channels are apart.
-        assert!(!order.note(b, at(-1_000), window));
-        // A newer claim moves the mark.
-        assert!(!order.note(a, at(200), window));
-        assert!(order.note(a, at(100), window));
-    }
 }
