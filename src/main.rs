@@ -303,8 +303,15 @@ pub async fn start_engine(
         );
     }
     registry.register(webhooks);
-    let engine = Engine::start_limited(store, registry, settings.engine.clone(), clock, admission);
+    let engine = Engine::start_limited(
+        store,
+        registry,
+        settings.engine.clone(),
+        clock,
+        admission.clone(),
+    );
     engine.metrics().set_limiter(limiter);
+    admission.set_metrics(engine.metrics());
     Ok(engine)
 }
 

@@ -112,6 +112,10 @@ pub struct KeyMetrics {
     pub refunded: AtomicU64,
     /// Asks that got nothing: the key was at its limit (or paused).
     pub denied: AtomicU64,
+    /// Granted to a send that was then held back at its request, because it would have run
+    /// ahead of the channel's pace as Meta sees it: the permit is not handed back (its moment
+    /// has passed) and goes unused.
+    pub held: AtomicU64,
 }
 
 /// Rate keys tracked at most; more keys share the `other` series (a cap on label cardinality).
@@ -196,7 +200,7 @@ impl EngineMetrics {
         let keys = snapshot(&self.keys);
         let _ = writeln!(
             out,
-            "# HELP herald_limiter_permits_total Rate-limit permits per rate key (channel): requested, granted, refunded (unused), and asks denied.\n# TYPE herald_limiter_permits_total counter"
+            "# HELP herald_limiter_permits_total Rate-limit permits per rate key (channel): requested, granted, refunded (unused), asks denied, and permits of sends held back at their request (unused).\n# TYPE herald_limiter_permits_total counter"
         );
         for (k, m) in &keys {
             let k = label(k);
@@ -205,6 +209,7 @@ impl EngineMetrics {
                 ("granted", &m.granted),
                 ("refunded", &m.refunded),
                 ("denied", &m.denied),
+                ("held", &m.held),
             ] {
                 let _ = writeln!(
                     out,
@@ -294,6 +299,10 @@ mod tests {
         let mut out = String::new();
         m.render(&mut out);
         assert!(out.contains("herald_limiter_permits_total{key=\"other\",kind=\"granted\"} 5"));
+        m.key("k1").held.fetch_add(3, Ordering::Relaxed);
+        let mut out = String::new();
+        m.render(&mut out);
+        assert!(out.contains("herald_limiter_permits_total{key=\"k1\",kind=\"held\"} 3"));
         m.queue("a\"b").completed.fetch_add(2, Ordering::Relaxed);
         let mut out = String::new();
         m.render(&mut out);

@@ -610,7 +610,10 @@ impl Producer {
                 // wait on the other keys' round trips before they are used); then one claim
                 // takes each key's jobs up to its grant, so a round over a hundred channels is
                 // one statement. The free slots are shared out evenly, one at least, as far as
-                // they go; the keys left over ask in a later round, from the cursor on.
+                // they go; the keys left over ask in a later round, from the cursor on. Slots
+                // that keys at their limit left unused go to the keys that took their whole
+                // share, in a second call (only then), so a fast channel among slow ones is not
+                // held to an even share of the slots.
                 let round = at;
                 let free = self.free();
                 let asked = due.len().min(free);
@@ -619,19 +622,53 @@ impl Producer {
                     .iter()
                     .map(|k| (k.as_str(), share as u32))
                     .collect();
-                let grants = if asks.is_empty() {
+                let mut grants = if asks.is_empty() {
                     Vec::new()
                 } else {
                     admission.acquire_many(&asks).await
                 };
+                // A limiter that answered for fewer keys granted the rest nothing.
+                grants.resize(
+                    asked,
+                    crate::limit::Grant {
+                        granted: 0,
+                        next_in: Duration::ZERO,
+                    },
+                );
+                let mut requested = vec![share as u64; asked];
+                let used: usize = grants.iter().map(|g| g.granted as usize).sum();
+                let left = free.saturating_sub(used);
+                let hungry: Vec<usize> = if share < batch {
+                    (0..asked)
+                        .filter(|i| grants[*i].granted as usize == share)
+                        .take(left)
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                if left > 0 && !hungry.is_empty() {
+                    let more = (left / hungry.len()).clamp(1, batch - share);
+                    let asks: Vec<(&str, u32)> = hungry
+                        .iter()
+                        .map(|i| (due[*i].as_str(), more as u32))
+                        .collect();
+                    let again = admission.acquire_many(&asks).await;
+                    for (i, grant) in hungry.iter().zip(again) {
+                        grants[*i].granted += grant.granted;
+                        grants[*i].next_in = grant.next_in;
+                        requested[*i] += more as u64;
+                    }
+                }
                 if let Some(last) = due[..asked].last() {
                     cursor = Some(last.clone());
                 }
                 let mut wants: Vec<Want> = Vec::new();
-                for (key, grant) in due.into_iter().take(asked).zip(grants) {
+                for ((key, grant), requested) in
+                    due.into_iter().take(asked).zip(grants).zip(requested)
+                {
                     let next = on_grid(origin, cfg.rate_tick, round, grant.next_in);
                     let permits = self.inner.metrics.key(&key);
-                    permits.requested.fetch_add(share as u64, Ordering::Relaxed);
+                    permits.requested.fetch_add(requested, Ordering::Relaxed);
                     if grant.granted == 0 {
                         permits.denied.fetch_add(1, Ordering::Relaxed);
                         keys.insert(key, next);

@@ -32,6 +32,7 @@ conformance!(
     unused_permits_are_handed_back,
     many_keys_each_keep_their_own_rate,
     a_key_that_appears_later_is_served_while_others_run,
+    slots_that_slow_keys_leave_go_to_a_fast_key,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -58,6 +59,8 @@ struct Rates {
     rates: HashMap<String, Rate>,
     /// (key, permits) handed back.
     refunds: Mutex<Vec<(String, u32)>>,
+    /// (key, permits asked for), every ask.
+    asks: Mutex<Vec<(String, u32)>>,
     /// Whether the engine left (at shutdown).
     left: std::sync::atomic::AtomicBool,
 }
@@ -68,6 +71,7 @@ impl Rates {
             limiter: LocalLimiter::new(),
             rates: rates.iter().map(|(k, r)| (k.to_string(), *r)).collect(),
             refunds: Mutex::new(Vec::new()),
+            asks: Mutex::new(Vec::new()),
             left: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -76,6 +80,7 @@ impl Rates {
 #[async_trait]
 impl Admission for Rates {
     async fn acquire(&self, key: &str, want: u32) -> Grant {
+        self.asks.lock().expect("lock").push((key.to_owned(), want));
         match self.rates.get(key) {
             Some(rate) => self.limiter.acquire(key, *rate, want).await,
             None => Grant {
@@ -396,5 +401,49 @@ async fn a_key_that_appears_later_is_served_while_others_run(store: Arc<dyn Stor
         last_late < 120,
         "the late key's last job started at position {last_late} of {}: it waited for the busy keys",
         order.len()
+    );
+}
+
+/// Nineteen keys that get one permit a round and one fast key share 100 slots: while the slow
+/// keys run, the fast key is offered the slots they leave, in the same round, not only an even
+/// twentieth of them.
+async fn slots_that_slow_keys_leave_go_to_a_fast_key(store: Arc<dyn Store>) {
+    // One permit per 5 ms rate tick: due every round, granted one each time.
+    let slow = Rate {
+        per_second: 200.0,
+        burst: 1,
+    };
+    let fast = Rate {
+        per_second: 5_000.0,
+        burst: 500,
+    };
+    let names: Vec<String> = (0..19).map(|k| format!("slow{k:02}")).collect();
+    let mut rates: Vec<(&str, Rate)> = names.iter().map(|k| (k.as_str(), slow)).collect();
+    rates.push(("fast", fast));
+    let admission = Rates::new(&rates);
+    // The slow keys' jobs last about a second; the fast key's 300 much less.
+    let mut jobs: Vec<NewJob> = (0..19 * 200)
+        .map(|n| job(Some(&names[n as usize % 19]), n, 0, 0))
+        .collect();
+    jobs.extend((10_000..10_300).map(|n| job(Some("fast"), n, 0, 0)));
+    client(&store).enqueue_many(&jobs).await.expect("enqueue");
+    let (engine, _starts) = start(&store, 100, admission.clone());
+    wait_for_count(store.as_ref(), JobState::Completed, 19 * 200 + 300).await;
+    engine.shutdown().await;
+    let asks = admission.asks.lock().expect("lock").clone();
+    let slow_until = asks
+        .iter()
+        .rposition(|a| a.0.starts_with("slow"))
+        .unwrap_or(0);
+    let most = asks[..slow_until]
+        .iter()
+        .filter(|a| a.0 == "fast")
+        .map(|a| a.1)
+        .max()
+        .unwrap_or(0);
+    assert!(
+        most >= 50,
+        "while the slow keys ran, the fast key was offered at most {most} slots in one ask (an \
+         even share is 5)"
     );
 }

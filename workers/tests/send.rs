@@ -15,9 +15,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use herald_engine::admission::Admission;
 use herald_engine::delivery::{
-    arrival_rate_key, channel_rate_key, AdmissionConfig, Channel, ChannelAdmission, ChannelLimits,
-    Lane, Message, NewChannel, NewSend, Platform, SendRecord, SendStatus, SendUpdate, StatusEvent,
-    SEND_KIND, SEND_QUEUE,
+    arrival_rate_key, channel_rate_key, pair_rate_key, AdmissionConfig, Channel, ChannelAdmission,
+    ChannelLimits, Lane, Message, NewChannel, NewSend, Platform, RequestGate, SendRecord,
+    SendStatus, SendUpdate, StatusEvent, SEND_KIND, SEND_QUEUE,
 };
 use herald_engine::limit::LocalLimiter;
 use herald_engine::{
@@ -719,6 +719,109 @@ async fn admission_asks_for_many_keys_as_it_would_one_by_one() {
     assert_eq!(h.admission.acquire(&open_key, 100).await.granted, 0);
     assert_eq!(h.admission.acquire(&replies_key, 100).await.granted, 0);
     assert!(h.admission.acquire_many(&[]).await.is_empty());
+    h.finish().await;
+}
+
+/// The checks at a request hand back what they took when the other refuses: the pair permit
+/// when the send is ahead of the channel's pace, the arrival permit when the recipient has had
+/// its share; a send held back for its pace is counted, and its claim permit is not given back.
+#[tokio::test]
+async fn the_checks_at_a_request_hand_back_what_they_do_not_use() {
+    let h = Harness::new(Setup::new(Backend::Sqlite).stopped()).await;
+    let metrics = Arc::new(herald_engine::metrics::EngineMetrics::default());
+    h.admission.set_metrics(metrics.clone());
+    let limits = ChannelLimits {
+        mps: 10.0,
+        pair_burst: 1,
+        ..ChannelLimits::default()
+    };
+    let (arrival, pair) = (limits.arrival_rate(), limits.pair_rate());
+    assert_eq!(arrival.burst, 2);
+    let limiter = h.admission.limiter().clone();
+    let busy = h.channel("1555000134", Some(limits), None).await;
+    let quiet = h.channel("1555000135", Some(limits), None).await;
+    let held = |ch: &Channel| {
+        metrics
+            .key(&channel_rate_key(ch.id))
+            .held
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+
+    // Ahead: the busy channel's arrival burst is gone; the pair permit goes back.
+    let taken = limiter
+        .acquire(&arrival_rate_key(busy.id), arrival, 10)
+        .await;
+    assert_eq!(taken.granted, 2);
+    let gate = h.admission.at_request(&busy, "15552830001").await;
+    assert!(
+        matches!(gate, RequestGate::Ahead(w) if w > Duration::ZERO),
+        "{gate:?}"
+    );
+    let pair_left = limiter
+        .acquire(&pair_rate_key(busy.id, "15552830001"), pair, 10)
+        .await;
+    assert_eq!(pair_left.granted, 1, "the pair permit was handed back");
+    assert_eq!(held(&busy), 1);
+
+    // Pair: the recipient has had its message; the quiet channel's arrival permit goes back.
+    let to = "15552830002";
+    assert_eq!(
+        limiter
+            .acquire(&pair_rate_key(quiet.id, to), pair, 10)
+            .await
+            .granted,
+        1
+    );
+    let gate = h.admission.at_request(&quiet, to).await;
+    assert!(
+        matches!(gate, RequestGate::Pair(w) if w > Duration::from_secs(5)),
+        "{gate:?}"
+    );
+    assert_eq!(
+        limiter
+            .acquire(&arrival_rate_key(quiet.id), arrival, 10)
+            .await
+            .granted,
+        2,
+        "the arrival permit was handed back"
+    );
+    assert_eq!(held(&quiet), 0);
+
+    // Both refused: held back for its pace (no claim permit back), waiting for the pair.
+    assert_eq!(
+        limiter
+            .acquire(&pair_rate_key(busy.id, to), pair, 10)
+            .await
+            .granted,
+        1
+    );
+    let gate = h.admission.at_request(&busy, to).await;
+    assert!(
+        matches!(gate, RequestGate::Ahead(w) if w > Duration::from_secs(5)),
+        "{gate:?}"
+    );
+    assert_eq!(held(&busy), 2);
+
+    // Go: a channel with room takes one of each.
+    let fresh = h.channel("1555000136", Some(limits), None).await;
+    let gate = h.admission.at_request(&fresh, to).await;
+    assert_eq!(gate, RequestGate::Go);
+    assert_eq!(
+        limiter
+            .acquire(&arrival_rate_key(fresh.id), arrival, 10)
+            .await
+            .granted,
+        1,
+        "one of the arrival burst of two is taken"
+    );
+    assert_eq!(
+        limiter
+            .acquire(&pair_rate_key(fresh.id, to), pair, 10)
+            .await
+            .granted,
+        0,
+        "the pair permit is taken"
+    );
     h.finish().await;
 }
 

@@ -13,7 +13,8 @@ use uuid::Uuid;
 
 use super::{channel_of_rate_key, Channel};
 use crate::admission::Admission;
-use crate::limit::{Grant, Limiter, Rate};
+use crate::limit::{Grant, Limiter, LimiterMode, Rate};
+use crate::metrics::EngineMetrics;
 use crate::store::Store;
 
 /// Settings of a [`ChannelAdmission`].
@@ -71,6 +72,8 @@ pub struct ChannelAdmission {
     cache: Mutex<Cache>,
     slowdowns: Mutex<HashMap<Uuid, Slowdown>>,
     reload: tokio::sync::Mutex<()>,
+    /// Where sends held back at their request are counted, once set.
+    metrics: std::sync::OnceLock<Arc<EngineMetrics>>,
 }
 
 impl ChannelAdmission {
@@ -85,6 +88,7 @@ impl ChannelAdmission {
             }),
             slowdowns: Mutex::new(HashMap::new()),
             reload: tokio::sync::Mutex::new(()),
+            metrics: std::sync::OnceLock::new(),
         }
     }
 
@@ -212,37 +216,85 @@ impl ChannelAdmission {
     /// ([`super::ChannelLimits::arrival_rate`]), so that a send held up since its claim does not
     /// go out on top of the sends claimed after it, by this process or any other. When one is
     /// refused the other is handed back.
+    ///
+    /// While the limiter is in fallback (Redis unreachable) the arrival rate is not checked:
+    /// each process then claims at a local share of half the rate or less, which leaves more
+    /// room than the check would, and the share's burst (scaled down, one permit at low rates)
+    /// would refuse ordinary jitter.
     pub async fn at_request(&self, channel: &Channel, recipient: &str) -> RequestGate {
-        let pair_key = format!("pair:{}:{recipient}", channel.id);
+        let pair_key = pair_rate_key(channel.id, recipient);
+        let pair_rate = channel.limits.pair_rate();
+        let check_arrival = self.limiter.status().mode != LimiterMode::Fallback;
         let arrival_key = arrival_rate_key(channel.id);
-        let (pair_rate, arrival_rate) = (channel.limits.pair_rate(), channel.limits.arrival_rate());
-        let grants = self
-            .limiter
-            .acquire_many(&[
-                (pair_key.as_str(), pair_rate, 1),
-                (arrival_key.as_str(), arrival_rate, 1),
-            ])
-            .await;
-        let (pair, arrival) = match grants.as_slice() {
-            [pair, arrival] => (*pair, *arrival),
-            // A limiter that answered for fewer keys granted nothing.
-            _ => return RequestGate::Ahead(crate::limit::INVALID_RATE_RETRY),
+        let arrival_rate = channel.limits.arrival_rate();
+        let mut asks = vec![(pair_key.as_str(), pair_rate, 1)];
+        if check_arrival {
+            asks.push((arrival_key.as_str(), arrival_rate, 1));
+        }
+        let grants = self.limiter.acquire_many(&asks).await;
+        let granted = |i: usize| grants.get(i).is_some_and(|g| g.granted > 0);
+        let wait = |i: usize| {
+            grants
+                .get(i)
+                .map_or(crate::limit::INVALID_RATE_RETRY, |g| g.next_in)
+                .max(Duration::from_millis(1))
         };
-        let wait = |g: Grant| g.next_in.max(Duration::from_millis(1));
-        match (pair.granted > 0, arrival.granted > 0) {
+        let (pair, arrival) = (granted(0), !check_arrival || granted(1));
+        match (pair, arrival) {
             (true, true) => RequestGate::Go,
-            (false, arrival_granted) => {
-                if arrival_granted {
+            (false, true) => {
+                if check_arrival {
                     self.limiter.refund(&arrival_key, arrival_rate, 1).await;
                 }
-                RequestGate::Pair(wait(pair))
+                RequestGate::Pair(wait(0))
             }
             (true, false) => {
                 self.limiter.refund(&pair_key, pair_rate, 1).await;
-                RequestGate::Ahead(wait(arrival))
+                self.held(channel.id);
+                RequestGate::Ahead(wait(1))
+            }
+            // Both: the send is late as well (its claim permit is stale, not to be handed
+            // back), and waits for the pair.
+            (false, false) => {
+                self.held(channel.id);
+                RequestGate::Ahead(wait(0).max(wait(1)))
             }
         }
     }
+
+    /// Counts a send held back at its request, whose claim permit then goes unused.
+    fn held(&self, channel_id: Uuid) {
+        if let Some(metrics) = self.metrics.get() {
+            metrics
+                .key(&super::channel_rate_key(channel_id))
+                .held
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Hands back the claim permit of a send that did not use it (it waits for its recipient
+    /// or the messaging tier), and counts it as handed back.
+    pub async fn give_back(&self, channel_id: Uuid) {
+        let key = super::channel_rate_key(channel_id);
+        self.refund(&key, 1).await;
+        if let Some(metrics) = self.metrics.get() {
+            metrics
+                .key(&key)
+                .refunded
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Reports sends held back or handing their permits back in `metrics` (the engine's, so
+    /// that they appear beside the producer's permits of the same channel in `/metrics`).
+    pub fn set_metrics(&self, metrics: Arc<EngineMetrics>) {
+        let _ = self.metrics.set(metrics);
+    }
+}
+
+/// The limiter key of a (channel, recipient) pair: `pair:<channel id>:<recipient>`.
+pub fn pair_rate_key(channel_id: Uuid, recipient: &str) -> String {
+    format!("pair:{channel_id}:{recipient}")
 }
 
 /// The limiter key of a channel's arrival rate: `arrive:<channel id>`.
@@ -255,10 +307,12 @@ pub fn arrival_rate_key(channel_id: Uuid) -> String {
 pub enum RequestGate {
     /// Send now.
     Go,
-    /// The recipient has had its share: wait this long (Meta would answer 131056).
+    /// The recipient has had its share: wait this long (Meta would answer 131056), handing the
+    /// claim's permit back.
     Pair(Duration),
     /// Sent now, the request would run ahead of the channel's pace as Meta sees it (its
-    /// permit was taken long ago and later sends went first): wait this long.
+    /// permit was taken long ago and later sends went first): wait this long. The claim's
+    /// permit is not to be handed back: its moment has passed.
     Ahead(Duration),
 }
 

@@ -24,7 +24,9 @@ use crate::error::Result;
 use crate::model::NewJob;
 
 mod admission;
-pub use admission::{arrival_rate_key, AdmissionConfig, ChannelAdmission, RequestGate};
+pub use admission::{
+    arrival_rate_key, pair_rate_key, AdmissionConfig, ChannelAdmission, RequestGate,
+};
 
 /// The job kind that performs a send.
 pub const SEND_KIND: &str = "meta.send";

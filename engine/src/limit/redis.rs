@@ -14,6 +14,10 @@
 //! time in milliseconds), which the fail-safe limiter uses to know how many processes share a
 //! rate when Redis becomes unreachable.
 //!
+//! One acquire call takes any number of keys (a dispatch round's channels; a request's pair and
+//! arrival keys) in one script, so the keys must live on one server: Redis Cluster, which
+//! refuses scripts over keys in different slots, is not supported.
+//!
 //! Every call has a timeout, so a hung Redis never stalls dispatch; the methods return errors
 //! and leave what to do about them to the caller ([`super::FailSafeLimiter`]).
 

@@ -99,7 +99,7 @@ impl SendWorker {
 
     /// Gives the channel's permit back and waits: the send did not use its slot of the limit.
     async fn wait(&self, channel: uuid::Uuid, after: Duration) -> JobError {
-        self.admission.refund(&channel_rate_key(channel), 1).await;
+        self.admission.give_back(channel).await;
         JobError::Snooze(after)
     }
 
