@@ -19,7 +19,7 @@ use herald_engine::delivery::{
     ChannelLimits, Lane, Message, NewChannel, NewSend, Platform, RequestGate, SendRecord,
     SendStatus, SendUpdate, StatusEvent, SEND_KIND, SEND_QUEUE,
 };
-use herald_engine::limit::LocalLimiter;
+use herald_engine::limit::{FailSafeConfig, FailSafeLimiter, Limiter, LimiterMode, LocalLimiter};
 use herald_engine::{
     Clock, ConnectOptions, Engine, EngineConfig, Job, JobFilter, JobState, QueueConfig, Registry,
     Store, SystemClock,
@@ -822,6 +822,50 @@ async fn the_checks_at_a_request_hand_back_what_they_do_not_use() {
         0,
         "the pair permit is taken"
     );
+    h.finish().await;
+}
+
+/// Two processes sharing Redis share the arrival check: what one process's requests took,
+/// the other's request cannot take again, and the pair permit it took goes back in Redis.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn processes_share_the_arrival_check_through_redis() {
+    let h = Harness::new(Setup::new(Backend::Sqlite).stopped()).await;
+    let url =
+        std::env::var("HERALD_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let config = FailSafeConfig {
+        key_prefix: format!("herald-test:{}:", Uuid::new_v4().simple()),
+        ..FailSafeConfig::default()
+    };
+    let mut processes = Vec::new();
+    for name in ["a", "b"] {
+        let limiter = FailSafeLimiter::connect(&url, name.into(), config.clone(), None)
+            .await
+            .unwrap_or_else(|e| panic!("this test needs a real Redis at {url}: {e}"));
+        assert_eq!(limiter.status().mode, LimiterMode::Redis);
+        processes.push(ChannelAdmission::new(
+            h.store.clone(),
+            Arc::new(limiter),
+            AdmissionConfig::default(),
+        ));
+    }
+    let limits = ChannelLimits {
+        mps: 10.0,
+        pair_burst: 1,
+        ..ChannelLimits::default()
+    };
+    assert_eq!(limits.arrival_rate().burst, 2);
+    let ch = h.channel("1555000137", Some(limits), None).await;
+    let (a, b) = (&processes[0], &processes[1]);
+    assert_eq!(a.at_request(&ch, "15552840001").await, RequestGate::Go);
+    assert_eq!(a.at_request(&ch, "15552840002").await, RequestGate::Go);
+    let gate = b.at_request(&ch, "15552840003").await;
+    assert!(
+        matches!(gate, RequestGate::Ahead(w) if w > Duration::ZERO),
+        "{gate:?}"
+    );
+    // The pair permit b took went back: a's next request to that user is not refused for it.
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    assert_eq!(a.at_request(&ch, "15552840003").await, RequestGate::Go);
     h.finish().await;
 }
 
