@@ -6,6 +6,10 @@
 //! `--channels C` spreads the N sends over C channels, each with its own limit R, of one Meta
 //! app (one webhook URL, one app secret), as when one platform drives many numbers: what CPU a
 //! message costs when many channels run at once, not only one at full speed.
+//!
+//! `--stall-ms MS` locks the sends table for MS ms a few times during the broadcast
+//! (PostgreSQL): sends claimed meanwhile cannot record their request, and leave late together.
+//! Without the check at each request they would go out on top of the ones claimed after them.
 
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
@@ -42,6 +46,14 @@ pub struct DeliveryArgs {
     /// Share of send responses the sandbox loses (the message is still accepted).
     #[arg(long, default_value_t = 0.0)]
     lose_responses: f64,
+    /// Locks the sends table (exclusively) for this many milliseconds, `--stalls` times spread
+    /// over the broadcast (PostgreSQL only): the write each send makes before its request waits
+    /// while claims go on, as in a database hiccup, and the sends then all leave late together.
+    #[arg(long, default_value_t = 0)]
+    stall_ms: u64,
+    /// How many stalls of `--stall-ms`.
+    #[arg(long, default_value_t = 5)]
+    stalls: u32,
     /// PostgreSQL (a fresh schema is created and dropped) or `sqlite:PATH`.
     #[arg(
         long,
@@ -125,6 +137,9 @@ pub async fn run(args: DeliveryArgs) -> Result<(), Box<dyn std::error::Error>> {
         return Err("--lose-responses must be between 0 and 1".into());
     }
     let pg = args.database_url.starts_with("postgres");
+    if args.stall_ms > 0 && !pg {
+        return Err("--stall-ms needs PostgreSQL (it locks a table)".into());
+    }
     let schema = format!(
         "herald_bench_delivery_{}",
         &Uuid::new_v4().simple().to_string()[..8]
@@ -320,6 +335,26 @@ async fn bench(
         })
     };
     let started = Instant::now();
+    let stalls = (args.stall_ms > 0 && args.stalls > 0).then(|| {
+        let (url, schema) = (database_url.to_owned(), schema.to_owned());
+        let (n, hold) = (args.stalls, Duration::from_millis(args.stall_ms));
+        tokio::spawn(async move {
+            let pool = sqlx::PgPool::connect(&url).await?;
+            for i in 1..=n {
+                let at = started + expected.mul_f64(f64::from(i) / f64::from(n + 1));
+                tokio::time::sleep_until(at.into()).await;
+                let mut tx = pool.begin().await?;
+                sqlx::query(&format!(
+                    "LOCK TABLE \"{schema}\".herald_sends IN EXCLUSIVE MODE"
+                ))
+                .execute(&mut *tx)
+                .await?;
+                tokio::time::sleep(hold).await;
+                tx.commit().await?;
+            }
+            Ok::<u32, sqlx::Error>(n)
+        })
+    });
     for chunk_start in (0..args.messages).step_by(10_000) {
         let end = (chunk_start + 10_000).min(args.messages);
         let sends: Vec<NewSend> = (chunk_start..end)
@@ -344,6 +379,15 @@ async fn bench(
     let interactive = interactive
         .await?
         .map_err(|e| format!("interactive sends: {e}"))?;
+    if let Some(stalls) = stalls {
+        let n = stalls
+            .await?
+            .map_err(|e| format!("stalling the sends table: {e}"))?;
+        eprintln!(
+            "bench delivery: the sends table was locked {n} times for {} ms",
+            args.stall_ms
+        );
+    }
     let total = args.messages + args.interactive;
     let deadline = Instant::now() + expected.mul_f64(3.0) + Duration::from_secs(120);
     let mut counts: HashMap<SendStatus, i64>;
