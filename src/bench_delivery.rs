@@ -54,6 +54,10 @@ pub struct DeliveryArgs {
     /// How many stalls of `--stall-ms`.
     #[arg(long, default_value_t = 5)]
     stalls: u32,
+    /// The channels' `meta_burst_ms`: how far ahead of its pace a request may leave (checked at
+    /// each request). A large value (10000) all but turns the check off, to see what it does.
+    #[arg(long, default_value_t = ChannelLimits::default().meta_burst_ms)]
+    meta_burst_ms: u32,
     /// PostgreSQL (a fresh schema is created and dropped) or `sqlite:PATH`.
     #[arg(
         long,
@@ -206,6 +210,7 @@ async fn bench(
                     api_version: None,
                     limits: Some(ChannelLimits {
                         mps: args.mps,
+                        meta_burst_ms: args.meta_burst_ms,
                         ..ChannelLimits::default()
                     }),
                 },

@@ -610,13 +610,14 @@ impl Producer {
                 // wait on the other keys' round trips before they are used); then one claim
                 // takes each key's jobs up to its grant, so a round over a hundred channels is
                 // one statement. The free slots are shared out evenly, one at least, as far as
-                // they go; the keys left over ask in a later round, from the cursor on. Slots
-                // that keys at their limit left unused go to the keys that took their whole
-                // share, in a second call (only then), so a fast channel among slow ones is not
-                // held to an even share of the slots.
+                // they go. Slots that keys at their limit left unused are offered again in a
+                // second call (only then): first to the due keys that did not get to ask, one
+                // each, else to the keys that took their whole share, so a fast channel among
+                // slow ones is not held to an even share of the slots. Keys still left over ask
+                // in a later round, from the cursor on.
                 let round = at;
                 let free = self.free();
-                let asked = due.len().min(free);
+                let mut asked = due.len().min(free);
                 let share = (free / asked.max(1)).clamp(1, batch);
                 let asks: Vec<(&str, u32)> = due[..asked]
                     .iter()
@@ -627,37 +628,50 @@ impl Producer {
                 } else {
                     admission.acquire_many(&asks).await
                 };
+                let nothing = crate::limit::Grant {
+                    granted: 0,
+                    next_in: Duration::ZERO,
+                };
                 // A limiter that answered for fewer keys granted the rest nothing.
-                grants.resize(
-                    asked,
-                    crate::limit::Grant {
-                        granted: 0,
-                        next_in: Duration::ZERO,
-                    },
-                );
+                grants.resize(asked, nothing);
                 let mut requested = vec![share as u64; asked];
                 let used: usize = grants.iter().map(|g| g.granted as usize).sum();
                 let left = free.saturating_sub(used);
-                let hungry: Vec<usize> = if share < batch {
-                    (0..asked)
+                // Not the remainder of an even split: only slots a key left unused.
+                let unused = grants.iter().any(|g| (g.granted as usize) < share);
+                let (targets, more): (Vec<usize>, usize) = if left == 0 || !unused {
+                    (Vec::new(), 0)
+                } else if asked < due.len() {
+                    let n = (due.len() - asked).min(left);
+                    ((asked..asked + n).collect(), 1)
+                } else if share < batch {
+                    let hungry: Vec<usize> = (0..asked)
                         .filter(|i| grants[*i].granted as usize == share)
                         .take(left)
-                        .collect()
+                        .collect();
+                    let more = (left / hungry.len().max(1)).clamp(1, batch - share);
+                    (hungry, more)
                 } else {
-                    Vec::new()
+                    (Vec::new(), 0)
                 };
-                if left > 0 && !hungry.is_empty() {
-                    let more = (left / hungry.len()).clamp(1, batch - share);
-                    let asks: Vec<(&str, u32)> = hungry
+                if !targets.is_empty() {
+                    let asks: Vec<(&str, u32)> = targets
                         .iter()
                         .map(|i| (due[*i].as_str(), more as u32))
                         .collect();
-                    let again = admission.acquire_many(&asks).await;
-                    for (i, grant) in hungry.iter().zip(again) {
-                        grants[*i].granted += grant.granted;
-                        grants[*i].next_in = grant.next_in;
-                        requested[*i] += more as u64;
+                    let mut again = admission.acquire_many(&asks).await;
+                    again.resize(targets.len(), nothing);
+                    for (i, grant) in targets.iter().zip(again) {
+                        if *i < asked {
+                            grants[*i].granted += grant.granted;
+                            grants[*i].next_in = grant.next_in;
+                            requested[*i] += more as u64;
+                        } else {
+                            grants.push(grant);
+                            requested.push(more as u64);
+                        }
                     }
+                    asked = grants.len();
                 }
                 if let Some(last) = due[..asked].last() {
                     cursor = Some(last.clone());

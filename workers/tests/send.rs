@@ -724,14 +724,17 @@ async fn admission_asks_for_many_keys_as_it_would_one_by_one() {
 
 /// The checks at a request hand back what they took when the other refuses: the pair permit
 /// when the send is ahead of the channel's pace, the arrival permit when the recipient has had
-/// its share; a send held back for its pace is counted, and its claim permit is not given back.
+/// its share; a send held back for its pace is counted. A claim permit given back (a send that
+/// waits for its recipient) is counted as handed back.
 #[tokio::test]
 async fn the_checks_at_a_request_hand_back_what_they_do_not_use() {
     let h = Harness::new(Setup::new(Backend::Sqlite).stopped()).await;
     let metrics = Arc::new(herald_engine::metrics::EngineMetrics::default());
     h.admission.set_metrics(metrics.clone());
+    // Slow rates (one arrival permit a second, a burst of two), so nothing refills meanwhile.
     let limits = ChannelLimits {
-        mps: 10.0,
+        mps: 1.0,
+        meta_burst_ms: 2_000,
         pair_burst: 1,
         ..ChannelLimits::default()
     };
@@ -801,6 +804,23 @@ async fn the_checks_at_a_request_hand_back_what_they_do_not_use() {
         "{gate:?}"
     );
     assert_eq!(held(&busy), 2);
+
+    // A claim permit given back returns to the channel's rate and is counted.
+    let claim_key = channel_rate_key(quiet.id);
+    let claims = limiter.acquire(&claim_key, limits.rate(), 10).await;
+    assert_eq!(claims.granted, limits.rate().burst);
+    h.admission.give_back(quiet.id).await;
+    assert_eq!(
+        limiter.acquire(&claim_key, limits.rate(), 10).await.granted,
+        1
+    );
+    assert_eq!(
+        metrics
+            .key(&claim_key)
+            .refunded
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
 
     // Go: a channel with room takes one of each.
     let fresh = h.channel("1555000136", Some(limits), None).await;

@@ -217,14 +217,18 @@ impl ChannelAdmission {
     /// go out on top of the sends claimed after it, by this process or any other. When one is
     /// refused the other is handed back.
     ///
-    /// While the limiter is in fallback (Redis unreachable) the arrival rate is not checked:
-    /// each process then claims at a local share of half the rate or less, which leaves more
-    /// room than the check would, and the share's burst (scaled down, one permit at low rates)
-    /// would refuse ordinary jitter.
+    /// While the limiter runs on a reduced share of the rates the arrival rate is not checked:
+    /// in fallback (Redis unreachable) each process claims at a local share of half the rate or
+    /// less, and while some processes are in fallback the others leave their shares free; both
+    /// leave more room than the check would, and the check's burst, scaled down with the rate
+    /// (to one permit at low rates), would refuse ordinary jitter.
     pub async fn at_request(&self, channel: &Channel, recipient: &str) -> RequestGate {
         let pair_key = pair_rate_key(channel.id, recipient);
         let pair_rate = channel.limits.pair_rate();
-        let check_arrival = self.limiter.status().mode != LimiterMode::Fallback;
+        let full_rate = |s: crate::limit::LimiterStatus| {
+            s.mode != LimiterMode::Fallback && s.reserved_for_fallbacks <= 0.0
+        };
+        let check_arrival = full_rate(self.limiter.status());
         let arrival_key = arrival_rate_key(channel.id);
         let arrival_rate = channel.limits.arrival_rate();
         let mut asks = vec![(pair_key.as_str(), pair_rate, 1)];
@@ -239,11 +243,13 @@ impl ChannelAdmission {
                 .map_or(crate::limit::INVALID_RATE_RETRY, |g| g.next_in)
                 .max(Duration::from_millis(1))
         };
-        let (pair, arrival) = (granted(0), !check_arrival || granted(1));
+        // A limiter that fell back during the call refused for want of Redis, not of room.
+        let arrival = !check_arrival || granted(1) || !full_rate(self.limiter.status());
+        let pair = granted(0);
         match (pair, arrival) {
             (true, true) => RequestGate::Go,
             (false, true) => {
-                if check_arrival {
+                if check_arrival && granted(1) {
                     self.limiter.refund(&arrival_key, arrival_rate, 1).await;
                 }
                 RequestGate::Pair(wait(0))

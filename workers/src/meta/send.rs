@@ -30,10 +30,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use herald_engine::admission::Admission;
 use herald_engine::delivery::{
-    channel_rate_key, ChannelAdmission, Message, Platform, RequestGate, SendArgs, SendRecord,
-    SendStatus, SendUpdate, SEND_KIND,
+    ChannelAdmission, Message, Platform, RequestGate, SendArgs, SendRecord, SendStatus, SendUpdate,
+    SEND_KIND,
 };
 use herald_engine::model::Effect;
 use herald_engine::{Backoff, Clock, JobContext, JobError, KindPolicy, Store, Worker};
@@ -399,9 +398,7 @@ impl SendWorker {
         };
         if send.status.is_settled() {
             // Meta has it (a status webhook reconciled a lost answer) or it failed for good.
-            self.admission
-                .refund(&channel_rate_key(send.channel_id), 1)
-                .await;
+            self.admission.give_back(send.channel_id).await;
             return Ok(None);
         }
         let now = self.clock.now();
