@@ -114,6 +114,32 @@ fn check_local_windows(events: &[(Instant, u32)], per_second: f64, burst: u32) {
     }
 }
 
+/// Runs `work` in `n` "processes": each a thread with its own runtime and its own connection
+/// (a limiter on `prefix`), told its index. Returns what each returned, in order.
+fn in_processes<T, F, Fut>(n: usize, prefix: &str, work: F) -> Vec<T>
+where
+    T: Send + 'static,
+    F: Fn(usize, RedisLimiter) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = T>,
+{
+    let handles: Vec<_> = (0..n)
+        .map(|p| {
+            let (prefix, work) = (prefix.to_owned(), work.clone());
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("no Tokio runtime");
+                runtime.block_on(async move { work(p, limiter(&prefix).await).await })
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("a hammering process panicked"))
+        .collect()
+}
+
 #[test]
 fn three_processes_sharing_a_key_stay_within_the_rate() {
     let prefix = prefix();
@@ -123,44 +149,28 @@ fn three_processes_sharing_a_key_stay_within_the_rate() {
     };
     let run_for = Duration::from_millis(1500);
     let t0 = Instant::now();
-    // Three "processes": each a thread with its own runtime and its own connection.
-    let processes: Vec<_> = (0..3)
-        .map(|_| {
-            let prefix = prefix.clone();
-            std::thread::spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("no Tokio runtime");
-                runtime.block_on(async move {
-                    let limiter = limiter(&prefix).await;
-                    let mut events = Vec::new();
-                    while t0.elapsed() < run_for {
-                        let sent = t0.elapsed().as_micros() as u64;
-                        let grant = limiter
-                            .acquire("channel", rate, 5)
-                            .await
-                            .unwrap_or_else(|e| panic!("acquire failed: {e}"));
-                        let received = t0.elapsed().as_micros() as u64;
-                        if grant.granted > 0 {
-                            events.push(Event {
-                                sent,
-                                received,
-                                granted: grant.granted,
-                            });
-                        } else {
-                            tokio::time::sleep(grant.next_in).await;
-                        }
-                    }
-                    events
-                })
-            })
-        })
-        .collect();
-    let mut events = Vec::new();
-    for process in processes {
-        events.extend(process.join().expect("a hammering process panicked"));
-    }
+    let processes = in_processes(3, &prefix, move |_, limiter| async move {
+        let mut events = Vec::new();
+        while t0.elapsed() < run_for {
+            let sent = t0.elapsed().as_micros() as u64;
+            let grant = limiter
+                .acquire("channel", rate, 5)
+                .await
+                .unwrap_or_else(|e| panic!("acquire failed: {e}"));
+            let received = t0.elapsed().as_micros() as u64;
+            if grant.granted > 0 {
+                events.push(Event {
+                    sent,
+                    received,
+                    granted: grant.granted,
+                });
+            } else {
+                tokio::time::sleep(grant.next_in).await;
+            }
+        }
+        events
+    });
+    let events: Vec<Event> = processes.into_iter().flatten().collect();
     let total: u64 = events.iter().map(|e| u64::from(e.granted)).sum();
     let first = events.iter().map(|e| e.sent).min().unwrap_or(0);
     let last = events.iter().map(|e| e.received).max().unwrap_or(0);
@@ -206,58 +216,44 @@ fn three_processes_taking_many_keys_at_once_stay_within_each_rate() {
     ];
     let run_for = Duration::from_millis(1500);
     let t0 = Instant::now();
-    let processes: Vec<_> = (0..3)
-        .map(|p| {
-            let prefix = prefix.clone();
-            std::thread::spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("no Tokio runtime");
-                runtime.block_on(async move {
-                    let limiter = limiter(&prefix).await;
-                    let mut events: Vec<Vec<Event>> = vec![Vec::new(); rates.len()];
-                    let mut round = 0u32;
-                    while t0.elapsed() < run_for {
-                        round += 1;
-                        let sent = t0.elapsed().as_micros() as u64;
-                        let grants = if p == 0 && round % 2 == 0 {
-                            vec![limiter
-                                .acquire(rates[1].0, rates[1].1, 4)
-                                .await
-                                .unwrap_or_else(|e| panic!("acquire failed: {e}"))]
-                        } else {
-                            let asks: Vec<(&str, Rate, u32)> =
-                                rates.iter().map(|(k, r)| (*k, *r, 4)).collect();
-                            limiter
-                                .acquire_many(&asks)
-                                .await
-                                .unwrap_or_else(|e| panic!("acquire_many failed: {e}"))
-                        };
-                        let received = t0.elapsed().as_micros() as u64;
-                        let keys: &[usize] = if grants.len() == 1 { &[1] } else { &[0, 1, 2] };
-                        for (k, grant) in keys.iter().zip(&grants) {
-                            if grant.granted > 0 {
-                                events[*k].push(Event {
-                                    sent,
-                                    received,
-                                    granted: grant.granted,
-                                });
-                            }
-                        }
-                        if grants.iter().all(|g| g.granted == 0) {
-                            let wait = grants.iter().map(|g| g.next_in).min();
-                            tokio::time::sleep(wait.unwrap_or_default()).await;
-                        }
-                    }
-                    events
-                })
-            })
-        })
-        .collect();
+    let processes = in_processes(3, &prefix, move |p, limiter| async move {
+        let mut events: Vec<Vec<Event>> = vec![Vec::new(); rates.len()];
+        let mut round = 0u32;
+        while t0.elapsed() < run_for {
+            round += 1;
+            let sent = t0.elapsed().as_micros() as u64;
+            let grants = if p == 0 && round % 2 == 0 {
+                vec![limiter
+                    .acquire(rates[1].0, rates[1].1, 4)
+                    .await
+                    .unwrap_or_else(|e| panic!("acquire failed: {e}"))]
+            } else {
+                let asks: Vec<(&str, Rate, u32)> = rates.iter().map(|(k, r)| (*k, *r, 4)).collect();
+                limiter
+                    .acquire_many(&asks)
+                    .await
+                    .unwrap_or_else(|e| panic!("acquire_many failed: {e}"))
+            };
+            let received = t0.elapsed().as_micros() as u64;
+            let keys: &[usize] = if grants.len() == 1 { &[1] } else { &[0, 1, 2] };
+            for (k, grant) in keys.iter().zip(&grants) {
+                if grant.granted > 0 {
+                    events[*k].push(Event {
+                        sent,
+                        received,
+                        granted: grant.granted,
+                    });
+                }
+            }
+            if grants.iter().all(|g| g.granted == 0) {
+                let wait = grants.iter().map(|g| g.next_in).min();
+                tokio::time::sleep(wait.unwrap_or_default()).await;
+            }
+        }
+        events
+    });
     let mut events: Vec<Vec<Event>> = vec![Vec::new(); rates.len()];
-    for process in processes {
-        let got = process.join().expect("a hammering process panicked");
+    for got in processes {
         for (all, mine) in events.iter_mut().zip(got) {
             all.extend(mine);
         }
