@@ -23,8 +23,8 @@
 //!   `mps` with a burst of `meta_burst_ms`), by every process together: a send held up since
 //!   its claim (a slow write, a stalled process) while later sends went out would bunch with
 //!   them, so it goes back to the queue instead, keeping no slot, and is claimed again with a
-//!   fresh permit. This bounds the bunching at Meta to the arrival burst, whatever the delays
-//!   between claims and requests.
+//!   fresh permit. While the limiter runs at full rate (not in fallback) this bounds the
+//!   bunching at Meta to the arrival burst, whatever the delays between claims and requests.
 
 use std::sync::Arc;
 use std::time::Duration;
