@@ -889,6 +889,57 @@ async fn processes_share_the_arrival_check_through_redis() {
     h.finish().await;
 }
 
+/// With Redis unreachable (the limiter in fallback), each new recipient still gets its first
+/// message at once: the pair rate is kept by the admission at the fallback share, starting
+/// full (the shared limiter's fallback keys start empty, which made every new recipient wait
+/// for a pair permit of one per 12 s or slower), and the arrival rate is not checked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_fallback_each_new_recipient_gets_its_first_message_at_once() {
+    let h = Harness::new(Setup::new(Backend::Sqlite).stopped()).await;
+    let dead = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("address").port()
+    };
+    let limiter = FailSafeLimiter::connect(
+        &format!("redis://127.0.0.1:{dead}"),
+        "alone".into(),
+        FailSafeConfig {
+            key_prefix: format!("herald-test:{}:", Uuid::new_v4().simple()),
+            ..FailSafeConfig::default()
+        },
+        None,
+    )
+    .await
+    .expect("a Redis that is down is not an error");
+    assert_eq!(limiter.status().mode, LimiterMode::Fallback);
+    let admission = ChannelAdmission::new(
+        h.store.clone(),
+        Arc::new(limiter),
+        AdmissionConfig::default(),
+    );
+    let limits = ChannelLimits {
+        mps: 1.0,
+        pair_burst: 1,
+        ..ChannelLimits::default()
+    };
+    let ch = h.channel("1555000138", Some(limits), None).await;
+    for i in 0..5 {
+        let to = format!("155528500{i:02}");
+        assert_eq!(
+            admission.at_request(&ch, &to).await,
+            RequestGate::Go,
+            "recipient {i}"
+        );
+    }
+    // A second message to one of them waits for the pair rate, at half of it (one process).
+    let gate = admission.at_request(&ch, "15552850000").await;
+    assert!(
+        matches!(gate, RequestGate::Pair(w) if w > Duration::from_secs(6)),
+        "{gate:?}"
+    );
+    h.finish().await;
+}
+
 /// A send whose request would run ahead of the channel's pace as Meta sees it (its permit
 /// was taken, and meanwhile other processes' sends went out) is not sent then: it goes back to
 /// the queue, no request and no attempt counted, and goes out once the pace allows.

@@ -74,6 +74,8 @@ pub struct ChannelAdmission {
     reload: tokio::sync::Mutex<()>,
     /// Where sends held back at their request are counted, once set.
     metrics: std::sync::OnceLock<Arc<EngineMetrics>>,
+    /// Pair permits while the limiter is in fallback (see [`ChannelAdmission::at_request`]).
+    pair_fallback: crate::limit::LocalLimiter,
 }
 
 impl ChannelAdmission {
@@ -89,6 +91,7 @@ impl ChannelAdmission {
             slowdowns: Mutex::new(HashMap::new()),
             reload: tokio::sync::Mutex::new(()),
             metrics: std::sync::OnceLock::new(),
+            pair_fallback: crate::limit::LocalLimiter::new(),
         }
     }
 
@@ -222,13 +225,34 @@ impl ChannelAdmission {
     /// less, and while some processes are in fallback the others leave their shares free; both
     /// leave more room than the check would, and the check's burst, scaled down with the rate
     /// (to one permit at low rates), would refuse ordinary jitter.
+    ///
+    /// In fallback the pair permit comes from a local limiter of the admission's own at the
+    /// fallback share of the pair rate, starting full: the shared limiter's fallback keys start
+    /// empty (right for a channel, whose burst other processes may just have spent on Redis),
+    /// which for a pair rate of one message per 6 s made every new recipient wait half a minute
+    /// or more. The worst a full start costs is one message Meta answers with 131056, which
+    /// delays only that recipient.
     pub async fn at_request(&self, channel: &Channel, recipient: &str) -> RequestGate {
         let pair_key = pair_rate_key(channel.id, recipient);
         let pair_rate = channel.limits.pair_rate();
+        let status = self.limiter.status();
+        if status.mode == LimiterMode::Fallback {
+            let share = status.fallback_share.clamp(0.0, 1.0);
+            let rate = Rate {
+                per_second: pair_rate.per_second * share,
+                burst: ((f64::from(pair_rate.burst) * share) as u32).max(1),
+            };
+            let grant = self.pair_fallback.acquire_now(&pair_key, rate, 1);
+            return if grant.granted > 0 {
+                RequestGate::Go
+            } else {
+                RequestGate::Pair(grant.next_in.max(Duration::from_millis(1)))
+            };
+        }
         let full_rate = |s: crate::limit::LimiterStatus| {
             s.mode != LimiterMode::Fallback && s.reserved_for_fallbacks <= 0.0
         };
-        let check_arrival = full_rate(self.limiter.status());
+        let check_arrival = full_rate(status);
         let arrival_key = arrival_rate_key(channel.id);
         let arrival_rate = channel.limits.arrival_rate();
         let mut asks = vec![(pair_key.as_str(), pair_rate, 1)];

@@ -857,6 +857,11 @@ impl Limiter for FailSafeLimiter {
             } else {
                 0.0
             },
+            fallback_share: if mode == LimiterMode::Fallback {
+                self.shared.part()
+            } else {
+                1.0
+            },
         }
     }
 }

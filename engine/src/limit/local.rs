@@ -415,6 +415,7 @@ where
             fallbacks: 0,
             redis_errors: 0,
             reserved_for_fallbacks: 0.0,
+            fallback_share: 1.0,
         }
     }
 }

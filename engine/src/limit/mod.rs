@@ -73,6 +73,9 @@ pub struct LimiterStatus {
     /// The share of every shared rate left free for processes that lost Redis and announced
     /// their fallback shares (0 when none did, or when this process is not on Redis).
     pub reserved_for_fallbacks: f64,
+    /// The part of every rate this process takes locally while in fallback (1 in any other
+    /// mode), so that a caller keeping limits of its own in fallback can take the same share.
+    pub fallback_share: f64,
 }
 
 /// A rate limiter keyed by string (a channel, or a channel and one recipient), shared by the
