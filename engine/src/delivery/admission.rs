@@ -3,6 +3,7 @@
 //! all while the channel is paused.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,7 +15,7 @@ use uuid::Uuid;
 use super::{channel_of_rate_key, Channel};
 use crate::admission::Admission;
 use crate::limit::{Grant, Limiter, LimiterMode, Rate};
-use crate::metrics::EngineMetrics;
+use crate::metrics::{EngineMetrics, KeyMetrics};
 use crate::store::Store;
 
 /// Settings of a [`ChannelAdmission`].
@@ -237,11 +238,7 @@ impl ChannelAdmission {
         let pair_rate = channel.limits.pair_rate();
         let status = self.limiter.status();
         if status.mode == LimiterMode::Fallback {
-            let share = status.fallback_share.clamp(0.0, 1.0);
-            let rate = Rate {
-                per_second: pair_rate.per_second * share,
-                burst: ((f64::from(pair_rate.burst) * share) as u32).max(1),
-            };
+            let rate = pair_rate.scaled(status.fallback_share.clamp(0.0, 1.0));
             let grant = self.pair_fallback.acquire_now(&pair_key, rate, 1);
             return if grant.granted > 0 {
                 RequestGate::Go
@@ -292,27 +289,25 @@ impl ChannelAdmission {
         }
     }
 
+    /// Adds one to the counter `pick` chooses among the channel's permit counters, once metrics
+    /// are set.
+    fn count(&self, channel_id: Uuid, pick: fn(&KeyMetrics) -> &AtomicU64) {
+        if let Some(metrics) = self.metrics.get() {
+            pick(&metrics.key(&super::channel_rate_key(channel_id)))
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Counts a send held back at its request, whose claim permit then goes unused.
     fn held(&self, channel_id: Uuid) {
-        if let Some(metrics) = self.metrics.get() {
-            metrics
-                .key(&super::channel_rate_key(channel_id))
-                .held
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
+        self.count(channel_id, |m| &m.held);
     }
 
     /// Hands back the claim permit of a send that did not use it (it waits for its recipient
     /// or the messaging tier), and counts it as handed back.
     pub async fn give_back(&self, channel_id: Uuid) {
-        let key = super::channel_rate_key(channel_id);
-        self.refund(&key, 1).await;
-        if let Some(metrics) = self.metrics.get() {
-            metrics
-                .key(&key)
-                .refunded
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        }
+        self.refund(&super::channel_rate_key(channel_id), 1).await;
+        self.count(channel_id, |m| &m.refunded);
     }
 
     /// Reports sends held back or handing their permits back in `metrics` (the engine's, so

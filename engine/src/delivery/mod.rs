@@ -141,12 +141,7 @@ impl ChannelLimits {
     /// bursts, and the sandbox, whose 200 ms token bucket stands in for that tolerance, refused
     /// none in any bench run.
     pub fn rate(&self) -> crate::limit::Rate {
-        let per_second = self.mps * (1.0 - self.headroom);
-        let burst = (per_second * f64::from(self.burst_ms) / 1000.0).floor();
-        crate::limit::Rate {
-            per_second,
-            burst: (burst as u32).max(2),
-        }
+        windowed(self.mps * (1.0 - self.headroom), self.burst_ms)
     }
 
     /// The pace requests may reach Meta at, checked at the moment of each request: `mps`
@@ -155,12 +150,7 @@ impl ChannelLimits {
     /// are claimed, a little before their requests; this check bounds what the delays between
     /// the two can bunch, whichever processes the sends are in.
     pub fn arrival_rate(&self) -> crate::limit::Rate {
-        let window = self.meta_burst_ms.max(self.burst_ms);
-        let burst = (self.mps * f64::from(window) / 1000.0).floor();
-        crate::limit::Rate {
-            per_second: self.mps,
-            burst: (burst as u32).max(2),
-        }
+        windowed(self.mps, self.meta_burst_ms.max(self.burst_ms))
     }
 
     /// The per-recipient rate.
@@ -191,6 +181,17 @@ impl ChannelLimits {
             return Err("limits.tier must be at least 1 (or absent for unlimited)".into());
         }
         Ok(())
+    }
+}
+
+/// `per_second` with a burst of `window_ms` of it, never fewer than two permits (see
+/// [`ChannelLimits::rate`]).
+fn windowed(per_second: f64, window_ms: u32) -> crate::limit::Rate {
+    let burst = (per_second * f64::from(window_ms) / 1000.0).floor();
+    crate::limit::Rate {
+        per_second,
+        // `as` saturates.
+        burst: (burst as u32).max(2),
     }
 }
 

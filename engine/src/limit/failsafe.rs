@@ -229,16 +229,6 @@ fn nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(NEVER - 1)
 }
 
-/// `part` of `rate`, its burst scaled likewise (at least one permit).
-fn scaled(rate: Rate, part: f64) -> Rate {
-    let burst = (f64::from(rate.burst.max(1)) * part).floor();
-    Rate {
-        per_second: rate.per_second * part,
-        // `as` saturates; the product is at most `burst`.
-        burst: (burst as u32).max(1),
-    }
-}
-
 /// A fallback board call, bounded by `timeout`.
 async fn timed<T>(
     timeout: Duration,
@@ -324,7 +314,7 @@ impl Shared {
 
     /// This process's share of `rate` while Redis is unreachable.
     fn share(&self, rate: Rate) -> Rate {
-        scaled(rate, self.part())
+        rate.scaled(self.part())
     }
 
     fn now_ns(&self) -> u64 {
@@ -358,7 +348,7 @@ impl Shared {
         if reserved <= 0.0 {
             return rate;
         }
-        scaled(rate, (1.0 - reserved).max(0.0))
+        rate.scaled((1.0 - reserved).max(0.0))
     }
 
     /// In fallback with a board: how long until local grants may start, or `None` if they may
@@ -754,28 +744,11 @@ impl fmt::Debug for FailSafeLimiter {
 #[async_trait]
 impl Limiter for FailSafeLimiter {
     async fn acquire(&self, key: &str, rate: Rate, want: u32) -> Grant {
-        let s = &self.shared;
-        if s.left.load(Ordering::Acquire) {
-            return Grant {
-                granted: 0,
-                next_in: s.config.probe_interval,
-            };
-        }
-        if s.mode() == LimiterMode::Redis {
-            if let Some(redis) = s.redis.get() {
-                match redis.acquire(key, s.redis_rate(rate), want).await {
-                    Ok(grant) => return grant,
-                    Err(error) => s.on_error(&error),
-                }
-            }
-        }
-        if let Some(next_in) = s.fallback_closed() {
-            return Grant {
-                granted: 0,
-                next_in,
-            };
-        }
-        s.local.acquire_now(key, s.share(rate), want)
+        self.acquire_many(&[(key, rate, want)])
+            .await
+            .into_iter()
+            .next()
+            .unwrap_or_else(super::invalid_rate_grant)
     }
 
     /// One Redis call for every key; when it fails, every key falls back together, exactly as

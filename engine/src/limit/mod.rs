@@ -41,6 +41,19 @@ pub struct Rate {
     pub burst: u32,
 }
 
+impl Rate {
+    /// `part` of the rate, its burst scaled likewise (at least one permit): a process's share
+    /// of it while Redis is unreachable.
+    pub(crate) fn scaled(self, part: f64) -> Rate {
+        let burst = (f64::from(self.burst.max(1)) * part).floor();
+        Rate {
+            per_second: self.per_second * part,
+            // `as` saturates; the product is at most `burst`.
+            burst: (burst as u32).max(1),
+        }
+    }
+}
+
 /// What `acquire` granted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Grant {
