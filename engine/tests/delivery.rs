@@ -42,6 +42,7 @@ conformance!(
     inbound_keeps_the_latest_per_channel,
     ready_rate_keys_and_claim_scoped,
     claim_keys_takes_each_key_within_its_limit,
+    claim_keys_begins_the_claimed_sends,
     migrations_apply_twice,
 );
 
@@ -2397,5 +2398,96 @@ async fn claim_keys_takes_each_key_within_its_limit(store: Arc<dyn Store>) {
             .collect::<Vec<_>>(),
         [id_of(1)],
         "resumed"
+    );
+}
+
+async fn claim_keys_begins_the_claimed_sends(store: Arc<dyn Store>) {
+    let d = store.delivery();
+    let ch = channel(&*store).await;
+    let sends: Vec<NewSend> = (0..4)
+        .map(|i| send_to(&ch, &format!("+1555000{i}"), Lane::Broadcast))
+        .collect();
+    let ids = d.create_sends(&sends, t0()).await.expect("create");
+    // Settled before its claim (a late status webhook): the claim must not begin it.
+    d.update_send(
+        ids[3],
+        &SendUpdate::Failed {
+            code: Some(131026),
+            error: "undeliverable".into(),
+        },
+        t0(),
+    )
+    .await
+    .expect("fail one");
+    // A send job whose payload names no send, and a job of another kind on the same key.
+    let key = channel_rate_key(ch.id);
+    store
+        .enqueue_many(
+            &[
+                NewJob::new(
+                    SEND_KIND,
+                    json!({ "send_id": "not-a-uuid", "channel_id": ch.id }),
+                )
+                .queue(SEND_QUEUE)
+                .rate_key(&key),
+                NewJob::new("test.other", json!({ "send_id": ids[0] }))
+                    .queue(SEND_QUEUE)
+                    .rate_key(&key),
+            ],
+            t0(),
+        )
+        .await
+        .expect("enqueue odd jobs");
+
+    let now = t0() + secs(1);
+    let claimed = store
+        .claim_keys(
+            SEND_QUEUE,
+            &[KeyClaim {
+                key: &key,
+                limit: 10,
+                max_priority: None,
+            }],
+            "w1",
+            now,
+            now + secs(30),
+        )
+        .await
+        .expect("claim");
+    assert_eq!(claimed.len(), 6, "every job is claimed, the odd ones too");
+
+    for &id in &ids[..3] {
+        let begun = d.take_begun(id).expect("the claim began the queued send");
+        assert_eq!(begun.id, id);
+        assert_eq!(begun.status, SendStatus::Sending, "begun: sending");
+        assert_eq!(begun.requests, 1, "one request counted");
+        assert_eq!(begun.requested_at, Some(now), "requested at the claim");
+        assert_eq!(
+            get_send(&*store, id).await,
+            begun,
+            "what the worker gets is what is stored"
+        );
+        assert!(d.take_begun(id).is_none(), "taken once");
+    }
+    assert!(
+        d.take_begun(ids[3]).is_none(),
+        "a settled send is not begun"
+    );
+    assert_eq!(get_send(&*store, ids[3]).await.status, SendStatus::Failed);
+    assert_eq!(
+        get_send(&*store, ids[3]).await.requests,
+        0,
+        "and not counted"
+    );
+    // The other kind named a send, but only send jobs begin sends (it was begun by its own job).
+    assert_eq!(get_send(&*store, ids[0]).await.requests, 1);
+
+    // Begun by the claim, the worker's own begin finds nothing queued: no second request.
+    assert!(
+        d.begin_sends(&ids[..3], now)
+            .await
+            .expect("begin")
+            .is_empty(),
+        "already begun"
     );
 }

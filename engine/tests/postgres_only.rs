@@ -538,3 +538,95 @@ async fn a_stale_attempt_ending_first_leaves_the_current_one_alone() {
     assert_eq!(job.attempt, 2, "completed by the current claim");
     engine.shutdown().await;
 }
+
+/// The keyed claim begins the claimed sends in its own statement, but never waits for a send
+/// row another statement holds (a webhook's batch, say): it leaves that send to its worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_claim_skips_a_send_another_statement_holds() {
+    use herald_engine::delivery::{
+        channel_rate_key, Lane, Message, NewChannel, NewSend, Platform, SendStatus, SEND_QUEUE,
+    };
+    use herald_engine::store::KeyClaim;
+
+    let schema = common::unique_name("begin");
+    let _leftovers = common::Dropped::Schema(schema.clone());
+    let store = common::pg_store_in(&schema).await;
+    let d = store.delivery();
+    let now = Utc::now();
+    let ch = d
+        .create_channel(
+            &NewChannel {
+                workspace_id: uuid::Uuid::new_v4(),
+                platform: Platform::Whatsapp,
+                name: "held".into(),
+                sender_id: "15550001".into(),
+                portfolio_id: None,
+                access_token: "token".into(),
+                app_secret: "secret".into(),
+                verify_token: "verify".into(),
+                graph_base_url: None,
+                api_version: None,
+                limits: None,
+            },
+            now,
+        )
+        .await
+        .expect("channel");
+    let sends: Vec<NewSend> = (0..2)
+        .map(|i| NewSend {
+            workspace_id: ch.workspace_id,
+            channel_id: ch.id,
+            recipient: format!("1555000{i}"),
+            message: Message::Text {
+                body: "hello".into(),
+            },
+            lane: Lane::Broadcast,
+        })
+        .collect();
+    let ids = d.create_sends(&sends, now).await.expect("sends");
+
+    let mut holder = store.pool().begin().await.expect("begin");
+    sqlx::query("SELECT id FROM herald_sends WHERE id = $1 FOR UPDATE")
+        .bind(ids[0])
+        .execute(&mut *holder)
+        .await
+        .expect("hold the first send");
+    let key = channel_rate_key(ch.id);
+    let claimed = tokio::time::timeout(
+        Duration::from_secs(10),
+        store.claim_keys(
+            SEND_QUEUE,
+            &[KeyClaim {
+                key: &key,
+                limit: 10,
+                max_priority: None,
+            }],
+            "w1",
+            now,
+            now + chrono::Duration::seconds(30),
+        ),
+    )
+    .await
+    .expect("the claim does not wait for the held row")
+    .expect("claim");
+    assert_eq!(claimed.len(), 2, "both jobs are claimed");
+    assert!(
+        d.take_begun(ids[0]).is_none(),
+        "the held send is left to its worker"
+    );
+    assert_eq!(
+        d.take_begun(ids[1]).map(|s| s.status),
+        Some(SendStatus::Sending),
+        "the other is begun"
+    );
+    holder.rollback().await.expect("release");
+    let held = d.send(ids[0]).await.expect("read").expect("exists");
+    assert_eq!(
+        held.status,
+        SendStatus::Queued,
+        "still queued for its worker"
+    );
+    assert_eq!(held.requests, 0);
+    let begun = d.begin_sends(&ids[..1], now).await.expect("worker's begin");
+    assert_eq!(begun.len(), 1, "its worker begins it");
+}

@@ -579,6 +579,60 @@ pub struct SendArgs {
     pub channel_id: Uuid,
 }
 
+/// Sends begun by the claim of their jobs, waiting for their workers ([`DeliveryStore::take_begun`]).
+///
+/// A claim of [`SEND_KIND`] jobs marks their queued sends as requested (`sending`, one more
+/// request) in the claim's own statement (PostgreSQL) or right after it (SQLite), and parks
+/// the records here: the worker's first step then needs no statement of its own, and its
+/// request follows its claim sooner. An entry exists only until its worker takes it, so an
+/// entry still here proves that no request was made for that begin: a claim of the same job
+/// again (after a release or a rescue in this process) may use it and send at once.
+#[derive(Debug, Default)]
+pub struct BegunSends {
+    parked: std::sync::Mutex<std::collections::HashMap<Uuid, (SendRecord, std::time::Instant)>>,
+}
+
+impl BegunSends {
+    /// Entries past this many are swept of those older than [`BegunSends::STALE`]: jobs whose
+    /// tasks never ran (aborted at shutdown), so the map cannot grow without bound.
+    const SWEEP_ABOVE: usize = 50_000;
+    const STALE: Duration = Duration::from_secs(600);
+
+    pub fn park(&self, sends: impl IntoIterator<Item = SendRecord>) {
+        let now = std::time::Instant::now();
+        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        for s in sends {
+            parked.insert(s.id, (s, now));
+        }
+        if parked.len() > Self::SWEEP_ABOVE {
+            parked.retain(|_, (_, at)| now.duration_since(*at) < Self::STALE);
+        }
+    }
+
+    pub fn take(&self, id: Uuid) -> Option<SendRecord> {
+        let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        parked.remove(&id).map(|(s, _)| s)
+    }
+
+    /// Sends waiting for their workers.
+    pub fn len(&self) -> usize {
+        self.parked.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The sends named by the [`SEND_KIND`] jobs among `jobs` (a payload without a valid
+/// `send_id` names none: its worker discards the job).
+pub fn claimed_send_ids(jobs: &[crate::model::Job]) -> Vec<Uuid> {
+    jobs.iter()
+        .filter(|j| j.kind == SEND_KIND)
+        .filter_map(|j| j.payload.get("send_id")?.as_str()?.parse().ok())
+        .collect()
+}
+
 /// A status Meta reported for a message (from a webhook).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatusEvent {
@@ -707,6 +761,11 @@ pub trait DeliveryStore: Send + Sync + 'static {
     /// statement, and returns those that were queued. The send worker's first step, batched
     /// across the sends in flight.
     async fn begin_sends(&self, ids: &[Uuid], now: DateTime<Utc>) -> Result<Vec<SendRecord>>;
+
+    /// The send begun by the claim of its job ([`BegunSends`]), once: the worker's first step.
+    /// None when the claim did not begin it (it was not queued, or its row was busy): the
+    /// worker then begins it itself.
+    fn take_begun(&self, id: Uuid) -> Option<SendRecord>;
 
     /// Records Meta's message ids for accepted sends in one statement (never moving a send that
     /// a status webhook already moved further). Returns how many sends it found.

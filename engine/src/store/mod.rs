@@ -244,25 +244,7 @@ pub trait Store: Send + Sync + 'static {
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
     ) -> Result<Vec<Job>> {
-        let mut jobs = Vec::new();
-        for k in keys {
-            let scope = match k.max_priority {
-                Some(cap) => RateScope::KeyUpTo(k.key, cap),
-                None => RateScope::Key(k.key),
-            };
-            match self
-                .claim_scoped(queue, scope, worker, k.limit, now, lease_until)
-                .await
-            {
-                Ok(claimed) => jobs.extend(claimed),
-                Err(e) if jobs.is_empty() => return Err(e),
-                Err(e) => {
-                    tracing::warn!(error = %e, key = k.key, "claim for a rate key failed; keeping the jobs claimed before it");
-                    break;
-                }
-            }
-        }
-        Ok(jobs)
+        claim_keys_one_by_one(self, queue, keys, worker, now, lease_until).await
     }
 
     /// Distinct rate keys of `queue`'s available jobs, in key order, at most `limit`, starting
@@ -694,4 +676,34 @@ pub(crate) fn finish_enqueue(
         .into_iter()
         .map(|r| r.ok_or_else(|| StoreError::Corrupt("enqueue lost a row".into())))
         .collect()
+}
+
+/// [`Store::claim_keys`] as one scoped claim per key (the trait's default).
+pub(crate) async fn claim_keys_one_by_one<S: Store + ?Sized>(
+    store: &S,
+    queue: &str,
+    keys: &[KeyClaim<'_>],
+    worker: &str,
+    now: DateTime<Utc>,
+    lease_until: DateTime<Utc>,
+) -> Result<Vec<Job>> {
+    let mut jobs = Vec::new();
+    for k in keys {
+        let scope = match k.max_priority {
+            Some(cap) => RateScope::KeyUpTo(k.key, cap),
+            None => RateScope::Key(k.key),
+        };
+        match store
+            .claim_scoped(queue, scope, worker, k.limit, now, lease_until)
+            .await
+        {
+            Ok(claimed) => jobs.extend(claimed),
+            Err(e) if jobs.is_empty() => return Err(e),
+            Err(e) => {
+                tracing::warn!(error = %e, key = k.key, "claim for a rate key failed; keeping the jobs claimed before it");
+                break;
+            }
+        }
+    }
+    Ok(jobs)
 }

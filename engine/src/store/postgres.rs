@@ -26,6 +26,7 @@ use super::{
     parse_state, split_completions, Backend, ClaimInfo, Finalize, Inserted, KeyClaim, PausedQueue,
     RateScope, Store, CANCELLABLE, CLAIM_COLUMNS,
 };
+use crate::delivery::{SendStatus, SEND_KIND};
 use crate::error::{Result, StoreError};
 use crate::limit::Fallbacks;
 use crate::migrate;
@@ -72,6 +73,8 @@ pub struct PgStore {
     claim_keyed_capped_sql: String,
     claim_keys_sql: String,
     keyring: Option<std::sync::Arc<crate::crypto::Keyring>>,
+    /// Sends the keyed claim began, until their workers take them.
+    begun: crate::delivery::BegunSends,
 }
 
 /// What a claim statement returns: [`CLAIM_COLUMNS`] of the updated `herald_jobs` rows.
@@ -109,29 +112,58 @@ fn claim_sql(scope: &str) -> String {
 /// `claim_keys`: the keyed claim of `claim_sql` once per `(rate_key, n, cap)` row of `$5`-`$7`,
 /// in one statement. Each key's pick is its own LATERAL subquery, so it walks the same index
 /// as a claim of that key alone and stops at its own limit.
+///
+/// The same statement begins the sends of the claimed send jobs (`$8` is the `sending` rank),
+/// returned as `b_*` columns beside their jobs ([`crate::delivery::BegunSends`]). A send row
+/// another statement holds is skipped, not waited for (its worker begins it), so the claim
+/// never waits on herald_sends and takes its locks in id order like every writer of it. A
+/// payload whose `send_id` is not a UUID begins nothing (the cast is guarded: one bad job
+/// must not fail every claim).
 fn claim_keys_sql() -> String {
     let returning = claim_returning();
     format!(
-        "WITH w AS (SELECT * FROM unnest($5::text[], $6::int8[], $7::int2[]) AS w(rate_key, n, cap)),
-              picked AS (
-            SELECT p.id FROM w CROSS JOIN LATERAL (
-                SELECT j.id FROM herald_jobs j
-                 WHERE j.state = 'available' AND j.queue = $1
-                   AND j.rate_key = w.rate_key AND j.priority <= w.cap
-                   AND (j.ordering_key IS NULL OR NOT EXISTS (
-                        SELECT 1 FROM herald_jobs o
-                         WHERE o.workspace_id = j.workspace_id
-                           AND o.ordering_key = j.ordering_key AND o.id < j.id))
-                 ORDER BY j.priority, j.run_at, j.id
-                 LIMIT w.n
-                 FOR UPDATE SKIP LOCKED) p
-             WHERE NOT EXISTS (SELECT 1 FROM herald_paused_queues q WHERE q.queue = $1)
-         )
-         UPDATE herald_jobs SET state = 'running', attempt = attempt + 1, attempted_at = $2,
-                attempted_by = $3, lease_expires_at = $4
-           FROM picked WHERE herald_jobs.id = picked.id
-         RETURNING {returning}"
+        "WITH {},
+         claimed AS (
+            UPDATE herald_jobs SET state = 'running', attempt = attempt + 1, attempted_at = $2,
+                   attempted_by = $3, lease_expires_at = $4
+              FROM picked WHERE herald_jobs.id = picked.id
+            RETURNING {returning},
+                   CASE WHEN herald_jobs.kind = '{SEND_KIND}'
+                         AND herald_jobs.payload->>'send_id' ~* '{UUID_PATTERN}'
+                        THEN (herald_jobs.payload->>'send_id')::uuid END AS begin_send
+         ),
+         locked AS (
+            SELECT id FROM herald_sends
+             WHERE id IN (SELECT begin_send FROM claimed) AND status_rank = 0
+             ORDER BY id FOR UPDATE SKIP LOCKED
+         ),
+         begun AS ({})
+         SELECT claimed.*, begun.* FROM claimed LEFT JOIN begun ON begun.b_id = claimed.begin_send",
+        claim_keys_pick(),
+        delivery::begin_update("$2", "$8", &delivery::BEGUN_RETURNING),
     )
+}
+
+/// A UUID in text form, as serde writes one.
+const UUID_PATTERN: &str = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$";
+
+/// The `w` and `picked` CTEs of [`claim_keys_sql`].
+fn claim_keys_pick() -> &'static str {
+    "w AS (SELECT * FROM unnest($5::text[], $6::int8[], $7::int2[]) AS w(rate_key, n, cap)),
+     picked AS (
+        SELECT p.id FROM w CROSS JOIN LATERAL (
+            SELECT j.id FROM herald_jobs j
+             WHERE j.state = 'available' AND j.queue = $1
+               AND j.rate_key = w.rate_key AND j.priority <= w.cap
+               AND (j.ordering_key IS NULL OR NOT EXISTS (
+                    SELECT 1 FROM herald_jobs o
+                     WHERE o.workspace_id = j.workspace_id
+                       AND o.ordering_key = j.ordering_key AND o.id < j.id))
+             ORDER BY j.priority, j.run_at, j.id
+             LIMIT w.n
+             FOR UPDATE SKIP LOCKED) p
+         WHERE NOT EXISTS (SELECT 1 FROM herald_paused_queues q WHERE q.queue = $1)
+     )"
 }
 
 /// The jobs of a claim statement's rows, most urgent first.
@@ -220,6 +252,7 @@ impl PgStore {
             claim_keyed_capped_sql: claim_sql("AND j.rate_key = $6 AND j.priority <= $7"),
             claim_keys_sql: claim_keys_sql(),
             keyring: config.keyring.clone(),
+            begun: Default::default(),
         })
     }
 
@@ -821,10 +854,17 @@ impl Store for PgStore {
                     .map(|k| k.max_priority.unwrap_or(i16::MAX))
                     .collect::<Vec<_>>(),
             )
+            .bind(SendStatus::Sending.rank())
             .fetch_all(&mut *conn)
             .await?;
         conn.release();
-        claimed_jobs(&rows, worker, now, lease_until)
+        let jobs = claimed_jobs(&rows, worker, now, lease_until)?;
+        match delivery::begun_from_rows(&rows) {
+            Ok(begun) => self.begun.park(begun),
+            // The jobs are claimed all the same: their workers begin the sends themselves.
+            Err(e) => tracing::error!(error = %e, "claim: the begun sends do not decode"),
+        }
+        Ok(jobs)
     }
 
     async fn ready_rate_keys(

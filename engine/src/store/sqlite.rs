@@ -32,8 +32,8 @@ mod tenancy;
 use super::postgres::notify_payloads;
 use super::{
     accepted_sends, check_pause, finish_enqueue, match_holders, match_inserted, operator_final,
-    parse_state, split_completions, Backend, ClaimInfo, Finalize, Inserted, PausedQueue, RateScope,
-    Store, CANCELLABLE, CLAIM_COLUMNS,
+    parse_state, split_completions, Backend, ClaimInfo, Finalize, Inserted, KeyClaim, PausedQueue,
+    RateScope, Store, CANCELLABLE, CLAIM_COLUMNS,
 };
 use crate::clock::{from_micros, to_micros};
 use crate::error::{Result, StoreError};
@@ -67,6 +67,8 @@ pub struct SqliteStore {
     pool: SqlitePool,
     wakeups: Wakeups,
     keyring: Option<std::sync::Arc<crate::crypto::Keyring>>,
+    /// Sends the keyed claim began, until their workers take them.
+    begun: crate::delivery::BegunSends,
 }
 
 impl SqliteStore {
@@ -115,6 +117,7 @@ impl SqliteStore {
             pool,
             wakeups: Wakeups::default(),
             keyring: config.keyring.clone(),
+            begun: Default::default(),
         })
     }
 
@@ -525,6 +528,29 @@ impl Store for SqliteStore {
     ) -> Result<Vec<Job>> {
         self.claim_where(queue, None, worker, limit, now, lease_until)
             .await
+    }
+
+    /// One scoped claim per key, then the claimed send jobs' sends are begun in one more
+    /// statement (PostgreSQL does both in one; in-process, SQLite gains nothing from that).
+    async fn claim_keys(
+        &self,
+        queue: &str,
+        keys: &[KeyClaim<'_>],
+        worker: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> Result<Vec<Job>> {
+        let jobs =
+            super::claim_keys_one_by_one(self, queue, keys, worker, now, lease_until).await?;
+        let sends = crate::delivery::claimed_send_ids(&jobs);
+        if !sends.is_empty() {
+            match crate::delivery::DeliveryStore::begin_sends(self, &sends, now).await {
+                Ok(begun) => self.begun.park(begun),
+                // The jobs are claimed all the same: their workers begin the sends themselves.
+                Err(e) => tracing::warn!(error = %e, "claim: beginning the claimed sends failed"),
+            }
+        }
+        Ok(jobs)
     }
 
     async fn claim_scoped(

@@ -177,14 +177,18 @@ impl SendWorker {
         called: &mut bool,
     ) -> Result<(), JobError> {
         let delivery = self.store.delivery();
-        // The common case, batched with the other sends in flight: a queued send becomes
-        // `sending` (recorded before the call). Anything else takes the careful path.
-        let send = match self
-            .recorder
-            .begin(args.send_id)
-            .await
-            .map_err(JobError::retry)?
-        {
+        // The common case: the claim of this job began its send (`sending`, recorded before
+        // the call) in the claim's own statement. Else the worker begins it, batched with the
+        // other sends in flight; a send that was not queued takes the careful path.
+        let begun = match delivery.take_begun(args.send_id) {
+            Some(send) => Some(send),
+            None => self
+                .recorder
+                .begin(args.send_id)
+                .await
+                .map_err(JobError::retry)?,
+        };
+        let send = match begun {
             Some(send) => send,
             None => match self.resume(args).await? {
                 Some(send) => send,

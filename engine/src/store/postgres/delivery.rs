@@ -104,15 +104,51 @@ static SEND_COLUMNS_OF_S: LazyLock<String> = LazyLock::new(|| {
 
 /// The begin UPDATE (queued -> sending, one more request), over a `locked` CTE of the rows; the
 /// arguments name the statement's parameters for the ids, the time and the rank.
-fn begin_update(ids: &str, now: &str, rank: &str) -> String {
+pub(super) fn begin_update(now: &str, rank: &str, returning: &str) -> String {
     format!(
         "UPDATE herald_sends s SET status = 'sending', status_rank = {rank},
                 requests = s.requests + 1, requested_at = {now}, updated_at = {now}
            FROM locked
-          WHERE s.id = locked.id AND s.id = ANY({ids}::uuid[]) AND s.status_rank = 0
-          RETURNING {}",
-        *SEND_COLUMNS_OF_S
+          WHERE s.id = locked.id AND s.status_rank = 0
+          RETURNING {returning}"
     )
+}
+
+/// What the claim of send jobs returns of the sends it began ([`super::claim_keys_sql`]):
+/// [`SEND_COLUMNS`] of the table aliased `s`, each renamed `b_<column>`.
+pub(super) static BEGUN_RETURNING: LazyLock<String> = LazyLock::new(|| {
+    SEND_COLUMNS
+        .split(", ")
+        .map(|c| format!("s.{0} AS b_{0}", c.trim()))
+        .collect::<Vec<_>>()
+        .join(", ")
+});
+
+/// The column names of [`BEGUN_RETURNING`], in [`SEND_COLUMNS`] order.
+static BEGUN_NAMES: LazyLock<Vec<String>> = LazyLock::new(|| {
+    SEND_COLUMNS
+        .split(", ")
+        .map(|c| format!("b_{}", c.trim()))
+        .collect()
+});
+
+/// [`SEND_COLUMNS`] names, in order.
+static SEND_NAMES: LazyLock<Vec<String>> = LazyLock::new(|| {
+    SEND_COLUMNS
+        .split(", ")
+        .map(|c| c.trim().to_owned())
+        .collect()
+});
+
+/// The sends a claim statement began: the rows whose `b_id` is set.
+pub(super) fn begun_from_rows(rows: &[PgRow]) -> Result<Vec<SendRecord>> {
+    let mut begun = Vec::new();
+    for row in rows {
+        if row.try_get::<Option<Uuid>, _>("b_id")?.is_some() {
+            begun.push(send_from_names(row, &BEGUN_NAMES)?);
+        }
+    }
+    Ok(begun)
 }
 
 /// The accept UPDATE (Meta's id recorded, never moving a send back), over a `t(id, pmid)` CTE
@@ -139,7 +175,7 @@ static BEGIN_SENDS: LazyLock<String> = LazyLock::new(|| {
             SELECT id FROM herald_sends WHERE id = ANY($1::uuid[]) AND status_rank = 0
              ORDER BY id FOR UPDATE)
          {}",
-        begin_update("$1", "$2", "$3")
+        begin_update("$2", "$3", &SEND_COLUMNS_OF_S)
     )
 });
 
@@ -206,25 +242,31 @@ fn channel_from_row(keyring: Option<&Keyring>, row: &PgRow) -> Result<Channel> {
 }
 
 fn send_from_row(row: &PgRow) -> Result<SendRecord> {
-    let status: String = row.try_get("status")?;
-    let lane: String = row.try_get("lane")?;
-    let message: sqlx::types::Json<crate::delivery::Message> = row.try_get("message")?;
+    send_from_names(row, &SEND_NAMES)
+}
+
+/// A send from the columns named `names` ([`SEND_COLUMNS`] order, perhaps renamed).
+fn send_from_names(row: &PgRow, names: &[String]) -> Result<SendRecord> {
+    let n = |i: usize| names[i].as_str();
+    let lane: String = row.try_get(n(5))?;
+    let status: String = row.try_get(n(6))?;
+    let message: sqlx::types::Json<crate::delivery::Message> = row.try_get(n(4))?;
     Ok(SendRecord {
-        id: row.try_get("id")?,
-        workspace_id: row.try_get("workspace_id")?,
-        channel_id: row.try_get("channel_id")?,
-        recipient: row.try_get("recipient")?,
+        id: row.try_get(n(0))?,
+        workspace_id: row.try_get(n(1))?,
+        channel_id: row.try_get(n(2))?,
+        recipient: row.try_get(n(3))?,
         message: message.0,
         lane: lane.parse().map_err(StoreError::Corrupt)?,
         status: status.parse().map_err(StoreError::Corrupt)?,
-        requests: row.try_get("requests")?,
-        provider_message_id: row.try_get("provider_message_id")?,
-        error_code: row.try_get("error_code")?,
-        error: row.try_get("error")?,
-        created_at: row.try_get("created_at")?,
-        requested_at: row.try_get("requested_at")?,
-        accepted_at: row.try_get("accepted_at")?,
-        updated_at: row.try_get("updated_at")?,
+        requests: row.try_get(n(7))?,
+        provider_message_id: row.try_get(n(8))?,
+        error_code: row.try_get(n(9))?,
+        error: row.try_get(n(10))?,
+        created_at: row.try_get(n(11))?,
+        requested_at: row.try_get(n(12))?,
+        accepted_at: row.try_get(n(13))?,
+        updated_at: row.try_get(n(14))?,
     })
 }
 
@@ -569,6 +611,10 @@ impl DeliveryStore for PgStore {
             .await?;
         conn.release();
         rows.iter().map(send_from_row).collect()
+    }
+
+    fn take_begun(&self, id: Uuid) -> Option<SendRecord> {
+        self.begun.take(id)
     }
 
     async fn accept_sends(&self, accepted: &[(Uuid, String)], now: DateTime<Utc>) -> Result<u64> {

@@ -452,6 +452,10 @@ impl DeliveryStore for SqliteStore {
         rows.iter().map(send_from_row).collect()
     }
 
+    fn take_begun(&self, id: Uuid) -> Option<SendRecord> {
+        self.begun.take(id)
+    }
+
     async fn accept_sends(&self, accepted: &[(Uuid, String)], now: DateTime<Utc>) -> Result<u64> {
         if accepted.is_empty() {
             return Ok(0);
