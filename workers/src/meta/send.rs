@@ -2,8 +2,10 @@
 //!
 //! # What Herald guarantees
 //!
-//! - A send is recorded (`sending`, with the time) before Meta is called. If the answer is lost
-//!   (timeout, dropped connection, crash of the worker), the send is `unknown`: Meta may have it.
+//! - A send is recorded (`sending`, with the time) before Meta is called: by the claim of its
+//!   job where the store can ([`herald_engine::delivery::BegunSends`]), else by this worker's
+//!   first step. If the answer is lost (timeout, dropped connection, crash of the worker, also
+//!   one between the claim and the call), the send is `unknown`: Meta may have it.
 //! - An unknown send is resent only if no status webhook for it (matched by our send id, which
 //!   travels as `biz_opaque_callback_data` on WhatsApp and `metadata` on Messenger and
 //!   Instagram) arrived within the grace period after the request. A status that arrives at any
