@@ -53,7 +53,9 @@ pub struct JobContext {
 }
 
 impl JobContext {
-    pub(crate) fn new(job: Job) -> Self {
+    /// The context of an attempt of `job`: what the engine gives a handler. Public so that a
+    /// worker can be run on a job outside the engine (tests, tools).
+    pub fn new(job: Job) -> Self {
         JobContext {
             job: Arc::new(job),
             effect: Arc::default(),

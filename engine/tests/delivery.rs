@@ -2419,8 +2419,17 @@ async fn claim_keys_begins_the_claimed_sends(store: Arc<dyn Store>) {
     )
     .await
     .expect("fail one");
-    // A send job whose payload names no send, and a job of another kind on the same key.
+    // A send job whose payload names no send, and a job of another kind on the same key
+    // naming a send of another channel (whose own job is not claimed here).
     let key = channel_rate_key(ch.id);
+    let ch2 = d
+        .create_channel(&new_channel(Platform::Whatsapp, "1555999"), t0())
+        .await
+        .expect("second channel");
+    let other = d
+        .create_sends(&[send_to(&ch2, "+15559990000", Lane::Broadcast)], t0())
+        .await
+        .expect("other send")[0];
     store
         .enqueue_many(
             &[
@@ -2430,7 +2439,7 @@ async fn claim_keys_begins_the_claimed_sends(store: Arc<dyn Store>) {
                 )
                 .queue(SEND_QUEUE)
                 .rate_key(&key),
-                NewJob::new("test.other", json!({ "send_id": ids[0] }))
+                NewJob::new("test.other", json!({ "send_id": other }))
                     .queue(SEND_QUEUE)
                     .rate_key(&key),
             ],
@@ -2455,9 +2464,27 @@ async fn claim_keys_begins_the_claimed_sends(store: Arc<dyn Store>) {
         .await
         .expect("claim");
     assert_eq!(claimed.len(), 6, "every job is claimed, the odd ones too");
+    let job_of = |id: Uuid| {
+        claimed
+            .iter()
+            .find(|j| j.kind == SEND_KIND && j.payload["send_id"] == id.to_string())
+            .unwrap_or_else(|| panic!("the job of send {id}"))
+    };
 
-    for &id in &ids[..3] {
-        let begun = d.take_begun(id).expect("the claim began the queued send");
+    // A record is for its own claim: another attempt of the job does not get it (and it is
+    // gone), but the send still says which claim began it.
+    let first = job_of(ids[0]);
+    assert!(d.take_begun(ids[0], first.id, first.attempt + 1).is_none());
+    assert!(d.take_begun(ids[0], first.id, first.attempt).is_none());
+    let s0 = get_send(&*store, ids[0]).await;
+    assert!(herald_engine::delivery::begun_by_claim(&s0, now));
+    assert!(!herald_engine::delivery::begun_by_claim(&s0, now + secs(1)));
+
+    for &id in &ids[1..3] {
+        let job = job_of(id);
+        let begun = d
+            .take_begun(id, job.id, job.attempt)
+            .expect("the claim began the queued send");
         assert_eq!(begun.id, id);
         assert_eq!(begun.status, SendStatus::Sending, "begun: sending");
         assert_eq!(begun.requests, 1, "one request counted");
@@ -2467,20 +2494,27 @@ async fn claim_keys_begins_the_claimed_sends(store: Arc<dyn Store>) {
             begun,
             "what the worker gets is what is stored"
         );
-        assert!(d.take_begun(id).is_none(), "taken once");
+        assert!(
+            d.take_begun(id, job.id, job.attempt).is_none(),
+            "taken once"
+        );
     }
+    let settled = job_of(ids[3]);
     assert!(
-        d.take_begun(ids[3]).is_none(),
+        d.take_begun(ids[3], settled.id, settled.attempt).is_none(),
         "a settled send is not begun"
     );
-    assert_eq!(get_send(&*store, ids[3]).await.status, SendStatus::Failed);
+    let s3 = get_send(&*store, ids[3]).await;
+    assert_eq!(s3.status, SendStatus::Failed);
+    assert_eq!(s3.requests, 0, "and not counted");
+    // Only send jobs begin sends.
+    let elsewhere = get_send(&*store, other).await;
     assert_eq!(
-        get_send(&*store, ids[3]).await.requests,
-        0,
-        "and not counted"
+        elsewhere.status,
+        SendStatus::Queued,
+        "not begun by another kind's job"
     );
-    // The other kind named a send, but only send jobs begin sends (it was begun by its own job).
-    assert_eq!(get_send(&*store, ids[0]).await.requests, 1);
+    assert_eq!(elsewhere.requests, 0);
 
     // Begun by the claim, the worker's own begin finds nothing queued: no second request.
     assert!(

@@ -610,12 +610,19 @@ async fn the_claim_skips_a_send_another_statement_holds() {
     .expect("the claim does not wait for the held row")
     .expect("claim");
     assert_eq!(claimed.len(), 2, "both jobs are claimed");
+    let job_of = |id: uuid::Uuid| {
+        claimed
+            .iter()
+            .find(|j| j.payload["send_id"] == id.to_string())
+            .expect("its job")
+    };
+    let (j0, j1) = (job_of(ids[0]), job_of(ids[1]));
     assert!(
-        d.take_begun(ids[0]).is_none(),
+        d.take_begun(ids[0], j0.id, j0.attempt).is_none(),
         "the held send is left to its worker"
     );
     assert_eq!(
-        d.take_begun(ids[1]).map(|s| s.status),
+        d.take_begun(ids[1], j1.id, j1.attempt).map(|s| s.status),
         Some(SendStatus::Sending),
         "the other is begun"
     );

@@ -1822,6 +1822,110 @@ async fn a_send_left_sending_waits_for_the_grace_period() {
     h.finish().await;
 }
 
+/// A send the claim of its job began goes out at once even when the claim's record of it did
+/// not reach the worker (a row that did not decode, say): its worker recognises its own
+/// claim's time. A later attempt (the claiming process died before the call) does not: the
+/// send waits for the grace period, as any request whose answer may be lost.
+async fn a_begun_send_without_its_record(backend: Backend) {
+    use herald_engine::store::KeyClaim;
+    use herald_engine::Worker as _;
+    use herald_engine::{JobContext, JobError};
+
+    let h = Harness::new(Setup::new(backend).stopped()).await;
+    let ch = h.channel("1555000109", None, None).await;
+    let ids = h
+        .create(&[
+            h.template(&ch, "15552300001", Lane::Broadcast),
+            h.template(&ch, "15552300002", Lane::Broadcast),
+        ])
+        .await;
+    let now = h.now();
+    let key = channel_rate_key(ch.id);
+    let jobs = h
+        .store
+        .claim_keys(
+            SEND_QUEUE,
+            &[KeyClaim {
+                key: &key,
+                limit: 10,
+                max_priority: None,
+            }],
+            "w1",
+            now,
+            now + chrono::Duration::seconds(30),
+        )
+        .await
+        .expect("claim");
+    assert_eq!(jobs.len(), 2);
+    let job_of = |id: Uuid| {
+        jobs.iter()
+            .find(|j| j.payload["send_id"] == id.to_string())
+            .expect("its job")
+            .clone()
+    };
+    for &id in &ids {
+        let job = job_of(id);
+        let begun = h.store.delivery().take_begun(id, job.id, job.attempt + 1);
+        assert!(begun.is_none(), "another attempt does not get the record");
+    }
+    // Both records are gone now (taken by the wrong attempt above): the sends are `sending`.
+    let worker = SendWorker::new(
+        h.store.clone(),
+        h.admission.clone(),
+        MetaClient::new(ClientConfig::default()).expect("client"),
+        h.clock.clone(),
+        SendConfig {
+            unknown_grace: GRACE,
+            ..SendConfig::default()
+        },
+    );
+    let args = |job: &Job| serde_json::from_value(job.payload.clone()).expect("send args");
+
+    // The attempt whose claim began it: sent at once, one request in all.
+    let own = job_of(ids[0]);
+    worker
+        .work(args(&own), &JobContext::new(own.clone()))
+        .await
+        .expect("sent");
+    let s = h.send(ids[0]).await;
+    assert_eq!(
+        s.status,
+        SendStatus::Sending,
+        "the completion records the answer"
+    );
+    assert_eq!(s.requests, 1, "no second request counted");
+    assert_eq!(h.copies(ids[0]), 1, "sent once");
+
+    // A later attempt of the other (its first claimer died before the call): it waits.
+    let mut later = job_of(ids[1]);
+    later.attempt += 1;
+    later.attempted_at = Some(now + chrono::Duration::seconds(1));
+    match worker
+        .work(args(&later), &JobContext::new(later.clone()))
+        .await
+    {
+        Err(JobError::Snooze(wait)) => assert!(
+            wait > GRACE / 2 && wait <= GRACE,
+            "waits out the grace period: {wait:?}"
+        ),
+        other => panic!("expected to wait for the grace period, got {other:?}"),
+    }
+    assert_eq!(h.send(ids[1]).await.status, SendStatus::Unknown);
+    assert_eq!(h.copies(ids[1]), 0, "not sent");
+    assert_eq!(requests_seen(&h.sandbox.stats()), 1);
+    h.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_begun_send_without_its_record_sqlite() {
+    a_begun_send_without_its_record(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_begun_send_without_its_record_postgres() {
+    a_begun_send_without_its_record(Backend::Postgres).await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // 5. Messaging tier
 // ---------------------------------------------------------------------------------------------

@@ -581,42 +581,82 @@ pub struct SendArgs {
 
 /// Sends begun by the claim of their jobs, waiting for their workers ([`DeliveryStore::take_begun`]).
 ///
-/// A claim of [`SEND_KIND`] jobs marks their queued sends as requested (`sending`, one more
-/// request) in the claim's own statement (PostgreSQL) or right after it (SQLite), and parks
-/// the records here: the worker's first step then needs no statement of its own, and its
-/// request follows its claim sooner. An entry exists only until its worker takes it, so an
-/// entry still here proves that no request was made for that begin: a claim of the same job
-/// again (after a release or a rescue in this process) may use it and send at once.
+/// A keyed claim of [`SEND_KIND`] jobs marks their queued sends as requested (`sending`, one
+/// more request, `requested_at` = the claim's time) in the claim's own statement (PostgreSQL)
+/// or right after it (SQLite), and parks the records here: the worker's first step then needs
+/// no statement of its own, and its request follows its claim sooner.
+///
+/// An entry is for one claim: its job and attempt, until the claim's lease runs out. A worker
+/// of another attempt, or one that comes after the lease (its job may have been rescued and
+/// run elsewhere), does not get it and takes the careful path instead. A send the claim began
+/// but whose entry is missing (its row did not decode, the claim's answer was lost) is still
+/// recognisable by its worker: `sending` with `requested_at` equal to the claim's time.
 #[derive(Debug, Default)]
 pub struct BegunSends {
-    parked: std::sync::Mutex<std::collections::HashMap<Uuid, (SendRecord, std::time::Instant)>>,
+    parked: std::sync::Mutex<Parked>,
+}
+
+#[derive(Debug, Default)]
+struct Parked {
+    by_send: std::collections::HashMap<Uuid, BegunEntry>,
+    swept: Option<std::time::Instant>,
+}
+
+#[derive(Debug)]
+struct BegunEntry {
+    send: SendRecord,
+    job: crate::model::JobId,
+    attempt: i32,
+    until: std::time::Instant,
 }
 
 impl BegunSends {
-    /// Entries past this many are swept of those older than [`BegunSends::STALE`]: jobs whose
-    /// tasks never ran (aborted at shutdown), so the map cannot grow without bound.
-    const SWEEP_ABOVE: usize = 50_000;
-    const STALE: Duration = Duration::from_secs(600);
+    /// How often parking sweeps out the entries whose lease ran out untaken (their tasks were
+    /// aborted, or their jobs' handlers never asked), so the map cannot grow without bound.
+    const SWEEP_EVERY: Duration = Duration::from_secs(30);
 
-    pub fn park(&self, sends: impl IntoIterator<Item = SendRecord>) {
+    /// Parks the sends a claim began: each with its job and attempt, valid for `lease`.
+    pub fn park(
+        &self,
+        lease: Duration,
+        sends: impl IntoIterator<Item = (SendRecord, crate::model::JobId, i32)>,
+    ) {
         let now = std::time::Instant::now();
+        let until = now + lease;
         let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
-        for s in sends {
-            parked.insert(s.id, (s, now));
+        for (send, job, attempt) in sends {
+            parked.by_send.insert(
+                send.id,
+                BegunEntry {
+                    send,
+                    job,
+                    attempt,
+                    until,
+                },
+            );
         }
-        if parked.len() > Self::SWEEP_ABOVE {
-            parked.retain(|_, (_, at)| now.duration_since(*at) < Self::STALE);
+        if parked
+            .swept
+            .is_none_or(|at| now.duration_since(at) >= Self::SWEEP_EVERY)
+        {
+            parked.by_send.retain(|_, e| e.until > now);
+            parked.swept = Some(now);
         }
     }
 
-    pub fn take(&self, id: Uuid) -> Option<SendRecord> {
+    /// The send `id` as the claim of attempt `attempt` of job `job` began it, if that claim's
+    /// lease still runs; once.
+    pub fn take(&self, id: Uuid, job: crate::model::JobId, attempt: i32) -> Option<SendRecord> {
         let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
-        parked.remove(&id).map(|(s, _)| s)
+        let entry = parked.by_send.remove(&id)?;
+        (entry.job == job && entry.attempt == attempt && entry.until > std::time::Instant::now())
+            .then_some(entry.send)
     }
 
     /// Sends waiting for their workers.
     pub fn len(&self) -> usize {
-        self.parked.lock().unwrap_or_else(|e| e.into_inner()).len()
+        let parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        parked.by_send.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -624,13 +664,26 @@ impl BegunSends {
     }
 }
 
-/// The sends named by the [`SEND_KIND`] jobs among `jobs` (a payload without a valid
-/// `send_id` names none: its worker discards the job).
-pub fn claimed_send_ids(jobs: &[crate::model::Job]) -> Vec<Uuid> {
+/// The sends named by the [`SEND_KIND`] jobs among `jobs`, with their jobs and attempts (a
+/// payload without a valid `send_id` names none: its worker discards the job).
+pub fn claimed_sends(jobs: &[crate::model::Job]) -> Vec<(Uuid, crate::model::JobId, i32)> {
     jobs.iter()
         .filter(|j| j.kind == SEND_KIND)
-        .filter_map(|j| j.payload.get("send_id")?.as_str()?.parse().ok())
+        .filter_map(|j| {
+            let id = j.payload.get("send_id")?.as_str()?.parse().ok()?;
+            Some((id, j.id, j.attempt))
+        })
         .collect()
+}
+
+/// Whether `send` is `sending` because the claim at `claimed_at` began it (and so no request
+/// has been made for it since, if that claim is the caller's own and its lease still runs).
+/// Times are compared to the microsecond, as the stores keep them.
+pub fn begun_by_claim(send: &SendRecord, claimed_at: DateTime<Utc>) -> bool {
+    send.status == SendStatus::Sending
+        && send
+            .requested_at
+            .is_some_and(|at| at.timestamp_micros() == claimed_at.timestamp_micros())
 }
 
 /// A status Meta reported for a message (from a webhook).
@@ -759,13 +812,14 @@ pub trait DeliveryStore: Send + Sync + 'static {
 
     /// Marks queued sends as requested (`sending`, one more request, `requested_at`) in one
     /// statement, and returns those that were queued. The send worker's first step, batched
-    /// across the sends in flight.
+    /// across the sends in flight, for sends their claims did not begin ([`BegunSends`]); and
+    /// the SQLite store's step right after a keyed claim.
     async fn begin_sends(&self, ids: &[Uuid], now: DateTime<Utc>) -> Result<Vec<SendRecord>>;
 
-    /// The send begun by the claim of its job ([`BegunSends`]), once: the worker's first step.
-    /// None when the claim did not begin it (it was not queued, or its row was busy): the
-    /// worker then begins it itself.
-    fn take_begun(&self, id: Uuid) -> Option<SendRecord>;
+    /// The send begun by the claim of attempt `attempt` of job `job` ([`BegunSends`]), once,
+    /// while that claim's lease runs: the worker's first step. None when that claim did not
+    /// begin it (it was not queued, or its row was busy): the worker then begins it itself.
+    fn take_begun(&self, id: Uuid, job: crate::model::JobId, attempt: i32) -> Option<SendRecord>;
 
     /// Records Meta's message ids for accepted sends in one statement (never moving a send that
     /// a status webhook already moved further). Returns how many sends it found.

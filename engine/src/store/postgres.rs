@@ -134,7 +134,8 @@ fn claim_keys_sql() -> String {
          ),
          locked AS (
             SELECT id FROM herald_sends
-             WHERE id IN (SELECT begin_send FROM claimed) AND status_rank = 0
+             WHERE id = ANY(ARRAY(SELECT begin_send FROM claimed WHERE begin_send IS NOT NULL))
+               AND status_rank = 0
              ORDER BY id FOR UPDATE SKIP LOCKED
          ),
          begun AS ({})
@@ -858,13 +859,11 @@ impl Store for PgStore {
             .fetch_all(&mut *conn)
             .await?;
         conn.release();
-        let jobs = claimed_jobs(&rows, worker, now, lease_until)?;
-        match delivery::begun_from_rows(&rows) {
-            Ok(begun) => self.begun.park(begun),
-            // The jobs are claimed all the same: their workers begin the sends themselves.
-            Err(e) => tracing::error!(error = %e, "claim: the begun sends do not decode"),
-        }
-        Ok(jobs)
+        self.begun.park(
+            (lease_until - now).to_std().unwrap_or_default(),
+            delivery::begun_from_rows(&rows),
+        );
+        claimed_jobs(&rows, worker, now, lease_until)
     }
 
     async fn ready_rate_keys(

@@ -542,11 +542,23 @@ impl Store for SqliteStore {
     ) -> Result<Vec<Job>> {
         let jobs =
             super::claim_keys_one_by_one(self, queue, keys, worker, now, lease_until).await?;
-        let sends = crate::delivery::claimed_send_ids(&jobs);
+        let sends = crate::delivery::claimed_sends(&jobs);
         if !sends.is_empty() {
-            match crate::delivery::DeliveryStore::begin_sends(self, &sends, now).await {
-                Ok(begun) => self.begun.park(begun),
-                // The jobs are claimed all the same: their workers begin the sends themselves.
+            let ids: Vec<Uuid> = sends.iter().map(|s| s.0).collect();
+            match crate::delivery::DeliveryStore::begin_sends(self, &ids, now).await {
+                Ok(begun) => {
+                    let claims: HashMap<Uuid, (JobId, i32)> =
+                        sends.into_iter().map(|(s, j, a)| (s, (j, a))).collect();
+                    self.begun.park(
+                        (lease_until - now).to_std().unwrap_or_default(),
+                        begun.into_iter().filter_map(|send| {
+                            let (job, attempt) = *claims.get(&send.id)?;
+                            Some((send, job, attempt))
+                        }),
+                    );
+                }
+                // The jobs are claimed all the same. A send that was begun all the same (the
+                // statement committed) is recognised by its worker (`begun_by_claim`).
                 Err(e) => tracing::warn!(error = %e, "claim: beginning the claimed sends failed"),
             }
         }

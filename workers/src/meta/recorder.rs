@@ -1,5 +1,6 @@
-//! Batches the send worker's write before each call ("requesting") across every send in
-//! flight, so that 1,000 sends a second cost a few dozen statements, not 1,000. Each caller
+//! Batches the send worker's write before each call ("requesting") across the sends in flight
+//! whose claims did not record it ([`herald_engine::delivery::BegunSends`]: most sends are
+//! begun by their claims), so that many sends cost a few statements, not one each. Each caller
 //! waits for its own batch to commit before it goes on: nothing is called before it is
 //! recorded. (The write after the call, Meta's message id, travels with the job's completion:
 //! [`herald_engine::model::Effect::SendAccepted`].)

@@ -148,14 +148,16 @@ impl Worker for SendWorker {
     }
 
     async fn work(&self, args: SendArgs, ctx: &JobContext) -> Result<(), JobError> {
-        let mut called = false;
-        let result = self.attempt(&args, ctx, &mut called).await;
+        let mut stage = Stage::Start;
+        let result = self.attempt(&args, ctx, &mut stage).await;
         let Err(JobError::Retry { error, .. }) = &result else {
             return result;
         };
-        if !called {
-            // Failed before Meta was called (a database error, say): the send must not look
-            // like a request whose answer was lost, or it would wait out the grace period.
+        if stage == Stage::Begun {
+            // This attempt began the send and failed before Meta was called (a database error,
+            // say): the send must not look like a request whose answer was lost, or it would
+            // wait out the grace period. Before it holds its send, the attempt leaves the send
+            // as it is: it may be a lost answer of an earlier attempt (`unknown`).
             let _ = self
                 .store
                 .delivery()
@@ -171,18 +173,29 @@ impl Worker for SendWorker {
     }
 }
 
+/// How far an attempt got, for what a failure leaves behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Not holding its send: the send is as this attempt found it.
+    Start,
+    /// The send is `sending` for this attempt, and Meta has not been called.
+    Begun,
+    /// Meta was called: the answer decides.
+    Called,
+}
+
 impl SendWorker {
     async fn attempt(
         &self,
         args: &SendArgs,
         ctx: &JobContext,
-        called: &mut bool,
+        stage: &mut Stage,
     ) -> Result<(), JobError> {
         let delivery = self.store.delivery();
         // The common case: the claim of this job began its send (`sending`, recorded before
         // the call) in the claim's own statement. Else the worker begins it, batched with the
         // other sends in flight; a send that was not queued takes the careful path.
-        let begun = match delivery.take_begun(args.send_id) {
+        let begun = match delivery.take_begun(args.send_id, ctx.job.id, ctx.job.attempt) {
             Some(send) => Some(send),
             None => self
                 .recorder
@@ -192,11 +205,12 @@ impl SendWorker {
         };
         let send = match begun {
             Some(send) => send,
-            None => match self.resume(args).await? {
+            None => match self.resume(args, ctx).await? {
                 Some(send) => send,
                 None => return Ok(()),
             },
         };
+        *stage = Stage::Begun;
         let channel = match self.admission.channel(send.channel_id).await {
             Some(channel) => channel,
             // The admission's cache may be older than the channel (connected since its last
@@ -283,7 +297,7 @@ impl SendWorker {
             }
         }
         let callback = send.id.to_string();
-        *called = true;
+        *stage = Stage::Called;
         let result = self
             .client
             .send(
@@ -394,7 +408,11 @@ impl SendWorker {
     /// The careful path for a send that was not queued: settled already (nothing to do), or
     /// an earlier request's answer was lost (wait out the grace period, then send again).
     /// Returns the send, marked as requested, when it is to be sent now.
-    async fn resume(&self, args: &SendArgs) -> Result<Option<SendRecord>, JobError> {
+    async fn resume(
+        &self,
+        args: &SendArgs,
+        ctx: &JobContext,
+    ) -> Result<Option<SendRecord>, JobError> {
         let delivery = self.store.delivery();
         let Some(send) = delivery.send(args.send_id).await.map_err(JobError::retry)? else {
             return Err(JobError::Discard(format!(
@@ -408,6 +426,13 @@ impl SendWorker {
             return Ok(None);
         }
         let now = self.clock.now();
+        if let (Some(claimed), Some(lease)) = (ctx.job.attempted_at, ctx.job.lease_expires_at) {
+            if now < lease && herald_engine::delivery::begun_by_claim(&send, claimed) {
+                // This attempt's own claim began it and its record did not reach us (it did
+                // not decode, say): no request has been made for it since.
+                return Ok(Some(send));
+            }
+        }
         if matches!(send.status, SendStatus::Sending | SendStatus::Unknown) {
             // An earlier request's answer was lost (or its worker died mid-call).
             let requested = send.requested_at.unwrap_or(send.updated_at);

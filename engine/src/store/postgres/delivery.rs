@@ -124,31 +124,59 @@ pub(super) static BEGUN_RETURNING: LazyLock<String> = LazyLock::new(|| {
         .join(", ")
 });
 
-/// The column names of [`BEGUN_RETURNING`], in [`SEND_COLUMNS`] order.
-static BEGUN_NAMES: LazyLock<Vec<String>> = LazyLock::new(|| {
-    SEND_COLUMNS
-        .split(", ")
-        .map(|c| format!("b_{}", c.trim()))
-        .collect()
-});
+/// The fields a send is read from, in [`SEND_COLUMNS`] order (a test holds the two together,
+/// and [`send_from_names`] reads them by position).
+const SEND_FIELDS: [&str; 15] = [
+    "id",
+    "workspace_id",
+    "channel_id",
+    "recipient",
+    "message",
+    "lane",
+    "status",
+    "requests",
+    "provider_message_id",
+    "error_code",
+    "error",
+    "created_at",
+    "requested_at",
+    "accepted_at",
+    "updated_at",
+];
 
-/// [`SEND_COLUMNS`] names, in order.
-static SEND_NAMES: LazyLock<Vec<String>> = LazyLock::new(|| {
-    SEND_COLUMNS
-        .split(", ")
-        .map(|c| c.trim().to_owned())
-        .collect()
-});
+/// [`SEND_FIELDS`] renamed as [`BEGUN_RETURNING`] renames them.
+static BEGUN_NAMES: LazyLock<Vec<String>> =
+    LazyLock::new(|| SEND_FIELDS.iter().map(|c| format!("b_{c}")).collect());
 
-/// The sends a claim statement began: the rows whose `b_id` is set.
-pub(super) fn begun_from_rows(rows: &[PgRow]) -> Result<Vec<SendRecord>> {
+/// [`SEND_FIELDS`] as they are.
+static SEND_NAMES: LazyLock<Vec<String>> =
+    LazyLock::new(|| SEND_FIELDS.iter().map(|c| (*c).to_owned()).collect());
+
+/// The sends a claim statement began, with their jobs and attempts: the rows whose `b_id` is
+/// set. A row that does not decode is left out (its worker recognises the send by its
+/// `requested_at`, [`crate::delivery::begun_by_claim`]) and does not cost the others theirs.
+pub(super) fn begun_from_rows(rows: &[PgRow]) -> Vec<(SendRecord, i64, i32)> {
     let mut begun = Vec::new();
     for row in rows {
-        if row.try_get::<Option<Uuid>, _>("b_id")?.is_some() {
-            begun.push(send_from_names(row, &BEGUN_NAMES)?);
+        let decoded = (|| -> Result<Option<(SendRecord, i64, i32)>> {
+            if row.try_get::<Option<Uuid>, _>("b_id")?.is_none() {
+                return Ok(None);
+            }
+            Ok(Some((
+                send_from_names(row, &BEGUN_NAMES)?,
+                row.try_get("id")?,
+                row.try_get("attempt")?,
+            )))
+        })();
+        match decoded {
+            Ok(Some(b)) => begun.push(b),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "claim: a begun send does not decode; its worker reads it")
+            }
         }
     }
-    Ok(begun)
+    begun
 }
 
 /// The accept UPDATE (Meta's id recorded, never moving a send back), over a `t(id, pmid)` CTE
@@ -613,8 +641,8 @@ impl DeliveryStore for PgStore {
         rows.iter().map(send_from_row).collect()
     }
 
-    fn take_begun(&self, id: Uuid) -> Option<SendRecord> {
-        self.begun.take(id)
+    fn take_begun(&self, id: Uuid, job: i64, attempt: i32) -> Option<SendRecord> {
+        self.begun.take(id, job, attempt)
     }
 
     async fn accept_sends(&self, accepted: &[(Uuid, String)], now: DateTime<Utc>) -> Result<u64> {
@@ -777,5 +805,15 @@ impl DeliveryStore for PgStore {
         .bind(canonical_recipient(recipient).as_ref())
         .fetch_optional(&self.pool)
         .await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn send_fields_are_send_columns_in_order() {
+        assert_eq!(SEND_FIELDS.join(", "), SEND_COLUMNS);
     }
 }

@@ -452,8 +452,8 @@ impl DeliveryStore for SqliteStore {
         rows.iter().map(send_from_row).collect()
     }
 
-    fn take_begun(&self, id: Uuid) -> Option<SendRecord> {
-        self.begun.take(id)
+    fn take_begun(&self, id: Uuid, job: i64, attempt: i32) -> Option<SendRecord> {
+        self.begun.take(id, job, attempt)
     }
 
     async fn accept_sends(&self, accepted: &[(Uuid, String)], now: DateTime<Utc>) -> Result<u64> {
