@@ -821,6 +821,16 @@ async fn the_checks_at_a_request_hand_back_what_they_do_not_use() {
             .load(std::sync::atomic::Ordering::Relaxed),
         1
     );
+    // A channel that does not exist has nothing to hand back to, and nothing is counted.
+    let gone = Uuid::new_v4();
+    h.admission.give_back(gone).await;
+    assert_eq!(
+        metrics
+            .key(&channel_rate_key(gone))
+            .refunded
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
+    );
 
     // Go: a channel with room takes one of each.
     let fresh = h.channel("1555000136", Some(limits), None).await;

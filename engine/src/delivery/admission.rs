@@ -306,8 +306,23 @@ impl ChannelAdmission {
     /// Hands back the claim permit of a send that did not use it (it waits for its recipient
     /// or the messaging tier), and counts it as handed back.
     pub async fn give_back(&self, channel_id: Uuid) {
-        self.refund(&super::channel_rate_key(channel_id), 1).await;
-        self.count(channel_id, |m| &m.refunded);
+        if self
+            .refund_to(channel_id, &super::channel_rate_key(channel_id), 1)
+            .await
+        {
+            self.count(channel_id, |m| &m.refunded);
+        }
+    }
+
+    /// Refunds `n` permits of `rate_key` at channel `channel_id`'s rate; false when the
+    /// channel is gone (there is nothing to refund to).
+    async fn refund_to(&self, channel_id: Uuid, rate_key: &str, n: u32) -> bool {
+        let Some(channel) = self.channel(channel_id).await else {
+            return false;
+        };
+        let rate = self.rate_of(&channel);
+        self.limiter.refund(rate_key, rate, n).await;
+        true
     }
 
     /// Reports sends held back or handing their permits back in `metrics` (the engine's, so
@@ -434,12 +449,8 @@ impl Admission for ChannelAdmission {
     }
 
     async fn refund(&self, rate_key: &str, n: u32) {
-        let Some(id) = channel_of_rate_key(rate_key) else {
-            return;
-        };
-        if let Some(channel) = self.channel(id).await {
-            let rate = self.rate_of(&channel);
-            self.limiter.refund(rate_key, rate, n).await;
+        if let Some(id) = channel_of_rate_key(rate_key) {
+            self.refund_to(id, rate_key, n).await;
         }
     }
 }
