@@ -2449,20 +2449,7 @@ async fn claim_keys_begins_the_claimed_sends(store: Arc<dyn Store>) {
         .expect("enqueue odd jobs");
 
     let now = t0() + secs(1);
-    let claimed = store
-        .claim_keys(
-            SEND_QUEUE,
-            &[KeyClaim {
-                key: &key,
-                limit: 10,
-                max_priority: None,
-            }],
-            "w1",
-            now,
-            now + secs(30),
-        )
-        .await
-        .expect("claim");
+    let claimed = common::claim_key(&*store, SEND_QUEUE, &key, now).await;
     assert_eq!(claimed.len(), 6, "every job is claimed, the odd ones too");
     let job_of = |id: Uuid| {
         claimed

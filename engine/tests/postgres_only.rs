@@ -544,34 +544,15 @@ async fn a_stale_attempt_ending_first_leaves_the_current_one_alone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_claim_skips_a_send_another_statement_holds() {
     use herald_engine::delivery::{
-        channel_rate_key, Lane, Message, NewChannel, NewSend, Platform, SendStatus, SEND_QUEUE,
+        channel_rate_key, Lane, Message, NewSend, SendStatus, SEND_QUEUE,
     };
-    use herald_engine::store::KeyClaim;
 
     let schema = common::unique_name("begin");
     let _leftovers = common::Dropped::Schema(schema.clone());
     let store = common::pg_store_in(&schema).await;
     let d = store.delivery();
     let now = Utc::now();
-    let ch = d
-        .create_channel(
-            &NewChannel {
-                workspace_id: uuid::Uuid::new_v4(),
-                platform: Platform::Whatsapp,
-                name: "held".into(),
-                sender_id: "15550001".into(),
-                portfolio_id: None,
-                access_token: "token".into(),
-                app_secret: "secret".into(),
-                verify_token: "verify".into(),
-                graph_base_url: None,
-                api_version: None,
-                limits: None,
-            },
-            now,
-        )
-        .await
-        .expect("channel");
+    let ch = common::whatsapp_channel(&store).await;
     let sends: Vec<NewSend> = (0..2)
         .map(|i| NewSend {
             workspace_id: ch.workspace_id,
@@ -594,21 +575,10 @@ async fn the_claim_skips_a_send_another_statement_holds() {
     let key = channel_rate_key(ch.id);
     let claimed = tokio::time::timeout(
         Duration::from_secs(10),
-        store.claim_keys(
-            SEND_QUEUE,
-            &[KeyClaim {
-                key: &key,
-                limit: 10,
-                max_priority: None,
-            }],
-            "w1",
-            now,
-            now + chrono::Duration::seconds(30),
-        ),
+        common::claim_key(&store, SEND_QUEUE, &key, now),
     )
     .await
-    .expect("the claim does not wait for the held row")
-    .expect("claim");
+    .expect("the claim does not wait for the held row");
     assert_eq!(claimed.len(), 2, "both jobs are claimed");
     let job_of = |id: uuid::Uuid| {
         claimed

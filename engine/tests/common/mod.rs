@@ -227,6 +227,29 @@ pub async fn whatsapp_channel(store: &dyn Store) -> herald_engine::delivery::Cha
         .expect("create channel")
 }
 
+/// Claims up to ten jobs of `queue` with rate key `key` as worker `w1` at `now` (lease 30 s).
+pub async fn claim_key(
+    store: &dyn Store,
+    queue: &str,
+    key: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Vec<Job> {
+    store
+        .claim_keys(
+            queue,
+            &[herald_engine::store::KeyClaim {
+                key,
+                limit: 10,
+                max_priority: None,
+            }],
+            "w1",
+            now,
+            now + chrono::Duration::seconds(30),
+        )
+        .await
+        .expect("claim")
+}
+
 /// `n` text sends on `channel`, begun (`sending`, as before a call to Meta).
 pub async fn begun_sends(
     store: &dyn Store,
