@@ -2442,64 +2442,73 @@ async fn claim_keys_begins_the_claimed_sends(store: Arc<dyn Store>) {
                 NewJob::new("test.other", json!({ "send_id": other }))
                     .queue(SEND_QUEUE)
                     .rate_key(&key),
+                // A send job enqueued by hand naming that send: not the send's own job.
+                NewJob::new(SEND_KIND, json!({ "send_id": other, "channel_id": ch2.id }))
+                    .queue(SEND_QUEUE)
+                    .rate_key(&key),
             ],
             t0(),
         )
         .await
         .expect("enqueue odd jobs");
 
-    let now = t0() + secs(1);
+    // A claim's time with nanoseconds: the stores keep microseconds.
+    let now = t0() + secs(1) + chrono::Duration::nanoseconds(123_456_789);
     let claimed = common::claim_key(&*store, SEND_QUEUE, &key, now).await;
-    assert_eq!(claimed.len(), 6, "every job is claimed, the odd ones too");
+    assert_eq!(claimed.len(), 7, "every job is claimed, the odd ones too");
     let job_of = |id: Uuid| {
         claimed
             .iter()
-            .find(|j| j.kind == SEND_KIND && j.payload["send_id"] == id.to_string())
+            .find(|j| j.unique_key.as_deref() == Some(format!("send:{id}").as_str()))
             .unwrap_or_else(|| panic!("the job of send {id}"))
     };
 
-    // A record is for its own claim: another attempt of the job does not get it (and it is
-    // gone), but the send still says which claim began it.
+    // A record is for its own claim (job and time): another claim does not get it, and the
+    // send says which claim began it, to the microsecond.
     let first = job_of(ids[0]);
-    assert!(d.take_begun(ids[0], first.id, first.attempt + 1).is_none());
-    assert!(d.take_begun(ids[0], first.id, first.attempt).is_none());
+    let micro = chrono::Duration::microseconds(1);
+    assert!(d.take_begun(ids[0], first.id, now + micro).is_none());
+    assert!(d.take_begun(ids[0], first.id + 1, now).is_none());
     let s0 = get_send(&*store, ids[0]).await;
     assert!(herald_engine::delivery::begun_by_claim(&s0, now));
-    assert!(!herald_engine::delivery::begun_by_claim(&s0, now + secs(1)));
+    assert!(!herald_engine::delivery::begun_by_claim(&s0, now + micro));
+    assert!(!herald_engine::delivery::begun_by_claim(&s0, now - micro));
+    assert_eq!(herald_engine::delivery::send_of_job(first), Some(ids[0]));
 
-    for &id in &ids[1..3] {
+    for &id in &ids[..3] {
         let job = job_of(id);
         let begun = d
-            .take_begun(id, job.id, job.attempt)
+            .take_begun(id, job.id, now)
             .expect("the claim began the queued send");
         assert_eq!(begun.id, id);
         assert_eq!(begun.status, SendStatus::Sending, "begun: sending");
         assert_eq!(begun.requests, 1, "one request counted");
-        assert_eq!(begun.requested_at, Some(now), "requested at the claim");
+        assert_eq!(
+            begun.requested_at.map(|t| t.timestamp_micros()),
+            Some(now.timestamp_micros()),
+            "requested at the claim"
+        );
         assert_eq!(
             get_send(&*store, id).await,
             begun,
             "what the worker gets is what is stored"
         );
-        assert!(
-            d.take_begun(id, job.id, job.attempt).is_none(),
-            "taken once"
-        );
+        assert!(d.take_begun(id, job.id, now).is_none(), "taken once");
     }
     let settled = job_of(ids[3]);
     assert!(
-        d.take_begun(ids[3], settled.id, settled.attempt).is_none(),
+        d.take_begun(ids[3], settled.id, now).is_none(),
         "a settled send is not begun"
     );
     let s3 = get_send(&*store, ids[3]).await;
     assert_eq!(s3.status, SendStatus::Failed);
     assert_eq!(s3.requests, 0, "and not counted");
-    // Only send jobs begin sends.
+    // Only a send's own job begins it.
     let elsewhere = get_send(&*store, other).await;
     assert_eq!(
         elsewhere.status,
         SendStatus::Queued,
-        "not begun by another kind's job"
+        "not begun by another job"
     );
     assert_eq!(elsewhere.requests, 0);
 

@@ -588,11 +588,11 @@ async fn the_claim_skips_a_send_another_statement_holds() {
     };
     let (j0, j1) = (job_of(ids[0]), job_of(ids[1]));
     assert!(
-        d.take_begun(ids[0], j0.id, j0.attempt).is_none(),
+        d.take_begun(ids[0], j0.id, now).is_none(),
         "the held send is left to its worker"
     );
     assert_eq!(
-        d.take_begun(ids[1], j1.id, j1.attempt).map(|s| s.status),
+        d.take_begun(ids[1], j1.id, now).map(|s| s.status),
         Some(SendStatus::Sending),
         "the other is begun"
     );

@@ -586,11 +586,13 @@ pub struct SendArgs {
 /// or right after it (SQLite), and parks the records here: the worker's first step then needs
 /// no statement of its own, and its request follows its claim sooner.
 ///
-/// An entry is for one claim: its job and attempt, until the claim's lease runs out. A worker
-/// of another attempt, or one that comes after the lease (its job may have been rescued and
-/// run elsewhere), does not get it and takes the careful path instead. A send the claim began
-/// but whose entry is missing (its row did not decode, the claim's answer was lost) is still
-/// recognisable by its worker: `sending` with `requested_at` equal to the claim's time.
+/// An entry is for one claim (its job and the claim's time), until the claim's lease runs out.
+/// A worker of another claim, or one that comes after the lease (its job may have been
+/// rescued and run elsewhere), does not get it and takes the careful path instead. A send the
+/// claim began whose entry is missing (its row did not decode, or SQLite's begin failed after
+/// its commit) is still recognisable by the claim's own worker: `sending` with `requested_at`
+/// equal to the claim's time ([`begun_by_claim`]). Only the send's own job (unique key
+/// `send:<id>`) begins a send.
 #[derive(Debug, Default)]
 pub struct BegunSends {
     parked: std::sync::Mutex<Parked>,
@@ -606,7 +608,8 @@ struct Parked {
 struct BegunEntry {
     send: SendRecord,
     job: crate::model::JobId,
-    attempt: i32,
+    /// The claim's time, to the microsecond (a job's attempt numbers repeat after a snooze).
+    claimed_at: i64,
     until: std::time::Instant,
 }
 
@@ -615,22 +618,27 @@ impl BegunSends {
     /// aborted, or their jobs' handlers never asked), so the map cannot grow without bound.
     const SWEEP_EVERY: Duration = Duration::from_secs(30);
 
-    /// Parks the sends a claim began: each with its job and attempt, valid for `lease`.
+    /// Parks the sends the claim at `claimed_at` began, each with its job, valid for `lease`
+    /// from `started` (taken before the claim's statement, so that an entry never outlives
+    /// the lease the database holds).
     pub fn park(
         &self,
+        claimed_at: DateTime<Utc>,
+        started: std::time::Instant,
         lease: Duration,
-        sends: impl IntoIterator<Item = (SendRecord, crate::model::JobId, i32)>,
+        sends: impl IntoIterator<Item = (SendRecord, crate::model::JobId)>,
     ) {
         let now = std::time::Instant::now();
-        let until = now + lease;
+        let until = started + lease;
+        let claimed_at = claimed_at.timestamp_micros();
         let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
-        for (send, job, attempt) in sends {
+        for (send, job) in sends {
             parked.by_send.insert(
                 send.id,
                 BegunEntry {
                     send,
                     job,
-                    attempt,
+                    claimed_at,
                     until,
                 },
             );
@@ -644,13 +652,22 @@ impl BegunSends {
         }
     }
 
-    /// The send `id` as the claim of attempt `attempt` of job `job` began it, if that claim's
+    /// The send `id` as the claim of job `job` at `claimed_at` began it, if that claim's
     /// lease still runs; once.
-    pub fn take(&self, id: Uuid, job: crate::model::JobId, attempt: i32) -> Option<SendRecord> {
+    pub fn take(
+        &self,
+        id: Uuid,
+        job: crate::model::JobId,
+        claimed_at: DateTime<Utc>,
+    ) -> Option<SendRecord> {
         let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = parked.by_send.get(&id)?;
+        if entry.job != job || entry.claimed_at != claimed_at.timestamp_micros() {
+            // Another claim's: left for its worker (or the sweep).
+            return None;
+        }
         let entry = parked.by_send.remove(&id)?;
-        (entry.job == job && entry.attempt == attempt && entry.until > std::time::Instant::now())
-            .then_some(entry.send)
+        (entry.until > std::time::Instant::now()).then_some(entry.send)
     }
 
     /// Sends waiting for their workers.
@@ -664,21 +681,29 @@ impl BegunSends {
     }
 }
 
-/// The sends named by the [`SEND_KIND`] jobs among `jobs`, with their jobs and attempts (a
-/// payload without a valid `send_id` names none: its worker discards the job).
-pub fn claimed_sends(jobs: &[crate::model::Job]) -> Vec<(Uuid, crate::model::JobId, i32)> {
+/// The sends of the [`SEND_KIND`] jobs among `jobs` that are their sends' own jobs, with
+/// their jobs ([`send_of_job`]).
+pub fn claimed_sends(jobs: &[crate::model::Job]) -> Vec<(Uuid, crate::model::JobId)> {
     jobs.iter()
-        .filter(|j| j.kind == SEND_KIND)
-        .filter_map(|j| {
-            let id = j.payload.get("send_id")?.as_str()?.parse().ok()?;
-            Some((id, j.id, j.attempt))
-        })
+        .filter_map(|j| Some((send_of_job(j)?, j.id)))
         .collect()
 }
 
+/// The send `job` performs, if it is that send's own job: a [`SEND_KIND`] job whose payload
+/// names the send and whose unique key is `send:<id>` ([`send_job`]). A job enqueued by hand
+/// that names a send is not its own job: only the send's own job may begin it.
+pub fn send_of_job(job: &crate::model::Job) -> Option<Uuid> {
+    if job.kind != SEND_KIND {
+        return None;
+    }
+    let id: Uuid = job.payload.get("send_id")?.as_str()?.parse().ok()?;
+    (job.unique_key.as_deref() == Some(format!("send:{id}").as_str())).then_some(id)
+}
+
 /// Whether `send` is `sending` because the claim at `claimed_at` began it (and so no request
-/// has been made for it since, if that claim is the caller's own and its lease still runs).
-/// Times are compared to the microsecond, as the stores keep them.
+/// has been made for it since, if that claim is the caller's own, its job is the send's own
+/// job ([`send_of_job`]) and its lease still runs: every later request rewrites
+/// `requested_at`). Times are compared to the microsecond, as the stores keep them.
 pub fn begun_by_claim(send: &SendRecord, claimed_at: DateTime<Utc>) -> bool {
     send.status == SendStatus::Sending
         && send
@@ -816,10 +841,15 @@ pub trait DeliveryStore: Send + Sync + 'static {
     /// the SQLite store's step right after a keyed claim.
     async fn begin_sends(&self, ids: &[Uuid], now: DateTime<Utc>) -> Result<Vec<SendRecord>>;
 
-    /// The send begun by the claim of attempt `attempt` of job `job` ([`BegunSends`]), once,
-    /// while that claim's lease runs: the worker's first step. None when that claim did not
-    /// begin it (it was not queued, or its row was busy): the worker then begins it itself.
-    fn take_begun(&self, id: Uuid, job: crate::model::JobId, attempt: i32) -> Option<SendRecord>;
+    /// The send begun by the claim of job `job` at `claimed_at` ([`BegunSends`]), once, while
+    /// that claim's lease runs: the worker's first step. None when that claim did not begin it
+    /// (it was not queued, or its row was busy): the worker then begins it itself.
+    fn take_begun(
+        &self,
+        id: Uuid,
+        job: crate::model::JobId,
+        claimed_at: DateTime<Utc>,
+    ) -> Option<SendRecord>;
 
     /// Records Meta's message ids for accepted sends in one statement (never moving a send that
     /// a status webhook already moved further). Returns how many sends it found.

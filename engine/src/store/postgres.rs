@@ -114,7 +114,8 @@ fn claim_sql(scope: &str) -> String {
 /// as a claim of that key alone and stops at its own limit.
 ///
 /// The same statement begins the sends of the claimed send jobs (`$8` is the `sending` rank),
-/// returned as `b_*` columns beside their jobs ([`crate::delivery::BegunSends`]). A send row
+/// returned as `b_*` columns beside their jobs ([`crate::delivery::BegunSends`]); only a send's
+/// own job (unique key `send:<id>`, [`crate::delivery::send_of_job`]) begins it. A send row
 /// another statement holds is skipped, not waited for (its worker begins it), so the claim
 /// never waits on herald_sends and takes its locks in id order like every writer of it. A
 /// payload whose `send_id` is not a UUID begins nothing (the cast is guarded: one bad job
@@ -130,6 +131,8 @@ fn claim_keys_sql() -> String {
             RETURNING {returning},
                    CASE WHEN herald_jobs.kind = '{SEND_KIND}'
                          AND herald_jobs.payload->>'send_id' ~* '{UUID_PATTERN}'
+                         AND herald_jobs.unique_key
+                             = 'send:' || (herald_jobs.payload->>'send_id')::uuid::text
                         THEN (herald_jobs.payload->>'send_id')::uuid END AS begin_send
          ),
          locked AS (
@@ -842,6 +845,7 @@ impl Store for PgStore {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
+        let started = std::time::Instant::now();
         let mut conn = self.hot.lease().await?;
         let rows = sqlx::query(&self.claim_keys_sql)
             .bind(queue)
@@ -860,6 +864,8 @@ impl Store for PgStore {
             .await?;
         conn.release();
         self.begun.park(
+            now,
+            started,
             (lease_until - now).to_std().unwrap_or_default(),
             delivery::begun_from_rows(&rows),
         );

@@ -540,6 +540,7 @@ impl Store for SqliteStore {
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
     ) -> Result<Vec<Job>> {
+        let started = std::time::Instant::now();
         let jobs =
             super::claim_keys_one_by_one(self, queue, keys, worker, now, lease_until).await?;
         let sends = crate::delivery::claimed_sends(&jobs);
@@ -547,13 +548,14 @@ impl Store for SqliteStore {
             let ids: Vec<Uuid> = sends.iter().map(|s| s.0).collect();
             match crate::delivery::DeliveryStore::begin_sends(self, &ids, now).await {
                 Ok(begun) => {
-                    let claims: HashMap<Uuid, (JobId, i32)> =
-                        sends.into_iter().map(|(s, j, a)| (s, (j, a))).collect();
+                    let jobs_of: HashMap<Uuid, JobId> = sends.into_iter().collect();
                     self.begun.park(
+                        now,
+                        started,
                         (lease_until - now).to_std().unwrap_or_default(),
                         begun.into_iter().filter_map(|send| {
-                            let (job, attempt) = *claims.get(&send.id)?;
-                            Some((send, job, attempt))
+                            let job = *jobs_of.get(&send.id)?;
+                            Some((send, job))
                         }),
                     );
                 }

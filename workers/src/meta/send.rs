@@ -104,6 +104,14 @@ impl SendWorker {
         JobError::Snooze(after)
     }
 
+    /// Back to `queued` (the request this attempt began is not made); the attempt no longer
+    /// holds the send, so a failure after this leaves it as it is.
+    async fn unsent(&self, send: uuid::Uuid, stage: &mut Stage) -> Result<(), JobError> {
+        self.update(send, SendUpdate::Unsent).await?;
+        *stage = Stage::Start;
+        Ok(())
+    }
+
     async fn update(&self, send: uuid::Uuid, update: SendUpdate) -> Result<(), JobError> {
         self.store
             .delivery()
@@ -195,7 +203,11 @@ impl SendWorker {
         // The common case: the claim of this job began its send (`sending`, recorded before
         // the call) in the claim's own statement. Else the worker begins it, batched with the
         // other sends in flight; a send that was not queued takes the careful path.
-        let begun = match delivery.take_begun(args.send_id, ctx.job.id, ctx.job.attempt) {
+        let taken = ctx
+            .job
+            .attempted_at
+            .and_then(|claimed| delivery.take_begun(args.send_id, ctx.job.id, claimed));
+        let begun = match taken {
             Some(send) => Some(send),
             None => self
                 .recorder
@@ -225,7 +237,7 @@ impl SendWorker {
                     Arc::new(channel)
                 }
                 None => {
-                    self.update(send.id, SendUpdate::Unsent).await?;
+                    self.unsent(send.id, stage).await?;
                     return Err(self
                         .fail(send.id, None, "the channel no longer exists".into())
                         .await);
@@ -233,7 +245,7 @@ impl SendWorker {
             },
         };
         if channel.paused_for(send.lane) {
-            self.update(send.id, SendUpdate::Unsent).await?;
+            self.unsent(send.id, stage).await?;
             return Err(self.wait(channel.id, self.config.paused_recheck).await);
         }
         let now = self.clock.now();
@@ -249,7 +261,7 @@ impl SendWorker {
                 let window = herald_engine::model::chrono_duration(self.config.service_window);
                 let in_window = last.is_some_and(|at| now - at < window);
                 if !in_window && send.message.needs_window() {
-                    self.update(send.id, SendUpdate::Unsent).await?;
+                    self.unsent(send.id, stage).await?;
                     return Err(self
                         .fail(
                             send.id,
@@ -275,7 +287,7 @@ impl SendWorker {
                         let wait = (frees - now).to_std().unwrap_or(Duration::from_secs(60))
                             + Duration::from_secs(fastrand::u64(0..600));
                         info!(send = %send.id, ?wait, "messaging tier used up: waiting");
-                        self.update(send.id, SendUpdate::Unsent).await?;
+                        self.unsent(send.id, stage).await?;
                         return Err(self.wait(channel.id, wait).await);
                     }
                 }
@@ -284,7 +296,7 @@ impl SendWorker {
         match self.admission.at_request(&channel, &send.recipient).await {
             RequestGate::Go => {}
             RequestGate::Pair(wait) => {
-                self.update(send.id, SendUpdate::Unsent).await?;
+                self.unsent(send.id, stage).await?;
                 return Err(self.wait(channel.id, wait).await);
             }
             RequestGate::Ahead(wait) => {
@@ -292,7 +304,7 @@ impl SendWorker {
                 // with them. Back to the queue, to be claimed with a fresh permit; the old one
                 // is not given back, its moment has passed.
                 debug!(send = %send.id, ?wait, "send ahead of the channel's pace: back to the queue");
-                self.update(send.id, SendUpdate::Unsent).await?;
+                self.unsent(send.id, stage).await?;
                 return Err(JobError::Snooze(wait));
             }
         }
@@ -330,11 +342,11 @@ impl SendWorker {
                 Err(JobError::Snooze(self.config.unknown_grace))
             }
             Err(SendError::NotSent(why)) => {
-                self.update(send.id, SendUpdate::Unsent).await?;
+                self.unsent(send.id, stage).await?;
                 Err(self.last_attempt(ctx, send.id, None, why).await)
             }
             Err(SendError::BadChannel(why)) => {
-                self.update(send.id, SendUpdate::Unsent).await?;
+                self.unsent(send.id, stage).await?;
                 warn!(channel = %channel.id, %why, "pausing the channel");
                 delivery
                     .pause_channel(channel.id, Some(&why), false, self.clock.now())
@@ -344,7 +356,7 @@ impl SendWorker {
                 Err(JobError::Snooze(self.config.paused_recheck))
             }
             Err(SendError::Unsupported(why)) => {
-                self.update(send.id, SendUpdate::Unsent).await?;
+                self.unsent(send.id, stage).await?;
                 Err(self.fail(send.id, None, why).await)
             }
             Err(SendError::Meta { status, error }) => {
@@ -427,7 +439,11 @@ impl SendWorker {
         }
         let now = self.clock.now();
         if let (Some(claimed), Some(lease)) = (ctx.job.attempted_at, ctx.job.lease_expires_at) {
-            if now < lease && herald_engine::delivery::begun_by_claim(&send, claimed) {
+            if now < lease
+                && herald_engine::delivery::send_of_job(&ctx.job) == Some(send.id)
+                && send.workspace_id == ctx.job.workspace_id
+                && herald_engine::delivery::begun_by_claim(&send, claimed)
+            {
                 // This attempt's own claim began it and its record did not reach us (it did
                 // not decode, say): no request has been made for it since.
                 return Ok(Some(send));

@@ -152,20 +152,18 @@ static BEGUN_NAMES: LazyLock<Vec<String>> =
 static SEND_NAMES: LazyLock<Vec<String>> =
     LazyLock::new(|| SEND_FIELDS.iter().map(|c| (*c).to_owned()).collect());
 
-/// The sends a claim statement began, with their jobs and attempts: the rows whose `b_id` is
-/// set. A row that does not decode is left out (its worker recognises the send by its
+/// The sends a claim statement began, with their jobs: the rows whose `b_id` is set. A row that does not decode is left out (its worker recognises the send by its
 /// `requested_at`, [`crate::delivery::begun_by_claim`]) and does not cost the others theirs.
-pub(super) fn begun_from_rows(rows: &[PgRow]) -> Vec<(SendRecord, i64, i32)> {
+pub(super) fn begun_from_rows(rows: &[PgRow]) -> Vec<(SendRecord, i64)> {
     let mut begun = Vec::new();
     for row in rows {
-        let decoded = (|| -> Result<Option<(SendRecord, i64, i32)>> {
+        let decoded = (|| -> Result<Option<(SendRecord, i64)>> {
             if row.try_get::<Option<Uuid>, _>("b_id")?.is_none() {
                 return Ok(None);
             }
             Ok(Some((
                 send_from_names(row, &BEGUN_NAMES)?,
                 row.try_get("id")?,
-                row.try_get("attempt")?,
             )))
         })();
         match decoded {
@@ -641,8 +639,8 @@ impl DeliveryStore for PgStore {
         rows.iter().map(send_from_row).collect()
     }
 
-    fn take_begun(&self, id: Uuid, job: i64, attempt: i32) -> Option<SendRecord> {
-        self.begun.take(id, job, attempt)
+    fn take_begun(&self, id: Uuid, job: i64, claimed_at: DateTime<Utc>) -> Option<SendRecord> {
+        self.begun.take(id, job, claimed_at)
     }
 
     async fn accept_sends(&self, accepted: &[(Uuid, String)], now: DateTime<Utc>) -> Result<u64> {

@@ -452,8 +452,8 @@ impl DeliveryStore for SqliteStore {
         rows.iter().map(send_from_row).collect()
     }
 
-    fn take_begun(&self, id: Uuid, job: i64, attempt: i32) -> Option<SendRecord> {
-        self.begun.take(id, job, attempt)
+    fn take_begun(&self, id: Uuid, job: i64, claimed_at: DateTime<Utc>) -> Option<SendRecord> {
+        self.begun.take(id, job, claimed_at)
     }
 
     async fn accept_sends(&self, accepted: &[(Uuid, String)], now: DateTime<Utc>) -> Result<u64> {
