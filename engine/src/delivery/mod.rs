@@ -661,23 +661,15 @@ impl BegunSends {
         claimed_at: DateTime<Utc>,
     ) -> Option<SendRecord> {
         let mut parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
-        let entry = parked.by_send.get(&id)?;
-        if entry.job != job || entry.claimed_at != claimed_at.timestamp_micros() {
+        let std::collections::hash_map::Entry::Occupied(entry) = parked.by_send.entry(id) else {
+            return None;
+        };
+        if entry.get().job != job || entry.get().claimed_at != claimed_at.timestamp_micros() {
             // Another claim's: left for its worker (or the sweep).
             return None;
         }
-        let entry = parked.by_send.remove(&id)?;
+        let entry = entry.remove();
         (entry.until > std::time::Instant::now()).then_some(entry.send)
-    }
-
-    /// Sends waiting for their workers.
-    pub fn len(&self) -> usize {
-        let parked = self.parked.lock().unwrap_or_else(|e| e.into_inner());
-        parked.by_send.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

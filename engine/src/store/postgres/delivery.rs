@@ -117,9 +117,9 @@ pub(super) fn begin_update(now: &str, rank: &str, returning: &str) -> String {
 /// What the claim of send jobs returns of the sends it began ([`super::claim_keys_sql`]):
 /// [`SEND_COLUMNS`] of the table aliased `s`, each renamed `b_<column>`.
 pub(super) static BEGUN_RETURNING: LazyLock<String> = LazyLock::new(|| {
-    SEND_COLUMNS
-        .split(", ")
-        .map(|c| format!("s.{0} AS b_{0}", c.trim()))
+    SEND_FIELDS
+        .iter()
+        .map(|c| format!("s.{c} AS b_{c}"))
         .collect::<Vec<_>>()
         .join(", ")
 });
@@ -148,12 +148,9 @@ const SEND_FIELDS: [&str; 15] = [
 static BEGUN_NAMES: LazyLock<Vec<String>> =
     LazyLock::new(|| SEND_FIELDS.iter().map(|c| format!("b_{c}")).collect());
 
-/// [`SEND_FIELDS`] as they are.
-static SEND_NAMES: LazyLock<Vec<String>> =
-    LazyLock::new(|| SEND_FIELDS.iter().map(|c| (*c).to_owned()).collect());
-
-/// The sends a claim statement began, with their jobs: the rows whose `b_id` is set. A row that does not decode is left out (its worker recognises the send by its
-/// `requested_at`, [`crate::delivery::begun_by_claim`]) and does not cost the others theirs.
+/// The sends a claim statement began, with their jobs: the rows whose `b_id` is set. A row
+/// that does not decode is left out (its worker recognises the send by its `requested_at`,
+/// [`crate::delivery::begun_by_claim`]) and does not cost the others theirs.
 pub(super) fn begun_from_rows(rows: &[PgRow]) -> Vec<(SendRecord, i64)> {
     let mut begun = Vec::new();
     for row in rows {
@@ -268,12 +265,12 @@ fn channel_from_row(keyring: Option<&Keyring>, row: &PgRow) -> Result<Channel> {
 }
 
 fn send_from_row(row: &PgRow) -> Result<SendRecord> {
-    send_from_names(row, &SEND_NAMES)
+    send_from_names(row, &SEND_FIELDS)
 }
 
 /// A send from the columns named `names` ([`SEND_COLUMNS`] order, perhaps renamed).
-fn send_from_names(row: &PgRow, names: &[String]) -> Result<SendRecord> {
-    let n = |i: usize| names[i].as_str();
+fn send_from_names(row: &PgRow, names: &[impl AsRef<str>]) -> Result<SendRecord> {
+    let n = |i: usize| names[i].as_ref();
     let lane: String = row.try_get(n(5))?;
     let status: String = row.try_get(n(6))?;
     let message: sqlx::types::Json<crate::delivery::Message> = row.try_get(n(4))?;
