@@ -59,6 +59,10 @@ fn secs(s: i64) -> chrono::Duration {
     chrono::Duration::seconds(s)
 }
 
+fn micros(us: i64) -> chrono::Duration {
+    chrono::Duration::microseconds(us)
+}
+
 fn hours(h: i64) -> chrono::Duration {
     chrono::Duration::hours(h)
 }
@@ -1642,13 +1646,68 @@ async fn update_send_transitions(store: Arc<dyn Store>) {
     assert_eq!(r.error.as_deref(), Some("timed out"), "reason kept");
     assert_eq!(r.requests, 1, "unknown counts no request");
 
-    let r = upd(SendUpdate::Unsent, t0() + secs(3)).await;
-    assert_eq!(r.status, SendStatus::Queued, "unknown -> queued (unsent)");
-    assert_eq!(r.requests, 0, "unsent takes back the request it began");
+    let unknown = r;
+    let r = upd(
+        SendUpdate::Unsent {
+            requested_at: t0() + secs(1),
+        },
+        t0() + secs(3),
+    )
+    .await;
+    assert_eq!(
+        r, unknown,
+        "an unknown send is not unsent: its answer was lost"
+    );
+
+    let r = upd(SendUpdate::Requesting, t0() + micros(3_000_001)).await;
+    assert_eq!(
+        r.status,
+        SendStatus::Sending,
+        "unknown -> sending (sent again)"
+    );
+    assert_eq!(r.requests, 2, "a second request counted");
+    let sending = r;
+    for other in [
+        t0() + secs(1),
+        t0() + micros(3_000_000),
+        t0() + micros(3_000_002),
+    ] {
+        let r = upd(
+            SendUpdate::Unsent {
+                requested_at: other,
+            },
+            t0() + secs(4),
+        )
+        .await;
+        assert_eq!(
+            r, sending,
+            "unsent for another begin ({other}) leaves this one's request alone"
+        );
+    }
+    let r = upd(
+        SendUpdate::Unsent {
+            requested_at: t0() + micros(3_000_001),
+        },
+        t0() + secs(3),
+    )
+    .await;
+    assert_eq!(r.status, SendStatus::Queued, "sending -> queued (unsent)");
+    assert_eq!(r.requests, 1, "unsent takes back the request it began");
     assert_eq!(r.updated_at, t0() + secs(3), "updated_at set");
+    let r = upd(
+        SendUpdate::Unsent {
+            requested_at: t0() + micros(3_000_001),
+        },
+        t0() + secs(3),
+    )
+    .await;
+    assert_eq!(
+        r.requests, 1,
+        "a second unsent of the same begin counts nothing back"
+    );
 
     let r = upd(SendUpdate::Requesting, t0() + secs(3)).await;
-    assert_eq!(r.requests, 1, "a request counted again");
+    assert_eq!(r.requests, 2, "a request counted again");
     let r = upd(
         SendUpdate::Refused {
             code: Some(130_429),
@@ -1658,7 +1717,7 @@ async fn update_send_transitions(store: Arc<dyn Store>) {
     )
     .await;
     assert_eq!(r.status, SendStatus::Queued, "refused -> queued");
-    assert_eq!(r.requests, 1, "a refused request still counts");
+    assert_eq!(r.requests, 2, "a refused request still counts");
     assert_eq!(
         r.error_code,
         Some(130_429),
@@ -1667,7 +1726,7 @@ async fn update_send_transitions(store: Arc<dyn Store>) {
 
     let r = upd(SendUpdate::Requesting, t0() + secs(4)).await;
     assert_eq!(r.status, SendStatus::Sending, "queued -> sending again");
-    assert_eq!(r.requests, 2, "second request counted");
+    assert_eq!(r.requests, 3, "third request counted");
     assert_eq!(r.requested_at, Some(t0() + secs(4)), "requested_at moved");
 
     let r = upd(
@@ -1777,7 +1836,9 @@ async fn update_send_leaves_sent_and_beyond_alone(store: Arc<dyn Store>) {
             SendUpdate::Unknown {
                 error: "lost".to_owned(),
             },
-            SendUpdate::Unsent,
+            SendUpdate::Unsent {
+                requested_at: t0() + secs(1),
+            },
             SendUpdate::Failed {
                 code: Some(1),
                 error: "late".to_owned(),

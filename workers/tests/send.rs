@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use herald_engine::admission::Admission;
 use herald_engine::delivery::{
     arrival_rate_key, channel_rate_key, pair_rate_key, AdmissionConfig, Channel, ChannelAdmission,
-    ChannelLimits, Lane, Message, NewChannel, NewSend, Platform, RequestGate, SendRecord,
+    ChannelLimits, Lane, Message, NewChannel, NewSend, Platform, RequestGate, SendArgs, SendRecord,
     SendStatus, SendUpdate, StatusEvent, SEND_KIND, SEND_QUEUE,
 };
 use herald_engine::limit::{FailSafeConfig, FailSafeLimiter, Limiter, LimiterMode, LocalLimiter};
@@ -1941,6 +1941,262 @@ async fn a_begun_send_without_its_record_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_begun_send_without_its_record_postgres() {
     a_begun_send_without_its_record(Backend::Postgres).await;
+}
+
+impl Harness {
+    /// Runs `sql` in this test's schema with psql, and returns what it printed (PostgreSQL
+    /// only: the workers crate has no SQL client of its own).
+    fn psql(&self, sql: &str) -> String {
+        let DbGuard::Schema(schema) = &self._db else {
+            panic!("psql is for PostgreSQL tests");
+        };
+        let out = std::process::Command::new("psql")
+            .arg(pg_url())
+            .args(["-X", "-q", "-tA", "-v", "ON_ERROR_STOP=1", "-c"])
+            .arg(format!("SET search_path TO \"{schema}\"; {sql}"))
+            .output()
+            .expect("run psql");
+        assert!(
+            out.status.success(),
+            "psql {sql}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// The send's job, claimed as a plain claim does (which begins no send), with a lease.
+    async fn claim_plain(&self) -> Job {
+        let now = self.now();
+        let mut jobs = self
+            .store
+            .claim(
+                SEND_QUEUE,
+                "w1",
+                1,
+                now,
+                now + chrono::Duration::seconds(30),
+            )
+            .await
+            .expect("claim");
+        assert_eq!(jobs.len(), 1, "one send job");
+        jobs.remove(0)
+    }
+
+    fn worker(&self) -> SendWorker {
+        SendWorker::new(
+            self.store.clone(),
+            self.admission.clone(),
+            MetaClient::new(ClientConfig::default()).expect("client"),
+            self.clock.clone(),
+            SendConfig {
+                unknown_grace: GRACE,
+                ..SendConfig::default()
+            },
+        )
+    }
+}
+
+/// A worker's begin that committed but whose answer failed (here: the row it returned does not
+/// decode) is undone by its attempt, so the next attempt sends at once instead of waiting out
+/// the grace period as for a lost answer. Meta was not called.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_begin_whose_answer_failed_is_undone_postgres() {
+    use herald_engine::Worker as _;
+    use herald_engine::{JobContext, JobError};
+
+    let h = Harness::new(Setup::new(Backend::Postgres).stopped()).await;
+    let ch = h.channel("1555000109", None, None).await;
+    let id = h
+        .create_one(h.template(&ch, "15552300001", Lane::Broadcast))
+        .await;
+    let good = h.psql(&format!(
+        "SELECT message::text FROM herald_sends WHERE id = '{id}'"
+    ));
+    h.psql(&format!(
+        "UPDATE herald_sends SET message = '{{\"type\":\"bogus\"}}' WHERE id = '{id}'"
+    ));
+    let worker = h.worker();
+    let job = h.claim_plain().await;
+    let args: SendArgs = serde_json::from_value(job.payload.clone()).expect("send args");
+    match worker
+        .work(args.clone(), &JobContext::new(job.clone()))
+        .await
+    {
+        Err(JobError::Retry { error, .. }) => {
+            assert!(
+                error.contains("decode") || error.contains("bogus"),
+                "{error}"
+            )
+        }
+        other => panic!("expected a retry, got {other:?}"),
+    }
+    assert_eq!(
+        h.psql(&format!(
+            "SELECT status || ' ' || requests FROM herald_sends WHERE id = '{id}'"
+        )),
+        "queued 0",
+        "the begin is undone: no request was made"
+    );
+    assert_eq!(requests_seen(&h.sandbox.stats()), 0);
+
+    // The next attempt sends at once.
+    h.psql(&format!(
+        "UPDATE herald_sends SET message = '{}' WHERE id = '{id}'",
+        good.replace('\'', "''")
+    ));
+    let mut next = job.clone();
+    next.attempt += 1;
+    next.attempted_at = Some(h.now());
+    worker
+        .work(args, &JobContext::new(next))
+        .await
+        .expect("sent at once");
+    assert_eq!(h.copies(id), 1, "sent once");
+    assert_eq!(h.send(id).await.requests, 1, "one request in all");
+    h.finish().await;
+}
+
+/// A request the transport could not send (no connection: no byte left the process) puts its
+/// send back to `queued` with its request not counted, for a retry with backoff, not a wait
+/// for the grace period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_not_sent_goes_back_to_the_queue() {
+    use herald_engine::Worker as _;
+    use herald_engine::{JobContext, JobError};
+
+    let h = Harness::new(Setup::new(Backend::Sqlite).stopped()).await;
+    let closed = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("address").port()
+    };
+    let ch = h
+        .store
+        .delivery()
+        .create_channel(
+            &NewChannel {
+                workspace_id: h.workspace,
+                platform: Platform::Whatsapp,
+                name: "nowhere".into(),
+                sender_id: "1555000109".into(),
+                portfolio_id: None,
+                access_token: "sandbox-token".into(),
+                app_secret: "sandbox-secret".into(),
+                verify_token: "verify".into(),
+                graph_base_url: Some(format!("http://127.0.0.1:{closed}")),
+                api_version: None,
+                limits: None,
+            },
+            h.now(),
+        )
+        .await
+        .expect("create channel");
+    let id = h
+        .create_one(h.template(&ch, "15552300001", Lane::Broadcast))
+        .await;
+    let job = h.claim_plain().await;
+    let args: SendArgs = serde_json::from_value(job.payload.clone()).expect("send args");
+    match h.worker().work(args, &JobContext::new(job)).await {
+        Err(JobError::Retry { .. }) => {}
+        other => panic!("expected a retry, got {other:?}"),
+    }
+    let s = h.send(id).await;
+    assert_eq!(
+        (s.status, s.requests),
+        (SendStatus::Queued, 0),
+        "back to the queue, the request not counted"
+    );
+    h.finish().await;
+}
+
+/// An attempt that ends between its begin and its call (a handler timeout, a panic, a
+/// shutdown drops it; here it is held up by another session's lock on the messaging tier)
+/// undoes its begin, so the next attempt does not wait out the grace period. Meta was not
+/// called.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_dropped_before_its_call_undoes_its_begin_postgres() {
+    use herald_engine::JobContext;
+    use herald_engine::Worker as _;
+
+    let h = Harness::new(Setup::new(Backend::Postgres).stopped()).await;
+    let limits = ChannelLimits {
+        tier: Some(10),
+        ..ChannelLimits::default()
+    };
+    let portfolio = unique("portfolio");
+    let lock = format!("hashtextextended('herald_reach:{portfolio}', 0)");
+    let ch = h
+        .channel("1555000109", Some(limits), Some(&portfolio))
+        .await;
+    let id = h
+        .create_one(h.template(&ch, "15552300001", Lane::Broadcast))
+        .await;
+    // Another session holds the portfolio's reservation lock (the worker's tier step waits
+    // for it, after the begin). It idles outside any transaction, so it holds back no vacuum
+    // of the other tests, and its session ends as soon as its input closes.
+    struct Holder(std::process::Child);
+    impl Drop for Holder {
+        fn drop(&mut self) {
+            drop(self.0.stdin.take());
+            let _ = self.0.wait();
+        }
+    }
+    let mut holder = Holder(
+        std::process::Command::new("psql")
+            .arg(pg_url())
+            .args(["-X", "-q"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("run psql"),
+    );
+    {
+        use std::io::Write as _;
+        let stdin = holder.0.stdin.as_mut().expect("psql's input");
+        stdin
+            .write_all(format!("SELECT pg_advisory_lock({lock});\n").as_bytes())
+            .and_then(|()| stdin.flush())
+            .expect("ask psql for the lock");
+    }
+    let deadline = Instant::now() + WAIT;
+    while h.psql(&format!("SELECT pg_try_advisory_lock({lock})")) == "t" {
+        assert!(Instant::now() < deadline, "the lock was not taken");
+        tokio::time::sleep(POLL).await;
+    }
+    let worker = h.worker();
+    let job = h.claim_plain().await;
+    let args: SendArgs = serde_json::from_value(job.payload.clone()).expect("send args");
+    let attempt = tokio::spawn(async move { worker.work(args, &JobContext::new(job)).await });
+    // Dropped once it waits for the lock: past its begin, before its call.
+    let waiting = format!(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
+            AND objsubid = 1 AND classid::text::bigint = ({lock} >> 32) & 4294967295
+            AND objid::text::bigint = {lock} & 4294967295"
+    );
+    let deadline = Instant::now() + WAIT;
+    while h.psql(&waiting) == "0" {
+        assert!(
+            !attempt.is_finished(),
+            "not held up by the lock: {:?}",
+            attempt.await
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the attempt never waited for the lock"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    assert_eq!(h.send(id).await.status, SendStatus::Sending, "begun");
+    attempt.abort();
+    assert!(attempt.await.is_err_and(|e| e.is_cancelled()), "dropped");
+    let undone = h
+        .wait_sends(&[id], "the begin undone", |s| {
+            s.status == SendStatus::Queued
+        })
+        .await;
+    assert_eq!(undone[0].requests, 0, "no request counted");
+    assert_eq!(requests_seen(&h.sandbox.stats()), 0, "Meta was not called");
+    drop(holder);
+    h.finish().await;
 }
 
 // ---------------------------------------------------------------------------------------------

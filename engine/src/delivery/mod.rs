@@ -729,9 +729,14 @@ pub enum SendUpdate {
     Accepted {
         provider_message_id: String,
     },
-    /// The request never reached Meta (Herald held it back, or there was no connection): back
-    /// to `queued`, and the request it began is not counted.
-    Unsent,
+    /// The request an attempt began never reached Meta (Herald held it back, there was no
+    /// connection, or the write that began it failed as far as the attempt knows): back to
+    /// `queued`, and the request it began is not counted. Only while the send is `sending`
+    /// from that very begin (its `requested_at`, to the microsecond): a send that moved on
+    /// since (its answer lost, a later attempt's request) is left as it is.
+    Unsent {
+        requested_at: DateTime<Utc>,
+    },
     /// Meta refused the request (a limit, a temporary error, a paused account): back to
     /// `queued`, with Meta's code and reason kept for operators.
     Refused {

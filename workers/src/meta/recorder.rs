@@ -7,6 +7,7 @@
 
 use std::sync::Arc;
 
+use chrono::{DateTime, Utc};
 use herald_engine::delivery::SendRecord;
 use herald_engine::{Clock, Store};
 use tokio::sync::{mpsc, oneshot};
@@ -15,7 +16,26 @@ use uuid::Uuid;
 /// Most sends begun in one statement.
 const MAX_BATCH: usize = 1_000;
 
-type Reply = oneshot::Sender<Result<Option<SendRecord>, String>>;
+type Reply = oneshot::Sender<Result<Option<SendRecord>, BeginFailed>>;
+
+/// A begin that failed.
+#[derive(Debug)]
+pub struct BeginFailed {
+    pub error: String,
+    /// The request time its write would have recorded, if a write was made: the write may
+    /// have committed even so (its answer lost), and then the send is `sending` from this
+    /// time. None: no write was made (the recorder stopped).
+    pub at: Option<DateTime<Utc>>,
+}
+
+impl BeginFailed {
+    fn stopped() -> BeginFailed {
+        BeginFailed {
+            error: "the send recorder stopped".to_owned(),
+            at: None,
+        }
+    }
+}
 
 /// The handle; the writer task stops when the last handle is dropped.
 #[derive(Clone)]
@@ -32,13 +52,10 @@ impl Recorder {
     }
 
     /// Marks a queued send as requested and returns it; None if it was not queued.
-    pub async fn begin(&self, id: Uuid) -> Result<Option<SendRecord>, String> {
+    pub async fn begin(&self, id: Uuid) -> Result<Option<SendRecord>, BeginFailed> {
         let (tx, rx) = oneshot::channel();
-        self.tx
-            .send((id, tx))
-            .map_err(|_| "the send recorder stopped".to_owned())?;
-        rx.await
-            .map_err(|_| "the send recorder stopped".to_owned())?
+        self.tx.send((id, tx)).map_err(|_| BeginFailed::stopped())?;
+        rx.await.map_err(|_| BeginFailed::stopped())?
     }
 }
 
@@ -53,7 +70,8 @@ async fn run(
     while rx.recv_many(&mut begins, MAX_BATCH).await > 0 {
         let ids: Vec<Uuid> = begins.iter().map(|b| b.0).collect();
         let started = std::time::Instant::now();
-        let result = store.delivery().begin_sends(&ids, clock.now()).await;
+        let at = clock.now();
+        let result = store.delivery().begin_sends(&ids, at).await;
         tracing::debug!(
             begins = ids.len(),
             micros = started.elapsed().as_micros() as u64,
@@ -70,7 +88,10 @@ async fn run(
             Err(e) => {
                 let e = e.to_string();
                 for (_, reply) in begins.drain(..) {
-                    let _ = reply.send(Err(e.clone()));
+                    let _ = reply.send(Err(BeginFailed {
+                        error: e.clone(),
+                        at: Some(at),
+                    }));
                 }
             }
         }

@@ -32,6 +32,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use herald_engine::delivery::{
     ChannelAdmission, Message, Platform, RequestGate, SendArgs, SendRecord, SendStatus, SendUpdate,
     SEND_KIND,
@@ -104,10 +105,16 @@ impl SendWorker {
         JobError::Snooze(after)
     }
 
-    /// Back to `queued` (the request this attempt began is not made); the attempt no longer
-    /// holds the send, so a failure after this leaves it as it is.
-    async fn unsent(&self, send: uuid::Uuid, stage: &mut Stage) -> Result<(), JobError> {
-        self.update(send, SendUpdate::Unsent).await?;
+    /// Back to `queued`: the request this attempt began (`send` as begun) did not leave the
+    /// process, whether Herald held it back or the transport could not send a byte of it. The
+    /// attempt no longer holds the send, so a failure after this leaves it as it is.
+    async fn unsent(&self, send: &SendRecord, stage: &mut Stage) -> Result<(), JobError> {
+        // Should this write fail, the attempt's failure path undoes the begin again.
+        *stage = Stage::Begun(send.requested_at);
+        if let Some(requested_at) = send.requested_at {
+            self.update(send.id, SendUpdate::Unsent { requested_at })
+                .await?;
+        }
         *stage = Stage::Start;
         Ok(())
     }
@@ -156,22 +163,33 @@ impl Worker for SendWorker {
     }
 
     async fn work(&self, args: SendArgs, ctx: &JobContext) -> Result<(), JobError> {
-        let mut stage = Stage::Start;
-        let result = self.attempt(&args, ctx, &mut stage).await;
+        let mut held = Held {
+            stage: Stage::Start,
+            send_id: args.send_id,
+            store: self.store.clone(),
+            clock: self.clock.clone(),
+        };
+        let result = self.attempt(&args, ctx, &mut held.stage).await;
         let Err(JobError::Retry { error, .. }) = &result else {
+            held.stage = Stage::Start;
             return result;
         };
-        if stage == Stage::Begun {
-            // This attempt began the send and failed before Meta was called (a database error,
-            // say): the send must not look like a request whose answer was lost, or it would
-            // wait out the grace period. Before it holds its send, the attempt leaves the send
-            // as it is: it may be a lost answer of an earlier attempt (`unknown`).
+        if let Some(requested_at) = held.stage.unmade_request() {
+            // This attempt began the send (or may have: its write failed) and failed before
+            // Meta was called (a database error, say): the send must not look like a request
+            // whose answer was lost, or it would wait out the grace period. Only this begin
+            // is undone: a send found `unknown` (an earlier attempt's lost answer) stays so.
             let _ = self
                 .store
                 .delivery()
-                .update_send(args.send_id, &SendUpdate::Unsent, self.clock.now())
+                .update_send(
+                    args.send_id,
+                    &SendUpdate::Unsent { requested_at },
+                    self.clock.now(),
+                )
                 .await;
         }
+        held.stage = Stage::Start;
         if ctx.job.attempt >= ctx.job.max_attempts {
             // The job's last attempt: the send fails with it rather than stay open for ever.
             let why = format!("gave up after {} attempts: {error}", ctx.job.attempt);
@@ -186,10 +204,55 @@ impl Worker for SendWorker {
 enum Stage {
     /// Not holding its send: the send is as this attempt found it.
     Start,
-    /// The send is `sending` for this attempt, and Meta has not been called.
-    Begun,
+    /// A write that would begin the send with this request time failed: it may have committed
+    /// all the same (its answer lost). Meta has not been called.
+    Beginning(DateTime<Utc>),
+    /// The send is `sending` for this attempt, requested at this time (None only for a row
+    /// without one, which cannot be told from another begin), and Meta has not been called.
+    Begun(Option<DateTime<Utc>>),
     /// Meta was called: the answer decides.
     Called,
+}
+
+impl Stage {
+    /// The request time of a begin of this attempt's whose request was not made.
+    fn unmade_request(self) -> Option<DateTime<Utc>> {
+        match self {
+            Stage::Beginning(at) => Some(at),
+            Stage::Begun(at) => at,
+            Stage::Start | Stage::Called => None,
+        }
+    }
+}
+
+/// An attempt's hold on its send, for an attempt that does not finish: a handler timeout, a
+/// panic or a shutdown drops it between the begin and the call, and a send left `sending`
+/// would wait out the grace period as if its answer had been lost. Dropped so, it undoes its
+/// begin (on a task of its own: drop cannot wait), unless the send moved on since.
+struct Held {
+    stage: Stage,
+    send_id: uuid::Uuid,
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        let Some(requested_at) = self.stage.unmade_request() else {
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (store, clock, send) = (self.store.clone(), self.clock.clone(), self.send_id);
+        runtime.spawn(async move {
+            let undone = store
+                .delivery()
+                .update_send(send, &SendUpdate::Unsent { requested_at }, clock.now())
+                .await;
+            debug!(%send, ?undone, "an attempt ended between its begin and its call");
+        });
+    }
 }
 
 impl SendWorker {
@@ -209,20 +272,24 @@ impl SendWorker {
             .and_then(|claimed| delivery.take_begun(args.send_id, ctx.job.id, claimed));
         let begun = match taken {
             Some(send) => Some(send),
-            None => self
-                .recorder
-                .begin(args.send_id)
-                .await
-                .map_err(JobError::retry)?,
+            None => match self.recorder.begin(args.send_id).await {
+                Ok(begun) => begun,
+                Err(failed) => {
+                    if let Some(at) = failed.at {
+                        *stage = Stage::Beginning(at);
+                    }
+                    return Err(JobError::retry(failed.error));
+                }
+            },
         };
         let send = match begun {
             Some(send) => send,
-            None => match self.resume(args, ctx).await? {
+            None => match self.resume(args, ctx, stage).await? {
                 Some(send) => send,
                 None => return Ok(()),
             },
         };
-        *stage = Stage::Begun;
+        *stage = Stage::Begun(send.requested_at);
         let channel = match self.admission.channel(send.channel_id).await {
             Some(channel) => channel,
             // The admission's cache may be older than the channel (connected since its last
@@ -237,7 +304,7 @@ impl SendWorker {
                     Arc::new(channel)
                 }
                 None => {
-                    self.unsent(send.id, stage).await?;
+                    self.unsent(&send, stage).await?;
                     return Err(self
                         .fail(send.id, None, "the channel no longer exists".into())
                         .await);
@@ -245,7 +312,7 @@ impl SendWorker {
             },
         };
         if channel.paused_for(send.lane) {
-            self.unsent(send.id, stage).await?;
+            self.unsent(&send, stage).await?;
             return Err(self.wait(channel.id, self.config.paused_recheck).await);
         }
         let now = self.clock.now();
@@ -261,7 +328,7 @@ impl SendWorker {
                 let window = herald_engine::model::chrono_duration(self.config.service_window);
                 let in_window = last.is_some_and(|at| now - at < window);
                 if !in_window && send.message.needs_window() {
-                    self.unsent(send.id, stage).await?;
+                    self.unsent(&send, stage).await?;
                     return Err(self
                         .fail(
                             send.id,
@@ -287,7 +354,7 @@ impl SendWorker {
                         let wait = (frees - now).to_std().unwrap_or(Duration::from_secs(60))
                             + Duration::from_secs(fastrand::u64(0..600));
                         info!(send = %send.id, ?wait, "messaging tier used up: waiting");
-                        self.unsent(send.id, stage).await?;
+                        self.unsent(&send, stage).await?;
                         return Err(self.wait(channel.id, wait).await);
                     }
                 }
@@ -296,7 +363,7 @@ impl SendWorker {
         match self.admission.at_request(&channel, &send.recipient).await {
             RequestGate::Go => {}
             RequestGate::Pair(wait) => {
-                self.unsent(send.id, stage).await?;
+                self.unsent(&send, stage).await?;
                 return Err(self.wait(channel.id, wait).await);
             }
             RequestGate::Ahead(wait) => {
@@ -304,7 +371,7 @@ impl SendWorker {
                 // with them. Back to the queue, to be claimed with a fresh permit; the old one
                 // is not given back, its moment has passed.
                 debug!(send = %send.id, ?wait, "send ahead of the channel's pace: back to the queue");
-                self.unsent(send.id, stage).await?;
+                self.unsent(&send, stage).await?;
                 return Err(JobError::Snooze(wait));
             }
         }
@@ -342,11 +409,11 @@ impl SendWorker {
                 Err(JobError::Snooze(self.config.unknown_grace))
             }
             Err(SendError::NotSent(why)) => {
-                self.unsent(send.id, stage).await?;
+                self.unsent(&send, stage).await?;
                 Err(self.last_attempt(ctx, send.id, None, why).await)
             }
             Err(SendError::BadChannel(why)) => {
-                self.unsent(send.id, stage).await?;
+                self.unsent(&send, stage).await?;
                 warn!(channel = %channel.id, %why, "pausing the channel");
                 delivery
                     .pause_channel(channel.id, Some(&why), false, self.clock.now())
@@ -356,7 +423,7 @@ impl SendWorker {
                 Err(JobError::Snooze(self.config.paused_recheck))
             }
             Err(SendError::Unsupported(why)) => {
-                self.unsent(send.id, stage).await?;
+                self.unsent(&send, stage).await?;
                 Err(self.fail(send.id, None, why).await)
             }
             Err(SendError::Meta { status, error }) => {
@@ -424,6 +491,7 @@ impl SendWorker {
         &self,
         args: &SendArgs,
         ctx: &JobContext,
+        stage: &mut Stage,
     ) -> Result<Option<SendRecord>, JobError> {
         let delivery = self.store.delivery();
         let Some(send) = delivery.send(args.send_id).await.map_err(JobError::retry)? else {
@@ -471,7 +539,10 @@ impl SendWorker {
         let updated = delivery
             .update_send(send.id, &SendUpdate::Requesting, now)
             .await
-            .map_err(JobError::retry)?;
+            .map_err(|e| {
+                *stage = Stage::Beginning(now);
+                JobError::retry(e)
+            })?;
         match updated {
             Some(s) if s.status == SendStatus::Sending => Ok(Some(s)),
             // Settled meanwhile (a status webhook arrived).

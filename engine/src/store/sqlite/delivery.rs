@@ -385,18 +385,20 @@ impl DeliveryStore for SqliteStore {
             .bind(accepted)
             .bind(to_micros(now))
             .bind(provider_message_id),
-            SendUpdate::Unsent => sqlx::query({
+            SendUpdate::Unsent { requested_at } => sqlx::query({
                 sql = format!(
                     "UPDATE herald_sends SET status = 'queued', status_rank = ?2, updated_at = ?3,
                             requests = max(requests - 1, 0)
-                      WHERE id = ?1 AND status_rank < ?4 RETURNING {SEND_COLUMNS}"
+                      WHERE id = ?1 AND status_rank = ?4 AND requested_at = ?5
+                  RETURNING {SEND_COLUMNS}"
                 );
                 &sql
             })
             .bind(id.to_string())
             .bind(SendStatus::Queued.rank())
             .bind(to_micros(now))
-            .bind(accepted),
+            .bind(SendStatus::Sending.rank())
+            .bind(to_micros(*requested_at)),
             SendUpdate::Refused { code, error } => sqlx::query({
                 sql = format!(
                     "UPDATE herald_sends SET status = 'queued', status_rank = ?2, error_code = ?5,
