@@ -2108,6 +2108,95 @@ async fn a_request_not_sent_goes_back_to_the_queue() {
     h.finish().await;
 }
 
+/// An attempt dropped while its worker's begin is being written (here: held up by another
+/// session's lock on the send's row) makes no request: the recorder, finding its caller gone
+/// once the begin commits, undoes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_begin_whose_attempt_was_dropped_is_undone_postgres() {
+    use herald_engine::JobContext;
+    use herald_engine::Worker as _;
+    use std::io::{BufRead as _, Write as _};
+
+    let h = Harness::new(Setup::new(Backend::Postgres).stopped()).await;
+    let ch = h.channel("1555000109", None, None).await;
+    let id = h
+        .create_one(h.template(&ch, "15552300001", Lane::Broadcast))
+        .await;
+    let DbGuard::Schema(schema) = &h._db else {
+        unreachable!("a PostgreSQL test")
+    };
+    let mut holder = Holder::psql();
+    let pid = {
+        let stdin = holder.0.stdin.as_mut().expect("psql's input");
+        stdin
+            .write_all(
+                format!(
+                    "SET search_path TO \"{schema}\"; BEGIN; SELECT pg_backend_pid();
+                     SELECT 1 FROM herald_sends WHERE id = '{id}' FOR UPDATE;\n"
+                )
+                .as_bytes(),
+            )
+            .and_then(|()| stdin.flush())
+            .expect("lock the send's row");
+        let mut line = String::new();
+        std::io::BufReader::new(holder.0.stdout.as_mut().expect("psql's output"))
+            .read_line(&mut line)
+            .expect("psql's pid");
+        line.trim().to_owned()
+    };
+    let worker = h.worker();
+    let job = h.claim_plain().await;
+    let args: SendArgs = serde_json::from_value(job.payload.clone()).expect("send args");
+    let attempt = tokio::spawn(async move { worker.work(args, &JobContext::new(job)).await });
+    let blocked =
+        format!("SELECT count(*) FROM pg_stat_activity WHERE {pid} = ANY(pg_blocking_pids(pid))");
+    let deadline = Instant::now() + WAIT;
+    while h.psql(&blocked) == "0" {
+        assert!(!attempt.is_finished(), "not held up: {:?}", attempt.await);
+        assert!(
+            Instant::now() < deadline,
+            "the begin never waited for the row"
+        );
+        tokio::time::sleep(POLL).await;
+    }
+    attempt.abort();
+    assert!(attempt.await.is_err_and(|e| e.is_cancelled()), "dropped");
+    drop(holder);
+    let undone = h
+        .wait_sends(&[id], "begun, then undone", |s| {
+            s.status == SendStatus::Queued && s.requested_at.is_some()
+        })
+        .await;
+    assert_eq!(undone[0].requests, 0, "no request counted");
+    assert_eq!(requests_seen(&h.sandbox.stats()), 0, "Meta was not called");
+    h.finish().await;
+}
+
+/// A psql session fed on its input, which ends (rolling back whatever it holds) as soon as
+/// its input closes: it holds back no other test's vacuum for longer than its test.
+struct Holder(std::process::Child);
+
+impl Holder {
+    fn psql() -> Holder {
+        Holder(
+            std::process::Command::new("psql")
+                .arg(pg_url())
+                .args(["-X", "-q", "-tA"])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .expect("run psql"),
+        )
+    }
+}
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        drop(self.0.stdin.take());
+        let _ = self.0.wait();
+    }
+}
+
 /// An attempt that ends between its begin and its call (a handler timeout, a panic, a
 /// shutdown drops it; here it is held up by another session's lock on the messaging tier)
 /// undoes its begin, so the next attempt does not wait out the grace period. Meta was not
@@ -2131,24 +2220,8 @@ async fn an_attempt_dropped_before_its_call_undoes_its_begin_postgres() {
         .create_one(h.template(&ch, "15552300001", Lane::Broadcast))
         .await;
     // Another session holds the portfolio's reservation lock (the worker's tier step waits
-    // for it, after the begin). It idles outside any transaction, so it holds back no vacuum
-    // of the other tests, and its session ends as soon as its input closes.
-    struct Holder(std::process::Child);
-    impl Drop for Holder {
-        fn drop(&mut self) {
-            drop(self.0.stdin.take());
-            let _ = self.0.wait();
-        }
-    }
-    let mut holder = Holder(
-        std::process::Command::new("psql")
-            .arg(pg_url())
-            .args(["-X", "-q"])
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("run psql"),
-    );
+    // for it, after the begin).
+    let mut holder = Holder::psql();
     {
         use std::io::Write as _;
         let stdin = holder.0.stdin.as_mut().expect("psql's input");

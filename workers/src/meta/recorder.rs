@@ -2,13 +2,14 @@
 //! whose claims did not record it ([`herald_engine::delivery::BegunSends`]: most sends are
 //! begun by their claims), so that many sends cost a few statements, not one each. Each caller
 //! waits for its own batch to commit before it goes on: nothing is called before it is
-//! recorded. (The write after the call, Meta's message id, travels with the job's completion:
+//! recorded. A caller that is gone by then (its attempt dropped) will make no request, so its
+//! begin is undone. (The write after the call, Meta's message id, travels with the job's completion:
 //! [`herald_engine::model::Effect::SendAccepted`].)
 
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
-use herald_engine::delivery::SendRecord;
+use herald_engine::delivery::{SendRecord, SendUpdate};
 use herald_engine::{Clock, Store};
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -77,23 +78,38 @@ async fn run(
             micros = started.elapsed().as_micros() as u64,
             "send recorder batch"
         );
+        // Begins whose callers are gone (their attempt was dropped while it waited: a handler
+        // timeout, a shutdown): no request will follow, so they are undone here.
+        let mut orphans = Vec::new();
         match result {
             Ok(records) => {
                 let mut by_id: std::collections::HashMap<Uuid, SendRecord> =
                     records.into_iter().map(|r| (r.id, r)).collect();
                 for (id, reply) in begins.drain(..) {
-                    let _ = reply.send(Ok(by_id.remove(&id)));
+                    if let Err(Ok(Some(record))) = reply.send(Ok(by_id.remove(&id))) {
+                        orphans.extend(record.requested_at.map(|at| (record.id, at)));
+                    }
                 }
             }
             Err(e) => {
                 let e = e.to_string();
-                for (_, reply) in begins.drain(..) {
-                    let _ = reply.send(Err(BeginFailed {
+                for (id, reply) in begins.drain(..) {
+                    let failed = BeginFailed {
                         error: e.clone(),
                         at: Some(at),
-                    }));
+                    };
+                    if reply.send(Err(failed)).is_err() {
+                        orphans.push((id, at));
+                    }
                 }
             }
+        }
+        for (id, requested_at) in orphans {
+            let undone = store
+                .delivery()
+                .update_send(id, &SendUpdate::Unsent { requested_at }, clock.now())
+                .await;
+            tracing::debug!(send = %id, ?undone, "a begin whose attempt was dropped, undone");
         }
     }
 }
