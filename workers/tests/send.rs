@@ -2065,10 +2065,19 @@ async fn a_request_not_sent_goes_back_to_the_queue() {
     use herald_engine::{JobContext, JobError};
 
     let h = Harness::new(Setup::new(Backend::Sqlite).stopped()).await;
-    let closed = {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        listener.local_addr().expect("address").port()
-    };
+    // Bound and not listening for the whole test: connections are refused, and no other
+    // test's server can take the port meanwhile.
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("a socket");
+    socket
+        .bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .expect("bind");
+    let closed = socket
+        .local_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .expect("its address")
+        .port();
     let ch = h
         .store
         .delivery()
@@ -2131,8 +2140,8 @@ async fn a_begin_whose_attempt_was_dropped_is_undone_postgres() {
         stdin
             .write_all(
                 format!(
-                    "SET search_path TO \"{schema}\"; BEGIN; SELECT pg_backend_pid();
-                     SELECT 1 FROM herald_sends WHERE id = '{id}' FOR UPDATE;\n"
+                    "SET search_path TO \"{schema}\"; BEGIN;
+                     SELECT pg_backend_pid() FROM herald_sends WHERE id = '{id}' FOR UPDATE;\n"
                 )
                 .as_bytes(),
             )

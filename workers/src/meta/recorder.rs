@@ -6,6 +6,7 @@
 //! begin is undone. (The write after the call, Meta's message id, travels with the job's completion:
 //! [`herald_engine::model::Effect::SendAccepted`].)
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
@@ -78,38 +79,53 @@ async fn run(
             micros = started.elapsed().as_micros() as u64,
             "send recorder batch"
         );
-        // Begins whose callers are gone (their attempt was dropped while it waited: a handler
-        // timeout, a shutdown): no request will follow, so they are undone here.
-        let mut orphans = Vec::new();
-        match result {
+        // Begins whose callers are all gone (their attempts were dropped while they waited:
+        // a handler timeout, a shutdown): no request will follow, so they are undone. A send
+        // asked for twice in one batch (a second job naming it) goes to a caller still there.
+        let orphans: Vec<(Uuid, DateTime<Utc>)> = match result {
             Ok(records) => {
-                let mut by_id: std::collections::HashMap<Uuid, SendRecord> =
+                let mut by_id: HashMap<Uuid, SendRecord> =
                     records.into_iter().map(|r| (r.id, r)).collect();
                 for (id, reply) in begins.drain(..) {
                     if let Err(Ok(Some(record))) = reply.send(Ok(by_id.remove(&id))) {
-                        orphans.extend(record.requested_at.map(|at| (record.id, at)));
+                        by_id.insert(id, record);
                     }
                 }
+                by_id
+                    .into_values()
+                    .filter_map(|r| Some((r.id, r.requested_at?)))
+                    .collect()
             }
             Err(e) => {
                 let e = e.to_string();
+                let mut answered = HashSet::new();
+                let mut gone = HashSet::new();
                 for (id, reply) in begins.drain(..) {
                     let failed = BeginFailed {
                         error: e.clone(),
                         at: Some(at),
                     };
-                    if reply.send(Err(failed)).is_err() {
-                        orphans.push((id, at));
+                    if reply.send(Err(failed)).is_ok() {
+                        answered.insert(id);
+                    } else {
+                        gone.insert(id);
                     }
                 }
+                gone.difference(&answered).map(|&id| (id, at)).collect()
             }
-        }
-        for (id, requested_at) in orphans {
-            let undone = store
-                .delivery()
-                .update_send(id, &SendUpdate::Unsent { requested_at }, clock.now())
-                .await;
-            tracing::debug!(send = %id, ?undone, "a begin whose attempt was dropped, undone");
+        };
+        if !orphans.is_empty() {
+            // On a task of its own: the next batch does not wait for these.
+            let (store, clock) = (store.clone(), clock.clone());
+            tokio::spawn(async move {
+                for (id, requested_at) in orphans {
+                    let undone = store
+                        .delivery()
+                        .update_send(id, &SendUpdate::Unsent { requested_at }, clock.now())
+                        .await;
+                    tracing::debug!(send = %id, ?undone, "a begin whose attempt was dropped, undone");
+                }
+            });
         }
     }
 }
