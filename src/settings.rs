@@ -189,7 +189,7 @@ pub const KEYS: &[(&str, &str, &str, &str)] = &[
         "unknown_grace",
         "HERALD_UNKNOWN_GRACE",
         "10m",
-        "a send whose answer was lost is sent again only after this long without a status webhook",
+        "a send whose answer was lost is sent again only after this long without a status webhook (longer than `meta_timeout`)",
     ),
     (
         "meta_timeout",
@@ -471,10 +471,23 @@ impl Settings {
                 }
                 n
             },
-            unknown_grace: r.dur(
-                "unknown_grace",
-                herald_engine::delivery::DEFAULT_UNKNOWN_GRACE,
-            )?,
+            unknown_grace: {
+                let grace = r.dur(
+                    "unknown_grace",
+                    herald_engine::delivery::DEFAULT_UNKNOWN_GRACE,
+                )?;
+                let timeout = r.dur("meta_timeout", Duration::from_secs(15))?;
+                // A request whose answer was lost may still be at Meta until its timeout, and
+                // its status webhook comes after that: a grace period within the timeout would
+                // resend before Meta could have told us it has the message.
+                if grace <= timeout {
+                    return Err(r.invalid(
+                        "unknown_grace",
+                        format!("must be longer than meta_timeout ({timeout:?})"),
+                    ));
+                }
+                grace
+            },
             meta_timeout: r.dur("meta_timeout", Duration::from_secs(15))?,
             log: r.str("log").unwrap_or_else(|| "info".into()),
             threads: {
@@ -694,6 +707,7 @@ mod tests {
             ("HERALD_PG_SCHEMA", "Bad-Name", "pg_schema"),
             ("HERALD_THREADS", "one", "threads"),
             ("HERALD_THREADS", "5000", "threads"),
+            ("HERALD_UNKNOWN_GRACE", "15s", "unknown_grace"),
         ];
         for (var, value, key) in cases {
             let err = Settings::from_sources(None, &env(&[(var, value)]))
