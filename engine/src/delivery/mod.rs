@@ -652,6 +652,15 @@ impl BegunSends {
         }
     }
 
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.parked
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_send
+            .len()
+    }
+
     /// The send `id` as the claim of job `job` at `claimed_at` began it, if that claim's
     /// lease still runs; once.
     pub fn take(
@@ -1018,5 +1027,77 @@ mod tests {
         let stored: ChannelLimits =
             serde_json::from_str(r#"{"mps":80.0,"headroom":0.01,"burst_ms":50}"#).unwrap();
         assert_eq!(stored.meta_burst_ms, 150);
+    }
+
+    fn begun(at: DateTime<Utc>) -> SendRecord {
+        SendRecord {
+            id: Uuid::new_v4(),
+            workspace_id: Uuid::new_v4(),
+            channel_id: Uuid::new_v4(),
+            recipient: "15550001".into(),
+            message: Message::Text { body: "hi".into() },
+            lane: Lane::Broadcast,
+            status: SendStatus::Sending,
+            requests: 1,
+            provider_message_id: None,
+            error_code: None,
+            error: None,
+            created_at: at,
+            requested_at: Some(at),
+            accepted_at: None,
+            updated_at: at,
+        }
+    }
+
+    #[test]
+    fn a_begun_send_is_for_its_own_claim_once_while_its_lease_runs() {
+        let sends = BegunSends::default();
+        let claimed = Utc::now();
+        let lease = Duration::from_secs(30);
+        let (a, b) = (begun(claimed), begun(claimed));
+        sends.park(
+            claimed,
+            std::time::Instant::now(),
+            lease,
+            [(a.clone(), 1), (b.clone(), 2)],
+        );
+        assert!(sends.take(a.id, 2, claimed).is_none(), "another job's");
+        let later = claimed + chrono::Duration::microseconds(1);
+        assert!(sends.take(a.id, 1, later).is_none(), "another claim's");
+        assert_eq!(sends.take(a.id, 1, claimed), Some(a.clone()), "its own");
+        assert!(sends.take(a.id, 1, claimed).is_none(), "once");
+        assert_eq!(sends.len(), 1, "the other waits for its worker");
+
+        // A claim whose lease ran out (its job may run elsewhere by now) gets nothing.
+        let long_ago = std::time::Instant::now()
+            .checked_sub(Duration::from_secs(60))
+            .expect("a minute ago");
+        let c = begun(claimed);
+        sends.park(claimed, long_ago, lease, [(c.clone(), 3)]);
+        assert!(sends.take(c.id, 3, claimed).is_none(), "past its lease");
+    }
+
+    #[test]
+    fn parking_sweeps_out_what_outlived_its_lease() {
+        let sends = BegunSends::default();
+        let claimed = Utc::now();
+        let lease = Duration::from_secs(30);
+        let long_ago = std::time::Instant::now()
+            .checked_sub(Duration::from_secs(60))
+            .expect("a minute ago");
+        let stale = begun(claimed);
+        let fresh = begun(claimed);
+        // The first parking sweeps (none has yet); the next sweeps only 30 s later.
+        sends.park(claimed, long_ago, lease, [(stale.clone(), 1)]);
+        assert_eq!(sends.len(), 0, "swept at once");
+        sends.park(
+            claimed,
+            std::time::Instant::now(),
+            lease,
+            [(fresh.clone(), 2)],
+        );
+        sends.park(claimed, long_ago, lease, [(stale.clone(), 1)]);
+        assert_eq!(sends.len(), 2, "not swept again within 30 s");
+        assert_eq!(sends.take(fresh.id, 2, claimed), Some(fresh));
     }
 }
