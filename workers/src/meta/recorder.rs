@@ -3,8 +3,8 @@
 //! begun by their claims), so that many sends cost a few statements, not one each. Each caller
 //! waits for its own batch to commit before it goes on: nothing is called before it is
 //! recorded. A caller that is gone by then (its attempt dropped) will make no request, so its
-//! begin is undone. (The write after the call, Meta's message id, travels with the job's completion:
-//! [`herald_engine::model::Effect::SendAccepted`].)
+//! begin is undone. (The write after the call, Meta's message id, travels with the job's
+//! completion: [`herald_engine::model::Effect::SendAccepted`].)
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
