@@ -1982,6 +1982,27 @@ impl Harness {
         jobs.remove(0)
     }
 
+    /// Runs the queue's one send job (claimed plainly) and drops the attempt once `held` (a
+    /// query counting what holds it up) says it waits: a handler timeout or a shutdown would
+    /// drop it there.
+    async fn drop_attempt_when_held(&self, held: &str) {
+        use herald_engine::JobContext;
+        use herald_engine::Worker as _;
+
+        let worker = self.worker();
+        let job = self.claim_plain().await;
+        let args: SendArgs = serde_json::from_value(job.payload.clone()).expect("send args");
+        let attempt = tokio::spawn(async move { worker.work(args, &JobContext::new(job)).await });
+        let deadline = Instant::now() + WAIT;
+        while self.psql(held) == "0" {
+            assert!(!attempt.is_finished(), "not held up: {:?}", attempt.await);
+            assert!(Instant::now() < deadline, "the attempt was never held up");
+            tokio::time::sleep(POLL).await;
+        }
+        attempt.abort();
+        assert!(attempt.await.is_err_and(|e| e.is_cancelled()), "dropped");
+    }
+
     fn worker(&self) -> SendWorker {
         SendWorker::new(
             self.store.clone(),
@@ -2122,8 +2143,6 @@ async fn a_request_not_sent_goes_back_to_the_queue() {
 /// once the begin commits, undoes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_begin_whose_attempt_was_dropped_is_undone_postgres() {
-    use herald_engine::JobContext;
-    use herald_engine::Worker as _;
     use std::io::{BufRead as _, Write as _};
 
     let h = Harness::new(Setup::new(Backend::Postgres).stopped()).await;
@@ -2153,23 +2172,11 @@ async fn a_begin_whose_attempt_was_dropped_is_undone_postgres() {
             .expect("psql's pid");
         line.trim().to_owned()
     };
-    let worker = h.worker();
-    let job = h.claim_plain().await;
-    let args: SendArgs = serde_json::from_value(job.payload.clone()).expect("send args");
-    let attempt = tokio::spawn(async move { worker.work(args, &JobContext::new(job)).await });
-    let blocked =
-        format!("SELECT count(*) FROM pg_stat_activity WHERE {pid} = ANY(pg_blocking_pids(pid))");
-    let deadline = Instant::now() + WAIT;
-    while h.psql(&blocked) == "0" {
-        assert!(!attempt.is_finished(), "not held up: {:?}", attempt.await);
-        assert!(
-            Instant::now() < deadline,
-            "the begin never waited for the row"
-        );
-        tokio::time::sleep(POLL).await;
-    }
-    attempt.abort();
-    assert!(attempt.await.is_err_and(|e| e.is_cancelled()), "dropped");
+    // Dropped once its begin waits for the row.
+    h.drop_attempt_when_held(&format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE {pid} = ANY(pg_blocking_pids(pid))"
+    ))
+    .await;
     drop(holder);
     let undone = h
         .wait_sends(&[id], "begun, then undone", |s| {
@@ -2212,9 +2219,6 @@ impl Drop for Holder {
 /// called.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_attempt_dropped_before_its_call_undoes_its_begin_postgres() {
-    use herald_engine::JobContext;
-    use herald_engine::Worker as _;
-
     let h = Harness::new(Setup::new(Backend::Postgres).stopped()).await;
     let limits = ChannelLimits {
         tier: Some(10),
@@ -2244,35 +2248,16 @@ async fn an_attempt_dropped_before_its_call_undoes_its_begin_postgres() {
         assert!(Instant::now() < deadline, "the lock was not taken");
         tokio::time::sleep(POLL).await;
     }
-    let worker = h.worker();
-    let job = h.claim_plain().await;
-    let args: SendArgs = serde_json::from_value(job.payload.clone()).expect("send args");
-    let attempt = tokio::spawn(async move { worker.work(args, &JobContext::new(job)).await });
     // Dropped once it waits for the lock: past its begin, before its call.
-    let waiting = format!(
+    h.drop_attempt_when_held(&format!(
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
             AND objsubid = 1 AND classid::text::bigint = ({lock} >> 32) & 4294967295
             AND objid::text::bigint = {lock} & 4294967295"
-    );
-    let deadline = Instant::now() + WAIT;
-    while h.psql(&waiting) == "0" {
-        assert!(
-            !attempt.is_finished(),
-            "not held up by the lock: {:?}",
-            attempt.await
-        );
-        assert!(
-            Instant::now() < deadline,
-            "the attempt never waited for the lock"
-        );
-        tokio::time::sleep(POLL).await;
-    }
-    assert_eq!(h.send(id).await.status, SendStatus::Sending, "begun");
-    attempt.abort();
-    assert!(attempt.await.is_err_and(|e| e.is_cancelled()), "dropped");
+    ))
+    .await;
     let undone = h
-        .wait_sends(&[id], "the begin undone", |s| {
-            s.status == SendStatus::Queued
+        .wait_sends(&[id], "begun, then undone", |s| {
+            s.status == SendStatus::Queued && s.requested_at.is_some()
         })
         .await;
     assert_eq!(undone[0].requests, 0, "no request counted");
