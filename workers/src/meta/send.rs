@@ -6,6 +6,10 @@
 //!   job where the store can ([`herald_engine::delivery::BegunSends`]), else by this worker's
 //!   first step. If the answer is lost (timeout, dropped connection, crash of the worker, also
 //!   one between the claim and the call), the send is `unknown`: Meta may have it.
+//! - An attempt that stops before any byte of its request left the process (held back, no
+//!   connection, a database error, dropped by a timeout or a shutdown, or its begin committed
+//!   with its answer lost) puts the send back to `queued`, with a compare-and-set on the
+//!   begin's `requested_at`, so it cannot touch a lost answer or a later attempt's request.
 //! - An unknown send is resent only if no status webhook for it (matched by our send id, which
 //!   travels as `biz_opaque_callback_data` on WhatsApp and `metadata` on Messenger and
 //!   Instagram) arrived within the grace period after the request. A status that arrives at any
