@@ -1884,16 +1884,7 @@ async fn a_begun_send_without_its_record(backend: Backend) {
         // The record goes missing (as a row that does not decode would).
         assert!(d.take_begun(id, job.id, now).is_some());
     }
-    let worker = SendWorker::new(
-        h.store.clone(),
-        h.admission.clone(),
-        MetaClient::new(ClientConfig::default()).expect("client"),
-        h.clock.clone(),
-        SendConfig {
-            unknown_grace: GRACE,
-            ..SendConfig::default()
-        },
-    );
+    let worker = h.worker();
     let args = |job: &Job| serde_json::from_value(job.payload.clone()).expect("send args");
 
     // The attempt whose claim began it: sent at once, one request in all.
@@ -2003,16 +1994,52 @@ impl Harness {
         assert!(attempt.await.is_err_and(|e| e.is_cancelled()), "dropped");
     }
 
+    /// A template send on a tiered channel whose portfolio's reservation lock another session
+    /// holds (the worker's tier step, after its begin and before its call, waits for it until
+    /// the holder is dropped): the send, the lock's key and its holder.
+    async fn send_held_at_its_tier(&self) -> (Uuid, String, Holder) {
+        use std::io::Write as _;
+
+        let limits = ChannelLimits {
+            tier: Some(10),
+            ..ChannelLimits::default()
+        };
+        let portfolio = unique("portfolio");
+        let lock = format!("hashtextextended('herald_reach:{portfolio}', 0)");
+        let ch = self
+            .channel("1555000109", Some(limits), Some(&portfolio))
+            .await;
+        let id = self
+            .create_one(self.template(&ch, "15552300001", Lane::Broadcast))
+            .await;
+        let mut holder = Holder::psql();
+        let stdin = holder.0.stdin.as_mut().expect("psql's input");
+        stdin
+            .write_all(format!("SELECT pg_advisory_lock({lock});\n").as_bytes())
+            .and_then(|()| stdin.flush())
+            .expect("ask psql for the lock");
+        let deadline = Instant::now() + WAIT;
+        while self.psql(&format!("SELECT pg_try_advisory_lock({lock})")) == "t" {
+            assert!(Instant::now() < deadline, "the lock was not taken");
+            tokio::time::sleep(POLL).await;
+        }
+        (id, lock, holder)
+    }
+
     fn worker(&self) -> SendWorker {
+        self.worker_with(SendConfig {
+            unknown_grace: GRACE,
+            ..SendConfig::default()
+        })
+    }
+
+    fn worker_with(&self, config: SendConfig) -> SendWorker {
         SendWorker::new(
             self.store.clone(),
             self.admission.clone(),
             MetaClient::new(ClientConfig::default()).expect("client"),
             self.clock.clone(),
-            SendConfig {
-                unknown_grace: GRACE,
-                ..SendConfig::default()
-            },
+            config,
         )
     }
 }
@@ -2220,34 +2247,7 @@ impl Drop for Holder {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_attempt_dropped_before_its_call_undoes_its_begin_postgres() {
     let h = Harness::new(Setup::new(Backend::Postgres).stopped()).await;
-    let limits = ChannelLimits {
-        tier: Some(10),
-        ..ChannelLimits::default()
-    };
-    let portfolio = unique("portfolio");
-    let lock = format!("hashtextextended('herald_reach:{portfolio}', 0)");
-    let ch = h
-        .channel("1555000109", Some(limits), Some(&portfolio))
-        .await;
-    let id = h
-        .create_one(h.template(&ch, "15552300001", Lane::Broadcast))
-        .await;
-    // Another session holds the portfolio's reservation lock (the worker's tier step waits
-    // for it, after the begin).
-    let mut holder = Holder::psql();
-    {
-        use std::io::Write as _;
-        let stdin = holder.0.stdin.as_mut().expect("psql's input");
-        stdin
-            .write_all(format!("SELECT pg_advisory_lock({lock});\n").as_bytes())
-            .and_then(|()| stdin.flush())
-            .expect("ask psql for the lock");
-    }
-    let deadline = Instant::now() + WAIT;
-    while h.psql(&format!("SELECT pg_try_advisory_lock({lock})")) == "t" {
-        assert!(Instant::now() < deadline, "the lock was not taken");
-        tokio::time::sleep(POLL).await;
-    }
+    let (id, lock, holder) = h.send_held_at_its_tier().await;
     // Dropped once it waits for the lock: past its begin, before its call.
     h.drop_attempt_when_held(&format!(
         "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted
@@ -2261,6 +2261,61 @@ async fn an_attempt_dropped_before_its_call_undoes_its_begin_postgres() {
         })
         .await;
     assert_eq!(undone[0].requests, 0, "no request counted");
+    assert_eq!(requests_seen(&h.sandbox.stats()), 0, "Meta was not called");
+    drop(holder);
+    h.finish().await;
+}
+
+/// An attempt that outlasts the worker's own timeout before its request (here: held up at the
+/// messaging tier) is ended by the worker: its send goes back to the queue for a retry, and on
+/// the job's last attempt fails with the reason instead of being left without a job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_past_its_time_settles_its_send_postgres() {
+    use herald_engine::Worker as _;
+    use herald_engine::{JobContext, JobError};
+
+    let h = Harness::new(Setup::new(Backend::Postgres).stopped()).await;
+    let (id, _lock, holder) = h.send_held_at_its_tier().await;
+    let worker = h.worker_with(SendConfig {
+        unknown_grace: GRACE,
+        attempt_timeout: Duration::from_millis(300),
+        ..SendConfig::default()
+    });
+    let mut job = h.claim_plain().await;
+    let args: SendArgs = serde_json::from_value(job.payload.clone()).expect("send args");
+    match worker
+        .work(args.clone(), &JobContext::new(job.clone()))
+        .await
+    {
+        Err(JobError::Retry { error, .. }) => assert!(error.contains("longer than"), "{error}"),
+        other => panic!("expected a retry, got {other:?}"),
+    }
+    let s = h.send(id).await;
+    assert_eq!(
+        (s.status, s.requests),
+        (SendStatus::Queued, 0),
+        "back to the queue"
+    );
+
+    job.attempt = job.max_attempts;
+    job.attempted_at = Some(h.now());
+    match worker.work(args, &JobContext::new(job)).await {
+        Err(JobError::Discard(why)) => assert!(why.contains("gave up"), "{why}"),
+        other => panic!("expected the send to fail on the last attempt, got {other:?}"),
+    }
+    let s = h.send(id).await;
+    assert_eq!(
+        s.status,
+        SendStatus::Failed,
+        "failed with its reason, not left queued"
+    );
+    assert!(
+        s.error
+            .as_deref()
+            .is_some_and(|e| e.contains("longer than")),
+        "{:?}",
+        s.error
+    );
     assert_eq!(requests_seen(&h.sandbox.stats()), 0, "Meta was not called");
     drop(holder);
     h.finish().await;

@@ -62,6 +62,12 @@ pub struct SendConfig {
     /// The customer service window: free-form messages only this long after the user's last
     /// message (WhatsApp).
     pub service_window: Duration,
+    /// An attempt that takes longer (a database that hangs, a stalled process) is ended by the
+    /// worker itself, which then settles what it began: a request not made goes back to the
+    /// queue, one in flight counts as a lost answer, and on the job's last attempt the send
+    /// fails with the reason rather than be left without a job. The engine's own timeout for
+    /// the job is 10 s more, a backstop.
+    pub attempt_timeout: Duration,
 }
 
 impl Default for SendConfig {
@@ -71,6 +77,7 @@ impl Default for SendConfig {
             paused_recheck: Duration::from_secs(5),
             usage_slowdown_percent: 90.0,
             service_window: Duration::from_secs(24 * 3600),
+            attempt_timeout: Duration::from_secs(50),
         }
     }
 }
@@ -161,8 +168,8 @@ impl Worker for SendWorker {
     fn policy(&self) -> KindPolicy {
         KindPolicy {
             backoff: Backoff::default(),
-            // Longer than the client's own timeout, so the client reports a lost answer first.
-            timeout: Duration::from_secs(60),
+            // Longer than the worker's own, so the worker settles its send first.
+            timeout: self.config.attempt_timeout + Duration::from_secs(10),
         }
     }
 
@@ -173,7 +180,22 @@ impl Worker for SendWorker {
             store: self.store.clone(),
             clock: self.clock.clone(),
         };
-        let result = self.attempt(&args, ctx, &mut held.stage).await;
+        let timeout = self.config.attempt_timeout;
+        let attempt = self.attempt(&args, ctx, &mut held.stage);
+        let result = match tokio::time::timeout(timeout, attempt).await {
+            Ok(result) => result,
+            Err(_) if held.stage == Stage::Called => {
+                // Meta may have it: a lost answer.
+                held.stage = Stage::Start;
+                let why = format!("no answer within the attempt's {timeout:?}");
+                self.update(args.send_id, SendUpdate::Unknown { error: why })
+                    .await?;
+                return Err(JobError::Snooze(self.config.unknown_grace));
+            }
+            Err(_) => Err(JobError::retry(format!(
+                "the attempt took longer than {timeout:?} before its request"
+            ))),
+        };
         let Err(JobError::Retry { error, .. }) = &result else {
             held.stage = Stage::Start;
             return result;
