@@ -286,6 +286,8 @@ pub async fn start_engine(
         clock.clone(),
         SendConfig {
             unknown_grace: settings.unknown_grace,
+            // The call and the writes around it; 50 s with the default 15 s Meta timeout.
+            attempt_timeout: settings.meta_timeout + std::time::Duration::from_secs(35),
             ..SendConfig::default()
         },
     ));

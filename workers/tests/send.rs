@@ -2278,7 +2278,8 @@ async fn an_attempt_past_its_time_settles_its_send_postgres() {
     let (id, _lock, holder) = h.send_held_at_its_tier().await;
     let worker = h.worker_with(SendConfig {
         unknown_grace: GRACE,
-        attempt_timeout: Duration::from_millis(300),
+        // Ample for the steps before the tier, which waits: the timeout ends it there.
+        attempt_timeout: Duration::from_secs(2),
         ..SendConfig::default()
     });
     let mut job = h.claim_plain().await;
@@ -2290,12 +2291,12 @@ async fn an_attempt_past_its_time_settles_its_send_postgres() {
         Err(JobError::Retry { error, .. }) => assert!(error.contains("longer than"), "{error}"),
         other => panic!("expected a retry, got {other:?}"),
     }
-    let s = h.send(id).await;
-    assert_eq!(
-        (s.status, s.requests),
-        (SendStatus::Queued, 0),
-        "back to the queue"
-    );
+    let s = h
+        .wait_sends(&[id], "back to the queue", |s| {
+            s.status == SendStatus::Queued
+        })
+        .await;
+    assert_eq!(s[0].requests, 0, "no request counted");
 
     job.attempt = job.max_attempts;
     job.attempted_at = Some(h.now());
@@ -2318,6 +2319,43 @@ async fn an_attempt_past_its_time_settles_its_send_postgres() {
     );
     assert_eq!(requests_seen(&h.sandbox.stats()), 0, "Meta was not called");
     drop(holder);
+    h.finish().await;
+}
+
+/// An attempt whose time runs out while Meta has its request (a slow answer) leaves the send
+/// as a lost answer, waiting for its status webhook: never back in the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_past_its_time_during_the_call_is_a_lost_answer() {
+    use herald_engine::Worker as _;
+    use herald_engine::{JobContext, JobError};
+
+    let h = Harness::new(Setup::new(Backend::Sqlite).stopped()).await;
+    h.sandbox.set_faults(Faults {
+        slow: 1.0,
+        slow_ms: 3_000,
+        ..Faults::default()
+    });
+    let ch = h.channel("1555000109", None, None).await;
+    let id = h
+        .create_one(h.template(&ch, "15552300001", Lane::Broadcast))
+        .await;
+    let worker = h.worker_with(SendConfig {
+        unknown_grace: GRACE,
+        attempt_timeout: Duration::from_millis(1_000),
+        ..SendConfig::default()
+    });
+    let job = h.claim_plain().await;
+    let args: SendArgs = serde_json::from_value(job.payload.clone()).expect("send args");
+    match worker.work(args, &JobContext::new(job)).await {
+        Err(JobError::Snooze(wait)) => assert_eq!(wait, GRACE, "waits for the status"),
+        other => panic!("expected to wait for the status webhook, got {other:?}"),
+    }
+    let s = h.send(id).await;
+    assert_eq!(
+        (s.status, s.requests),
+        (SendStatus::Unknown, 1),
+        "a lost answer, its request counted"
+    );
     h.finish().await;
 }
 

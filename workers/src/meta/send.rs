@@ -130,6 +130,20 @@ impl SendWorker {
         Ok(())
     }
 
+    /// Back to `queued` with Meta's refusal: the request was answered, so the attempt no
+    /// longer holds the send.
+    async fn refuse(
+        &self,
+        send: uuid::Uuid,
+        code: Option<i64>,
+        why: &str,
+        stage: &mut Stage,
+    ) -> Result<(), JobError> {
+        self.update(send, refused(code, why)).await?;
+        *stage = Stage::Start;
+        Ok(())
+    }
+
     async fn update(&self, send: uuid::Uuid, update: SendUpdate) -> Result<(), JobError> {
         self.store
             .delivery()
@@ -185,11 +199,14 @@ impl Worker for SendWorker {
         let result = match tokio::time::timeout(timeout, attempt).await {
             Ok(result) => result,
             Err(_) if held.stage == Stage::Called => {
-                // Meta may have it: a lost answer.
+                // Meta may have it: a lost answer. Should the write fail, the send stays
+                // `sending`, which the next attempt also takes for a lost answer; a snooze
+                // keeps the job (it counts no attempt), even on its last attempt.
                 held.stage = Stage::Start;
                 let why = format!("no answer within the attempt's {timeout:?}");
-                self.update(args.send_id, SendUpdate::Unknown { error: why })
-                    .await?;
+                let _ = self
+                    .update(args.send_id, SendUpdate::Unknown { error: why })
+                    .await;
                 return Err(JobError::Snooze(self.config.unknown_grace));
             }
             Err(_) => Err(JobError::retry(format!(
@@ -218,12 +235,20 @@ impl Worker for SendWorker {
         held.stage = Stage::Start;
         if ctx.job.attempt >= ctx.job.max_attempts {
             // The job's last attempt: the send fails with it rather than stay open for ever.
+            // If even that write fails, the job stays (a snooze counts no attempt): a send is
+            // never left open without a job.
             let why = format!("gave up after {} attempts: {error}", ctx.job.attempt);
-            return Err(self.fail(args.send_id, None, why).await);
+            return Err(match self.fail(args.send_id, None, why).await {
+                JobError::Retry { .. } => JobError::Snooze(LAST_ATTEMPT_RECHECK),
+                other => other,
+            });
         }
         result
     }
 }
+
+/// A last attempt that could not mark its send failed runs again after this.
+const LAST_ATTEMPT_RECHECK: Duration = Duration::from_secs(30);
 
 /// How far an attempt got, for what a failure leaves behind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -457,30 +482,30 @@ impl SendWorker {
                 let why = format!("Meta error {}: {}", code.unwrap_or(0), error.message);
                 match classify(code, status) {
                     Action::Retry => {
-                        self.update(send.id, refused(code, &why)).await?;
+                        self.refuse(send.id, code, &why, stage).await?;
                         Err(self.last_attempt(ctx, send.id, code, why).await)
                     }
                     Action::SlowChannel { retry_after } => {
-                        self.update(send.id, refused(code, &why)).await?;
+                        self.refuse(send.id, code, &why, stage).await?;
                         self.admission.slow_down(channel.id);
                         Err(JobError::Snooze(jitter(retry_after)))
                     }
                     Action::RetryRecipient => {
-                        self.update(send.id, refused(code, &why)).await?;
+                        self.refuse(send.id, code, &why, stage).await?;
                         // `requests` counts this request too: the hits before it are one
                         // fewer (the first 131056 waits 4^0 = 1 s).
                         let hits = u32::try_from(send.requests.saturating_sub(1)).unwrap_or(0);
                         Err(JobError::Snooze(pair_backoff(hits)))
                     }
                     Action::Wait { retry_after } => {
-                        self.update(send.id, refused(code, &why)).await?;
+                        self.refuse(send.id, code, &why, stage).await?;
                         Err(JobError::Snooze(jitter(retry_after)))
                     }
                     Action::PauseChannel {
                         reason,
                         broadcasts_only,
                     } => {
-                        self.update(send.id, refused(code, &why)).await?;
+                        self.refuse(send.id, code, &why, stage).await?;
                         let reason = format!("{reason} [{why}]");
                         warn!(channel = %channel.id, %reason, "pausing the channel");
                         delivery
@@ -562,17 +587,20 @@ impl SendWorker {
             }
             warn!(send = %send.id, "no status within the grace period: sending again");
         }
+        // Until its answer says otherwise, this write may have begun the send (also if the
+        // attempt is dropped while it waits).
+        *stage = Stage::Beginning(now);
         let updated = delivery
             .update_send(send.id, &SendUpdate::Requesting, now)
             .await
-            .map_err(|e| {
-                *stage = Stage::Beginning(now);
-                JobError::retry(e)
-            })?;
+            .map_err(JobError::retry)?;
         match updated {
             Some(s) if s.status == SendStatus::Sending => Ok(Some(s)),
             // Settled meanwhile (a status webhook arrived).
-            _ => Ok(None),
+            _ => {
+                *stage = Stage::Start;
+                Ok(None)
+            }
         }
     }
 
