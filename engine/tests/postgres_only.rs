@@ -607,3 +607,68 @@ async fn the_claim_skips_a_send_another_statement_holds() {
     let begun = d.begin_sends(&ids[..1], now).await.expect("worker's begin");
     assert_eq!(begun.len(), 1, "its worker begins it");
 }
+
+/// A send the keyed claim begins whose row does not decode (its message was corrupted) costs
+/// only its own record: the claim still hands out every job, the other sends' records are
+/// there, and the bad one is `sending` from the claim's time, which its worker recognises.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_begun_row_that_does_not_decode_fails_only_its_own_record() {
+    use herald_engine::delivery::{
+        channel_rate_key, Lane, Message, NewSend, SendStatus, SEND_QUEUE,
+    };
+
+    let schema = common::unique_name("undecodable");
+    let _leftovers = common::Dropped::Schema(schema.clone());
+    let store = common::pg_store_in(&schema).await;
+    let d = store.delivery();
+    let now = Utc::now();
+    let ch = common::whatsapp_channel(&store).await;
+    let sends: Vec<NewSend> = (0..2)
+        .map(|i| NewSend {
+            workspace_id: ch.workspace_id,
+            channel_id: ch.id,
+            recipient: format!("1555000{i}"),
+            message: Message::Text {
+                body: "hello".into(),
+            },
+            lane: Lane::Broadcast,
+        })
+        .collect();
+    let ids = d.create_sends(&sends, now).await.expect("sends");
+    sqlx::query("UPDATE herald_sends SET message = '{\"type\":\"bogus\"}' WHERE id = $1")
+        .bind(ids[0])
+        .execute(store.pool())
+        .await
+        .expect("corrupt the first send");
+
+    let claimed = common::claim_key(&store, SEND_QUEUE, &channel_rate_key(ch.id), now).await;
+    assert_eq!(claimed.len(), 2, "both jobs are claimed");
+    let job_of = |id: uuid::Uuid| {
+        claimed
+            .iter()
+            .find(|j| j.payload["send_id"] == id.to_string())
+            .expect("its job")
+    };
+    let (j0, j1) = (job_of(ids[0]), job_of(ids[1]));
+    assert!(
+        d.take_begun(ids[0], j0.id, now).is_none(),
+        "the row that does not decode has no record"
+    );
+    assert_eq!(
+        d.take_begun(ids[1], j1.id, now).map(|s| s.status),
+        Some(SendStatus::Sending),
+        "the other's record is there"
+    );
+    let (status, requested_at): (String, Option<chrono::DateTime<Utc>>) =
+        sqlx::query_as("SELECT status, requested_at FROM herald_sends WHERE id = $1")
+            .bind(ids[0])
+            .fetch_one(store.pool())
+            .await
+            .expect("read the corrupt send's columns");
+    assert_eq!(status, "sending", "begun by the claim all the same");
+    assert_eq!(
+        requested_at.map(|t| t.timestamp_micros()),
+        Some(now.timestamp_micros()),
+        "at the claim's time, which its worker recognises (`begun_by_claim`)"
+    );
+}
