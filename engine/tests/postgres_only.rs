@@ -543,28 +543,14 @@ async fn a_stale_attempt_ending_first_leaves_the_current_one_alone() {
 /// row another statement holds (a webhook's batch, say): it leaves that send to its worker.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_claim_skips_a_send_another_statement_holds() {
-    use herald_engine::delivery::{
-        channel_rate_key, Lane, Message, NewSend, SendStatus, SEND_QUEUE,
-    };
+    use herald_engine::delivery::{channel_rate_key, SendStatus, SEND_QUEUE};
 
     let schema = common::unique_name("begin");
     let _leftovers = common::Dropped::Schema(schema.clone());
     let store = common::pg_store_in(&schema).await;
     let d = store.delivery();
     let now = Utc::now();
-    let ch = common::whatsapp_channel(&store).await;
-    let sends: Vec<NewSend> = (0..2)
-        .map(|i| NewSend {
-            workspace_id: ch.workspace_id,
-            channel_id: ch.id,
-            recipient: format!("1555000{i}"),
-            message: Message::Text {
-                body: "hello".into(),
-            },
-            lane: Lane::Broadcast,
-        })
-        .collect();
-    let ids = d.create_sends(&sends, now).await.expect("sends");
+    let (ch, ids) = two_queued_sends(&store, now).await;
 
     let mut holder = store.pool().begin().await.expect("begin");
     sqlx::query("SELECT id FROM herald_sends WHERE id = $1 FOR UPDATE")
@@ -579,22 +565,12 @@ async fn the_claim_skips_a_send_another_statement_holds() {
     )
     .await
     .expect("the claim does not wait for the held row");
-    assert_eq!(claimed.len(), 2, "both jobs are claimed");
-    let job_of = |id: uuid::Uuid| {
-        claimed
-            .iter()
-            .find(|j| j.payload["send_id"] == id.to_string())
-            .expect("its job")
-    };
-    let (j0, j1) = (job_of(ids[0]), job_of(ids[1]));
-    assert!(
-        d.take_begun(ids[0], j0.id, now).is_none(),
-        "the held send is left to its worker"
-    );
-    assert_eq!(
-        d.take_begun(ids[1], j1.id, now).map(|s| s.status),
-        Some(SendStatus::Sending),
-        "the other is begun"
+    only_the_second_is_begun(
+        &store,
+        &claimed,
+        &ids,
+        now,
+        "the held send is left to its worker",
     );
     holder.rollback().await.expect("release");
     let held = d.send(ids[0]).await.expect("read").expect("exists");
@@ -613,28 +589,13 @@ async fn the_claim_skips_a_send_another_statement_holds() {
 /// there, and the bad one is `sending` from the claim's time, which its worker recognises.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_begun_row_that_does_not_decode_fails_only_its_own_record() {
-    use herald_engine::delivery::{
-        channel_rate_key, Lane, Message, NewSend, SendStatus, SEND_QUEUE,
-    };
+    use herald_engine::delivery::{channel_rate_key, SEND_QUEUE};
 
     let schema = common::unique_name("undecodable");
     let _leftovers = common::Dropped::Schema(schema.clone());
     let store = common::pg_store_in(&schema).await;
-    let d = store.delivery();
     let now = Utc::now();
-    let ch = common::whatsapp_channel(&store).await;
-    let sends: Vec<NewSend> = (0..2)
-        .map(|i| NewSend {
-            workspace_id: ch.workspace_id,
-            channel_id: ch.id,
-            recipient: format!("1555000{i}"),
-            message: Message::Text {
-                body: "hello".into(),
-            },
-            lane: Lane::Broadcast,
-        })
-        .collect();
-    let ids = d.create_sends(&sends, now).await.expect("sends");
+    let (ch, ids) = two_queued_sends(&store, now).await;
     sqlx::query("UPDATE herald_sends SET message = '{\"type\":\"bogus\"}' WHERE id = $1")
         .bind(ids[0])
         .execute(store.pool())
@@ -642,22 +603,12 @@ async fn a_begun_row_that_does_not_decode_fails_only_its_own_record() {
         .expect("corrupt the first send");
 
     let claimed = common::claim_key(&store, SEND_QUEUE, &channel_rate_key(ch.id), now).await;
-    assert_eq!(claimed.len(), 2, "both jobs are claimed");
-    let job_of = |id: uuid::Uuid| {
-        claimed
-            .iter()
-            .find(|j| j.payload["send_id"] == id.to_string())
-            .expect("its job")
-    };
-    let (j0, j1) = (job_of(ids[0]), job_of(ids[1]));
-    assert!(
-        d.take_begun(ids[0], j0.id, now).is_none(),
-        "the row that does not decode has no record"
-    );
-    assert_eq!(
-        d.take_begun(ids[1], j1.id, now).map(|s| s.status),
-        Some(SendStatus::Sending),
-        "the other's record is there"
+    only_the_second_is_begun(
+        &store,
+        &claimed,
+        &ids,
+        now,
+        "the row that does not decode has no record",
     );
     let (status, requested_at): (String, Option<chrono::DateTime<Utc>>) =
         sqlx::query_as("SELECT status, requested_at FROM herald_sends WHERE id = $1")
@@ -670,5 +621,63 @@ async fn a_begun_row_that_does_not_decode_fails_only_its_own_record() {
         requested_at.map(|t| t.timestamp_micros()),
         Some(now.timestamp_micros()),
         "at the claim's time, which its worker recognises (`begun_by_claim`)"
+    );
+}
+
+/// A WhatsApp channel with two queued sends (and their jobs).
+async fn two_queued_sends(
+    store: &herald_engine::store::PgStore,
+    now: chrono::DateTime<Utc>,
+) -> (herald_engine::delivery::Channel, Vec<uuid::Uuid>) {
+    use herald_engine::delivery::{Lane, Message, NewSend};
+
+    let ch = common::whatsapp_channel(store).await;
+    let sends: Vec<NewSend> = (0..2)
+        .map(|i| NewSend {
+            workspace_id: ch.workspace_id,
+            channel_id: ch.id,
+            recipient: format!("1555000{i}"),
+            message: Message::Text {
+                body: "hello".into(),
+            },
+            lane: Lane::Broadcast,
+        })
+        .collect();
+    let ids = store
+        .delivery()
+        .create_sends(&sends, now)
+        .await
+        .expect("sends");
+    (ch, ids)
+}
+
+/// The claim handed out the jobs of both `sends`; the first has no record of its begin (`why`)
+/// and the second's is there, begun.
+fn only_the_second_is_begun(
+    store: &herald_engine::store::PgStore,
+    claimed: &[herald_engine::Job],
+    sends: &[uuid::Uuid],
+    now: chrono::DateTime<Utc>,
+    why: &str,
+) {
+    use herald_engine::delivery::SendStatus;
+
+    assert_eq!(claimed.len(), 2, "both jobs are claimed");
+    let job_of = |id: uuid::Uuid| {
+        claimed
+            .iter()
+            .find(|j| j.payload["send_id"] == id.to_string())
+            .expect("its job")
+    };
+    let d = store.delivery();
+    assert!(
+        d.take_begun(sends[0], job_of(sends[0]).id, now).is_none(),
+        "{why}"
+    );
+    assert_eq!(
+        d.take_begun(sends[1], job_of(sends[1]).id, now)
+            .map(|s| s.status),
+        Some(SendStatus::Sending),
+        "the other's record is there, begun"
     );
 }

@@ -1838,8 +1838,7 @@ async fn a_send_left_sending_waits_for_the_grace_period() {
 /// send waits for the grace period, as any request whose answer may be lost.
 async fn a_begun_send_without_its_record(backend: Backend) {
     use herald_engine::store::KeyClaim;
-    use herald_engine::Worker as _;
-    use herald_engine::{JobContext, JobError};
+    use herald_engine::JobError;
 
     let h = Harness::new(Setup::new(backend).stopped()).await;
     let ch = h.channel("1555000109", None, None).await;
@@ -1885,14 +1884,10 @@ async fn a_begun_send_without_its_record(backend: Backend) {
         assert!(d.take_begun(id, job.id, now).is_some());
     }
     let worker = h.worker();
-    let args = |job: &Job| serde_json::from_value(job.payload.clone()).expect("send args");
 
     // The attempt whose claim began it: sent at once, one request in all.
     let own = job_of(ids[0]);
-    worker
-        .work(args(&own), &JobContext::new(own.clone()))
-        .await
-        .expect("sent");
+    run_job(&worker, &own).await.expect("sent");
     let s = h.send(ids[0]).await;
     assert_eq!(
         s.status,
@@ -1906,9 +1901,7 @@ async fn a_begun_send_without_its_record(backend: Backend) {
     let mut later = job_of(ids[1]);
     later.attempt += 1;
     later.attempted_at = Some(now + chrono::Duration::seconds(1));
-    let result = worker
-        .work(args(&later), &JobContext::new(later.clone()))
-        .await;
+    let result = run_job(&worker, &later).await;
     // The grace period runs from the request (the first claim), whatever this took.
     let elapsed = (h.now() - now).to_std().unwrap_or_default();
     match result {
@@ -1932,6 +1925,16 @@ async fn a_begun_send_without_its_record_sqlite() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_begun_send_without_its_record_postgres() {
     a_begun_send_without_its_record(Backend::Postgres).await;
+}
+
+/// Runs `worker` on `job` as the engine would: its payload read as the send's arguments.
+async fn run_job(worker: &SendWorker, job: &Job) -> Result<(), herald_engine::JobError> {
+    use herald_engine::Worker as _;
+
+    let args: SendArgs = serde_json::from_value(job.payload.clone()).expect("send args");
+    worker
+        .work(args, &herald_engine::JobContext::new(job.clone()))
+        .await
 }
 
 impl Harness {
@@ -2049,8 +2052,7 @@ impl Harness {
 /// the grace period as for a lost answer. Meta was not called.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_begin_whose_answer_failed_is_undone_postgres() {
-    use herald_engine::Worker as _;
-    use herald_engine::{JobContext, JobError};
+    use herald_engine::JobError;
 
     let h = Harness::new(Setup::new(Backend::Postgres).stopped()).await;
     let ch = h.channel("1555000109", None, None).await;
@@ -2065,11 +2067,7 @@ async fn a_begin_whose_answer_failed_is_undone_postgres() {
     ));
     let worker = h.worker();
     let job = h.claim_plain().await;
-    let args: SendArgs = serde_json::from_value(job.payload.clone()).expect("send args");
-    match worker
-        .work(args.clone(), &JobContext::new(job.clone()))
-        .await
-    {
+    match run_job(&worker, &job).await {
         Err(JobError::Retry { error, .. }) => {
             assert!(
                 error.contains("decode") || error.contains("bogus"),
@@ -2095,10 +2093,7 @@ async fn a_begin_whose_answer_failed_is_undone_postgres() {
     let mut next = job.clone();
     next.attempt += 1;
     next.attempted_at = Some(h.now());
-    worker
-        .work(args, &JobContext::new(next))
-        .await
-        .expect("sent at once");
+    run_job(&worker, &next).await.expect("sent at once");
     assert_eq!(h.copies(id), 1, "sent once");
     assert_eq!(h.send(id).await.requests, 1, "one request in all");
     h.finish().await;
@@ -2109,8 +2104,7 @@ async fn a_begin_whose_answer_failed_is_undone_postgres() {
 /// for the grace period.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_not_sent_goes_back_to_the_queue() {
-    use herald_engine::Worker as _;
-    use herald_engine::{JobContext, JobError};
+    use herald_engine::JobError;
 
     let h = Harness::new(Setup::new(Backend::Sqlite).stopped()).await;
     // Bound and not listening for the whole test: connections are refused, and no other
@@ -2150,9 +2144,7 @@ async fn a_request_not_sent_goes_back_to_the_queue() {
     let id = h
         .create_one(h.template(&ch, "15552300001", Lane::Broadcast))
         .await;
-    let job = h.claim_plain().await;
-    let args: SendArgs = serde_json::from_value(job.payload.clone()).expect("send args");
-    match h.worker().work(args, &JobContext::new(job)).await {
+    match run_job(&h.worker(), &h.claim_plain().await).await {
         Err(JobError::Retry { .. }) => {}
         other => panic!("expected a retry, got {other:?}"),
     }
@@ -2271,8 +2263,7 @@ async fn an_attempt_dropped_before_its_call_undoes_its_begin_postgres() {
 /// the job's last attempt fails with the reason instead of being left without a job.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_attempt_past_its_time_settles_its_send_postgres() {
-    use herald_engine::Worker as _;
-    use herald_engine::{JobContext, JobError};
+    use herald_engine::JobError;
 
     let h = Harness::new(Setup::new(Backend::Postgres).stopped()).await;
     let (id, _lock, holder) = h.send_held_at_its_tier().await;
@@ -2283,11 +2274,7 @@ async fn an_attempt_past_its_time_settles_its_send_postgres() {
         ..SendConfig::default()
     });
     let mut job = h.claim_plain().await;
-    let args: SendArgs = serde_json::from_value(job.payload.clone()).expect("send args");
-    match worker
-        .work(args.clone(), &JobContext::new(job.clone()))
-        .await
-    {
+    match run_job(&worker, &job).await {
         Err(JobError::Retry { error, .. }) => assert!(error.contains("longer than"), "{error}"),
         other => panic!("expected a retry, got {other:?}"),
     }
@@ -2300,7 +2287,7 @@ async fn an_attempt_past_its_time_settles_its_send_postgres() {
 
     job.attempt = job.max_attempts;
     job.attempted_at = Some(h.now());
-    match worker.work(args, &JobContext::new(job)).await {
+    match run_job(&worker, &job).await {
         Err(JobError::Discard(why)) => assert!(why.contains("gave up"), "{why}"),
         other => panic!("expected the send to fail on the last attempt, got {other:?}"),
     }
@@ -2326,8 +2313,7 @@ async fn an_attempt_past_its_time_settles_its_send_postgres() {
 /// as a lost answer, waiting for its status webhook: never back in the queue.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_attempt_past_its_time_during_the_call_is_a_lost_answer() {
-    use herald_engine::Worker as _;
-    use herald_engine::{JobContext, JobError};
+    use herald_engine::JobError;
 
     let h = Harness::new(Setup::new(Backend::Sqlite).stopped()).await;
     h.sandbox.set_faults(Faults {
@@ -2344,9 +2330,7 @@ async fn an_attempt_past_its_time_during_the_call_is_a_lost_answer() {
         attempt_timeout: Duration::from_millis(1_000),
         ..SendConfig::default()
     });
-    let job = h.claim_plain().await;
-    let args: SendArgs = serde_json::from_value(job.payload.clone()).expect("send args");
-    match worker.work(args, &JobContext::new(job)).await {
+    match run_job(&worker, &h.claim_plain().await).await {
         Err(JobError::Snooze(wait)) => assert_eq!(wait, GRACE, "waits for the status"),
         other => panic!("expected to wait for the status webhook, got {other:?}"),
     }
