@@ -698,7 +698,10 @@ pub fn send_of_job(job: &crate::model::Job) -> Option<Uuid> {
         return None;
     }
     let id: Uuid = job.payload.get("send_id")?.as_str()?.parse().ok()?;
-    (job.unique_key.as_deref() == Some(format!("send:{id}").as_str())).then_some(id)
+    let mut text = Uuid::encode_buffer();
+    let own = job.unique_key.as_deref()?.strip_prefix("send:")?
+        == id.hyphenated().encode_lower(&mut text);
+    own.then_some(id)
 }
 
 /// Whether `send` is `sending` because the claim at `claimed_at` began it (and so no request

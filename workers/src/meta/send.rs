@@ -255,8 +255,8 @@ const LAST_ATTEMPT_RECHECK: Duration = Duration::from_secs(30);
 enum Stage {
     /// Not holding its send: the send is as this attempt found it.
     Start,
-    /// A write that would begin the send with this request time failed: it may have committed
-    /// all the same (its answer lost). Meta has not been called.
+    /// A write that begins the send with this request time is under way or failed: it may
+    /// have committed (its answer lost or not read yet). Meta has not been called.
     Beginning(DateTime<Utc>),
     /// The send is `sending` for this attempt, requested at this time (None only for a row
     /// without one, which cannot be told from another begin), and Meta has not been called.
